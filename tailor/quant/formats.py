@@ -1,0 +1,40 @@
+"""Exact byte counts of each export format; one module per format holds its grid and its sizes.
+
+These numbers are what `SubnetConfig.nbytes` adds up and what export must produce: tests compare them
+with the tensors written into the real files.
+"""
+from __future__ import annotations
+
+from tailor.quant import gguf_grid, onnx_grid
+
+BLOCK = 32
+_GRIDS = {"gguf": gguf_grid, "onnx": onnx_grid}
+FORMATS = {name: grid.BITS for name, grid in _GRIDS.items()}
+
+
+def grid(fmt: str):
+    if fmt not in _GRIDS:
+        raise ValueError(f"unknown export format {fmt!r} (known: {sorted(_GRIDS)})")
+    return _GRIDS[fmt]
+
+
+def allowed_bits(fmt: str) -> tuple[int, ...]:
+    return grid(fmt).BITS
+
+
+def matrix_bytes(fmt: str, bits: int, rows: int, cols: int) -> int:
+    g = grid(fmt)
+    if bits not in g.BITS:
+        raise ValueError(f"format {fmt} has no {bits}-bit type (allowed {g.BITS})")
+    if bits != 16 and cols % BLOCK:
+        raise ValueError(f"{cols} columns are not whole {BLOCK}-element blocks")
+    return g.matrix_bytes(bits, rows, cols)
+
+
+def embedding_bytes(fmt: str, bits: int, vocab: int, hidden: int) -> int:
+    """The tied token embedding / LM head, stored once."""
+    return grid(fmt).embedding_bytes(bits, vocab, hidden)
+
+
+def vector_bytes(fmt: str, n: int) -> int:
+    return grid(fmt).vector_bytes(n)
