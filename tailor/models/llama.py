@@ -29,7 +29,8 @@ class TailorConfig(PretrainedConfig):
                  max_position_embeddings: int = 8192, layer_kv_heads: list[int] | None = None,
                  layer_ffn: list[int] | None = None, layer_bits: list[dict[str, int]] | None = None,
                  embed_bits: int = 16, quant_format: str = "gguf", subnet: dict | None = None,
-                 tie_word_embeddings: bool = True, **kwargs: Any):
+                 tie_word_embeddings: bool = True, bos_token_id: int | None = None,
+                 eos_token_id: int | None = None, pad_token_id: int | None = None, **kwargs: Any):
         self.vocab_size = vocab_size
         self.hidden_size = hidden_size
         self.num_attention_heads = num_attention_heads
@@ -47,6 +48,7 @@ class TailorConfig(PretrainedConfig):
         self.embed_bits = embed_bits
         self.quant_format = quant_format
         self.subnet = subnet  # the SubnetConfig (as a dict) this model was extracted from, if any
+        self.bos_token_id, self.eos_token_id, self.pad_token_id = bos_token_id, eos_token_id, pad_token_id
         super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
 
     @classmethod

@@ -1,9 +1,13 @@
 """GGUF block formats: 16 -> F16, 8 -> Q8_0, 5 -> Q5_1, 4 -> Q4_1; norms F32.
 
 K-quants (2/3 bits) need 256-wide super-blocks, which SmolLM2's 576-wide rows do not divide into.
-The rounding here reproduces gguf-py's reference quantizers (`gguf.quants`) bit for bit.
+The rounding here reproduces gguf-py's reference quantizers (`gguf.quants`, themselves bit-exact with
+ggml's `quantize_row_*_ref`) bit for bit, so `dequantized` is exactly what llama.cpp reads back from the
+blocks that `tailor.quant.gguf_pack` writes: both go through `codes`.
 """
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 
@@ -24,27 +28,59 @@ def vector_bytes(n: int) -> int:
     return 4 * n
 
 
-def _fp16(x: torch.Tensor) -> torch.Tensor:
-    return x.to(torch.float16).to(torch.float32)
+class Codes(NamedTuple):
+    """One block type's stored fields for a [rows, cols] weight, blocks of 32 along cols.
+
+    d: (rows, nb, 1) float16 scale; m: (rows, nb, 1) float16 minimum (Q4_1 / Q5_1) or None (Q8_0);
+    q: (rows, nb, 32) int16 codes (signed for Q8_0, 0..2^bits-1 for Q4_1 / Q5_1)."""
+
+    d: torch.Tensor
+    m: torch.Tensor | None
+    q: torch.Tensor
+
+
+def _roundf(x: torch.Tensor) -> torch.Tensor:
+    """Round half away from zero exactly as gguf-py's `np_roundf` (and C `roundf`).
+
+    `floor(|x| + 0.5)` is wrong for |x| = 0.5 - 2^-25: the sum rounds up to 1.0 in float32."""
+    a = x.abs()
+    f = torch.floor(a)
+    return torch.sign(x) * (f + torch.floor(2 * (a - f)))  # a - f and 2*(.) are exact in float32
+
+
+def codes(w: torch.Tensor, bits: int) -> Codes:
+    """Quantize `w` ([rows, cols], cols a multiple of 32) to GGUF block fields (not for 16 bits)."""
+    if bits not in BLOCK_BYTES:
+        raise ValueError(f"GGUF has no block type for {bits} bits (block types: {sorted(BLOCK_BYTES)})")
+    rows, cols = w.shape
+    if cols % BLOCK:
+        raise ValueError(f"GGUF {bits}-bit blocks need columns in whole {BLOCK}s, got {cols}")
+    b = w.detach().float().reshape(rows, cols // BLOCK, BLOCK)
+    if bits == 8:  # Q8_0: symmetric, d = amax/127, q = roundf(x/d); q is computed with the fp32 d
+        d = b.abs().amax(-1, keepdim=True) / 127
+        inv = torch.where(d == 0, torch.zeros_like(d), 1 / d)
+        q = _roundf(b * inv)
+        return Codes(d.to(torch.float16), None, q.to(torch.int16))
+    # Q4_1 / Q5_1: asymmetric, d = (max-min)/(2^b-1), m = min, q = trunc((x-m)/d + 0.5) clipped
+    qmax = 2**bits - 1
+    mn, mx = b.amin(-1, keepdim=True), b.amax(-1, keepdim=True)
+    d = (mx - mn) / qmax
+    inv = torch.where(d == 0, torch.zeros_like(d), 1 / d)
+    q = torch.trunc((b - mn) * inv + 0.5).clamp(0, qmax)
+    return Codes(d.to(torch.float16), mn.to(torch.float16), q.to(torch.int16))
+
+
+def from_codes(c: Codes) -> torch.Tensor:
+    """float32 [rows, cols] values of the blocks, in ggml's order of operations (d*q, then + m)."""
+    rows, nb, _ = c.q.shape
+    out = c.d.float() * c.q.float()
+    if c.m is not None:
+        out = out + c.m.float()
+    return out.reshape(rows, nb * BLOCK)
 
 
 def dequantized(w: torch.Tensor, bits: int) -> torch.Tensor:
     """Values of `w` ([rows, cols], blocks along cols) after a round trip through the GGUF type."""
     if bits == 16:
-        return _fp16(w.float())
-    rows, cols = w.shape
-    b = w.float().reshape(rows, cols // BLOCK, BLOCK)
-    if bits == 8:  # Q8_0: symmetric, d = amax/127, round half away from zero
-        d = b.abs().amax(-1, keepdim=True) / 127
-        inv = torch.where(d == 0, torch.zeros_like(d), 1 / d)
-        x = b * inv
-        q = torch.sign(x) * torch.floor(x.abs() + 0.5)
-        out = _fp16(d) * q
-    else:  # Q4_1 / Q5_1: asymmetric, d = (max-min)/(2^b-1), m = min, q = trunc((x-m)/d + 0.5)
-        qmax = 2**bits - 1
-        mn, mx = b.amin(-1, keepdim=True), b.amax(-1, keepdim=True)
-        d = (mx - mn) / qmax
-        inv = torch.where(d == 0, torch.zeros_like(d), 1 / d)
-        q = torch.trunc((b - mn) * inv + 0.5).clamp(0, qmax)
-        out = _fp16(d) * q + _fp16(mn)
-    return out.reshape(rows, cols)
+        return w.detach().float().to(torch.float16).float()
+    return from_codes(codes(w, bits))

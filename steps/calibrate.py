@@ -1,0 +1,37 @@
+"""calibrate: validate the pinned corpora and eval/bias sets, tokenize, split into shards."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from steps._common import artifact_dir, main_for, report_dir, write_json
+from tailor import tracking
+from tailor.config import Params
+
+
+def run(params: Params, out_dir: Path) -> dict:
+    from transformers import AutoTokenizer
+
+    from tailor.data import build
+    from tailor.models.base import base_dir
+
+    tok = AutoTokenizer.from_pretrained(base_dir())
+    return build(params.calibrate, tok, out_dir)  # build() writes to a temp dir and renames when complete
+
+
+def main() -> None:
+    def stage(params: Params, _: str | None) -> None:
+        with tracking.stage_run("calibrate", params=params.calibrate.model_dump()) as tr:
+            metrics = run(params, artifact_dir("calibrate"))
+            rep = report_dir("calibrate")
+            write_json(rep / "metrics.json", metrics)
+            shutil.copy(artifact_dir("calibrate") / "data_report.json", rep / "data_report.json")
+            shutil.copy(artifact_dir("calibrate") / "DATA_CARD.md", rep / "DATA_CARD.md")
+            tr.log_metrics(metrics)
+            tr.log_artifact(rep / "data_report.json")
+
+    main_for("calibrate", stage)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,64 @@
+"""finetune (per device): extract the chosen subnet as a standalone, physically smaller model and
+fine-tune it with quantization-aware distillation from the base model on the export format's grid."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from steps._common import artifact_dir, load_shard, main_for, report_dir, staged_dir, write_csv, write_json
+from tailor import tracking
+from tailor.arch import SubnetConfig
+from tailor.config import Params
+from tailor.distill import mean_kl, teacher_logits
+from tailor.elastic.supernet import export_active
+from tailor.models.base import load_base, load_model_dir, sha256_file
+from tailor.train import TrainSpec, pick_device, train_kd
+
+
+def run(params: Params, device: str, supernet_dir: Path, search_dir: Path, data_dir: Path, out_dir: Path,
+        ckpt_dir: Path) -> dict:
+    ft, prof = params.finetune, params.device(device)
+    dev = pick_device(ft.device)
+    cfg = SubnetConfig.from_json((search_dir / "config.json").read_text())
+    supernet = load_model_dir(supernet_dir / "model")
+    student = export_active(supernet, cfg, prof.format).to(dev)
+    del supernet
+    base, tok = load_base(params.model.n_layers, device=dev)
+    base.requires_grad_(False)
+    train, val = load_shard(data_dir / "train.safetensors"), load_shard(data_dir / "val.safetensors")
+    val = val[: params.search.val_seqs]
+    t_val = teacher_logits(base, val)
+    kl_before = mean_kl(student, val, t_val)
+    spec = TrainSpec(ft.steps, ft.batch_size, ft.lr, ft.kd_temperature, ft.seed, ckpt_every=max(1, ft.steps // 4),
+                     fingerprint=f"finetune:{device}:{cfg.hash}:{json.dumps(ft.model_dump(), sort_keys=True)}:"
+                                 f"{sha256_file(data_dir / 'train.safetensors')[:16]}")
+    result = train_kd(student, base, train, spec, lambda step, gen: [lambda: None], ckpt_dir, desc=f"finetune {device}")
+    kl_after = mean_kl(student, val, t_val)
+    with staged_dir(out_dir) as tmp:
+        student.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        (tmp / "subnet.json").write_text(cfg.to_json())
+    metrics = {"kl_before": kl_before, "kl_after": kl_after, "steps": ft.steps, "config_hash": cfg.hash,
+               "resumed_from": result.resumed_from, "train_seconds": round(result.seconds, 2), "device": str(dev)}
+    return {"metrics": metrics, "curve": result.curve}
+
+
+def main() -> None:
+    def stage(params: Params, device: str | None) -> None:
+        with tracking.stage_run("finetune", device, params=params.finetune.model_dump()) as tr:
+            ckpt = Path(f".cache/ckpt/finetune-{device}")
+            out = run(params, device, artifact_dir("supernet"), artifact_dir("search", device), artifact_dir("calibrate"),
+                      artifact_dir("finetune", device), ckpt)
+            shutil.rmtree(ckpt, ignore_errors=True)
+            rep = report_dir("finetune", device)
+            write_json(rep / "metrics.json", out["metrics"])
+            write_csv(rep / "curve.csv", [{"step": p["step"], "loss": round(p["loss"], 6)} for p in out["curve"]])
+            tr.log_metrics(out["metrics"])
+            tr.log_curve(out["curve"])
+
+    main_for("finetune", stage, per_device=True)
+
+
+if __name__ == "__main__":
+    main()

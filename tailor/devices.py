@@ -1,0 +1,41 @@
+"""Device cost model: exact bytes of a SubnetConfig in the device's format, predicted decode latency.
+
+Decode is memory bound for models this size: every token streams every weight once, so
+latency ~= bytes / bandwidth + per-layer runtime overhead + flops / compute. The overhead defaults
+below are first estimates; measuring the real runtime on this machine refines them.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from tailor.arch import BaseArch, SubnetConfig
+from tailor.config import DeviceProfile
+
+# Per kept layer, per token: kernel launches and graph glue of the runtime (seconds).
+LAYER_OVERHEAD_S = {"llama.cpp": 20e-6, "onnxruntime": 60e-6}
+
+
+@dataclass(frozen=True)
+class Cost:
+    nbytes: int
+    bits_per_param: float
+    latency_s: float
+    fits: bool
+
+
+def base_bf16_bytes(arch: BaseArch) -> int:
+    """What the budget fraction refers to: the dense base model at 2 bytes per parameter."""
+    return 2 * SubnetConfig.max(arch).param_count(arch)
+
+
+def budget_bytes(device: DeviceProfile, arch: BaseArch) -> int:
+    return device.budget(base_bf16_bytes(arch))
+
+
+def cost(cfg: SubnetConfig, arch: BaseArch, device: DeviceProfile) -> Cost:
+    nbytes = cfg.nbytes(arch, device.format)
+    params = cfg.param_count(arch)
+    flops = 2 * (params - arch.vocab * arch.hidden) + 2 * arch.vocab * arch.hidden  # per decoded token
+    latency = (nbytes / (device.bandwidth_gbs * 1e9) + len(cfg.kept) * LAYER_OVERHEAD_S[device.runtime]
+               + flops / (device.compute_tflops * 1e12))
+    return Cost(nbytes, 8.0 * nbytes / params, latency, nbytes <= budget_bytes(device, arch))

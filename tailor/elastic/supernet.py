@@ -1,0 +1,83 @@
+"""Elastic supernet over Tailor's Llama: set_active / set_max / export_active (once-for-all style).
+
+The supernet is the dense model itself: every QLinear keeps its largest weight and slices a prefix in
+forward; bits switch the fake-quant grid per matrix; an inactive block is skipped. Importance
+ordering (tailor.elastic.importance) makes the prefixes the most useful channels.
+"""
+from __future__ import annotations
+
+import torch
+
+from tailor.arch import MATRICES, BaseArch, SubnetConfig
+from tailor.models.llama import Block, QLinear, TailorConfig, TailorForCausalLM
+
+_PROJ = {"q": ("self_attn", "q_proj"), "k": ("self_attn", "k_proj"), "v": ("self_attn", "v_proj"),
+         "o": ("self_attn", "o_proj"), "gate": ("mlp", "gate_proj"), "up": ("mlp", "up_proj"),
+         "down": ("mlp", "down_proj")}
+
+
+def linear(block: Block, matrix: str) -> QLinear:
+    part, name = _PROJ[matrix]
+    return getattr(getattr(block, part), name)
+
+
+def arch_of(model: TailorForCausalLM) -> BaseArch:
+    return BaseArch.from_hf(model.config)
+
+
+def set_active(model: TailorForCausalLM, cfg: SubnetConfig, fmt: str = "gguf") -> None:
+    """Make the supernet compute the subnet `cfg`, fake-quantized on export format `fmt`'s grid."""
+    cfg.validate(arch_of(model))
+    for block, lc in zip(model.model.layers, cfg.layers):
+        block.active = lc.keep
+        block.self_attn.set_kv(lc.kv_groups)
+        block.mlp.set_ffn(lc.ffn)
+        for m in MATRICES:
+            q = linear(block, m)
+            q.bits, q.fmt = lc.bits[m], fmt
+    model.lm_head.bits, model.lm_head.fmt = cfg.embed_bits, fmt
+
+
+def set_max(model: TailorForCausalLM) -> None:
+    set_active(model, SubnetConfig.max(arch_of(model)))
+
+
+def export_active(model: TailorForCausalLM, cfg: SubnetConfig, fmt: str = "gguf") -> TailorForCausalLM:
+    """A standalone model of subnet `cfg` with physically smaller tensors, carrying `cfg` in its config.
+
+    Its forward equals the supernet's under `set_active(cfg, fmt)` (a test checks this)."""
+    arch = arch_of(model)
+    cfg.validate(arch)
+    kept = [(block, lc) for block, lc in zip(model.model.layers, cfg.layers) if lc.keep]
+    base = model.config
+    new_cfg = TailorConfig(
+        vocab_size=base.vocab_size, hidden_size=base.hidden_size, num_attention_heads=base.num_attention_heads,
+        num_key_value_heads=base.num_key_value_heads, head_dim=base.head_dim,
+        intermediate_size=base.intermediate_size, num_hidden_layers=len(kept), rms_norm_eps=base.rms_norm_eps,
+        rope_theta=base.rope_theta, max_position_embeddings=base.max_position_embeddings,
+        layer_kv_heads=[lc.kv_groups for _, lc in kept], layer_ffn=[lc.ffn for _, lc in kept],
+        layer_bits=[dict(lc.bits) for _, lc in kept], embed_bits=cfg.embed_bits, quant_format=fmt,
+        subnet=cfg.to_dict(), bos_token_id=base.bos_token_id, eos_token_id=base.eos_token_id,
+        pad_token_id=base.pad_token_id)
+    out = TailorForCausalLM(new_cfg)
+    hd, qpk = base.head_dim, base.num_attention_heads // base.num_key_value_heads
+    with torch.no_grad():
+        out.model.embed_tokens.weight.copy_(model.model.embed_tokens.weight)
+        out.model.norm.weight.copy_(model.model.norm.weight)
+        for dst, (src, lc) in zip(out.model.layers, kept):
+            q, kv = lc.kv_groups * qpk * hd, lc.kv_groups * hd
+            dst.input_layernorm.weight.copy_(src.input_layernorm.weight)
+            dst.post_attention_layernorm.weight.copy_(src.post_attention_layernorm.weight)
+            slices = {"q": (q, None), "k": (kv, None), "v": (kv, None), "o": (None, q),
+                      "gate": (lc.ffn, None), "up": (lc.ffn, None), "down": (None, lc.ffn)}
+            for m, (rows, cols) in slices.items():
+                w = linear(src, m).weight
+                linear(dst, m).weight.copy_(w[:rows] if rows is not None else w[:, :cols])
+    out.tie_weights()
+    return out.to(model.device).eval()
+
+
+def subnet_of(model: TailorForCausalLM) -> SubnetConfig | None:
+    """The SubnetConfig an extracted model was built from (None for a dense model)."""
+    d = getattr(model.config, "subnet", None)
+    return SubnetConfig.from_dict(d) if d else None

@@ -1,0 +1,175 @@
+"""Export a standalone Tailor model to a GGUF file that llama.cpp loads (the `phone` device).
+
+Architecture: `llama` when every layer has the same head counts and FFN width (the widest runtime
+support), otherwise `deci`, llama.cpp's architecture for NAS-pruned Llamas, which reads per-layer
+arrays `deci.attention.head_count`, `deci.attention.head_count_kv` and `deci.feed_forward_length`
+(`llama` reads the arrays too but builds every layer at layer 0's sizes, so the file would not load).
+
+Weights are packed from the same block codes as the fake quantizer (`tailor.quant.gguf_pack`), so
+llama.cpp reads exactly the values the model was trained and evaluated with. Tokenizer metadata and
+the chat template are copied from a template GGUF (the shipped SmolLM2 file by default).
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, GGUFWriter
+
+from tailor.models.base import gguf_path, sha256_file
+from tailor.models.llama import QLinear, TailorForCausalLM
+from tailor.quant.gguf_pack import ggml_type, pack
+
+# Our module name -> llama.cpp tensor name inside blk.N
+_MATRICES = {
+    ("self_attn", "q_proj"): "attn_q", ("self_attn", "k_proj"): "attn_k", ("self_attn", "v_proj"): "attn_v",
+    ("self_attn", "o_proj"): "attn_output", ("mlp", "gate_proj"): "ffn_gate", ("mlp", "up_proj"): "ffn_up",
+    ("mlp", "down_proj"): "ffn_down",
+}
+
+
+class ExportError(ValueError):
+    """The model or template cannot be exported: the message names the file and the problem."""
+
+
+def rope_permute(w: torch.Tensor, n_heads: int, head_dim: int) -> torch.Tensor:
+    """Reorder q/k rows from Hugging Face's rotate-half pairing (j, j + hd/2) to ggml's adjacent pairs.
+
+    convert_hf_to_gguf's `permute`, done per head so any pruned head count works. Rows move whole, so
+    it commutes with block quantization (blocks run along columns)."""
+    rows, cols = w.shape
+    if rows != n_heads * head_dim:
+        raise ExportError(f"q/k weight has {rows} rows, expected {n_heads} heads x {head_dim}")
+    return w.reshape(n_heads, 2, head_dim // 2, cols).transpose(1, 2).reshape(rows, cols)
+
+
+def _copy_tokenizer(reader: GGUFReader, writer: GGUFWriter, template: Path) -> int:
+    """Copy tokenizer.* fields (vocab, merges, special ids, chat template); return the vocab size."""
+    n_tokens = 0
+    for key, field in reader.fields.items():
+        if not key.startswith("tokenizer."):
+            continue
+        vtype = field.types[0]
+        sub = field.types[-1] if vtype == GGUFValueType.ARRAY else None
+        if vtype == GGUFValueType.ARRAY and len(field.types) != 2:
+            raise ExportError(f"{template}: nested array field {key} is not supported")
+        writer.add_key_value(key, field.contents(), vtype, sub_type=sub)
+        if key == "tokenizer.ggml.tokens":
+            n_tokens = len(field.data)
+    if not n_tokens:
+        raise ExportError(f"{template}: no tokenizer.ggml.tokens, cannot serve as tokenizer template")
+    return n_tokens
+
+
+def _check_tokenizer(tokenizer: Any, reader: GGUFReader, n_tokens: int, vocab: int, template: Path) -> None:
+    if n_tokens != vocab:
+        raise ExportError(f"{template}: tokenizer has {n_tokens} tokens but the model's vocab is {vocab}")
+    if tokenizer is None:
+        return
+    if len(tokenizer) != n_tokens:
+        raise ExportError(f"{template}: {n_tokens} tokens, but the model's tokenizer has {len(tokenizer)}")
+    for key, ours in (("bos_token_id", tokenizer.bos_token_id), ("eos_token_id", tokenizer.eos_token_id)):
+        field = reader.fields.get(f"tokenizer.ggml.{key}")
+        if field is not None and ours is not None and int(field.contents()) != ours:
+            raise ExportError(f"{template}: tokenizer.ggml.{key}={field.contents()}, the model's tokenizer has {ours}")
+
+
+def _matrix(m: QLinear) -> tuple[torch.Tensor, int]:
+    if m.fmt != "gguf":
+        raise ExportError(f"a {m.fmt!r}-format layer cannot be exported to GGUF (quant_format must be 'gguf')")
+    return m.weight.detach()[: m.active_out, : m.active_in].float().cpu(), int(m.bits)
+
+
+def _add(writer: GGUFWriter, name: str, w: torch.Tensor, bits: int | None) -> int:
+    """Add one tensor (bits None = float32 vector); return its data bytes."""
+    if bits is None:
+        data = w.detach().float().cpu().numpy().astype(np.float32)
+        writer.add_tensor(name, data, raw_dtype=GGMLQuantizationType.F32)
+    else:
+        qtype = ggml_type(bits)
+        data = pack(w, bits)
+        if qtype == GGMLQuantizationType.F16:
+            data = data.view(np.float16)  # element shape, so the writer sees [rows, cols]
+        writer.add_tensor(name, data, raw_dtype=qtype)
+    return int(data.nbytes)
+
+
+def export(model: TailorForCausalLM, tokenizer: Any, path: Path, template: Path | None = None,
+           arch: str | None = None) -> dict[str, Any]:
+    """Write `model` as a llama.cpp GGUF at `path` (atomically); return file facts.
+
+    `arch` forces "llama" or "deci"; by default llama when all layers match, deci otherwise.
+    Returns {"file_bytes", "weight_bytes" (sum of tensor data bytes), "sha256", "arch"}."""
+    path = Path(path)
+    template = Path(template) if template is not None else gguf_path()
+    cfg = model.config
+    blocks = [b for b in model.model.layers if b.active]  # an inactive block is the identity: drop it
+    if not blocks:
+        raise ExportError(f"{path}: the model has no active layers")
+    if model.lm_head.weight.data_ptr() != model.model.embed_tokens.weight.data_ptr():
+        raise ExportError(f"{path}: lm_head is not tied to embed_tokens; the GGUF stores one table")
+
+    head_dim, q_per_kv = cfg.head_dim, cfg.num_attention_heads // cfg.num_key_value_heads
+    kv = [b.self_attn.kv_heads for b in blocks]
+    heads = [k * q_per_kv for k in kv]
+    ffn = [b.mlp.gate_proj.active_out for b in blocks]
+    uniform = len(set(kv)) == 1 and len(set(ffn)) == 1
+    arch = arch or ("llama" if uniform else "deci")
+    if arch not in ("llama", "deci") or (arch == "llama" and not uniform):
+        raise ExportError(f"{path}: architecture {arch!r} cannot hold these layers "
+                          f"(kv heads {kv}, ffn {ffn}); use 'deci' for per-layer sizes")
+
+    reader = GGUFReader(template)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    writer = GGUFWriter(tmp, arch)
+    try:
+        writer.add_name(f"tailor {cfg.name_or_path or 'model'}".strip())
+        n_tokens = _copy_tokenizer(reader, writer, template)
+        _check_tokenizer(tokenizer, reader, n_tokens, cfg.vocab_size, template)
+        writer.add_vocab_size(cfg.vocab_size)
+        writer.add_context_length(cfg.max_position_embeddings)
+        writer.add_embedding_length(cfg.hidden_size)
+        writer.add_block_count(len(blocks))
+        # llama.cpp derives head size as n_embd / head_count(layer 0) unless told: pruned heads break that
+        writer.add_key_length(head_dim)
+        writer.add_value_length(head_dim)
+        writer.add_rope_dimension_count(head_dim)
+        writer.add_rope_freq_base(float(cfg.rope_theta))
+        writer.add_layer_norm_rms_eps(float(cfg.rms_norm_eps))
+        per_layer = {"feed_forward_length": ffn, "attention.head_count": heads, "attention.head_count_kv": kv}
+        for key, vals in per_layer.items():
+            if arch == "llama":
+                writer.add_uint32(f"{arch}.{key}", vals[0])
+            else:
+                writer.add_key_value(f"{arch}.{key}", [int(v) for v in vals], GGUFValueType.ARRAY,
+                                     sub_type=GGUFValueType.UINT32)
+        writer.add_quantization_version(2)
+
+        nbytes = _add(writer, "token_embd.weight", model.model.embed_tokens.weight.detach().float().cpu(),
+                      int(model.lm_head.bits))  # llama.cpp reuses token_embd as the output when absent
+        nbytes += _add(writer, "output_norm.weight", model.model.norm.weight, None)
+        for i, (block, n_kv) in enumerate(zip(blocks, kv)):
+            nbytes += _add(writer, f"blk.{i}.attn_norm.weight", block.input_layernorm.weight, None)
+            nbytes += _add(writer, f"blk.{i}.ffn_norm.weight", block.post_attention_layernorm.weight, None)
+            for (part, proj), name in _MATRICES.items():
+                w, bits = _matrix(getattr(getattr(block, part), proj))
+                if name == "attn_q":
+                    w = rope_permute(w, n_kv * q_per_kv, head_dim)
+                elif name == "attn_k":
+                    w = rope_permute(w, n_kv, head_dim)
+                nbytes += _add(writer, f"blk.{i}.{name}.weight", w, bits)
+
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        os.replace(tmp, path)
+    finally:
+        writer.close()
+        tmp.unlink(missing_ok=True)
+    return {"file_bytes": path.stat().st_size, "weight_bytes": nbytes, "sha256": sha256_file(path), "arch": arch}
+

@@ -1,0 +1,100 @@
+"""llama.cpp runtime checks through llama-cpp-python: perplexity, greedy generation, decode speed.
+
+Token ids go in directly (no BOS added, no llama.cpp tokenization) so the runtime sees exactly the
+sequences torch saw; perplexity uses the definition of `tailor.eval.ppl`.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+
+
+@contextlib.contextmanager
+def _llama(path: Path, n_ctx: int, logits_all: bool) -> Iterator[Any]:
+    from llama_cpp import Llama  # imported here: a heavy native library only export needs
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: GGUF file not found")
+    n_ctx = max(32, n_ctx)
+    try:
+        llm = Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, logits_all=logits_all,
+                    n_threads=os.cpu_count(), n_threads_batch=os.cpu_count(), verbose=False)
+    except ValueError as e:  # llama-cpp-python reports every load failure as "Failed to load model"
+        raise ValueError(f"{path}: llama.cpp could not load the model ({e})") from None
+    try:
+        yield llm
+    finally:
+        llm.close()
+
+
+def _last_logits(llm: Any) -> np.ndarray:
+    """Logits of the last evaluated token (llama-cpp-python only keeps all rows with logits_all)."""
+    import llama_cpp
+
+    ptr = llama_cpp.llama_get_logits_ith(llm.ctx, -1)
+    return np.ctypeslib.as_array(ptr, shape=(llm.n_vocab(),))
+
+
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float64)
+    x = x - x.max(-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+def perplexity(path: Path, seqs: Sequence[Sequence[int]]) -> float:
+    """exp(total NLL / predicted tokens), each sequence scored alone from position 0."""
+    seqs = [list(s) for s in seqs if len(s) >= 2]
+    if not seqs:
+        raise ValueError("perplexity needs at least one sequence of two or more tokens")
+    total, n = 0.0, 0
+    with _llama(path, max(len(s) for s in seqs), logits_all=True) as llm:
+        for s in seqs:
+            llm.reset()  # position 0 again; eval() drops the stale KV cells
+            llm.eval(s)
+            logp = _log_softmax(llm.scores[: len(s) - 1])  # (T-1, V)
+            total -= float(logp[np.arange(len(s) - 1), s[1:]].sum())
+            n += len(s) - 1
+    return math.exp(total / n)
+
+
+def _greedy(llm: Any, ids: list[int], n_tokens: int, eos: int | None) -> list[int]:
+    llm.reset()
+    llm.eval(ids)
+    out: list[int] = []
+    for _ in range(n_tokens):
+        tok = int(np.argmax(_last_logits(llm)))
+        if tok == eos:
+            break
+        out.append(tok)
+        llm.eval([tok])
+    return out
+
+
+def generate(path: Path, tokenizer: Any, prompt: str, n_tokens: int) -> str:
+    """Greedy continuation of `prompt` (tokenized by `tokenizer`, as torch would), at most n_tokens."""
+    ids = tokenizer.encode(prompt)
+    with _llama(path, len(ids) + n_tokens + 1, logits_all=False) as llm:
+        out = _greedy(llm, ids, n_tokens, tokenizer.eos_token_id)
+    return tokenizer.decode(out)
+
+
+def tokens_per_s(path: Path, tokenizer: Any, n_tokens: int = 64) -> float:
+    """Decode speed: tokens per second of one-token steps after a short prompt (prompt not timed)."""
+    ids = tokenizer.encode("The history of the city begins")
+    with _llama(path, len(ids) + n_tokens + 1, logits_all=False) as llm:
+        llm.reset()
+        llm.eval(ids)
+        tok = int(np.argmax(_last_logits(llm)))
+        start = time.perf_counter()
+        for _ in range(n_tokens):  # no EOS stop: the timing must cover n_tokens steps
+            llm.eval([tok])
+            tok = int(np.argmax(_last_logits(llm)))
+        elapsed = time.perf_counter() - start
+    return n_tokens / elapsed

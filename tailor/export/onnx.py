@@ -1,0 +1,234 @@
+"""Export a Tailor model as one ONNX file for onnxruntime (CPU), built by hand with onnx.helper.
+
+Graph: input_ids [batch, seq] int64 -> logits [batch, seq, vocab] float32, a full forward per call
+(no KV cache). Per kept layer: RMSNormalization, q/k/v/o and gate/up/down projections, rotary
+embedding (Hugging Face rotate_half convention, cos/sin computed in-graph from positions), causal GQA
+`Attention` (opset 23), SiLU-gated MLP; then the final norm and the tied LM head.
+
+Weights are stored exactly as `tailor.quant.onnx_grid` counts them, as the only initializers:
+- 2/4/8 bits: com.microsoft::MatMulNBits tensors (B, float32 scales, packed uint8 zero points), packed
+  from the same integers the fake quantizer produces, so onnxruntime sees the trained values bit for bit;
+- 16 bits: a float16 matrix, Cast to float32 (onnxruntime folds the Cast once at load);
+- the tied embedding once: float16 [vocab, hidden] read by Gather and by the LM head MatMul, or packed
+  MatMulNBits tensors read by the LM head and (through a Reshape to [vocab, hidden*bits/8], the layout
+  GatherBlockQuantized expects) by com.microsoft::GatherBlockQuantized;
+- norm weights float32.
+Small graph constants (shapes, rotary inverse frequencies) are Constant nodes, not initializers, so the
+sum of initializer bytes is exactly `SubnetConfig.nbytes(arch, "onnx")`.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+from onnx import TensorProto, helper, numpy_helper
+
+from tailor.models.llama import QLinear, TailorForCausalLM
+from tailor.quant import onnx_grid, onnx_pack
+
+OPSET = 23  # first opset with Attention (GQA, is_causal) and RMSNormalization
+IR_VERSION = 11  # the IR version that introduced opset 23; onnxruntime 1.32 reads it
+MS = "com.microsoft"
+PROTOBUF_LIMIT = 2**31 - 2**24  # one protobuf must stay under 2 GiB; keep a margin for the graph
+
+
+class OnnxExportError(ValueError):
+    """The model cannot be exported as asked; the message names the tensor or setting."""
+
+
+class _Graph:
+    """Collects nodes and initializers; every tensor name is unique."""
+
+    def __init__(self) -> None:
+        self.nodes: list[onnx.NodeProto] = []
+        self.inits: list[onnx.TensorProto] = []
+        self.weight_bytes = 0
+        self._n = 0
+
+    def tmp(self, hint: str) -> str:
+        self._n += 1
+        return f"{hint}_{self._n}"
+
+    def node(self, op: str, inputs: list[str], hint: str | None = None, domain: str = "", out: str | None = None,
+             **attrs: Any) -> str:
+        out = out or self.tmp(hint or op.lower())
+        self.nodes.append(helper.make_node(op, inputs, [out], name=out + "_node", domain=domain, **attrs))
+        return out
+
+    def const(self, value: np.ndarray, hint: str = "const") -> str:
+        out = self.tmp(hint)
+        self.nodes.append(helper.make_node("Constant", [], [out], name=out + "_node",
+                                           value=numpy_helper.from_array(np.asarray(value), out)))
+        return out
+
+    def weight(self, name: str, array: np.ndarray) -> str:
+        self.inits.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
+        self.weight_bytes += array.nbytes
+        return name
+
+
+def _f16(w: torch.Tensor) -> np.ndarray:
+    return w.detach().float().cpu().numpy().astype(np.float16)
+
+
+def _linear(g: _Graph, x: str, lin: QLinear, name: str) -> str:
+    """y = x @ W^T for the active slice of `lin`, on the grid the torch model fake-quantizes to."""
+    w = lin.weight[: lin.active_out, : lin.active_in].detach().float().cpu()
+    n, k = w.shape
+    if lin.bits >= 16:
+        wt = g.weight(name + ".weight", _f16(w).T)  # stored [in, out] so MatMul needs no Transpose
+        return g.node("MatMul", [x, g.node("Cast", [wt], to=TensorProto.FLOAT)], hint=name)
+    if lin.bits not in onnx_pack.PACK_BITS:
+        raise OnnxExportError(f"{name}: {lin.bits} bits cannot be exported (MatMulNBits runs {onnx_pack.PACK_BITS}, or 16)")
+    p = onnx_pack.pack(w, lin.bits)
+    ins = [x, g.weight(name + ".qweight", p.b), g.weight(name + ".scales", p.scales),
+           g.weight(name + ".qzeros", p.zero_points)]
+    # accuracy_level 0: A stays float32; level 4 would quantize activations to int8 (not our math).
+    return g.node("MatMulNBits", ins, hint=name, domain=MS, K=k, N=n, bits=lin.bits,
+                  block_size=onnx_grid.BLOCK, accuracy_level=0)
+
+
+def _rms(g: _Graph, x: str, weight: torch.Tensor, eps: float, name: str) -> str:
+    w = g.weight(name + ".weight", weight.detach().float().cpu().numpy())
+    return g.node("RMSNormalization", [x, w], hint=name, axis=-1, epsilon=float(eps))
+
+
+def _rotary_tables(g: _Graph, ids: str, head_dim: int, theta: float) -> tuple[str, str]:
+    """cos, sin [seq, head_dim] from positions 0..seq-1 — the arithmetic of llama.rope_tables."""
+    inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))  # as torch does it
+    seq = g.node("Gather", [g.node("Shape", [ids]), g.const(np.array(1, np.int64))], hint="seq_len")
+    pos = g.node("Range", [g.const(np.array(0, np.int64)), seq, g.const(np.array(1, np.int64))], hint="pos")
+    pos = g.node("Unsqueeze", [g.node("Cast", [pos], to=TensorProto.FLOAT), g.const(np.array([1], np.int64))])
+    freqs = g.node("Mul", [pos, g.const(inv.numpy()[None, :], "inv_freq")], hint="freqs")  # (T, hd/2)
+    emb = g.node("Concat", [freqs, freqs], hint="rope_angles", axis=-1)  # (T, hd)
+    return g.node("Cos", [emb], hint="cos"), g.node("Sin", [emb], hint="sin")
+
+
+def _rope(g: _Graph, x: str, cos: str, sin: str) -> str:
+    """x * cos + rotate_half(x) * sin, rotate_half(x) = cat(-x2, x1) over the last axis."""
+    x1, x2 = g.tmp("x1"), g.tmp("x2")
+    g.nodes.append(helper.make_node("Split", [x], [x1, x2], name=x1 + "_node", axis=-1, num_outputs=2))
+    rot = g.node("Concat", [g.node("Neg", [x2]), x1], axis=-1)
+    return g.node("Add", [g.node("Mul", [x, cos]), g.node("Mul", [rot, sin])], hint="roped")
+
+
+def _heads(g: _Graph, x: str, n: int, hd: int) -> str:
+    """(B, T, n*hd) -> (B, n, T, hd)"""
+    x = g.node("Reshape", [x, g.const(np.array([0, 0, n, hd], np.int64), "shape")])
+    return g.node("Transpose", [x], perm=[0, 2, 1, 3])
+
+
+def _layer(g: _Graph, x: str, block: Any, i: int, cos: str, sin: str, eps: float) -> str:
+    att, mlp, p = block.self_attn, block.mlp, f"model.layers.{i}"
+    nq, nkv, hd = att.kv_heads * att.q_per_kv, att.kv_heads, att.head_dim
+    h = _rms(g, x, block.input_layernorm.weight, eps, f"{p}.input_layernorm")
+    q = _rope(g, _heads(g, _linear(g, h, att.q_proj, f"{p}.self_attn.q_proj"), nq, hd), cos, sin)
+    k = _rope(g, _heads(g, _linear(g, h, att.k_proj, f"{p}.self_attn.k_proj"), nkv, hd), cos, sin)
+    v = _heads(g, _linear(g, h, att.v_proj, f"{p}.self_attn.v_proj"), nkv, hd)
+    y = g.node("Attention", [q, k, v], hint=f"{p}.attn", is_causal=1)  # (B, nq, T, hd), GQA by head counts
+    y = g.node("Reshape", [g.node("Transpose", [y], perm=[0, 2, 1, 3]), g.const(np.array([0, 0, -1], np.int64))])
+    x = g.node("Add", [x, _linear(g, y, att.o_proj, f"{p}.self_attn.o_proj")], hint=f"{p}.resid_attn")
+    h = _rms(g, x, block.post_attention_layernorm.weight, eps, f"{p}.post_attention_layernorm")
+    gate = _linear(g, h, mlp.gate_proj, f"{p}.mlp.gate_proj")
+    act = g.node("Mul", [gate, g.node("Sigmoid", [gate])], hint="silu")
+    hid = g.node("Mul", [act, _linear(g, h, mlp.up_proj, f"{p}.mlp.up_proj")])
+    return g.node("Add", [x, _linear(g, hid, mlp.down_proj, f"{p}.mlp.down_proj")], hint=f"{p}.resid_mlp")
+
+
+def _embedding(g: _Graph, ids: str, model: TailorForCausalLM) -> tuple[str, Any]:
+    """Token embedding of `ids` and a function emitting the tied LM head; the table is stored once."""
+    head = model.lm_head
+    if model.model.embed_tokens.weight.data_ptr() != head.weight.data_ptr():
+        raise OnnxExportError("lm_head.weight is not tied to model.embed_tokens.weight; the export stores one table")
+    w = head.weight.detach().float().cpu()
+    vocab, hidden = w.shape
+    if head.bits >= 16:
+        e = g.weight("model.embed_tokens.weight", _f16(w))
+        x = g.node("Cast", [g.node("Gather", [e, ids], hint="embed")], to=TensorProto.FLOAT)
+
+        def lm_head(h: str) -> str:
+            et = g.node("Transpose", [g.node("Cast", [e], to=TensorProto.FLOAT)], perm=[1, 0])  # folded at load
+            return g.node("MatMul", [h, et], out="logits")
+        return x, lm_head
+    if head.bits not in onnx_pack.PACK_BITS:
+        raise OnnxExportError(f"embed_bits={head.bits} cannot be exported (allowed {onnx_pack.PACK_BITS} or 16)")
+    p = onnx_pack.pack(w, head.bits)
+    b = g.weight("model.embed_tokens.qweight", p.b)
+    s = g.weight("model.embed_tokens.scales", p.scales)
+    z = g.weight("model.embed_tokens.qzeros", p.zero_points)
+    rows = g.node("Reshape", [b, g.const(np.array([vocab, -1], np.int64))], hint="embed_rows")  # same bytes
+    x = g.node("GatherBlockQuantized", [rows, ids, s, z], hint="embed", domain=MS, bits=head.bits,
+               block_size=onnx_grid.BLOCK, gather_axis=0, quantize_axis=1)
+
+    def lm_head(h: str) -> str:
+        return g.node("MatMulNBits", [h, b, s, z], out="logits", domain=MS, K=hidden, N=vocab,
+                      bits=head.bits, block_size=onnx_grid.BLOCK, accuracy_level=0)
+    return x, lm_head
+
+
+def build(model: TailorForCausalLM, tokenizer: Any = None) -> tuple[onnx.ModelProto, int]:
+    """The ONNX model of `model`'s active network and the bytes of its weight initializers."""
+    cfg = model.config
+    if cfg.quant_format != "onnx":
+        raise OnnxExportError(f"model quant_format={cfg.quant_format!r}: its fake quantization is not the ONNX grid "
+                              "(fine-tune with quant_format='onnx' before exporting to ONNX)")
+    g = _Graph()
+    x, lm_head = _embedding(g, "input_ids", model)
+    cos, sin = _rotary_tables(g, "input_ids", cfg.head_dim, cfg.rope_theta)
+    kept = [i for i, b in enumerate(model.model.layers) if b.active]
+    for j, i in enumerate(kept):  # dropped (inactive) layers are the identity: renumber the kept ones
+        x = _layer(g, x, model.model.layers[i], j, cos, sin, cfg.rms_norm_eps)
+    x = _rms(g, x, model.model.norm.weight, cfg.rms_norm_eps, "model.norm")
+    lm_head(x)
+    inp = helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"])
+    out = helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", "seq", cfg.vocab_size])
+    graph = helper.make_graph(g.nodes, "tailor_llama", [inp], [out], initializer=g.inits)
+    proto = helper.make_model(graph, producer_name="tailor", ir_version=IR_VERSION,
+                              opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(MS, 1)])
+    meta = {"n_layers": len(kept), "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size,
+            "bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id, "subnet": cfg.subnet,
+            "tokenizer": getattr(tokenizer, "name_or_path", None)}
+    helper.set_model_props(proto, {"tailor": json.dumps(meta, sort_keys=True, default=str)})
+    return proto, g.weight_bytes
+
+
+def export(model: TailorForCausalLM, tokenizer: Any, path: Path) -> dict[str, Any]:
+    """Write `model` to `path` (temp file + rename); {"file_bytes", "weight_bytes", "sha256"}."""
+    path = Path(path)
+    if tokenizer is not None and len(tokenizer) > model.config.vocab_size:
+        raise OnnxExportError(f"{path}: tokenizer has {len(tokenizer)} tokens, model vocab is {model.config.vocab_size}")
+    with torch.no_grad():
+        proto, weight_bytes = build(model, tokenizer)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    files = [path]
+    try:
+        if weight_bytes < PROTOBUF_LIMIT:
+            onnx.checker.check_model(proto)
+            onnx.save_model(proto, str(tmp), save_as_external_data=False)
+        else:  # a protobuf cannot hold it: weights go to one side file, named in the graph
+            data = path.name + ".data"
+            onnx.save_model(proto, str(tmp), save_as_external_data=True, all_tensors_to_one_file=True,
+                            location=data, size_threshold=1024)
+            files.append(path.with_name(data))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return {"file_bytes": sum(f.stat().st_size for f in files), "weight_bytes": int(weight_bytes),
+            "sha256": _sha256(files)}
+
+
+def _sha256(files: list[Path]) -> str:
+    """sha256 of the file (of graph file then weight file, when weights had to go outside)."""
+    h = hashlib.sha256()
+    for f in files:
+        with open(f, "rb") as fh:
+            while block := fh.read(1 << 20):
+                h.update(block)
+    return h.hexdigest()

@@ -1,0 +1,97 @@
+"""Run an exported ONNX file in onnxruntime (CPU): perplexity, greedy generation, decode speed.
+
+The file maps input_ids [batch, seq] -> logits [batch, seq, vocab] with no KV cache, so every step
+recomputes the whole prefix. Perplexity goes through `tailor.eval.ppl` itself (an adapter makes the
+session look like a torch model), so torch and runtime numbers share one definition.
+"""
+from __future__ import annotations
+
+import os
+import time
+from functools import lru_cache
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, Sequence
+
+import numpy as np
+import onnxruntime as ort
+import torch
+
+from tailor.eval import ppl
+
+SPEED_PROMPT = "The history of the city begins"
+
+
+@lru_cache(maxsize=4)
+def _cached_session(path: str, mtime_ns: int, size: int) -> ort.InferenceSession:
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = os.cpu_count() or 1
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    try:
+        return ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+    except Exception as e:  # onnxruntime raises its own exception types; name the file
+        raise RuntimeError(f"{path}: onnxruntime cannot load it ({e})") from None
+
+
+def session(path: Path) -> ort.InferenceSession:
+    """One session per file version (path, mtime, size): re-exporting to the same path reloads."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such ONNX file")
+    st = path.stat()
+    return _cached_session(str(path.resolve()), st.st_mtime_ns, st.st_size)
+
+
+def logits(sess: ort.InferenceSession, ids: Sequence[Sequence[int]]) -> np.ndarray:
+    """[batch, seq, vocab] float32 logits of equal-length token lists."""
+    return sess.run(["logits"], {"input_ids": np.asarray(ids, dtype=np.int64)})[0]
+
+
+class _SessionLM:
+    """Callable like a Tailor model: model(ids).logits, which is all `tailor.eval.ppl` asks for."""
+
+    def __init__(self, sess: ort.InferenceSession):
+        self.sess = sess
+
+    def __call__(self, ids: torch.Tensor) -> Any:
+        return SimpleNamespace(logits=torch.from_numpy(logits(self.sess, ids.cpu().tolist())))
+
+
+def perplexity(path: Path, seqs: list[list[int]]) -> float:
+    """exp(total NLL / predicted tokens), each sequence scored alone (tailor.eval.ppl's definition)."""
+    return ppl.perplexity(_SessionLM(session(path)), seqs)  # type: ignore[arg-type]
+
+
+def _greedy(sess: ort.InferenceSession, ids: list[int], n_tokens: int, eos: int | None) -> list[int]:
+    out: list[int] = []
+    for _ in range(n_tokens):
+        nxt = int(np.argmax(logits(sess, [ids + out])[0, -1]))
+        out.append(nxt)
+        if nxt == eos:
+            break
+    return out
+
+
+def _prompt_ids(tokenizer: Any, prompt: str) -> list[int]:
+    ids = list(tokenizer(prompt)["input_ids"])
+    if not ids:
+        raise ValueError(f"prompt {prompt!r} encodes to no tokens")
+    return ids
+
+
+def generate(path: Path, tokenizer: Any, prompt: str, n_tokens: int) -> str:
+    """Greedy continuation of `prompt` (the new text only), stopping early at the EOS token."""
+    sess = session(path)
+    new = _greedy(sess, _prompt_ids(tokenizer, prompt), n_tokens, tokenizer.eos_token_id)
+    return tokenizer.decode(new, skip_special_tokens=True)
+
+
+def tokens_per_s(path: Path, tokenizer: Any, n_tokens: int = 32) -> float:
+    """Greedy decode speed: exactly `n_tokens` steps (EOS ignored) after one untimed warm-up step;
+    each step recomputes the full prefix, as this export has no KV cache."""
+    sess = session(path)
+    ids = _prompt_ids(tokenizer, SPEED_PROMPT)
+    _greedy(sess, ids, 1, None)  # warm-up: first run allocates and prepacks
+    t = time.perf_counter()
+    _greedy(sess, ids, n_tokens, None)
+    return n_tokens / (time.perf_counter() - t)

@@ -1,0 +1,120 @@
+"""First search strategy: structured seeds plus random subnets, each scored on the supernet.
+
+Every candidate gets its exact bytes and predicted latency from the device cost model and its mean
+KL to the base model (and next-token loss) on the validation shard; the best that fits the budget
+wins. MIP, NSGA-II and Gumbel strategies plug in beside this one with the same inputs and outputs.
+"""
+from __future__ import annotations
+
+import itertools
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from rich.progress import track
+
+from tailor.arch import SubnetConfig
+from tailor.config import DeviceProfile
+from tailor.devices import budget_bytes, cost
+from tailor.distill import kd_loss
+from tailor.elastic.space import SearchSpace
+from tailor.elastic.supernet import set_active
+from tailor.models.llama import TailorForCausalLM
+
+
+class NoFeasibleSubnet(ValueError):
+    """The device budget is below the smallest subnet in the space."""
+
+
+@dataclass
+class Candidate:
+    config: SubnetConfig
+    nbytes: int
+    bits_per_param: float
+    latency_s: float
+    kl: float = float("nan")
+    val_loss: float = float("nan")
+    origin: str = "random"
+
+    def row(self) -> dict:
+        d = {k: v for k, v in asdict(self).items() if k != "config"}
+        d.update(config_hash=self.config.hash, kept_layers=len(self.config.kept))
+        return d
+
+
+def seeds(space: SearchSpace) -> list[SubnetConfig]:
+    """Uniform subnets over bits x FFN width x depth x KV groups: the obvious corners of the space."""
+    arch = space.arch
+    out = []
+    fracs = sorted({1.0, 0.75, 0.5, space.min_ffn / arch.ffn}, reverse=True)
+    drops = sorted({0, space.max_drop // 2, space.max_drop})
+    kvs = sorted({arch.n_kv_heads, space.min_kv}, reverse=True)
+    for bits, frac, n_drop, kv in itertools.product(space.bits, fracs, drops, kvs):
+        cfg = SubnetConfig.uniform(arch, bits, embed_bits=max(space.embed_bits), ffn_frac=frac, kv_groups=kv,
+                                   drop=space.drop_order[:n_drop])
+        if space.contains(cfg):
+            out.append(cfg)
+    return out
+
+
+def propose(space: SearchSpace, device: DeviceProfile, n: int, seed: int) -> list[Candidate]:
+    """Up to `n` distinct candidates that fit the budget: seeds first (largest first), then random."""
+    arch = space.arch
+    smallest = cost(space.min(), arch, device)
+    if not smallest.fits:
+        raise NoFeasibleSubnet(f"budget {budget_bytes(device, arch):,} B is below the smallest subnet "
+                               f"({smallest.nbytes:,} B in {device.format})")
+    seen: set[str] = set()
+    out: list[Candidate] = []
+
+    def add(cfg: SubnetConfig, origin: str) -> None:
+        c = cost(cfg, arch, device)
+        if c.fits and cfg.hash not in seen and len(out) < n:
+            seen.add(cfg.hash)
+            out.append(Candidate(cfg, c.nbytes, c.bits_per_param, c.latency_s, origin=origin))
+
+    ranked = sorted(seeds(space), key=lambda c: -cost(c, arch, device).nbytes)
+    for cfg in ranked[: max(1, n // 2)]:
+        add(cfg, "seed")
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(200 * n):
+        if len(out) >= n:
+            break
+        add(space.sample(gen), "random")
+    add(space.min(), "min")
+    return out
+
+
+@torch.no_grad()
+def score(model: TailorForCausalLM, cand: Candidate, fmt: str, seqs: torch.Tensor,
+          teacher: list[torch.Tensor], batch_size: int) -> None:
+    """Fill in the candidate's KL to the base model and next-token loss on `seqs`."""
+    set_active(model, cand.config, fmt)
+    dev = next(model.parameters()).device
+    kl_sum, ce_sum, n = 0.0, 0.0, 0
+    for j, i in enumerate(range(0, len(seqs), batch_size)):
+        ids = seqs[i: i + batch_size].to(dev).long()
+        logits = model(ids).logits
+        kl_sum += float(kd_loss(logits, teacher[j].to(dev))) * ids.numel()
+        ce_sum += float(F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
+                                        reduction="sum"))
+        n += ids.numel()
+    cand.kl, cand.val_loss = kl_sum / n, ce_sum / (n - len(seqs))
+
+
+def run_search(model: TailorForCausalLM, space: SearchSpace, device: DeviceProfile, seqs: torch.Tensor,
+               teacher: list[torch.Tensor], n: int, seed: int, batch_size: int = 8) -> tuple[Candidate, list[Candidate]]:
+    cands = propose(space, device, n, seed)
+    for cand in track(cands, description="search", disable=True):
+        score(model, cand, device.format, seqs, teacher, batch_size)
+    best = min(cands, key=lambda c: c.kl)
+    return best, cands
+
+
+def pareto(cands: list[Candidate]) -> list[Candidate]:
+    """Candidates no other candidate beats on both bytes and KL."""
+    front = []
+    for c in sorted(cands, key=lambda c: (c.nbytes, c.kl)):
+        if not front or c.kl < front[-1].kl:
+            front.append(c)
+    return front

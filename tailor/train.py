@@ -1,0 +1,137 @@
+"""Distillation training loop shared by the supernet (sandwich rule) and fine-tuning (one subnet).
+
+Resumable: every `ckpt_every` steps it writes weights (safetensors), optimizer and RNG state
+(torch.save, read back with weights_only=True) and the step, atomically. Data order is a seeded
+permutation, so the step number is the data position.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+from safetensors.torch import load_file
+
+from tailor.distill import kd_loss
+from tailor.models.base import save_state
+from tailor.models.llama import TailorForCausalLM
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that does not belong to this run: the message names the file."""
+
+
+@dataclass
+class TrainSpec:
+    steps: int
+    batch_size: int
+    lr: float
+    temperature: float
+    seed: int
+    ckpt_every: int = 10
+    weight_decay: float = 0.0
+    fingerprint: str = ""  # what the run is (config hash): a checkpoint from another run is refused
+
+
+@dataclass
+class TrainResult:
+    curve: list[dict] = field(default_factory=list)  # {"step", "loss", "tokens_per_s"}
+    resumed_from: int = 0
+    tokens: int = 0
+    seconds: float = 0.0
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _save_ckpt(ckpt_dir: Path, model: TailorForCausalLM, opt: torch.optim.Optimizer, step: int,
+               gen: torch.Generator, spec: TrainSpec, curve: list[dict]) -> None:
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    save_state(state, ckpt_dir / "weights.safetensors")
+    tmp = ckpt_dir / "state.pt.tmp"
+    torch.save({"optimizer": opt.state_dict(), "rng": torch.get_rng_state(), "gen": gen.get_state()}, tmp)
+    os.replace(tmp, ckpt_dir / "state.pt")
+    meta = {"step": step, "fingerprint": spec.fingerprint, "curve": curve}
+    (ckpt_dir / "meta.json.tmp").write_text(json.dumps(meta))
+    os.replace(ckpt_dir / "meta.json.tmp", ckpt_dir / "meta.json")  # written last: marks the set complete
+
+
+def _load_ckpt(ckpt_dir: Path, model: TailorForCausalLM, opt: torch.optim.Optimizer, gen: torch.Generator,
+               spec: TrainSpec) -> tuple[int, list[dict]]:
+    meta_file = ckpt_dir / "meta.json"
+    if not meta_file.is_file():
+        return 0, []
+    meta = json.loads(meta_file.read_text())
+    if meta.get("fingerprint") != spec.fingerprint:
+        raise CheckpointError(f"{meta_file}: checkpoint of another run ({meta.get('fingerprint')} != {spec.fingerprint}); "
+                              "delete it to start over")
+    try:
+        weights = load_file(ckpt_dir / "weights.safetensors")
+    except Exception as e:
+        raise CheckpointError(f"{ckpt_dir / 'weights.safetensors'}: unreadable ({e})") from None
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    if [k for k in missing if k != "lm_head.weight"] or unexpected:
+        raise CheckpointError(f"{ckpt_dir / 'weights.safetensors'}: tensors do not match the model")
+    model.tie_weights()
+    state = torch.load(ckpt_dir / "state.pt", weights_only=True)
+    opt.load_state_dict(state["optimizer"])
+    torch.set_rng_state(state["rng"])
+    gen.set_state(state["gen"])
+    return int(meta["step"]), list(meta.get("curve", []))
+
+
+def train_kd(student: TailorForCausalLM, teacher: torch.nn.Module, data: torch.Tensor, spec: TrainSpec,
+             activate: Callable[[int, torch.Generator], list[Callable[[], None]]], ckpt_dir: Path | None = None,
+             desc: str = "train") -> TrainResult:
+    """Train `student` to match `teacher` on `data` ([N, T] ids).
+
+    `activate(step, gen)` returns the subnets of this step as callables that switch the student to
+    each in turn (the sandwich rule: max, min and random subnets); their losses are summed."""
+    device = next(student.parameters()).device
+    gen = torch.Generator().manual_seed(spec.seed)
+    params = [p for p in student.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay)
+    start, curve = _load_ckpt(ckpt_dir, student, opt, gen, spec) if ckpt_dir else (0, [])
+    order = torch.randperm(len(data), generator=torch.Generator().manual_seed(spec.seed))
+    result = TrainResult(curve=curve, resumed_from=start)
+    teacher.eval()
+    student.train()
+    t0 = time.perf_counter()
+    with Progress(TextColumn(f"[bold]{desc}"), BarColumn(), TextColumn("{task.completed}/{task.total} loss {task.fields[loss]}"),
+                  TimeRemainingColumn(), transient=False, disable=not os.isatty(1)) as bar:
+        task = bar.add_task(desc, total=spec.steps, completed=start, loss="-")
+        for step in range(start, spec.steps):
+            ts = time.perf_counter()
+            idx = torch.arange(step * spec.batch_size, (step + 1) * spec.batch_size) % len(data)
+            ids = data[order[idx]].to(device).long()
+            with torch.no_grad():
+                t_logits = teacher(ids).logits
+            opt.zero_grad(set_to_none=True)
+            total = 0.0
+            switches = activate(step, gen)
+            for switch in switches:
+                switch()
+                loss = kd_loss(student(ids).logits, t_logits, spec.temperature)
+                loss.backward()
+                total += float(loss)
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            n_tok = ids.numel() * len(switches)
+            result.tokens += n_tok
+            point = {"step": step + 1, "loss": total / len(switches), "tokens_per_s": n_tok / (time.perf_counter() - ts)}
+            result.curve.append(point)
+            bar.update(task, advance=1, loss=f"{point['loss']:.4f}")
+            if ckpt_dir and ((step + 1) % spec.ckpt_every == 0 or step + 1 == spec.steps):
+                _save_ckpt(ckpt_dir, student, opt, step + 1, gen, spec, result.curve)
+    student.eval()
+    result.seconds = time.perf_counter() - t0
+    return result

@@ -1,0 +1,76 @@
+"""Supernet invariants: max config = dense model, export_active = set_active, permutation keeps the
+function, sampled configs are valid and reproducible."""
+import copy
+
+import pytest
+import torch
+
+from tailor.arch import SubnetConfig
+from tailor.elastic import importance
+from tailor.elastic.space import SearchSpace
+from tailor.elastic.supernet import arch_of, export_active, set_active, set_max, subnet_of
+from tailor.models.tiny import tiny_model
+
+IDS = torch.randint(0, 320, (2, 24), generator=torch.Generator().manual_seed(0))
+
+
+def _space(model, bits=(4, 8, 16), fmt_bits=(8, 16)):
+    return SearchSpace.build(arch_of(model), list(bits), list(fmt_bits), 0.25, 1, 0.34, None)
+
+
+@torch.no_grad()
+def test_max_config_at_16_bits_equals_dense():
+    model = tiny_model()
+    dense = model(IDS).logits
+    set_active(model, SubnetConfig.max(arch_of(model)))
+    torch.testing.assert_close(model(IDS).logits, dense, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("fmt", ["gguf", "onnx"])
+@torch.no_grad()
+def test_export_active_equals_set_active_for_random_configs(fmt):
+    model = tiny_model(n_layers=4)
+    space = _space(model, bits=(4, 8, 16) if fmt == "gguf" else (2, 4, 8, 16))
+    gen = torch.Generator().manual_seed(3)
+    for _ in range(6):
+        cfg = space.sample(gen)
+        set_active(model, cfg, fmt)
+        expected = model(IDS).logits
+        small = export_active(model, cfg, fmt)
+        torch.testing.assert_close(small(IDS).logits, expected, rtol=1e-5, atol=1e-5)
+        assert subnet_of(small) == cfg
+        assert sum(p.numel() for p in small.parameters()) < sum(p.numel() for p in model.parameters()) or cfg == space.max()
+    set_max(model)
+
+
+def test_sampled_configs_are_valid_and_reproducible():
+    model = tiny_model(n_layers=6)
+    space = _space(model)
+    a = [space.sample(torch.Generator().manual_seed(7)) for _ in range(3)]
+    b = [space.sample(torch.Generator().manual_seed(7)) for _ in range(3)]
+    assert [c.hash for c in a] == [c.hash for c in b]
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(50):
+        assert space.contains(space.sample(gen))
+    assert space.contains(space.min()) and space.contains(space.max())
+
+
+@torch.no_grad()
+def test_importance_permutation_keeps_outputs():
+    model = tiny_model(n_layers=3)
+    before = model(IDS).logits
+    imp = importance.measure(model, [IDS])
+    importance.permute_(model, imp)
+    torch.testing.assert_close(model(IDS).logits, before, rtol=1e-4, atol=1e-5)
+    for i in range(3):  # prefixes now hold the most important channels
+        assert torch.all(imp.ffn[i][:-1] >= imp.ffn[i][1:])
+        assert torch.all(imp.kv[i][:-1] >= imp.kv[i][1:])
+    assert sorted(imp.drop_order()) == [0, 1, 2]
+
+
+def test_min_subnet_is_smaller_than_max():
+    model = tiny_model(n_layers=6)
+    space = _space(model)
+    arch = arch_of(model)
+    assert space.min().nbytes(arch, "gguf") < space.max().nbytes(arch, "gguf")
+    assert len(space.min().kept) == 6 - space.max_drop
