@@ -77,7 +77,9 @@ def known_errors() -> tuple[type[BaseException], ...]:
     from tailor.search.sampled import NoFeasibleSubnet
     from tailor.train import CheckpointError
 
-    errs: list[type[BaseException]] = [ConfigError, ModelFileError, CheckpointError, NoFeasibleSubnet]
+    from steps.export import ParityError
+
+    errs: list[type[BaseException]] = [ConfigError, ModelFileError, CheckpointError, NoFeasibleSubnet, ParityError]
     try:
         from tailor.data import DataError
 

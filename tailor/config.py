@@ -8,6 +8,7 @@ profile is the top-level `profile` key.
 from __future__ import annotations
 
 import copy
+import warnings
 from pathlib import Path
 from typing import Any, Literal
 
@@ -78,10 +79,17 @@ class FinetuneParams(Strict):
     seed: int = 0
 
 
+class Gates(Strict):
+    max_ppl_increase: float = Field(0.5, ge=0, description="relative perplexity increase allowed vs base")
+    min_accuracy_retention: float = Field(0.9, ge=0, le=1, description="PIQA accuracy kept, as a share of base")
+    max_group_worsening: float = Field(10.0, ge=0, description="points a bias group may worsen (CI excluding 0)")
+
+
 class EvaluateParams(Strict):
     batch_size: int = Field(16, gt=0)
     bootstrap: int = Field(1000, gt=0)
     seed: int = 0
+    gates: Gates = Gates()
 
 
 class ExportParams(Strict):
@@ -129,6 +137,9 @@ class DeviceProfile(Strict):
 class Schedule(Strict):
     cron: str = "0 2 * * *"
     timezone: str = "UTC"
+
+
+warnings.filterwarnings("ignore", message='Field name "register"')  # a stage name, not BaseModel's
 
 
 class Params(Strict):

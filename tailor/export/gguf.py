@@ -11,6 +11,7 @@ the chat template are copied from a template GGUF (the shipped SmolLM2 file by d
 """
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 from typing import Any
@@ -46,25 +47,26 @@ def rope_permute(w: torch.Tensor, n_heads: int, head_dim: int) -> torch.Tensor:
     return w.reshape(n_heads, 2, head_dim // 2, cols).transpose(1, 2).reshape(rows, cols)
 
 
-def _copy_tokenizer(reader: GGUFReader, writer: GGUFWriter, template: Path) -> int:
-    """Copy tokenizer.* fields (vocab, merges, special ids, chat template); return the vocab size."""
-    n_tokens = 0
-    for key, field in reader.fields.items():
+@functools.lru_cache(maxsize=4)
+def _tokenizer_fields(template: Path, mtime_ns: int) -> tuple[tuple[str, Any, GGUFValueType, Any], ...]:
+    """tokenizer.* fields (vocab, merges, special ids, chat template) of a template GGUF as
+    (key, value, type, array element type). Cached: GGUFReader parses the whole file (seconds)."""
+    fields = []
+    for key, field in GGUFReader(template).fields.items():
         if not key.startswith("tokenizer."):
             continue
         vtype = field.types[0]
-        sub = field.types[-1] if vtype == GGUFValueType.ARRAY else None
         if vtype == GGUFValueType.ARRAY and len(field.types) != 2:
             raise ExportError(f"{template}: nested array field {key} is not supported")
-        writer.add_key_value(key, field.contents(), vtype, sub_type=sub)
-        if key == "tokenizer.ggml.tokens":
-            n_tokens = len(field.data)
-    if not n_tokens:
+        sub = field.types[-1] if vtype == GGUFValueType.ARRAY else None
+        fields.append((key, field.contents(), vtype, sub))
+    if not any(key == "tokenizer.ggml.tokens" for key, *_ in fields):
         raise ExportError(f"{template}: no tokenizer.ggml.tokens, cannot serve as tokenizer template")
-    return n_tokens
+    return tuple(fields)
 
 
-def _check_tokenizer(tokenizer: Any, reader: GGUFReader, n_tokens: int, vocab: int, template: Path) -> None:
+def _check_tokenizer(tokenizer: Any, fields: dict[str, Any], vocab: int, template: Path) -> None:
+    n_tokens = len(fields["tokenizer.ggml.tokens"])
     if n_tokens != vocab:
         raise ExportError(f"{template}: tokenizer has {n_tokens} tokens but the model's vocab is {vocab}")
     if tokenizer is None:
@@ -72,9 +74,9 @@ def _check_tokenizer(tokenizer: Any, reader: GGUFReader, n_tokens: int, vocab: i
     if len(tokenizer) != n_tokens:
         raise ExportError(f"{template}: {n_tokens} tokens, but the model's tokenizer has {len(tokenizer)}")
     for key, ours in (("bos_token_id", tokenizer.bos_token_id), ("eos_token_id", tokenizer.eos_token_id)):
-        field = reader.fields.get(f"tokenizer.ggml.{key}")
-        if field is not None and ours is not None and int(field.contents()) != ours:
-            raise ExportError(f"{template}: tokenizer.ggml.{key}={field.contents()}, the model's tokenizer has {ours}")
+        theirs = fields.get(f"tokenizer.ggml.{key}")
+        if theirs is not None and ours is not None and int(theirs) != ours:
+            raise ExportError(f"{template}: tokenizer.ggml.{key}={theirs}, the model's tokenizer has {ours}")
 
 
 def _matrix(m: QLinear) -> tuple[torch.Tensor, int]:
@@ -122,14 +124,17 @@ def export(model: TailorForCausalLM, tokenizer: Any, path: Path, template: Path 
         raise ExportError(f"{path}: architecture {arch!r} cannot hold these layers "
                           f"(kv heads {kv}, ffn {ffn}); use 'deci' for per-layer sizes")
 
-    reader = GGUFReader(template)
+    if not template.is_file():
+        raise ExportError(f"{template}: tokenizer template GGUF not found")
+    tok_fields = _tokenizer_fields(template.resolve(), template.stat().st_mtime_ns)
+    _check_tokenizer(tokenizer, {k: v for k, v, *_ in tok_fields}, cfg.vocab_size, template)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     writer = GGUFWriter(tmp, arch)
     try:
         writer.add_name(f"tailor {cfg.name_or_path or 'model'}".strip())
-        n_tokens = _copy_tokenizer(reader, writer, template)
-        _check_tokenizer(tokenizer, reader, n_tokens, cfg.vocab_size, template)
+        for key, value, vtype, sub in tok_fields:
+            writer.add_key_value(key, value, vtype, sub_type=sub)
         writer.add_vocab_size(cfg.vocab_size)
         writer.add_context_length(cfg.max_position_embeddings)
         writer.add_embedding_length(cfg.hidden_size)
@@ -149,8 +154,9 @@ def export(model: TailorForCausalLM, tokenizer: Any, path: Path, template: Path 
                                      sub_type=GGUFValueType.UINT32)
         writer.add_quantization_version(2)
 
-        nbytes = _add(writer, "token_embd.weight", model.model.embed_tokens.weight.detach().float().cpu(),
-                      int(model.lm_head.bits))  # llama.cpp reuses token_embd as the output when absent
+        # One table for both uses at the head's bits (as TailorForCausalLM.embed quantizes it); with no
+        # output.weight llama.cpp builds the output projection from token_embd.
+        nbytes = _add(writer, "token_embd.weight", *_matrix(model.lm_head))
         nbytes += _add(writer, "output_norm.weight", model.model.norm.weight, None)
         for i, (block, n_kv) in enumerate(zip(blocks, kv)):
             nbytes += _add(writer, f"blk.{i}.attn_norm.weight", block.input_layernorm.weight, None)

@@ -2,10 +2,16 @@
 
 Token ids go in directly (no BOS added, no llama.cpp tokenization) so the runtime sees exactly the
 sequences torch saw; perplexity uses the definition of `tailor.eval.ppl`.
+
+Threads default to os.cpu_count(), right for a dedicated device. On a CPU shared with other busy
+processes llama.cpp's spinning thread barriers collapse (measured here on 2 busy cores: 1 thread
+1,760 tokens/s, 2 threads 2.3 tokens/s for a tiny model), so callers on shared machines pass n_threads.
 """
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import logging
 import math
 import os
 import time
@@ -14,18 +20,45 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
+log = logging.getLogger(__name__)
+log.addHandler(logging.NullHandler())  # quiet unless the application configures logging
+# ggml's levels (ggml.h): 1 debug, 2 info, 3 warn, 4 error, 5 continue the previous message.
+# llama-cpp-python 0.3.36 maps them with an older enum (3 -> ERROR), so its verbose=False still prints
+# warnings such as "padding V cache" for per-layer KV sizes; we route them to logging ourselves.
+_LEVELS = {1: logging.DEBUG, 2: logging.INFO, 3: logging.WARNING, 4: logging.ERROR}
+_state = {"level": logging.DEBUG, "callback": None}
+
+
+def _route_logs() -> None:
+    import llama_cpp
+
+    if _state["callback"] is not None:
+        return
+
+    @llama_cpp.llama_log_callback
+    def callback(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
+        if level != 5:
+            _state["level"] = _LEVELS.get(level, logging.DEBUG)
+        log.log(_state["level"], "%s", text.decode("utf-8", "replace").rstrip("\n"))
+
+    _state["callback"] = callback  # keep a reference: ctypes does not, and llama.cpp calls it later
+    llama_cpp.llama_log_set(callback, ctypes.c_void_p(0))
+
 
 @contextlib.contextmanager
-def _llama(path: Path, n_ctx: int, logits_all: bool) -> Iterator[Any]:
+def _llama(path: Path, n_ctx: int, logits_all: bool, n_threads: int | None) -> Iterator[Any]:
     from llama_cpp import Llama  # imported here: a heavy native library only export needs
 
+    _route_logs()
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: GGUF file not found")
     n_ctx = max(32, n_ctx)
+    n_threads = n_threads or os.cpu_count() or 1
     try:
-        llm = Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, logits_all=logits_all,
-                    n_threads=os.cpu_count(), n_threads_batch=os.cpu_count(), verbose=False)
+        batch = min(n_ctx, 512)  # bounds the logits_all buffer (batch x vocab floats) for long inputs
+        llm = Llama(model_path=str(path), n_ctx=n_ctx, n_batch=batch, n_ubatch=batch, logits_all=logits_all,
+                    n_threads=n_threads, n_threads_batch=n_threads, verbose=False)
     except ValueError as e:  # llama-cpp-python reports every load failure as "Failed to load model"
         raise ValueError(f"{path}: llama.cpp could not load the model ({e})") from None
     try:
@@ -48,13 +81,20 @@ def _log_softmax(x: np.ndarray) -> np.ndarray:
     return x - np.log(np.exp(x).sum(-1, keepdims=True))
 
 
-def perplexity(path: Path, seqs: Sequence[Sequence[int]]) -> float:
+def logits(path: Path, seq: Sequence[int], n_threads: int | None = None) -> np.ndarray:
+    """float32 logits (len(seq), vocab) of one sequence from position 0, for parity checks."""
+    with _llama(path, len(seq), logits_all=True, n_threads=n_threads) as llm:
+        llm.eval(list(seq))
+        return np.array(llm.scores[: len(seq)], dtype=np.float32)
+
+
+def perplexity(path: Path, seqs: Sequence[Sequence[int]], n_threads: int | None = None) -> float:
     """exp(total NLL / predicted tokens), each sequence scored alone from position 0."""
     seqs = [list(s) for s in seqs if len(s) >= 2]
     if not seqs:
         raise ValueError("perplexity needs at least one sequence of two or more tokens")
     total, n = 0.0, 0
-    with _llama(path, max(len(s) for s in seqs), logits_all=True) as llm:
+    with _llama(path, max(len(s) for s in seqs), logits_all=True, n_threads=n_threads) as llm:
         for s in seqs:
             llm.reset()  # position 0 again; eval() drops the stale KV cells
             llm.eval(s)
@@ -77,18 +117,18 @@ def _greedy(llm: Any, ids: list[int], n_tokens: int, eos: int | None) -> list[in
     return out
 
 
-def generate(path: Path, tokenizer: Any, prompt: str, n_tokens: int) -> str:
+def generate(path: Path, tokenizer: Any, prompt: str, n_tokens: int, n_threads: int | None = None) -> str:
     """Greedy continuation of `prompt` (tokenized by `tokenizer`, as torch would), at most n_tokens."""
     ids = tokenizer.encode(prompt)
-    with _llama(path, len(ids) + n_tokens + 1, logits_all=False) as llm:
+    with _llama(path, len(ids) + n_tokens + 1, logits_all=False, n_threads=n_threads) as llm:
         out = _greedy(llm, ids, n_tokens, tokenizer.eos_token_id)
     return tokenizer.decode(out)
 
 
-def tokens_per_s(path: Path, tokenizer: Any, n_tokens: int = 64) -> float:
+def tokens_per_s(path: Path, tokenizer: Any, n_tokens: int = 64, n_threads: int | None = None) -> float:
     """Decode speed: tokens per second of one-token steps after a short prompt (prompt not timed)."""
     ids = tokenizer.encode("The history of the city begins")
-    with _llama(path, len(ids) + n_tokens + 1, logits_all=False) as llm:
+    with _llama(path, len(ids) + n_tokens + 1, logits_all=False, n_threads=n_threads) as llm:
         llm.reset()
         llm.eval(ids)
         tok = int(np.argmax(_last_logits(llm)))

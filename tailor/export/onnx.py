@@ -35,6 +35,7 @@ from tailor.quant import onnx_grid, onnx_pack
 OPSET = 23  # first opset with Attention (GQA, is_causal) and RMSNormalization
 IR_VERSION = 11  # the IR version that introduced opset 23; onnxruntime 1.32 reads it
 MS = "com.microsoft"
+EXACT, INT8_ACTIVATIONS = 0, 4  # MatMulNBits accuracy_level: float32 activations / int8 activations
 PROTOBUF_LIMIT = 2**31 - 2**24  # one protobuf must stay under 2 GiB; keep a margin for the graph
 
 
@@ -45,7 +46,8 @@ class OnnxExportError(ValueError):
 class _Graph:
     """Collects nodes and initializers; every tensor name is unique."""
 
-    def __init__(self) -> None:
+    def __init__(self, accuracy_level: int = 0) -> None:
+        self.accuracy_level = accuracy_level
         self.nodes: list[onnx.NodeProto] = []
         self.inits: list[onnx.TensorProto] = []
         self.weight_bytes = 0
@@ -86,12 +88,13 @@ def _linear(g: _Graph, x: str, lin: QLinear, name: str) -> str:
         return g.node("MatMul", [x, g.node("Cast", [wt], to=TensorProto.FLOAT)], hint=name)
     if lin.bits not in onnx_pack.PACK_BITS:
         raise OnnxExportError(f"{name}: {lin.bits} bits cannot be exported (MatMulNBits runs {onnx_pack.PACK_BITS}, or 16)")
+    if lin.fmt != "onnx":
+        raise OnnxExportError(f"{name}: fake-quantized on the {lin.fmt!r} grid, not 'onnx'; packing would change its values")
     p = onnx_pack.pack(w, lin.bits)
     ins = [x, g.weight(name + ".qweight", p.b), g.weight(name + ".scales", p.scales),
            g.weight(name + ".qzeros", p.zero_points)]
-    # accuracy_level 0: A stays float32; level 4 would quantize activations to int8 (not our math).
     return g.node("MatMulNBits", ins, hint=name, domain=MS, K=k, N=n, bits=lin.bits,
-                  block_size=onnx_grid.BLOCK, accuracy_level=0)
+                  block_size=onnx_grid.BLOCK, accuracy_level=g.accuracy_level)
 
 
 def _rms(g: _Graph, x: str, weight: torch.Tensor, eps: float, name: str) -> str:
@@ -168,17 +171,20 @@ def _embedding(g: _Graph, ids: str, model: TailorForCausalLM) -> tuple[str, Any]
 
     def lm_head(h: str) -> str:
         return g.node("MatMulNBits", [h, b, s, z], out="logits", domain=MS, K=hidden, N=vocab,
-                      bits=head.bits, block_size=onnx_grid.BLOCK, accuracy_level=0)
+                      bits=head.bits, block_size=onnx_grid.BLOCK, accuracy_level=g.accuracy_level)
     return x, lm_head
 
 
-def build(model: TailorForCausalLM, tokenizer: Any = None) -> tuple[onnx.ModelProto, int]:
+def build(model: TailorForCausalLM, tokenizer: Any = None, accuracy_level: int = EXACT
+          ) -> tuple[onnx.ModelProto, int]:
     """The ONNX model of `model`'s active network and the bytes of its weight initializers."""
     cfg = model.config
+    if accuracy_level not in (EXACT, INT8_ACTIVATIONS):
+        raise OnnxExportError(f"accuracy_level={accuracy_level}: use {EXACT} (exact) or {INT8_ACTIVATIONS} (fast, int8 activations)")
     if cfg.quant_format != "onnx":
         raise OnnxExportError(f"model quant_format={cfg.quant_format!r}: its fake quantization is not the ONNX grid "
                               "(fine-tune with quant_format='onnx' before exporting to ONNX)")
-    g = _Graph()
+    g = _Graph(accuracy_level)
     x, lm_head = _embedding(g, "input_ids", model)
     cos, sin = _rotary_tables(g, "input_ids", cfg.head_dim, cfg.rope_theta)
     kept = [i for i, b in enumerate(model.model.layers) if b.active]
@@ -193,18 +199,23 @@ def build(model: TailorForCausalLM, tokenizer: Any = None) -> tuple[onnx.ModelPr
                               opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(MS, 1)])
     meta = {"n_layers": len(kept), "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size,
             "bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id, "subnet": cfg.subnet,
-            "tokenizer": getattr(tokenizer, "name_or_path", None)}
+            "tokenizer": getattr(tokenizer, "name_or_path", None), "accuracy_level": accuracy_level}
     helper.set_model_props(proto, {"tailor": json.dumps(meta, sort_keys=True, default=str)})
     return proto, g.weight_bytes
 
 
-def export(model: TailorForCausalLM, tokenizer: Any, path: Path) -> dict[str, Any]:
-    """Write `model` to `path` (temp file + rename); {"file_bytes", "weight_bytes", "sha256"}."""
+def export(model: TailorForCausalLM, tokenizer: Any, path: Path, accuracy_level: int = EXACT) -> dict[str, Any]:
+    """Write `model` to `path` (temp file + rename); {"file_bytes", "weight_bytes", "sha256"}.
+
+    accuracy_level is MatMulNBits's: EXACT (0) keeps activations float32, so the file computes what the
+    fake-quantized torch model computes; INT8_ACTIVATIONS (4) quantizes them to int8 per 32-block,
+    which onnxruntime 1.32 needs for fast 2- and 8-bit kernels (its float32 path for those widths
+    dequantizes the whole matrix on every call) but moves results by ~0.5% relative."""
     path = Path(path)
     if tokenizer is not None and len(tokenizer) > model.config.vocab_size:
         raise OnnxExportError(f"{path}: tokenizer has {len(tokenizer)} tokens, model vocab is {model.config.vocab_size}")
     with torch.no_grad():
-        proto, weight_bytes = build(model, tokenizer)
+        proto, weight_bytes = build(model, tokenizer, accuracy_level)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     files = [path]

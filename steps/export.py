@@ -1,0 +1,92 @@
+"""export (per device): write the file the device's runtime loads (GGUF for llama.cpp, ONNX for
+onnxruntime) from the learned quantized values, load it in that runtime, and check parity with the
+fake-quantized PyTorch model that evaluate measured."""
+from __future__ import annotations
+
+import importlib
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from steps._common import artifact_dir, main_for, read_jsonl, report_dir, staged_dir, write_json
+from tailor import tracking
+from tailor.config import ConfigError, Params
+from tailor.arch import BaseArch
+from tailor.elastic.supernet import subnet_of
+from tailor.eval.ppl import perplexity
+from tailor.models.base import gguf_path, load_model_dir
+
+# format -> (writer module, runtime module, file name)
+BACKENDS = {"gguf": ("tailor.export.gguf", "tailor.export.llamacpp", "model.gguf"),
+            "onnx": ("tailor.export.onnx", "tailor.export.ort", "model.onnx")}
+
+
+class ParityError(ValueError):
+    """The runtime does not compute what the evaluated model computed."""
+
+
+def run(params: Params, device: str, model_dir: Path, eval_dir: Path, out_dir: Path) -> dict:
+    from transformers import AutoTokenizer
+
+    ex, prof = params.export, params.device(device)
+    writer, runtime, name = (importlib.import_module(m) if i < 2 else m for i, m in enumerate(BACKENDS[prof.format]))
+    model = load_model_dir(model_dir)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    cfg = subnet_of(model)
+    if cfg is None:
+        raise ConfigError(f"{model_dir}: not an extracted subnet (config.json has no `subnet`)")
+    texts = [r["text"] for r in read_jsonl(eval_dir / "wiki.jsonl")][: ex.ppl_docs]
+    seqs = [ids for ids in (tok(t)["input_ids"] for t in texts) if len(ids) >= 2]
+
+    with staged_dir(out_dir) as tmp:
+        kwargs = {"template": gguf_path()} if prof.format == "gguf" else {}
+        info = writer.export(model, tok, tmp / name, **kwargs)
+        t0 = time.perf_counter()
+        runtime_ppl = runtime.perplexity(tmp / name, seqs)
+        runtime_s = time.perf_counter() - t0
+        torch_ppl = perplexity(model, seqs)
+        rel = abs(runtime_ppl - torch_ppl) / torch_ppl
+        gen_runtime = runtime.generate(tmp / name, tok, ex.prompt, ex.gen_tokens)
+        tps = runtime.tokens_per_s(tmp / name, tok)
+        if rel > ex.max_ppl_rel_diff:
+            raise ParityError(f"{name}: runtime perplexity {runtime_ppl:.3f} differs from PyTorch {torch_ppl:.3f} "
+                              f"by {rel:.2%} (> export.max_ppl_rel_diff {ex.max_ppl_rel_diff:.0%})")
+        (tmp / "subnet.json").write_text(cfg.to_json())
+    # The extracted model's config keeps the base dims; only its layer count is the kept one.
+    predicted = cfg.nbytes(replace(BaseArch.from_hf(model.config), n_layers=len(cfg.layers)), prof.format)
+    metrics = {"runtime_ppl": runtime_ppl, "torch_ppl": torch_ppl, "fakequant_ppl": torch_ppl, "ppl_rel_diff": rel,
+               "file_bytes": info["file_bytes"], "weight_bytes": info["weight_bytes"], "predicted_bytes": predicted,
+               "sha256": info["sha256"], "tokens_per_s": tps, "runtime_ppl_seconds": round(runtime_s, 2),
+               "format": prof.format, "runtime": prof.runtime, "n_seqs": len(seqs)}
+    generation = {"prompt": ex.prompt, "runtime": gen_runtime,
+                  "torch": _torch_generate(model, tok, ex.prompt, ex.gen_tokens)}
+    return {"metrics": metrics, "generation": generation, "file": out_dir / name}
+
+
+def _torch_generate(model, tok, prompt: str, n: int) -> str:
+    import torch
+
+    ids = tok(prompt, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        for _ in range(n):
+            nxt = model(ids).logits[0, -1].argmax().view(1, 1)
+            ids = torch.cat([ids, nxt], dim=1)
+    return tok.decode(ids[0, -n:])
+
+
+def main() -> None:
+    def stage(params: Params, device: str | None) -> None:
+        with tracking.stage_run("export", device, params=params.export.model_dump()) as tr:
+            out = run(params, device, artifact_dir("finetune", device), artifact_dir("calibrate") / "eval",
+                      artifact_dir("export", device))
+            rep = report_dir("export", device)
+            write_json(rep / "metrics.json", out["metrics"])
+            write_json(rep / "generation.json", out["generation"])
+            tr.log_metrics(out["metrics"])
+            tr.set_tags({"sha256": out["metrics"]["sha256"]})
+
+    main_for("export", stage, per_device=True)
+
+
+if __name__ == "__main__":
+    main()

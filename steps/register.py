@@ -1,0 +1,66 @@
+"""register (per device): the exported file becomes a version of the MLflow registered model
+`tailor-<device>` with alias `candidate`, tagged with everything needed to reproduce and audit it."""
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+from pathlib import Path
+
+from steps._common import artifact_dir, main_for, report_dir, write_json
+from tailor import tracking
+from tailor.config import ConfigError, Params
+from tailor.models.base import sha256_file
+
+FILES = {"gguf": "model.gguf", "onnx": "model.onnx"}
+
+
+def _md5(path: Path) -> str:
+    return hashlib.md5(path.read_bytes()).hexdigest() if path.is_file() else "missing"
+
+
+def git_sha(root: Path) -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def run(params: Params, device: str, export_dir: Path, root: Path = Path(".")) -> dict:
+    prof = params.device(device)
+    file = export_dir / FILES[prof.format]
+    exp_metrics = json.loads((report_dir("export", device) / "metrics.json").read_text())
+    gates = json.loads((report_dir("evaluate", device) / "gates.json").read_text())
+    ev = json.loads((report_dir("evaluate", device) / "metrics.json").read_text())
+    sha = sha256_file(file)
+    if sha != exp_metrics["sha256"]:
+        raise ConfigError(f"{file}: sha256 {sha[:12]} differs from what export measured ({exp_metrics['sha256'][:12]})")
+    subnet = json.loads((export_dir / "subnet.json").read_text())
+    tags = {"git_sha": git_sha(root), "dvc_lock_md5": _md5(root / "dvc.lock"), "params_md5": _md5(root / "params.yaml"),
+            "sha256": sha, "gates_passed": str(gates["passed"]),
+            **{f"gate.{g['name']}": "pass" if g["passed"] else "fail" for g in gates["gates"]},
+            "profile": params.profile, "format": prof.format, "runtime": prof.runtime,
+            "subnet_hash": hashlib.sha256(json.dumps(subnet, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:16],
+            "metrics": json.dumps({k: ev.get(k) for k in ("ppl", "ppl_base", "piqa", "piqa_base")}
+                                  | {"file_bytes": exp_metrics["file_bytes"], "runtime_ppl": exp_metrics["runtime_ppl"]})}
+    return {"file": file, "tags": tags}
+
+
+def main() -> None:
+    def stage(params: Params, device: str | None) -> None:
+        out = run(params, device, artifact_dir("export", device))
+        name = tracking.registered_name(params.register.model_prefix, device)
+        with tracking.stage_run("register", device) as tr:
+            version, created = tracking.register(name, tr, out["file"], out["tags"], params.register.alias)
+            tr.set_tags({"registered_model": name, "version": version})
+        write_json(report_dir("register", device) / "metrics.json",
+                   {"version": int(version), "created": created, "sha256": out["tags"]["sha256"],
+                    "gates_passed": out["tags"]["gates_passed"] == "True"})
+        print(f"registered {name} version {version} (alias {params.register.alias})")
+
+    main_for("register", stage, per_device=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,150 @@
+"""`tailor` — the front door. The one library file that may start flows (imported lazily)."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from tailor.config import ConfigError, load_params, pick_devices
+
+app = typer.Typer(help="Tailor: fit an LLM to each device by joint structure x precision search.",
+                  no_args_is_help=True, pretty_exceptions_enable=False)
+console = Console()
+err = Console(stderr=True)
+
+_DEFAULT_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "DVC_NO_ANALYTICS": "1",
+                "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+                "TOKENIZERS_PARALLELISM": "false"}
+
+
+def _fail(msg: str, code: int = 2) -> None:
+    err.print(f"[red]tailor:[/red] {msg}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def _set_profile(path: Path, profile: str) -> None:
+    """Make `profile` the active one in params.yaml (as `dvc exp run -S profile=...` would), so that
+    DVC sees the change and re-runs what depends on it."""
+    text = path.read_text()
+    new, n = re.subn(r"(?m)^profile:\s*\S+", f"profile: {profile}", text, count=1)
+    if n == 0:
+        new = f"profile: {profile}\n" + text
+    if new != text:
+        tmp = path.with_suffix(".yaml.tmp")
+        tmp.write_text(new)
+        os.replace(tmp, path)
+
+
+@app.command()
+def run(devices: Optional[str] = typer.Option(None, help="comma-separated device names (default: all)"),
+        profile: Optional[str] = typer.Option(None, help="quick | full | test (default: params.yaml's)"),
+        params: Path = typer.Option(Path("params.yaml"), help="params file")) -> None:
+    """Run the nightly flow once, locally (Prefect ephemeral API, MLflow sqlite, DVC local remote)."""
+    for k, v in _DEFAULT_ENV.items():
+        os.environ.setdefault(k, v)
+    try:
+        p = load_params(params, profile)
+        devs = pick_devices(p, devices)
+    except ConfigError as e:
+        _fail(str(e))
+    if profile:
+        _set_profile(params, profile)
+    from flows.nightly import StageFailed, nightly
+
+    console.print(f"[bold]tailor run[/bold]: profile [cyan]{p.profile}[/cyan], devices {', '.join(devs)}")
+    try:
+        rows = nightly(devices=devs, root=str(params.resolve().parent))
+    except StageFailed as e:
+        _fail(str(e), 1)
+    _print_results(rows, params.resolve().parent)
+
+
+def _print_results(rows: list[dict], root: Path) -> None:
+    t = Table(title="Tailor: registered candidates")
+    for col in ("device", "version", "bits/param", "file MB", "ppl (base)", "PIQA (base)", "gates"):
+        t.add_column(col)
+    for r in rows:
+        t.add_row(r["device"], f"tailor-{r['device']} v{r['version']}", f"{r['bits_per_param']}",
+                  f"{(r['file_bytes'] or 0) / 1e6:.1f}", f"{r['ppl']:.2f} ({r['ppl_base']:.2f})",
+                  f"{r['piqa']:.3f} ({r['piqa_base']:.3f})", "pass" if r["gates_passed"] else "FAIL")
+    console.print(t)
+    console.print(f"MLflow registry: {root / 'mlflow.db'}  (mlflow ui --backend-store-uri sqlite:///{root / 'mlflow.db'})")
+    for r in rows:
+        d = r["device"]
+        console.print(f"reports for {d}: {root / 'reports'}/{{search,finetune,evaluate,export,register}}/{d}/")
+
+
+@app.command()
+def deploy(params: Path = typer.Option(Path("params.yaml")),
+           serve: bool = typer.Option(False, help="also serve the deployment (blocks; runs on schedule)")) -> None:
+    """Create the Prefect deployment of the nightly flow with the cron schedule from params.yaml."""
+    try:
+        p = load_params(params)
+    except ConfigError as e:
+        _fail(str(e))
+    from flows.nightly import deployment
+
+    dep = deployment(p.schedule.cron, p.schedule.timezone)
+    if serve:
+        from prefect import serve as prefect_serve
+
+        prefect_serve(dep)
+        return
+    dep_id = dep.apply()
+    console.print(f"deployment tailor-nightly/nightly ({dep_id}) scheduled '{p.schedule.cron}' {p.schedule.timezone}")
+
+
+@app.command()
+def evaluate(model: Path = typer.Option(..., help="model directory (safetensors + config.json)"),
+             base: Optional[Path] = typer.Option(None, help="base model directory (default: SmolLM2 base)"),
+             eval_dir: Path = typer.Option(Path("artifacts/calibrate/eval"), help="eval sets from calibrate"),
+             params: Path = typer.Option(Path("params.yaml")),
+             out: Optional[Path] = typer.Option(None, help="write metrics/slices/gates JSON here")) -> None:
+    """Evaluation, bias slices and gates of any model directory beside the base model."""
+    from transformers import AutoTokenizer
+
+    from tailor.eval.gates import check
+    from tailor.eval.harness import compare, run_suite
+    from tailor.models.base import ModelFileError, load_base, load_model_dir
+
+    try:
+        p = load_params(params)
+        if not (eval_dir / "wiki.jsonl").is_file():
+            raise ConfigError(f"{eval_dir}: no eval sets (run `dvc repro calibrate` first)")
+        comp_model = load_model_dir(model)
+        base_model, tok = (load_model_dir(base), AutoTokenizer.from_pretrained(base)) if base else load_base(p.model.n_layers)
+    except (ConfigError, ModelFileError) as e:
+        _fail(str(e))
+    ev = p.evaluate
+    b = run_suite(base_model, tok, eval_dir, batch_size=ev.batch_size)
+    c = run_suite(comp_model, AutoTokenizer.from_pretrained(model), eval_dir, batch_size=ev.batch_size)
+    metrics, slices = compare(b, c, ev.bootstrap, ev.seed)
+    gates = check(metrics, slices, ev.gates)
+    t = Table(title=f"{model} vs base")
+    t.add_column("metric")
+    t.add_column("value")
+    for k, v in metrics.items():
+        t.add_row(k, f"{v:.4f}" if isinstance(v, float) else str(v))
+    for g in gates["gates"]:
+        t.add_row(f"gate {g['name']}", ("pass: " if g["passed"] else "FAIL: ") + g["reason"])
+    console.print(t)
+    if out:
+        out.mkdir(parents=True, exist_ok=True)
+        for name, obj in (("metrics", metrics), ("slices", slices), ("gates", gates)):
+            (out / f"{name}.json").write_text(json.dumps(obj, indent=2, default=str))
+    raise typer.Exit(0 if gates["passed"] else 1)
+
+
+def main() -> None:  # pragma: no cover
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(app())
