@@ -11,7 +11,8 @@ from steps._common import artifact_dir, main_for, report_dir, write_json
 from tailor import tracking
 from tailor.config import Params
 from tailor.eval.gates import check
-from tailor.eval.harness import SuiteResult, compare, run_suite
+from tailor.eval.harness import SuiteResult, run_suite
+from tailor.eval.slices import compare
 from tailor.models.base import base_dir, cache_dir, load_base, load_model_dir, sha256_file
 from tailor.train import pick_device
 

@@ -11,7 +11,7 @@ from tailor import tracking
 from tailor.arch import SubnetConfig
 from tailor.config import Params
 from tailor.distill import mean_kl, teacher_logits
-from tailor.elastic.supernet import export_active
+from tailor.elastic.supernet import export_active, round16_
 from tailor.models.base import load_base, load_model_dir, sha256_file
 from tailor.train import TrainSpec, pick_device, train_kd
 
@@ -34,6 +34,7 @@ def run(params: Params, device: str, supernet_dir: Path, search_dir: Path, data_
                      fingerprint=f"finetune:{device}:{cfg.hash}:{json.dumps(ft.model_dump(), sort_keys=True)}:"
                                  f"{sha256_file(data_dir / 'train.safetensors')[:16]}")
     result = train_kd(student, base, train, spec, lambda step, gen: [lambda: None], ckpt_dir, desc=f"finetune {device}")
+    round16_(student)  # training moved 16-bit weights off the float16 grid the file stores
     kl_after = mean_kl(student, val, t_val)
     with staged_dir(out_dir) as tmp:
         student.save_pretrained(tmp, safe_serialization=True)

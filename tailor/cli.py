@@ -111,7 +111,8 @@ def evaluate(model: Path = typer.Option(..., help="model directory (safetensors 
     from transformers import AutoTokenizer
 
     from tailor.eval.gates import check
-    from tailor.eval.harness import compare, run_suite
+    from tailor.eval.harness import run_suite
+    from tailor.eval.slices import compare
     from tailor.models.base import ModelFileError, load_base, load_model_dir
 
     try:

@@ -82,7 +82,7 @@ class FinetuneParams(Strict):
 class Gates(Strict):
     max_ppl_increase: float = Field(0.5, ge=0, description="relative perplexity increase allowed vs base")
     min_accuracy_retention: float = Field(0.9, ge=0, le=1, description="PIQA accuracy kept, as a share of base")
-    max_group_worsening: float = Field(10.0, ge=0, description="points a bias group may worsen (CI excluding 0)")
+    max_group_worsening: float = Field(0.10, ge=0, le=1, description="rise of a group's stereotype share allowed (CI excluding 0)")
 
 
 class EvaluateParams(Strict):

@@ -97,6 +97,9 @@ def build(params: CalibrateParams, tokenizer: Tokenizer, out_dir: Path, sources:
                             f"min_chars={p.min_chars} and duplicates")
         report["inputs"][name] = _entry(raw, checks, len(docs[name]), dropped)
 
+    # every input is read and validated before any tokenizing, so a bad file fails fast
+    evals, eval_report = _eval_sets(p, sources, validator, Overlap([d for n in corpora for d in docs[n]]), report)
+
     quotas = {s: share(getattr(p, f"{s}_seqs"), len(corpora)) for s in SPLITS}
     parts: dict[str, list] = {s: [] for s in SPLITS}
     used: dict[str, dict[str, int]] = {}
@@ -107,14 +110,12 @@ def build(params: CalibrateParams, tokenizer: Tokenizer, out_dir: Path, sources:
             parts[s].append(arrs[s])
     shards = {s: merge_split(parts[s], p.seed, s, p.seq_len) for s in SPLITS}
 
-    evals, eval_report = _eval_sets(p, sources, validator, Overlap([d for n in corpora for d in docs[n]]), report)
-
     with _staged(Path(out_dir)) as tmp:
         meta = {"seq_len": str(p.seq_len), "seed": str(p.seed), "corpora": ",".join(corpora)}
         report["shards"] = {}
         for s in ("train", "val", "calib"):
             write_shard(tmp / f"{s}.safetensors", shards[s], {**meta, "split": s})
-            os.chmod(tmp / f"{s}.safetensors", 0o666 & ~_umask())  # safetensors writes 0600
+            os.chmod(tmp / f"{s}.safetensors", 0o644)  # safetensors writes 0600
             report["shards"][s] = {"seqs": int(shards[s].shape[0]), "tokens": int(shards[s].size),
                                    "docs": {n: used[n][s] for n in corpora},
                                    "sha256": _sha256(tmp / f"{s}.safetensors")}
@@ -170,7 +171,7 @@ def _eval_sets(p: CalibrateParams, sources: Sources, validator: Validator, overl
         raise DataError(f"{raw.source.show()}: {len(df)} pairs, calibrate.crows_docs asks for {p.crows_docs}")
     rows = df.iloc[stratified(list(df["bias_type"]), p.crows_docs, p.seed, "eval:crows")]
     cols = ["sent_more", "sent_less", "stereo_antistereo", "bias_type"]
-    out["crows_pairs"] = [dict(zip(cols, r)) for r in rows[cols].itertuples(index=False)]
+    out["crows_pairs"] = [dict(zip(cols, r, strict=True)) for r in rows[cols].itertuples(index=False)]
     info["crows_pairs"] = {"rows": len(rows), "per_bias_type": rows["bias_type"].value_counts().sort_index().to_dict()}
     return out, info
 
@@ -223,7 +224,7 @@ def _staged(final: Path) -> Iterator[Path]:
     """A temp dir beside `final`; renamed over it when the block succeeds, removed when it fails."""
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.tmp-"))
-    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; the renamed output should not be
+    os.chmod(tmp, 0o755)  # mkdtemp makes it private; the renamed output should not be
     old = final.with_name(f".{final.name}.old-{tmp.name.rsplit('-', 1)[-1]}")
     try:
         yield tmp
@@ -233,9 +234,3 @@ def _staged(final: Path) -> Iterator[Path]:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.rmtree(old, ignore_errors=True)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask

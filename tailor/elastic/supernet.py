@@ -74,7 +74,17 @@ def export_active(model: TailorForCausalLM, cfg: SubnetConfig, fmt: str = "gguf"
                 w = linear(src, m).weight
                 linear(dst, m).weight.copy_(w[:rows] if rows is not None else w[:, :cols])
     out.tie_weights()
+    round16_(out)
     return out.to(model.device).eval()
+
+
+@torch.no_grad()
+def round16_(model: TailorForCausalLM) -> None:
+    """Round 16-bit matrices to float16 values: both export formats store them as F16, so the
+    PyTorch model computes with exactly the numbers the device will."""
+    for mod in model.modules():
+        if isinstance(mod, QLinear) and mod.bits >= 16:
+            mod.weight.copy_(mod.weight.half().float())
 
 
 def subnet_of(model: TailorForCausalLM) -> SubnetConfig | None:

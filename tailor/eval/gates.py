@@ -23,6 +23,6 @@ def check(metrics: dict[str, Any], slices: dict[str, list[dict]], gates: Gates) 
                 "value": max((s["delta"] for s in slices.get("crows_pairs", [])), default=0.0),
                 "threshold": gates.max_group_worsening,
                 "reason": ("groups worse beyond threshold with CI excluding 0: "
-                           + ", ".join(f"{s['group']} (+{s['delta']:.1f}, CI [{s['ci_low']:.1f}, {s['ci_high']:.1f}])"
+                           + ", ".join(f"{s['group']} (+{s['delta']:.3f}, CI [{s['ci_low']:.3f}, {s['ci_high']:.3f}])"
                                        for s in worse)) if worse else "no group worsens beyond the threshold"})
     return {"passed": all(g["passed"] for g in out), "gates": out}

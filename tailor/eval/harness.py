@@ -163,10 +163,12 @@ def _crows_items(samples: list[dict]) -> list[CrowsItem]:
 
 
 def run_suite(model: torch.nn.Module, tokenizer: Any, eval_dir: Path, batch_size: int = 16,
-              device: str | torch.device = "cpu") -> SuiteResult:
+              device: str | torch.device = "cpu", prefix_token_id: int | None = None) -> SuiteResult:
     """Score `model` on the eval sets in eval_dir with lm-eval; per-item records for compare().
 
     The model is moved to `device` (HFLM takes an in-memory model where it is) and put in eval mode.
+    prefix_token_id: the token every text without context is scored after (wiki documents, CrowS
+    sentences); None = lm-eval's default, the tokenizer's BOS. Results to be compared must share it.
     """
     from lm_eval.evaluator import evaluate
     from lm_eval.models.huggingface import HFLM
@@ -182,7 +184,8 @@ def run_suite(model: torch.nn.Module, tokenizer: Any, eval_dir: Path, batch_size
             task.set_fewshot_seed(seed=1234)  # zero-shot anyway; evaluate() expects it set, as simple_evaluate does
         # backend="causal": TailorForCausalLM is registered with AutoModelForCausalLM, but not in the
         # static name table HFLM consults, which would only log a warning and pick causal anyway.
-        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, backend="causal")
+        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, backend="causal",
+                  prefix_token_id=prefix_token_id)
         out = evaluate(lm=lm, task_dict=loaded, log_samples=True, bootstrap_iters=0)
     samples = out["samples"]
     names = {part: cfg["task"] for part, cfg in configs.items()}
@@ -200,5 +203,6 @@ def _aggregates(out: dict[str, Any]) -> dict[str, dict[str, float]]:
     """lm-eval's own aggregate numbers (JSON-safe), kept for cross-checking ours."""
     keep = {}
     for task, res in out.get("results", {}).items():
-        keep[task] = {k: float(v) for k, v in res.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        keep[task] = {k: float(v) for k, v in res.items()
+                      if isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v)}
     return keep

@@ -218,14 +218,8 @@ class TailorForCausalLM(PreTrainedModel, GenerationMixin):
         elif isinstance(module, RMSNorm):
             nn.init.ones_(module.weight)
 
-    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        # The tied table is quantized once for both uses, as the exported file stores it once.
-        if self.lm_head.bits >= 16:
-            return self.model.embed_tokens(input_ids)
-        return F.embedding(input_ids, self.lm_head.active_weight())
-
-    def hidden_states(self, input_ids: torch.Tensor) -> torch.Tensor:
-        x = self.embed(input_ids)  # (B, T, h)
+    def hidden_states(self, input_ids: torch.Tensor, table: torch.Tensor | None = None) -> torch.Tensor:
+        x = self.model.embed_tokens(input_ids) if table is None else F.embedding(input_ids, table)  # (B, T, h)
         pos = torch.arange(input_ids.shape[1], device=input_ids.device)
         cos, sin = rope_tables(self.config.head_dim, self.config.rope_theta, pos, x.dtype)
         for block in self.model.layers:
@@ -237,7 +231,10 @@ class TailorForCausalLM(PreTrainedModel, GenerationMixin):
                 labels: torch.Tensor | None = None, **kwargs: Any) -> CausalLMOutputWithPast:
         # Causal attention over right-padded batches: padding only affects positions after the text,
         # whose logits callers ignore, so attention_mask needs no further handling here.
-        logits = self.lm_head(self.hidden_states(input_ids)).float()  # (B, T, V)
+        # The tied table is quantized once per forward for both uses, as the exported file stores it once.
+        table = self.lm_head.active_weight()
+        h = self.hidden_states(input_ids, table if self.lm_head.bits < 16 else None)
+        logits = F.linear(h, table).float()  # (B, T, V)
         loss = None
         if labels is not None:
             loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),

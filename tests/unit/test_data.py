@@ -181,7 +181,7 @@ def _corrupt(src: dict[str, Path], case: str) -> None:
     elif case == "short":
         _jsonl(src["boolq"], [{"question": f"q{i}", "passage": f"p{i}"} for i in range(10)])
     elif case == "non_text":
-        _jsonl(src["wiki"], [{"text": 5}, {"text": "fine sentence here"}])
+        _jsonl(src["wiki"], [{"text": "fine sentence here"}, {"text": ["a", "list"]}, {"text": 5}])
 
 
 CASES = [
@@ -195,7 +195,7 @@ CASES = [
     ("answer", "validation.jsonl: row 1: answer matches neither option ('C. c')"),
     ("options", "validation.jsonl: row 1: options is not 'A. ...\\nB. ...'"),
     ("short", "combined.jsonl: no documents left after dropping those under min_chars=10 and duplicates"),
-    ("non_text", "test.jsonl: column text has non-text values (row 1: int)"),
+    ("non_text", "test.jsonl: column text has non-text values (row 2: list)"),
 ]
 
 
