@@ -129,5 +129,8 @@ def nightly(devices: list[str] | None = None, root: str = ".") -> list[dict]:
 
 def deployment(cron: str, timezone: str, name: str = "nightly"):
     """The nightly deployment with the schedule from params.yaml."""
-    return nightly.to_deployment(name=name, cron=cron, timezone=timezone, tags=["tailor", "nightly"],
-                                 description="Tailor nightly compression run")
+    from prefect.schedules import Cron
+
+    # concurrency_limit=1: two nightly runs never interleave on one registry and one DVC workspace.
+    return nightly.to_deployment(name=name, schedule=Cron(cron, timezone=timezone), concurrency_limit=1,
+                                 tags=["tailor", "nightly"], description="Tailor nightly compression run")

@@ -37,9 +37,11 @@ def configure() -> str:
     if exp is None:
         location = None if uri.startswith("http") else (root / "mlartifacts").as_uri()
         try:
-            return mlflow.create_experiment(EXPERIMENT, artifact_location=location)
+            mlflow.create_experiment(EXPERIMENT, artifact_location=location)
         except Exception:  # created meanwhile by a concurrent process
-            exp = mlflow.get_experiment_by_name(EXPERIMENT)
+            pass
+        exp = mlflow.get_experiment_by_name(EXPERIMENT)
+    mlflow.set_experiment(experiment_id=exp.experiment_id)
     return exp.experiment_id
 
 
@@ -122,7 +124,7 @@ def stage_run(stage: str, device: str | None = None, params: dict[str, Any] | No
 def start_parent(name: str, tags: dict[str, str]) -> str:
     """Open the nightly parent run (terminated by `end_parent`); returns its id."""
     c = client()
-    exp = _mlflow().get_experiment_by_name(EXPERIMENT).experiment_id
+    exp = configure()
     return c.create_run(exp, run_name=name, tags={"tailor.kind": "nightly", **tags}).info.run_id
 
 

@@ -79,6 +79,9 @@ def compare(base: SuiteResult, comp: SuiteResult, n_boot: int, seed: int) -> tup
     slices: {"crows_pairs": one row per bias type, "crows_pairs_overall", "piqa" (acc, acc_norm),
     "wiki_ppl"}; each row {"group", "metric", "base", "compressed", "delta", "ci_low", "ci_high", "n"}.
     """
+    pb, pc = base.meta.get("prefix_token_id"), comp.meta.get("prefix_token_id")
+    if pb is not None and pc is not None and pb != pc:
+        raise PairingError(f"results scored texts after different prefix tokens ({pb} vs {pc}): not comparable")
     ppl = _ppl_ci(base, comp, n_boot, seed)
     piqa = _piqa_cis(base, comp, n_boot, seed)
     crows_all, crows_groups = _crows_cis(base, comp, n_boot, seed)

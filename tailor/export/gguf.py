@@ -14,7 +14,7 @@ from __future__ import annotations
 import functools
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -80,9 +80,25 @@ def _check_tokenizer(tokenizer: Any, fields: dict[str, Any], vocab: int, templat
 
 
 def _matrix(m: QLinear) -> tuple[torch.Tensor, int]:
-    if m.fmt != "gguf":
-        raise ExportError(f"a {m.fmt!r}-format layer cannot be exported to GGUF (quant_format must be 'gguf')")
     return m.weight.detach()[: m.active_out, : m.active_in].float().cpu(), int(m.bits)
+
+
+def _tensors(model: TailorForCausalLM, blocks: list, q_per_kv: int, head_dim: int
+             ) -> Iterator[tuple[str, torch.Tensor, int | None]]:
+    """(GGUF name, weight, bits or None for a float32 vector) in file order."""
+    # One table for both uses at the head's bits (as TailorForCausalLM.embed quantizes it); with no
+    # output.weight llama.cpp builds the output projection from token_embd.
+    yield "token_embd.weight", *_matrix(model.lm_head)
+    yield "output_norm.weight", model.model.norm.weight, None
+    for i, block in enumerate(blocks):
+        yield f"blk.{i}.attn_norm.weight", block.input_layernorm.weight, None
+        yield f"blk.{i}.ffn_norm.weight", block.post_attention_layernorm.weight, None
+        kv = block.self_attn.kv_heads
+        for (part, proj), name in _MATRICES.items():
+            w, bits = _matrix(getattr(getattr(block, part), proj))
+            if name in ("attn_q", "attn_k"):
+                w = rope_permute(w, kv * q_per_kv if name == "attn_q" else kv, head_dim)
+            yield f"blk.{i}.{name}.weight", w, bits
 
 
 def _add(writer: GGUFWriter, name: str, w: torch.Tensor, bits: int | None) -> int:
@@ -113,6 +129,10 @@ def export(model: TailorForCausalLM, tokenizer: Any, path: Path, template: Path 
         raise ExportError(f"{path}: the model has no active layers")
     if model.lm_head.weight.data_ptr() != model.model.embed_tokens.weight.data_ptr():
         raise ExportError(f"{path}: lm_head is not tied to embed_tokens; the GGUF stores one table")
+
+    other = sorted({m.fmt for m in model.modules() if isinstance(m, QLinear)} - {"gguf"})
+    if other:
+        raise ExportError(f"{path}: the model is quantized on {other} grids; GGUF export needs quant_format 'gguf'")
 
     head_dim, q_per_kv = cfg.head_dim, cfg.num_attention_heads // cfg.num_key_value_heads
     kv = [b.self_attn.kv_heads for b in blocks]
@@ -154,20 +174,12 @@ def export(model: TailorForCausalLM, tokenizer: Any, path: Path, template: Path 
                                      sub_type=GGUFValueType.UINT32)
         writer.add_quantization_version(2)
 
-        # One table for both uses at the head's bits (as TailorForCausalLM.embed quantizes it); with no
-        # output.weight llama.cpp builds the output projection from token_embd.
-        nbytes = _add(writer, "token_embd.weight", *_matrix(model.lm_head))
-        nbytes += _add(writer, "output_norm.weight", model.model.norm.weight, None)
-        for i, (block, n_kv) in enumerate(zip(blocks, kv)):
-            nbytes += _add(writer, f"blk.{i}.attn_norm.weight", block.input_layernorm.weight, None)
-            nbytes += _add(writer, f"blk.{i}.ffn_norm.weight", block.post_attention_layernorm.weight, None)
-            for (part, proj), name in _MATRICES.items():
-                w, bits = _matrix(getattr(getattr(block, part), proj))
-                if name == "attn_q":
-                    w = rope_permute(w, n_kv * q_per_kv, head_dim)
-                elif name == "attn_k":
-                    w = rope_permute(w, n_kv, head_dim)
-                nbytes += _add(writer, f"blk.{i}.{name}.weight", w, bits)
+        nbytes = 0
+        for name, w, bits in _tensors(model, blocks, q_per_kv, head_dim):
+            try:
+                nbytes += _add(writer, name, w, bits)
+            except ValueError as e:  # e.g. columns not in whole blocks: say which file and tensor
+                raise ExportError(f"{path}: tensor {name}: {e}") from None
 
         writer.write_header_to_file()
         writer.write_kv_data_to_file()

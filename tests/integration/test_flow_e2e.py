@@ -67,7 +67,7 @@ def test_nightly_flow_end_to_end(tmp_path, monkeypatch):
         exp = c.get_experiment_by_name("tailor").experiment_id
         parents = c.search_runs([exp], "tags.`tailor.kind` = 'nightly'")
         assert len(parents) == 1
-        children = c.search_runs([exp], f"tags.`mlflow.parentRunId` = '{parents[0].info.run_id}'")
+        children = c.search_runs([exp], f"tags.mlflow.parentRunId = '{parents[0].info.run_id}'")
         names = {r.info.run_name for r in children}
         assert set(targets(root, ["phone", "laptop"])) <= names
         candidates = c.search_runs([exp], "tags.`tailor.kind` = 'candidate'")

@@ -98,3 +98,39 @@ def test_rejects_unaligned_columns_and_unknown_bits() -> None:
         gguf_grid.dequantized(torch.randn(2, 40), 4)
     with pytest.raises(ValueError, match="3 bits"):
         pack(torch.randn(2, 32), 3)
+
+
+def _ggml_traits(qtype: int):
+    """ggml's own type traits (C dequantizer and reference quantizer) from llama-cpp-python's libggml."""
+    import ctypes
+    from pathlib import Path
+
+    llama_cpp = pytest.importorskip("llama_cpp")
+    to_float = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.POINTER(ctypes.c_float), ctypes.c_int64)
+    from_float = ctypes.CFUNCTYPE(None, ctypes.POINTER(ctypes.c_float), ctypes.c_void_p, ctypes.c_int64)
+
+    class Traits(ctypes.Structure):  # struct ggml_type_traits (ggml.h)
+        _fields_ = [("type_name", ctypes.c_char_p), ("blck_size", ctypes.c_int64),
+                    ("blck_size_interleave", ctypes.c_int64), ("type_size", ctypes.c_size_t),
+                    ("is_quantized", ctypes.c_bool), ("to_float", to_float), ("from_float_ref", from_float)]
+
+    lib = ctypes.CDLL(str(Path(llama_cpp.__file__).parent / "lib" / "libggml-base.so"))
+    lib.ggml_get_type_traits.restype = ctypes.POINTER(Traits)
+    lib.ggml_get_type_traits.argtypes = [ctypes.c_int]
+    return lib.ggml_get_type_traits(qtype).contents, ctypes
+
+
+@pytest.mark.parametrize("bits", BITS)
+def test_ggml_c_code_reads_and_writes_our_blocks(bits: int) -> None:
+    """The C library llama.cpp runs: its dequantizer reads our bytes as our grid, bit for bit, and its
+    reference quantizer writes the same bytes we do."""
+    traits, ctypes = _ggml_traits(int(ggml_type(bits)))
+    w = edge_weights(5)
+    packed = np.ascontiguousarray(pack(w, bits))
+    values = np.empty(w.numel(), dtype=np.float32)
+    traits.to_float(packed.ctypes.data, values.ctypes.data_as(ctypes.POINTER(ctypes.c_float)), w.numel())
+    assert np.array_equal(bits_of(values), bits_of(gguf_grid.dequantized(w, bits).numpy().ravel()))
+    theirs = np.empty_like(packed)
+    x = np.ascontiguousarray(w.numpy().ravel())
+    traits.from_float_ref(x.ctypes.data_as(ctypes.POINTER(ctypes.c_float)), theirs.ctypes.data, w.numel())
+    assert np.array_equal(theirs, packed)

