@@ -173,6 +173,6 @@ def register(name: str, run: StageRun, file: Path, tags: dict[str, str], alias: 
 
 def aliases(name: str) -> dict[str, str]:
     try:
-        return dict(client().get_registered_model(name).aliases)
+        return {k: str(v) for k, v in client().get_registered_model(name).aliases.items()}
     except Exception:
         return {}

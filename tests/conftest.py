@@ -14,7 +14,7 @@ for var, sub in (("HF_HOME", "hf"), ("HF_DATASETS_CACHE", "hf/datasets"), ("PREF
     os.environ[var] = str(_TMP / sub)
 os.environ.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1", DVC_NO_ANALYTICS="1",
                   PREFECT_SERVER_ANALYTICS_ENABLED="false", MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false",
-                  TOKENIZERS_PARALLELISM="false", GIT_PYTHON_REFRESH="quiet")
+                  TOKENIZERS_PARALLELISM="false", GIT_PYTHON_REFRESH="quiet", DVC_SITE_CACHE_DIR=str(_TMP / "dvc-site"))
 # The converted base model is a pure function of the installed package: share it across tests (and
 # with `make run`) in the repo's own .cache, not in the home directory.
 os.environ.setdefault("TAILOR_CACHE", str(ROOT / ".cache" / "tailor"))

@@ -57,7 +57,7 @@ def export_active(model: TailorForCausalLM, cfg: SubnetConfig, fmt: str = "gguf"
         rope_theta=base.rope_theta, max_position_embeddings=base.max_position_embeddings,
         layer_kv_heads=[lc.kv_groups for _, lc in kept], layer_ffn=[lc.ffn for _, lc in kept],
         layer_bits=[dict(lc.bits) for _, lc in kept], embed_bits=cfg.embed_bits, quant_format=fmt,
-        subnet=cfg.to_dict(), bos_token_id=base.bos_token_id, eos_token_id=base.eos_token_id,
+        subnet=cfg.to_dict(), runtime_emulation=fmt == "gguf", bos_token_id=base.bos_token_id, eos_token_id=base.eos_token_id,
         pad_token_id=base.pad_token_id)
     out = TailorForCausalLM(new_cfg)
     hd, qpk = base.head_dim, base.num_attention_heads // base.num_key_value_heads

@@ -21,6 +21,7 @@ import logging
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
@@ -114,6 +115,9 @@ def task_configs(eval_dir: Path, cache_dir: Path | None = None) -> dict[str, dic
     missing = [f for _, f in TASK_FILES.values() if not (eval_dir / f).is_file()]
     if missing:
         raise FileNotFoundError(f"{eval_dir}: missing eval set(s) {', '.join(missing)} (written by the calibrate stage)")
+    empty = [f for _, f in TASK_FILES.values() if not (eval_dir / f).read_text().strip()]
+    if empty:  # lm-eval would fail much later with an unrelated-looking error
+        raise ValueError(f"{eval_dir}: empty eval set(s) {', '.join(empty)}")
     out = {}
     for part, (yaml_name, data_name) in TASK_FILES.items():
         cfg = yaml.safe_load((TASKS_DIR / yaml_name).read_text())
@@ -194,7 +198,7 @@ def run_suite(model: torch.nn.Module, tokenizer: Any, eval_dir: Path, batch_size
         crows=_crows_items(samples[names["crows"]]),
         # cpu_seconds next to wall seconds: on a shared CPU the wall time says more about the neighbours.
         meta={"seconds": round(time.perf_counter() - t0, 2), "cpu_seconds": round(time.process_time() - c0, 2),
-              "batch_size": batch_size, "device": str(device),
+              "batch_size": batch_size, "device": str(device), "lm_eval": version("lm_eval"),
               "prefix_token_id": int(lm.prefix_token_id), "lm_eval_results": _aggregates(out)})
     log.info("suite: ppl %.3f, piqa %.3f, crows pct_stereotype %.3f in %.1f s", result.ppl(), result.piqa_acc(),
              result.crows_pct_stereotype(), result.meta["seconds"])

@@ -17,7 +17,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from tailor.quant.fake import fake_quant
+from tailor.quant.fake import fake_quant, runtime_linear, runtime_weight
 
 
 class TailorConfig(PretrainedConfig):
@@ -29,6 +29,7 @@ class TailorConfig(PretrainedConfig):
                  max_position_embeddings: int = 8192, layer_kv_heads: list[int] | None = None,
                  layer_ffn: list[int] | None = None, layer_bits: list[dict[str, int]] | None = None,
                  embed_bits: int = 16, quant_format: str = "gguf", subnet: dict | None = None,
+                 runtime_emulation: bool = False,
                  tie_word_embeddings: bool = True, bos_token_id: int | None = None,
                  eos_token_id: int | None = None, pad_token_id: int | None = None, **kwargs: Any):
         self.vocab_size = vocab_size
@@ -48,6 +49,7 @@ class TailorConfig(PretrainedConfig):
         self.embed_bits = embed_bits
         self.quant_format = quant_format
         self.subnet = subnet  # the SubnetConfig (as a dict) this model was extracted from, if any
+        self.runtime_emulation = runtime_emulation  # inference mimics the device runtime's arithmetic
         self.bos_token_id, self.eos_token_id, self.pad_token_id = bos_token_id, eos_token_id, pad_token_id
         super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
 
@@ -77,7 +79,11 @@ class QLinear(nn.Linear):
         super().__init__(in_features, out_features, bias=False)
         self.bits, self.fmt = bits, fmt
         self.active_out, self.active_in = out_features, in_features
+        # Inference computes as the device runtime does (llama.cpp also rounds activations), so what
+        # evaluate measures is what the exported file scores. Training always uses plain fake quant.
+        self.runtime_emulation = False
         self._cache: tuple | None = None
+        self._rt_cache: tuple | None = None
 
     def active_weight(self) -> torch.Tensor:
         w = self.weight[: self.active_out, : self.active_in]
@@ -91,8 +97,18 @@ class QLinear(nn.Linear):
             self._cache = (key, fake_quant(w.detach(), self.bits, self.fmt))
         return self._cache[1]
 
+    def emulating(self) -> bool:
+        return self.runtime_emulation and not torch.is_grad_enabled()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x[..., : self.active_in], self.active_weight())
+        x = x[..., : self.active_in]
+        if self.emulating():
+            w = self.weight[: self.active_out, : self.active_in]
+            key = (self.weight._version, self.active_out, self.active_in, self.bits, self.fmt, w.device, w.dtype)
+            if self._rt_cache is None or self._rt_cache[0] != key:
+                self._rt_cache = (key, runtime_weight(w.detach(), self.bits, self.fmt))
+            return runtime_linear(x, self._rt_cache[1], self.bits, self.fmt)
+        return F.linear(x, self.active_weight())
 
 
 class RMSNorm(nn.Module):
@@ -199,6 +215,7 @@ class TailorForCausalLM(PreTrainedModel, GenerationMixin):
         self.model = TailorModel(config)
         self.lm_head = QLinear(config.hidden_size, config.vocab_size, config.embed_bits, config.quant_format)
         self.post_init()
+        set_runtime_emulation(self, getattr(config, "runtime_emulation", False))
 
     def get_input_embeddings(self) -> nn.Embedding:
         return self.model.embed_tokens
@@ -234,7 +251,7 @@ class TailorForCausalLM(PreTrainedModel, GenerationMixin):
         # The tied table is quantized once per forward for both uses, as the exported file stores it once.
         table = self.lm_head.active_weight()
         h = self.hidden_states(input_ids, table if self.lm_head.bits < 16 else None)
-        logits = F.linear(h, table).float()  # (B, T, V)
+        logits = (self.lm_head(h) if self.lm_head.emulating() else F.linear(h, table)).float()  # (B, T, V)
         loss = None
         if labels is not None:
             loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
@@ -243,6 +260,12 @@ class TailorForCausalLM(PreTrainedModel, GenerationMixin):
 
     def prepare_inputs_for_generation(self, input_ids: torch.Tensor, **kwargs: Any) -> dict:
         return {"input_ids": input_ids}  # no KV cache: every step recomputes the prefix
+
+
+def set_runtime_emulation(model: nn.Module, on: bool) -> None:
+    for mod in model.modules():
+        if isinstance(mod, QLinear):
+            mod.runtime_emulation = on
 
 
 AutoConfig.register("tailor_llama", TailorConfig, exist_ok=True)

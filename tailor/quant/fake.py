@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from tailor.quant import gguf_grid
 from tailor.quant.formats import grid
 
 
@@ -18,4 +19,19 @@ def fake_quant(w: torch.Tensor, bits: int, fmt: str) -> torch.Tensor:
     if bits >= 16:
         return w
     wq = grid(fmt).dequantized(w.detach(), bits).to(w.dtype)
-    return w + (wq - w).detach()
+    return wq + (w - w.detach())  # exactly wq forward (w + (wq - w) is an ulp off), identity gradient
+
+
+def runtime_weight(w: torch.Tensor, bits: int, fmt: str):
+    """What `runtime_linear` needs of a weight, precomputed once (block codes for GGUF)."""
+    if fmt == "gguf" and bits < 16:
+        return gguf_grid.codes(w, bits)
+    return grid(fmt).dequantized(w, bits)
+
+
+def runtime_linear(x: torch.Tensor, w, bits: int, fmt: str) -> torch.Tensor:
+    """x @ w.T as the device runtime computes it (inference only). llama.cpp's CPU kernels also round
+    the activations (Q8_0/Q8_1 blocks, float16); onnxruntime's MatMulNBits computes in float32."""
+    if fmt == "gguf":
+        return gguf_grid.runtime_linear(x, w, bits)
+    return torch.nn.functional.linear(x, w)

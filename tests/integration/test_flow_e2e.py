@@ -78,6 +78,9 @@ def test_nightly_flow_end_to_end(tmp_path, monkeypatch):
         nightly(root=str(root))
         second = time.perf_counter() - t0
         print(f"first run {first:.0f} s, second (all skipped) {second:.0f} s")
+        parents = c.search_runs([exp], "tags.`tailor.kind` = 'nightly'", order_by=["attributes.start_time DESC"])
+        again = c.search_runs([exp], f"tags.mlflow.parentRunId = '{parents[0].info.run_id}'")
+        assert len(again) == len(names) and all(r.data.tags.get("tailor.skipped") == "true" for r in again)
         status = subprocess.run([str(Path(sys.executable).parent / "dvc"), "status", "--json"], cwd=root, capture_output=True, text=True, check=True)
         assert json.loads(status.stdout or "{}") == {}
         for d in ("phone", "laptop"):

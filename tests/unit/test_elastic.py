@@ -9,6 +9,7 @@ from tailor.arch import SubnetConfig
 from tailor.elastic import importance
 from tailor.elastic.space import SearchSpace
 from tailor.elastic.supernet import arch_of, export_active, set_active, set_max, subnet_of
+from tailor.models.llama import set_runtime_emulation
 from tailor.models.tiny import tiny_model
 
 IDS = torch.randint(0, 320, (2, 24), generator=torch.Generator().manual_seed(0))
@@ -37,7 +38,12 @@ def test_export_active_equals_set_active_for_random_configs(fmt):
         set_active(model, cfg, fmt)
         expected = model(IDS).logits
         small = export_active(model, cfg, fmt)
-        torch.testing.assert_close(small(IDS).logits, expected, rtol=1e-5, atol=1e-5)
+        assert small.config.runtime_emulation == (fmt == "gguf")
+        emulated = small(IDS).logits  # llama.cpp's activation rounding: close, not equal
+        set_runtime_emulation(small, False)
+        # Equal up to float16 rounding of the 16-bit matrices (the files store F16; the supernet keeps fp32).
+        torch.testing.assert_close(small(IDS).logits, expected, rtol=1e-3, atol=1e-3)
+        assert (emulated - expected).abs().max() < 0.05 * expected.abs().max()
         assert subnet_of(small) == cfg
         assert sum(p.numel() for p in small.parameters()) < sum(p.numel() for p in model.parameters()) or cfg == space.max()
     set_max(model)

@@ -64,3 +64,10 @@ def test_missing_eval_set_names_the_file(tmp_path):
     (d / "piqa.jsonl").unlink()
     with pytest.raises(FileNotFoundError, match="piqa.jsonl"):
         task_configs(d)
+
+
+def test_empty_eval_set_is_refused(tmp_path):
+    d = _eval_dir(tmp_path)
+    (d / "crows_pairs.jsonl").write_text("\n")
+    with pytest.raises(ValueError, match="empty eval set.*crows_pairs.jsonl"):
+        task_configs(d)

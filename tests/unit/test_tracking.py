@@ -1,0 +1,32 @@
+"""MLflow helpers: stage runs nest under the nightly run in the tailor experiment; candidates are
+child runs; registering the same file twice does not create a second version."""
+import os
+
+from tailor import tracking
+
+
+def test_runs_nest_and_registry_dedupes(mlflow_uri, tmp_path, monkeypatch):
+    parent = tracking.start_parent("nightly", {"tailor.profile": "test"})
+    monkeypatch.setenv(tracking.PARENT_ENV, parent)
+    f = tmp_path / "model.gguf"
+    f.write_bytes(b"GGUF" + os.urandom(64))
+    with tracking.stage_run("search", "phone", params={"n": 3}) as tr:
+        tr.log_metrics({"kl": 0.5, "nested": {"x": 1}, "name": "skip-me"})
+        tr.log_candidates([{"config_hash": f"h{i}", "kl": float(i), "nbytes": 10 * i, "chosen": i == 0} for i in range(5)])
+        search_id = tr.run_id
+    with tracking.stage_run("register", "phone") as tr:
+        v1, created1 = tracking.register("tailor-phone", tr, f, {"sha256": "abc", "git_sha": "g"}, "candidate")
+    with tracking.stage_run("register", "phone") as tr:
+        v2, created2 = tracking.register("tailor-phone", tr, f, {"sha256": "abc", "git_sha": "g"}, "candidate")
+    tracking.end_parent(parent, metrics={"phone.ppl": 12.0})
+
+    c = tracking.client()
+    exp = c.get_experiment_by_name(tracking.EXPERIMENT).experiment_id
+    children = c.search_runs([exp], f"tags.mlflow.parentRunId = '{parent}'")
+    assert sorted(r.info.run_name for r in children) == ["register@phone", "register@phone", "search@phone"]
+    cands = c.search_runs([exp], f"tags.mlflow.parentRunId = '{search_id}'")
+    assert len(cands) == 5 and all(r.data.tags["tailor.kind"] == "candidate" for r in cands)
+    assert c.get_run(search_id).data.metrics["nested.x"] == 1.0
+    assert (v1, created1, v2, created2) == ("1", True, "1", False)
+    assert c.get_model_version_by_alias("tailor-phone", "candidate").tags["git_sha"] == "g"
+    assert tracking.aliases("tailor-phone") == {"candidate": "1"}
