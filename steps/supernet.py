@@ -55,6 +55,7 @@ def run(params: Params, data_dir: Path, out_dir: Path, ckpt_dir: Path) -> dict:
     model, tok = load_base(params.model.n_layers, device=device)
     teacher = copy.deepcopy(model).requires_grad_(False)
     calib, train, val = (load_shard(data_dir / f"{s}.safetensors") for s in ("calib", "train", "val"))
+    val = val[: sp.val_seqs]
 
     imp = importance.measure(model, list(calib.long().split(sp.batch_size)))
     importance.permute_(model, imp)

@@ -60,6 +60,7 @@ class SupernetParams(Strict):
     min_kv_groups: int = Field(1, gt=0)
     max_drop_frac: float = Field(0.25, ge=0, lt=1, description="most layers a subnet may drop")
     fmt: Literal["gguf", "onnx"] = Field("gguf", description="grid used for fake quantization in training")
+    val_seqs: int = Field(16, gt=0, description="validation sequences for the min/mid/max loss report")
     device: str = "auto"
     seed: int = 0
 

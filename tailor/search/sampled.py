@@ -7,6 +7,7 @@ wins. MIP, NSGA-II and Gumbel strategies plug in beside this one with the same i
 from __future__ import annotations
 
 import itertools
+import sys
 from dataclasses import asdict, dataclass
 
 import torch
@@ -105,7 +106,7 @@ def score(model: TailorForCausalLM, cand: Candidate, fmt: str, seqs: torch.Tenso
 def run_search(model: TailorForCausalLM, space: SearchSpace, device: DeviceProfile, seqs: torch.Tensor,
                teacher: list[torch.Tensor], n: int, seed: int, batch_size: int = 8) -> tuple[Candidate, list[Candidate]]:
     cands = propose(space, device, n, seed)
-    for cand in track(cands, description="search", disable=True):
+    for cand in track(cands, description=f"search {device.format}", disable=not sys.stdout.isatty()):
         score(model, cand, device.format, seqs, teacher, batch_size)
     best = min(cands, key=lambda c: c.kl)
     return best, cands
