@@ -26,3 +26,17 @@ def mlflow_uri(tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.setenv("TAILOR_ROOT", str(tmp_path))
     return uri
+
+
+@pytest.fixture(scope="session")
+def prefect_harness():
+    """One temporary Prefect API for the whole session (Prefect's own testing advice).
+
+    Prefect's logging is configured here, outside any test's captured or CliRunner streams, so its
+    handlers never write to a stream a finished test has closed."""
+    from prefect.logging.configuration import setup_logging
+    from prefect.testing.utilities import prefect_test_harness
+
+    setup_logging(incremental=False)
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
