@@ -13,7 +13,7 @@ from tailor.config import Params
 from tailor.distill import mean_kl, teacher_logits
 from tailor.elastic.supernet import export_active, round16_
 from tailor.models.base import load_base, load_model_dir, sha256_file
-from tailor.train import TrainSpec, pick_device, train_kd
+from tailor.train import TrainSpec, checkpoint_dir, pick_device, train_kd
 
 
 def run(params: Params, device: str, supernet_dir: Path, search_dir: Path, data_dir: Path, out_dir: Path,
@@ -33,7 +33,8 @@ def run(params: Params, device: str, supernet_dir: Path, search_dir: Path, data_
     spec = TrainSpec(ft.steps, ft.batch_size, ft.lr, ft.kd_temperature, ft.seed, ckpt_every=max(1, ft.steps // 4),
                      fingerprint=f"finetune:{device}:{cfg.hash}:{json.dumps(ft.model_dump(), sort_keys=True)}:"
                                  f"{sha256_file(data_dir / 'train.safetensors')[:16]}")
-    result = train_kd(student, base, train, spec, lambda step, gen: [lambda: None], ckpt_dir, desc=f"finetune {device}")
+    result = train_kd(student, base, train, spec, lambda step, gen: [lambda: None], checkpoint_dir(ckpt_dir, spec.fingerprint),
+                      desc=f"finetune {device}")
     round16_(student)  # training moved 16-bit weights off the float16 grid the file stores
     kl_after = mean_kl(student, val, t_val)
     with staged_dir(out_dir) as tmp:

@@ -18,7 +18,7 @@ from tailor.elastic import importance
 from tailor.elastic.space import SearchSpace
 from tailor.elastic.supernet import arch_of, set_active, set_max
 from tailor.models.base import load_base, sha256_file
-from tailor.train import TrainSpec, pick_device, train_kd
+from tailor.train import TrainSpec, checkpoint_dir, pick_device, train_kd
 
 
 def space_for(params: Params, model, drop_order: list[int]) -> SearchSpace:
@@ -69,7 +69,7 @@ def run(params: Params, data_dir: Path, out_dir: Path, ckpt_dir: Path) -> dict:
     spec = TrainSpec(sp.steps, sp.batch_size, sp.lr, sp.kd_temperature, sp.seed, ckpt_every=max(1, sp.steps // 4),
                      fingerprint=f"supernet:{json.dumps(sp.model_dump(), sort_keys=True)}:{params.model.n_layers}:"
                                  f"{sha256_file(data_dir / 'train.safetensors')[:16]}")
-    result = train_kd(model, teacher, train, spec, sandwich, ckpt_dir, desc="supernet")
+    result = train_kd(model, teacher, train, spec, sandwich, checkpoint_dir(ckpt_dir, spec.fingerprint), desc="supernet")
     set_max(model)
     after = val_losses(model, space, val, sp.fmt)
 

@@ -6,8 +6,10 @@ permutation, so the step number is the data position.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,6 +49,17 @@ class TrainResult:
     resumed_from: int = 0
     tokens: int = 0
     seconds: float = 0.0
+
+
+def checkpoint_dir(root: Path, fingerprint: str) -> Path:
+    """The resume directory of one run configuration under `root`. Checkpoints of other
+    configurations (the params changed, so DVC re-runs the stage from scratch) are removed."""
+    d = root / hashlib.sha256(fingerprint.encode()).hexdigest()[:16]
+    if root.is_dir():
+        for other in root.iterdir():
+            if other != d:
+                shutil.rmtree(other, ignore_errors=True)
+    return d
 
 
 def pick_device(name: str) -> torch.device:

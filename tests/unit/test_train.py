@@ -45,3 +45,13 @@ def test_checkpoint_of_another_run_is_refused(tmp_path):
     _run(2, tmp_path / "c", fingerprint="a")
     with pytest.raises(CheckpointError, match="checkpoint of another run"):
         _run(4, tmp_path / "c", fingerprint="b")
+
+
+def test_checkpoint_dir_keeps_one_configuration(tmp_path):
+    from tailor.train import checkpoint_dir
+
+    a = checkpoint_dir(tmp_path, "config-a")
+    a.mkdir()
+    b = checkpoint_dir(tmp_path, "config-b")
+    assert a != b and not a.exists()
+    assert checkpoint_dir(tmp_path, "config-b") == b
