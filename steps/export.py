@@ -64,14 +64,18 @@ def run(params: Params, device: str, model_dir: Path, eval_dir: Path, out_dir: P
 
 
 def _torch_generate(model, tok, prompt: str, n: int) -> str:
+    """Greedy continuation, stopping at EOS like the runtimes' generate."""
     import torch
 
     ids = tok(prompt, return_tensors="pt")["input_ids"]
+    start = ids.shape[1]
     with torch.no_grad():
         for _ in range(n):
             nxt = model(ids).logits[0, -1].argmax().view(1, 1)
+            if int(nxt) == tok.eos_token_id:
+                break
             ids = torch.cat([ids, nxt], dim=1)
-    return tok.decode(ids[0, -n:])
+    return tok.decode(ids[0, start:], skip_special_tokens=True)
 
 
 def main() -> None:

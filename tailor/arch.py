@@ -177,7 +177,9 @@ class SubnetConfig:
         return total
 
     def bits_per_param(self, arch: BaseArch, fmt: str) -> float:
-        return 8.0 * self.nbytes(arch, fmt) / self.param_count(arch)
+        """Effective bits per *base* parameter: the file's weight bytes over the dense model's
+        parameter count, so pruning and quantization are compared on one scale (scales included)."""
+        return 8.0 * self.nbytes(arch, fmt) / SubnetConfig.max(arch).param_count(arch)
 
 
 def round_ffn(width: float, max_ffn: int) -> int:

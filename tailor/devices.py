@@ -38,4 +38,4 @@ def cost(cfg: SubnetConfig, arch: BaseArch, device: DeviceProfile) -> Cost:
     flops = 2 * (params - arch.vocab * arch.hidden) + 2 * arch.vocab * arch.hidden  # per decoded token
     latency = (nbytes / (device.bandwidth_gbs * 1e9) + len(cfg.kept) * LAYER_OVERHEAD_S[device.runtime]
                + flops / (device.compute_tflops * 1e12))
-    return Cost(nbytes, 8.0 * nbytes / params, latency, nbytes <= budget_bytes(device, arch))
+    return Cost(nbytes, cfg.bits_per_param(arch, device.format), latency, nbytes <= budget_bytes(device, arch))
