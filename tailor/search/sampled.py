@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from rich.progress import track
 
-from tailor.arch import SubnetConfig
+from tailor.arch import FFN_STEP, SubnetConfig
 from tailor.config import DeviceProfile
 from tailor.devices import budget_bytes, cost
 from tailor.distill import kd_loss
@@ -78,12 +78,41 @@ def propose(space: SearchSpace, device: DeviceProfile, n: int, seed: int) -> lis
     for cfg in ranked[: max(1, n // 2)]:
         add(cfg, "seed")
     gen = torch.Generator().manual_seed(seed)
-    for _ in range(200 * n):
+    for _ in range(20 * n):
         if len(out) >= n:
             break
-        add(space.sample(gen), "random")
+        cfg = space.sample(gen)
+        if cost(cfg, arch, device).fits:
+            add(cfg, "random")
+        else:
+            add(shrink_to_fit(cfg, space, device, gen), "repaired")
     add(space.min(), "min")
     return out
+
+
+def shrink_to_fit(cfg: SubnetConfig, space: SearchSpace, device: DeviceProfile, gen: torch.Generator) -> SubnetConfig:
+    """Random shrinking moves (one matrix a bit-width lower, an FFN 64 narrower, a KV group fewer) until
+    `cfg` fits the budget: random samples mostly overshoot a tight budget, and the repaired ones land
+    just under it, where the best subnets are."""
+    arch = space.arch
+    lower = {b: max((x for x in space.bits if x < b), default=None) for b in space.bits}
+    while not cost(cfg, arch, device).fits:
+        moves = []
+        for i in cfg.kept:
+            lc = cfg.layers[i]
+            moves += [(i, "bits", m) for m in lc.bits if lower.get(lc.bits[m]) is not None]
+            moves += [(i, "ffn", None)] * (lc.ffn > space.min_ffn) + [(i, "kv", None)] * (lc.kv_groups > space.min_kv)
+        if not moves:
+            break
+        i, kind, m = moves[int(torch.randint(len(moves), (1,), generator=gen))]
+        lc = cfg.layers[i]
+        if kind == "bits":
+            cfg = cfg.with_layer(i, bits={**lc.bits, m: lower[lc.bits[m]]})
+        elif kind == "ffn":
+            cfg = cfg.with_layer(i, ffn=lc.ffn - FFN_STEP)
+        else:
+            cfg = cfg.with_layer(i, kv_groups=lc.kv_groups - 1)
+    return cfg
 
 
 @torch.no_grad()

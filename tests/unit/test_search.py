@@ -35,3 +35,14 @@ def test_impossible_budget_is_refused_with_sizes():
     space = SearchSpace.build(arch_of(model), [4, 8, 16], [8], 0.25, 1, 0.25, None)
     with pytest.raises(NoFeasibleSubnet, match="below the smallest subnet"):
         propose(space, _device(budget_bytes=1000), 5, 0)
+
+
+def test_repaired_candidates_fill_a_tight_budget():
+    model = tiny_model(n_layers=4)
+    space = SearchSpace.build(arch_of(model), [4, 8, 16], [8], 0.25, 1, 0.25, None)
+    dev = _device(fraction=0.27)
+    cands = propose(space, dev, 12, seed=1)
+    budget = budget_bytes(dev, arch_of(model))
+    assert len(cands) >= 10 and all(c.nbytes <= budget for c in cands)
+    assert all(space.contains(c.config) for c in cands)
+    assert any(c.origin == "repaired" for c in cands)
