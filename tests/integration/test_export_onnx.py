@@ -24,28 +24,7 @@ pytestmark = pytest.mark.integration
 _ROWS = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj",
          "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"}
 
-SENTENCES = [
-    "The cat sat on the warm windowsill and watched the rain.",
-    "Paris is the capital and largest city of France.",
-    "She opened the letter slowly, afraid of what it might say.",
-    "Water boils at one hundred degrees Celsius at sea level.",
-    "The library closes at eight o'clock on weekdays.",
-    "He planted tomatoes, beans and squash in the garden this spring.",
-    "The train to London was delayed by twenty minutes.",
-    "Photosynthesis converts light energy into chemical energy.",
-    "My grandmother taught me how to bake bread without a recipe.",
-    "The committee will announce its decision next Tuesday.",
-    "Mount Everest is the highest mountain above sea level.",
-    "They walked along the beach until the sun went down.",
-    "The new bridge connects the two halves of the old town.",
-    "Children learn languages faster than most adults do.",
-    "The museum displays paintings from the sixteenth century.",
-    "A strong wind knocked over the fence behind the barn.",
-    "The doctor advised him to drink more water and rest.",
-    "Our team finished the project two days ahead of schedule.",
-    "The river freezes every winter, and people skate on it.",
-    "She plays the violin in the city orchestra on weekends.",
-]
+SENTENCES = (Path(__file__).parent / "sentences.txt").read_text().splitlines()  # shared held-out text
 
 
 def compress(dense: TailorForCausalLM, kv: list[int], ffn: list[int], bits: list[dict[str, int]],
