@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
 
 from steps._common import artifact_dir, load_shard, main_for, report_dir, staged_dir, write_csv, write_json
 from tailor import tracking

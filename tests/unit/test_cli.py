@@ -1,8 +1,6 @@
 """The CLI refuses bad params in one line naming the key, before any stage runs."""
-import shutil
 from pathlib import Path
 
-import pytest
 from typer.testing import CliRunner
 
 from tailor.cli import app

@@ -1,6 +1,5 @@
 """Supernet invariants: max config = dense model, export_active = set_active, permutation keeps the
 function, sampled configs are valid and reproducible."""
-import copy
 
 import pytest
 import torch

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from tailor.config import DeviceProfile
-from tailor.devices import budget_bytes, cost
+from tailor.devices import budget_bytes
 from tailor.distill import teacher_logits
 from tailor.elastic.space import SearchSpace
 from tailor.elastic.supernet import arch_of

@@ -1,5 +1,4 @@
 """The KD trainer resumes after a kill exactly where the uninterrupted run would be."""
-import copy
 
 import pytest
 import torch
