@@ -140,6 +140,23 @@ class Schedule(Strict):
     timezone: str = "UTC"
 
 
+class RunnerParams(Strict):
+    """Where per-device branches and search candidates run. `local` (threads in this process) is the
+    default; `dask` fans out on a Dask cluster: a throwaway LocalCluster of `workers` processes, or the
+    running scheduler at `address` (see docs/deploy.md)."""
+    kind: Literal["local", "dask"] = Field("local", description="task runner: local threads or a Dask cluster")
+    workers: int = Field(2, gt=0, description="Dask worker processes of a LocalCluster (one thread each)")
+    address: str | None = Field(None, description="scheduler of a running Dask cluster, e.g. tcp://host:8786")
+
+    @model_validator(mode="after")
+    def _check(self) -> "RunnerParams":
+        if self.address is not None and self.kind != "dask":
+            raise ValueError(f"address is only used with kind 'dask', not {self.kind!r}")
+        if self.address is not None and not self.address.startswith(("tcp://", "tls://", "inproc://", "ucx://")):
+            raise ValueError(f"address must be a scheduler URL like tcp://host:8786, got {self.address!r}")
+        return self
+
+
 warnings.filterwarnings("ignore", message='Field name "register"')  # a stage name, not BaseModel's
 
 
@@ -156,6 +173,7 @@ class Params(Strict):
     register: RegisterParams = RegisterParams()
     devices: dict[str, DeviceProfile]
     schedule: Schedule = Schedule()
+    runner: RunnerParams = RunnerParams()
 
     def device(self, name: str) -> DeviceProfile:
         if name not in self.devices:
