@@ -6,6 +6,8 @@ complete, so an error leaves nothing half-written:
     out_dir/train.safetensors, val.safetensors, calib.safetensors   {"input_ids": int32 [N, seq_len]}
     out_dir/eval/wiki.jsonl {"text"}   eval/piqa.jsonl {"goal","sol1","sol2","label"}
     out_dir/eval/crows_pairs.jsonl {"sent_more","sent_less","stereo_antistereo","bias_type"}
+    out_dir/eval/{boolq,openbookqa,commonsense_qa,siqa,mmlu,bbq,stereoset,winogender}.jsonl
+        whole sets in source order (tailor/data/evalsets.py); evaluate picks per-profile subsets
     out_dir/data_report.json   per input: path, package, sha256, rows, rows kept, validation results
     out_dir/DATA_CARD.md       datasets, licenses, versions, what each is used for
 
@@ -24,6 +26,7 @@ from pathlib import Path
 from string import Template
 from typing import TYPE_CHECKING, Any
 
+from tailor.data import evalsets
 from tailor.data.shards import (SPLITS, Overlap, Tokenizer, merge_split, pack_corpus, pick, pick_held_out,
                                 share, stratified, write_shard)
 from tailor.data.sources import (CROWS_BIAS_TYPES, META, DataError, Raw, Sources, parse_piqa, read_bold,
@@ -53,6 +56,26 @@ def rules_for(name: str, p: CalibrateParams) -> Rules:
         return Rules(cols, cols, ("sent_more", "sent_less"), min_len=1, **lim, labels=(
             Labels("bias_type", CROWS_BIAS_TYPES, f"the {len(CROWS_BIAS_TYPES)} CrowS-Pairs types"),
             Labels("stereo_antistereo", ("stereo", "antistereo"), "{stereo, antistereo}")))
+    mc = {"boolq_dev": ("question", "passage", "answer"), "openbookqa": ("question", "options", "answer"),
+          "commonsense_qa": ("question", "options", "answer"), "siqa": ("passage", "question", "options", "answer"),
+          "mmlu": ("question", "answer_a", "answer_b", "answer_c", "answer_d", "correct_answer", "topic")}
+    if name in mc:
+        text = tuple(c for c in mc[name] if c != "correct_answer")
+        return Rules(mc[name], text, tuple(c for c in mc[name] if c not in ("answer", "correct_answer", "topic")),
+                     min_len=1, **lim)
+    if name == "bbq":
+        cols = ("context", "question", "category", "context_condition", "question_polarity")
+        return Rules(cols, ("context", "question"), ("context", "question", "choices"), min_len=1, **lim, labels=(
+            Labels("category", evalsets.BBQ_CATEGORIES, f"the {len(evalsets.BBQ_CATEGORIES)} BBQ categories"),
+            Labels("context_condition", ("ambig", "disambig"), "{ambig, disambig}")))
+    if name == "stereoset":
+        cols = ("bias_type", "target", "stereotype", "anti_stereotype", "unrelated")
+        return Rules(cols, cols, ("target", "stereotype"), min_len=1, **lim, labels=(
+            Labels("bias_type", evalsets.STEREOSET_TYPES, "the 4 StereoSet bias types"),))
+    if name == "winogender":
+        cols = ("sentence", "pronoun", "occupation", "participant", "gender")
+        return Rules(cols, cols, ("sentence",), min_len=1, **lim, labels=(
+            Labels("gender", evalsets.WINOGENDER_GENDERS, "{female, male, neutral}"),))
     raise KeyError(name)
 
 
@@ -63,6 +86,12 @@ def read(name: str, sources: Sources) -> Raw:
         return read_shakespeare(sources.shakespeare)
     if name == "crows":
         return read_csv(name, sources.crows)
+    if name == "bbq":
+        return evalsets.read_bbq(sources.bbq)
+    if name == "stereoset":
+        return evalsets.read_stereoset(sources.stereoset)
+    if name == "winogender":
+        return evalsets.read_winogender(sources.winogender)
     return read_jsonl(name, getattr(sources, name))
 
 
@@ -173,6 +202,16 @@ def _eval_sets(p: CalibrateParams, sources: Sources, validator: Validator, overl
     cols = ["sent_more", "sent_less", "stereo_antistereo", "bias_type"]
     out["crows_pairs"] = [dict(zip(cols, r, strict=True)) for r in rows[cols].itertuples(index=False)]
     info["crows_pairs"] = {"rows": len(rows), "per_bias_type": rows["bias_type"].value_counts().sort_index().to_dict()}
+
+    for name in evalsets.EXTRA_SETS:  # whole sets: evaluate subsets them per profile
+        src_name = "boolq_dev" if name == "boolq" else name
+        if getattr(sources, src_name).skip:
+            continue
+        raw = read(src_name, sources)
+        checks = validator.check(raw, rules_for(src_name, p))
+        out[name] = evalsets.rows_of(name, raw)
+        report["inputs"][src_name] = _entry(raw, checks, len(out[name]), {})
+        info[name] = {"rows": len(out[name])} | ({"per_group": g} if (g := evalsets.group_counts(name, out[name])) else {})
     return out, info
 
 

