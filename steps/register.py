@@ -44,7 +44,12 @@ def run(params: Params, device: str, export_dir: Path, root: Path = Path(".")) -
             "subnet_hash": hashlib.sha256(json.dumps(subnet, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:16],
             "metrics": json.dumps({k: ev.get(k) for k in ("ppl", "ppl_base", "piqa", "piqa_base")}
                                   | {"file_bytes": exp_metrics["file_bytes"], "runtime_ppl": exp_metrics["runtime_ppl"]})}
-    return {"file": file, "tags": tags}
+    # Evidence logged beside the file: the gates promotion re-reads, and the dvc.lock that
+    # `tailor reproduce` checks out (its md5 is the dvc_lock_md5 tag).
+    evidence = {"gates": report_dir("evaluate", device) / "gates.json"}
+    if (root / "dvc.lock").is_file():
+        evidence["repro"] = root / "dvc.lock"
+    return {"file": file, "tags": tags, "evidence": evidence}
 
 
 def main() -> None:
@@ -52,7 +57,8 @@ def main() -> None:
         out = run(params, device, artifact_dir("export", device))
         name = tracking.registered_name(params.register.model_prefix, device)
         with tracking.stage_run("register", device) as tr:
-            version, created = tracking.register(name, tr, out["file"], out["tags"], params.register.alias)
+            version, created = tracking.register(name, tr, out["file"], out["tags"], params.register.alias,
+                                                 evidence=out["evidence"])
             tr.set_tags({"registered_model": name, "version": version})
         write_json(report_dir("register", device) / "metrics.json",
                    {"version": int(version), "created": created, "sha256": out["tags"]["sha256"],

@@ -7,6 +7,7 @@ each stage process in TAILOR_PARENT_RUN_ID; each stage opens a child run named a
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import time
 from pathlib import Path
@@ -150,23 +151,36 @@ def registered_name(prefix: str, device: str) -> str:
     return f"{prefix}{device}"
 
 
-def register(name: str, run: StageRun, file: Path, tags: dict[str, str], alias: str) -> tuple[str, bool]:
+def register(name: str, run: StageRun, file: Path, tags: dict[str, str], alias: str,
+             evidence: dict[str, Path] | None = None) -> tuple[str, bool]:
     """Register `file` as a new version of `name` with `tags` and point `alias` at it.
 
     Idempotent on the file's sha256: a version holding the same file is reused, not duplicated.
-    Returns (version, created)."""
+    `evidence` files (e.g. {"repro": dvc.lock, "gates": gates.json}) are logged in the run under
+    those folders and the version is tagged `evidence_run_id`, so promotion can re-read the gates and
+    `tailor reproduce` can fetch the exact dvc.lock. Returns (version, created)."""
     c = _mlflow().MlflowClient()
     try:
         c.get_registered_model(name)
     except Exception:
         c.create_registered_model(name, tags={"tailor.device": name})
+
+    def log_evidence() -> None:
+        for folder, path in (evidence or {}).items():
+            run.log_artifact(path, folder)
+
     for mv in c.search_model_versions(f"name='{name}'"):
         if mv.tags.get("sha256") == tags["sha256"]:
+            if evidence and "evidence_run_id" not in mv.tags:  # registered before evidence was logged
+                log_evidence()
+                c.set_model_version_tag(name, mv.version, "evidence_run_id", run.run_id)
             c.set_registered_model_alias(name, alias, mv.version)
             return str(mv.version), False
     run.log_artifact(file, "model")
+    log_evidence()
     art = c.get_run(run.run_id).info.artifact_uri.rstrip("/") + f"/model/{file.name}"
-    mv = c.create_model_version(name, source=art, run_id=run.run_id, tags={k: str(v) for k, v in tags.items()})
+    all_tags = {k: str(v) for k, v in tags.items()} | ({"evidence_run_id": run.run_id} if evidence else {})
+    mv = c.create_model_version(name, source=art, run_id=run.run_id, tags=all_tags)
     c.set_registered_model_alias(name, alias, mv.version)
     return str(mv.version), True
 
@@ -176,3 +190,140 @@ def aliases(name: str) -> dict[str, str]:
         return {k: str(v) for k, v in client().get_registered_model(name).aliases.items()}
     except Exception:
         return {}
+
+
+# --- registry reads and alias moves (used by promote / status / reproduce) ---------------------------
+
+CHAMPION = "champion"
+
+
+def version(name: str, version: str) -> dict[str, Any]:
+    """One registered version as plain data: tags, source URI, run id, aliases."""
+    mv = client().get_model_version(name, str(version))
+    return {"name": name, "version": str(mv.version), "tags": dict(mv.tags), "source": mv.source,
+            "run_id": mv.run_id, "aliases": list(mv.aliases)}
+
+
+def versions(name: str) -> list[dict[str, Any]]:
+    return sorted(({"version": str(mv.version), "tags": dict(mv.tags)}
+                   for mv in client().search_model_versions(f"name='{name}'")), key=lambda v: int(v["version"]))
+
+
+def set_alias(name: str, alias: str, version: str) -> None:
+    """Move `alias`; a server with `tailor server`'s auth refuses this for users without the right."""
+    client().set_registered_model_alias(name, alias, str(version))
+
+
+def set_version_tags(name: str, version: str, tags: dict[str, str]) -> None:
+    c = client()
+    for k, v in tags.items():
+        c.set_model_version_tag(name, str(version), k, str(v))
+
+
+def download(uri: str, dst: Path) -> Path:
+    """Fetch an artifact (a version's `source`, or runs:/ID/path) into `dst`; returns the local path."""
+    configure()
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # keep CLI output to its lines
+    from mlflow.artifacts import download_artifacts
+
+    dst.mkdir(parents=True, exist_ok=True)
+    return Path(download_artifacts(artifact_uri=uri, dst_path=str(dst)))
+
+
+def run_artifact(run_id: str, path: str, dst: Path) -> Path | None:
+    """A run's artifact, or None when the run never logged it."""
+    try:
+        return download(f"runs:/{run_id}/{path}", dst)
+    except Exception as e:  # noqa: BLE001 - MLflow raises several types for "not there"
+        if is_permission_denied(e):
+            raise
+        return None
+
+
+def whoami() -> str:
+    """The identity MLflow requests carry (the server authenticates it); the OS user otherwise."""
+    import getpass
+
+    return os.environ.get("MLFLOW_TRACKING_USERNAME") or getpass.getuser()
+
+
+def is_permission_denied(exc: BaseException) -> bool:
+    code = getattr(exc, "error_code", "") or ""
+    return code in ("PERMISSION_DENIED", "UNAUTHENTICATED") or "403" in str(exc) or "401" in str(exc)
+
+
+def nightly_runs(limit: int = 5) -> list[dict[str, Any]]:
+    """The last nightly parent runs, newest first, each with its stage child runs."""
+    c = client()
+    exp = configure()
+    parents = c.search_runs([exp], "tags.`tailor.kind` = 'nightly'", order_by=["attributes.start_time DESC"],
+                            max_results=limit)
+    out = []
+    for p in parents:
+        kids = c.search_runs([exp], f"tags.mlflow.parentRunId = '{p.info.run_id}'", order_by=["attributes.start_time ASC"])
+        out.append({"run_id": p.info.run_id, "start_time": p.info.start_time, "end_time": p.info.end_time,
+                    "status": p.info.status, "profile": p.data.tags.get("tailor.profile", ""),
+                    "stages": [{"name": k.info.run_name, "status": k.info.status,
+                                "skipped": k.data.tags.get("tailor.skipped") == "true"} for k in kids]})
+    return out
+
+
+# --- the authenticated server (`tailor server`) -------------------------------------------------------
+
+def bootstrap_server(uri: str, admin: tuple[str, str], users: dict[str, str], grants: dict[str, dict[str, str]],
+                     models: list[str]) -> None:
+    """As the admin: create `users` (name -> password), the experiment and `models`, and grant
+    `grants` (user -> {"experiment" | "registered_model": permission}). Idempotent (a restart
+    re-applies it). Creating models here, not in the pipeline, matters: MLflow gives the creator of
+    a registered model MANAGE on it, and MANAGE is what moving `champion` requires."""
+    from mlflow import MlflowClient
+    from mlflow.server.auth.client import AuthServiceClient
+
+    os.environ["MLFLOW_TRACKING_USERNAME"], os.environ["MLFLOW_TRACKING_PASSWORD"] = admin
+    try:
+        auth = AuthServiceClient(uri)
+        for user, password in users.items():
+            try:
+                auth.create_user(user, password)
+            except Exception:  # exists: keep the stored password in step with the credentials
+                auth.update_user_password(user, password)
+        c = MlflowClient(tracking_uri=uri)
+        exp = c.get_experiment_by_name(EXPERIMENT)
+        exp_id = exp.experiment_id if exp else c.create_experiment(EXPERIMENT)
+        for m in models:
+            try:
+                c.get_registered_model(m)
+            except Exception:
+                c.create_registered_model(m, tags={"tailor.device": m})
+        for user, perms in grants.items():
+            for rtype, perm in perms.items():
+                for rid in ([exp_id] if rtype == "experiment" else models):
+                    auth.grant_user_permission(user, rtype, rid, perm)  # an upsert
+    finally:
+        os.environ.pop("MLFLOW_TRACKING_USERNAME", None)
+        os.environ.pop("MLFLOW_TRACKING_PASSWORD", None)
+
+
+def server_authorize():
+    """The server's `authorization_function` (MLflow basic-auth config): basic auth as usual, plus one
+    rule MLflow's permission levels cannot express. Setting any alias needs only EDIT on the model,
+    so this hook refuses setting or deleting the `champion` alias unless the user holds MANAGE on
+    that registered model (or is an admin). It runs inside the server, before MLflow's validators."""
+    from flask import Response, g, request
+    from mlflow.server import auth
+
+    result = auth.authenticate_request_basic_auth()
+    if isinstance(result, Response) or g.get("tailor_alias_checked"):
+        return result
+    g.tailor_alias_checked = True  # the permission lookup below re-enters this hook
+    if request.path.endswith("/registered-models/alias") and request.method in ("POST", "DELETE"):
+        try:
+            alias, name = auth._get_request_param("alias"), auth._get_request_param("name")
+        except Exception:  # malformed request: MLflow's own handler answers it
+            return result
+        if alias == CHAMPION and not auth.store.get_user(result.username).is_admin \
+                and not auth._get_registered_model_permission(name).can_manage:
+            msg = f"user '{result.username}' may not move alias '{CHAMPION}' of '{name}': needs MANAGE (release manager)"
+            return Response(json.dumps({"error_code": "PERMISSION_DENIED", "message": msg}), status=403,
+                            mimetype="application/json")
+    return result
