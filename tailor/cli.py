@@ -143,6 +143,99 @@ def evaluate(model: Path = typer.Option(..., help="model directory (safetensors 
     raise typer.Exit(0 if gates["passed"] else 1)
 
 
+def _registry_env(params: Path) -> Path:
+    """Defaults for registry commands; returns the project root (where mlflow.db and the audit log live)."""
+    for k, v in _DEFAULT_ENV.items():
+        os.environ.setdefault(k, v)
+    root = params.resolve().parent
+    os.environ.setdefault("TAILOR_ROOT", str(root))
+    return root
+
+
+@app.command()
+def promote(device: str = typer.Argument(..., help="device name from params.yaml"),
+            version: Optional[str] = typer.Argument(None, help="registered version to make champion"),
+            rollback: bool = typer.Option(False, "--rollback", help="restore the previous champion instead"),
+            reason: str = typer.Option("", help="why (recorded in the audit log and the version's tags)"),
+            params: Path = typer.Option(Path("params.yaml"))) -> None:
+    """Move `champion` to VERSION after re-checking its gates and file hash (or --rollback)."""
+    root = _registry_env(params)
+    try:
+        p = load_params(params)
+        pick_devices(p, device)
+        if rollback == (version is not None):
+            raise ConfigError("VERSION: give a version to promote, or --rollback without one")
+    except ConfigError as e:
+        _fail(str(e))
+    from tailor import tracking
+    from tailor.promote import PromotionRefused, audit_path, move
+
+    name = tracking.registered_name(p.register.model_prefix, device)
+    try:
+        rec = move(name, version, root=root, reason=reason, rollback=rollback)
+    except PromotionRefused as e:
+        _fail(f"{name}: {'rollback' if rollback else f'promote version {version}'} refused: {e}", 1)
+    gates = ", ".join(f"{k} {v}" for k, v in rec["gates"].items())
+    console.print(f"{name}: champion {rec['from'] or '(none)'} -> {rec['to']} by {rec['who']} (gates: {gates}; "
+                  f"sha256 {rec['sha256'][:12]} verified); audit log {audit_path(root)}")
+
+
+@app.command()
+def server(data: Path = typer.Option(Path.home() / ".tailor-server", help="server state: stores, artifacts, log"),
+           port: int = typer.Option(5055, help="port on 127.0.0.1"),
+           params: Path = typer.Option(Path("params.yaml"))) -> None:
+    """Start an authenticated MLflow server on 127.0.0.1 with users admin, pipeline, release-manager, auditor."""
+    from tailor import server as srv
+
+    root = _registry_env(params)
+    try:
+        p = load_params(params)
+        creds = srv.credentials(root)
+        if data.resolve().is_relative_to(root):
+            raise srv.ServerError(f"--data: {data} is inside the repository; keep the server's stores outside it")
+        s = srv.start(data, creds, [f"{p.register.model_prefix}{d}" for d in p.devices], port=port)
+    except (ConfigError, srv.ServerError) as e:
+        _fail(str(e))
+    console.print(f"MLflow server with authentication: {s.url}  (state in {s.data}; Ctrl-C stops it)")
+    console.print(f"use it: export MLFLOW_TRACKING_URI={s.url} MLFLOW_TRACKING_USERNAME=<role> "
+                  f"MLFLOW_TRACKING_PASSWORD=...  (roles: pipeline, release-manager, auditor)")
+    try:
+        s.process.wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        s.stop()
+
+
+@app.command()
+def status(limit: int = typer.Option(5, help="how many nightly runs"),
+           params: Path = typer.Option(Path("params.yaml"))) -> None:
+    """The last nightly runs with their stages, and each device's `candidate` / `champion`."""
+    _registry_env(params)
+    try:
+        p = load_params(params)
+    except ConfigError as e:
+        _fail(str(e))
+    from tailor.status import collect
+
+    s = collect(list(p.devices), p.register.model_prefix, limit)
+    t = Table(title="Tailor: last nightly runs")
+    for col in ("started", "status", "profile", "seconds", "stages"):
+        t.add_column(col)
+    for r in s["runs"]:
+        stages = ", ".join(f"{st['name']}:{st['state']}" for st in r["stages"]) or "-"
+        t.add_row(r["started"], r["status"], r["profile"], f"{r['seconds']:.0f}" if r["seconds"] else "-", stages)
+    console.print(t)
+    a = Table(title="Tailor: registry aliases")
+    for col in ("model", "alias", "version", "gates", "sha256", "git sha"):
+        a.add_column(col)
+    for name, entry in s["models"].items():
+        for alias, v in entry.items() or [("-", {})]:
+            a.add_row(name, alias, v.get("version", "-"), v.get("gates_passed", "-"), v.get("sha256", "-"),
+                      v.get("git_sha", "-"))
+    console.print(a)
+
+
 def main() -> None:  # pragma: no cover
     app()
 
