@@ -79,7 +79,9 @@ def _auth_ini(data: Path) -> Path:
                    "default_permission = READ\n"
                    f"database_uri = sqlite:///{data / 'basic_auth.db'}\n"
                    "admin_username = admin\n"
-                   "authorization_function = tailor.tracking:server_authorize\n")
+                   "authorization_function = tailor.tracking:server_authorize\n"
+                   # PBKDF2 per request costs ~0.3 s of CPU; one worker, so the cache is never stale.
+                   "auth_cache_ttl_seconds = 300\n")
     os.replace(tmp, ini)
     return ini
 
