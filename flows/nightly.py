@@ -1,8 +1,11 @@
 """The nightly Prefect flow: the stages of dvc.yaml, one task each, run through `dvc repro` so that the
 DAG is defined once and unchanged stages are skipped. An MLflow parent run spans the flow; each stage
-process opens its child run under it (TAILOR_PARENT_RUN_ID)."""
+process opens its child run under it (TAILOR_PARENT_RUN_ID). params.yaml's `runner` picks the task
+runner: `local` runs the stages one by one in this process; `dask` runs the shared stages first, then
+the per-device branches side by side on a Dask cluster (prefect-dask), each stage still a `dvc repro`."""
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
@@ -16,7 +19,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from tailor import tracking
-from tailor.config import load_params, pick_devices
+from tailor.config import RunnerParams, load_params, pick_devices
 
 BAD_INPUT = 2  # exit code of a stage that refused its input: retrying cannot help
 
@@ -59,18 +62,25 @@ def _no_retry_on_bad_input(task, task_run, state) -> bool:
 
 
 @task(retries=1, retry_delay_seconds=[5], retry_condition_fn=_no_retry_on_bad_input, task_run_name="{target}")
-def run_stage(target: str, root: str, parent_run: str | None) -> dict:
-    """`dvc repro --single-item TARGET`, or record it as skipped when DVC finds nothing changed."""
+def run_stage(target: str, root: str, parent_run: str | None, wait_for_lock: bool = False) -> dict:
+    """`dvc repro --single-item TARGET`, or record it as skipped when DVC finds nothing changed.
+
+    wait_for_lock: other stages run beside this one (per-device branches on Dask). DVC releases its
+    repository lock while a stage's command runs, so repros of independent stages do overlap; it holds
+    the lock only to check before and to hash outputs / write dvc.lock after, and a repro arriving then
+    fails at once ("Unable to acquire lock") unless told to wait (`dvc --wait-for-lock`)."""
     log = get_run_logger()
+    os.environ.setdefault("TAILOR_ROOT", root)  # a Dask worker process starts before the flow sets it
     env = stage_env(parent_run)
-    status = subprocess.run([_bin("dvc"), "status", target, "--json"], cwd=root, env=env, capture_output=True, text=True)
+    dvc = [_bin("dvc"), *(["--wait-for-lock"] if wait_for_lock else [])]
+    status = subprocess.run([*dvc, "status", target, "--json"], cwd=root, env=env, capture_output=True, text=True)
     if status.returncode == 0 and json.loads(status.stdout or "{}") == {}:
         log.info("%s: unchanged, skipped", target)
         if parent_run:
             tracking.log_skipped(parent_run, target)
         return {"target": target, "skipped": True, "seconds": 0.0}
     t0 = time.perf_counter()
-    proc = subprocess.run([_bin("dvc"), "repro", "--single-item", target], cwd=root, env=env, capture_output=True, text=True)
+    proc = subprocess.run([*dvc, "repro", "--single-item", target], cwd=root, env=env, capture_output=True, text=True)
     seconds = time.perf_counter() - t0
     if proc.returncode != 0:
         lines = [ln for ln in (proc.stderr + proc.stdout).splitlines() if ln.startswith("tailor ")]
@@ -103,6 +113,24 @@ def summary(root: Path, devices: list[str], results: list[dict]) -> tuple[str, l
     return "\n".join(lines), rows
 
 
+LOCK_FILE = ".cache/tailor-run.lock"
+
+
+def run_lock(root: Path):
+    """One nightly run at a time per repository: a second run waits here until the first finishes
+    (DVC would otherwise fail its `dvc repro` on the repo lock, and two registrations of one file
+    could race). An flock is dropped by the OS when its holder dies, even by SIGKILL: no stale lock."""
+    path = root / LOCK_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    f = open(path, "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        get_run_logger().info("waiting for another run (%s is held)", path)
+        fcntl.flock(f, fcntl.LOCK_EX)
+    return f
+
+
 @flow(name="tailor-nightly", log_prints=True)
 def nightly(devices: list[str] | None = None, root: str = ".") -> list[dict]:
     """Run every stage of dvc.yaml once, in order, for the given devices (all by default)."""
@@ -110,11 +138,15 @@ def nightly(devices: list[str] | None = None, root: str = ".") -> list[dict]:
     os.environ["TAILOR_ROOT"] = str(rootp)
     params = load_params(rootp / "params.yaml")
     devs = pick_devices(params, devices)
+    lock = run_lock(rootp)  # held until the finally below; the OS drops it if this process dies
     parent = tracking.start_parent("nightly", {"tailor.profile": params.profile, "tailor.devices": ",".join(devs)})
     results, status = [], "FAILED"
     try:
-        for target in targets(rootp, devs):
-            results.append(run_stage(target, str(rootp), parent))
+        if params.runner.kind == "local":
+            for target in targets(rootp, devs):
+                results.append(run_stage(target, str(rootp), parent))
+        else:
+            results += _fan_out(targets(rootp, devs), devs, str(rootp), parent)
         push(str(rootp))
         status = "FINISHED"
     finally:
@@ -124,13 +156,52 @@ def nightly(devices: list[str] | None = None, root: str = ".") -> list[dict]:
         create_markdown_artifact(md, key="tailor-nightly-stages", description="stages run or skipped")
         if rows:
             create_table_artifact(rows, key="tailor-nightly-devices", description="per-device results")
+        lock.close()
     return rows
 
 
-def deployment(cron: str, timezone: str, name: str = "nightly"):
+def _fan_out(all_targets: list[str], devices: list[str], root: str, parent: str | None) -> list[dict]:
+    """Shared stages in order here, then one chain of tasks per device, the chains side by side on the
+    flow's task runner (Dask when `runner.kind` is dask: see `for_params`)."""
+    results = [run_stage(t, root, parent) for t in all_targets if "@" not in t]
+    futures = []
+    for d in devices:
+        prev = None
+        for t in (t for t in all_targets if t.endswith(f"@{d}")):
+            prev = run_stage.submit(t, root, parent, wait_for_lock=True, wait_for=[prev] if prev else None)
+            futures.append(prev)
+    # Input order, not completion order: the summary reads the same whichever branch finished first.
+    return results + [f.result() for f in futures]
+
+
+def task_runner(runner: RunnerParams):
+    """The Prefect task runner for params.yaml's `runner`: None keeps the flow's default (local threads)."""
+    if runner.kind == "local":
+        return None
+    from prefect_dask import DaskTaskRunner
+
+    if runner.address:
+        return DaskTaskRunner(address=runner.address)
+    # Processes, one thread each; no dashboard (no port to collide with, no bokeh needed).
+    return DaskTaskRunner(cluster_kwargs={"n_workers": runner.workers, "threads_per_worker": 1,
+                                          "processes": True, "dashboard_address": None})
+
+
+def on_runner(runner: RunnerParams | None):
+    """The nightly flow on `runner`'s task runner; with none or `kind: local`, `nightly` itself."""
+    tr = task_runner(runner) if runner is not None else None
+    return nightly if tr is None else nightly.with_options(task_runner=tr)
+
+
+def for_params(params_file: str | Path = "params.yaml"):
+    """The nightly flow on the task runner that params.yaml's `runner` section asks for."""
+    return on_runner(load_params(params_file).runner)
+
+
+def deployment(cron: str, timezone: str, name: str = "nightly", runner: RunnerParams | None = None):
     """The nightly deployment with the schedule from params.yaml."""
     from prefect.schedules import Cron
 
     # concurrency_limit=1: two nightly runs never interleave on one registry and one DVC workspace.
-    return nightly.to_deployment(name=name, schedule=Cron(cron, timezone=timezone), concurrency_limit=1,
+    return on_runner(runner).to_deployment(name=name, schedule=Cron(cron, timezone=timezone), concurrency_limit=1,
                                  tags=["tailor", "nightly"], description="Tailor nightly compression run")

@@ -56,11 +56,11 @@ def run(devices: Optional[str] = typer.Option(None, help="comma-separated device
         _fail(str(e))
     if profile:
         _set_profile(params, profile)
-    from flows.nightly import StageFailed, nightly
+    from flows.nightly import StageFailed, for_params
 
     console.print(f"[bold]tailor run[/bold]: profile [cyan]{p.profile}[/cyan], devices {', '.join(devs)}")
     try:
-        rows = nightly(devices=devs, root=str(params.resolve().parent))
+        rows = for_params(params)(devices=devs, root=str(params.resolve().parent))  # runner: params.yaml
     except StageFailed as e:
         _fail(str(e), 1)
     _print_results(rows, params.resolve().parent)
@@ -91,7 +91,7 @@ def deploy(params: Path = typer.Option(Path("params.yaml")),
         _fail(str(e))
     from flows.nightly import deployment
 
-    dep = deployment(p.schedule.cron, p.schedule.timezone)
+    dep = deployment(p.schedule.cron, p.schedule.timezone, runner=p.runner)
     if serve:
         from prefect import serve as prefect_serve
 
