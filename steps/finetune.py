@@ -11,7 +11,7 @@ from tailor import tracking
 from tailor.arch import SubnetConfig
 from tailor.config import Params
 from tailor.distill import mean_kl, teacher_logits
-from tailor.elastic.supernet import export_active, round16_
+from tailor.elastic.supernet import bake_clip_, export_active, round16_
 from tailor.models.base import load_base, load_model_dir, sha256_file
 from tailor.train import TrainSpec, checkpoint_dir, pick_device, train_kd
 
@@ -35,6 +35,7 @@ def run(params: Params, device: str, supernet_dir: Path, search_dir: Path, data_
                                  f"{sha256_file(data_dir / 'train.safetensors')[:16]}")
     result = train_kd(student, base, train, spec, lambda step, gen: [lambda: None], checkpoint_dir(ckpt_dir, spec.fingerprint),
                       desc=f"finetune {device}")
+    bake_clip_(student)  # the clipping learned in fine-tuning goes into the weights export packs
     round16_(student)  # training moved 16-bit weights off the float16 grid the file stores
     kl_after = mean_kl(student, val, t_val)
     with staged_dir(out_dir) as tmp:

@@ -1,31 +1,59 @@
-"""search (per device): candidates scored on the supernet by KL to the base model, costed exactly in the
-device's format; the best under the budget is chosen. Every candidate is an MLflow child run."""
+"""search (per device): sensitivity table on the supernet, then MIP, NSGA-II and Gumbel-softmax search
+at the device's budget, every candidate scored on the supernet (KL to the base model) and costed
+exactly in the device's format; the best (optionally fairness-aware) wins. Every candidate is an
+MLflow child run."""
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
-
 
 from steps._common import artifact_dir, load_shard, main_for, report_dir, staged_dir, write_csv, write_json
 from tailor import tracking
 from tailor.config import ConfigError, Params
-from tailor.devices import budget_bytes
+from tailor.devices import budget_bytes, cost
 from tailor.distill import teacher_logits
 from tailor.elastic.space import SearchSpace
-from tailor.elastic.supernet import arch_of
-from tailor.models.base import load_base, load_model_dir
-from tailor.search.sampled import NoFeasibleSubnet, pareto, run_search
+from tailor.elastic.supernet import arch_of, set_max
+from tailor.models.base import cache_dir, load_base, load_model_dir, sha256_file
+from tailor.search import fairness, gumbel, mip, nsga, plots, sensitivity
+from tailor.search.sampled import Candidate, NoFeasibleSubnet, pareto, propose, score, shrink_to_fit
 from tailor.train import pick_device
 
 
 def device_space(params: Params, device: str, model, meta: dict) -> SearchSpace:
     prof = params.device(device)
-    bits = [b for b in meta["bits"] if b in prof.allowed_bits]
+    trained = meta["formats"].get(prof.format, [])
+    bits = [b for b in trained if b in prof.allowed_bits]
     if not bits:
         raise ConfigError(f"devices.{device}.allowed_bits: none of {prof.allowed_bits} was trained by the supernet "
-                          f"(supernet.bits = {meta['bits']})")
+                          f"on the {prof.format} grid (supernet.formats: {meta['formats']})")
     return SearchSpace.build(arch_of(model), bits, [prof.embed_bits], meta["min_ffn_frac"], meta["min_kv_groups"],
                              meta["max_drop_frac"], meta["drop_order"])
+
+
+class Scorer:
+    """Scores subnets on the supernet once each (by config hash) and keeps every candidate."""
+
+    def __init__(self, model, space: SearchSpace, prof, val, teacher):
+        self.model, self.space, self.prof, self.val, self.teacher = model, space, prof, val, teacher
+        self.seen: dict[str, Candidate] = {}
+        self.seconds = 0.0
+
+    def __call__(self, cfg, origin: str) -> Candidate:
+        if cfg.hash in self.seen:
+            return self.seen[cfg.hash]
+        c = cost(cfg, self.space.arch, self.prof)
+        cand = Candidate(cfg, c.nbytes, c.bits_per_param, c.latency_s, origin=origin)
+        t0 = time.perf_counter()
+        score(self.model, cand, self.prof.format, self.val, self.teacher, 8)
+        self.seconds += time.perf_counter() - t0
+        self.seen[cfg.hash] = cand
+        return cand
+
+    @property
+    def candidates(self) -> list[Candidate]:
+        return list(self.seen.values())
 
 
 def run(params: Params, device: str, supernet_dir: Path, data_dir: Path, out_dir: Path) -> dict:
@@ -34,23 +62,113 @@ def run(params: Params, device: str, supernet_dir: Path, data_dir: Path, out_dir
     model = load_model_dir(supernet_dir / "model").to(dev)
     meta = json.loads((supernet_dir / "space.json").read_text())
     space = device_space(params, device, model, meta)
-    base, _ = load_base(params.model.n_layers, device=dev)
+    arch = arch_of(model)
+    budget = budget_bytes(prof, arch)
+    if not cost(space.min(), arch, prof).fits:
+        raise NoFeasibleSubnet(f"devices.{device}: budget {budget:,} B is below the smallest subnet "
+                               f"({cost(space.min(), arch, prof).nbytes:,} B in {prof.format})")
+    base, tok = load_base(params.model.n_layers, device=dev)
     val = load_shard(data_dir / "val.safetensors")[: sp.val_seqs]
     teacher = teacher_logits(base, val)
-    del base
-    try:
-        best, cands = run_search(model, space, prof, val, teacher, sp.n_candidates, sp.seed)
-    except NoFeasibleSubnet as e:
-        raise NoFeasibleSubnet(f"devices.{device}: {e}") from None
-    arch = arch_of(model)
+    t0 = time.perf_counter()
+
+    # (0) the sensitivity table, cached by what it depends on (not the budget)
+    sens_val = val[: sp.sens_seqs]
+    key = sensitivity.cache_key(sha256_file(supernet_dir / "model" / "model.safetensors"), prof.format, space,
+                                prof.embed_bits, sens_val)
+    table, cached = sensitivity.load_or_measure(cache_dir() / "sensitivity", key, model, space, prof.format,
+                                                prof.embed_bits, sens_val, teacher_logits(base, sens_val))
+    scorer = Scorer(model, space, prof, val, teacher)
+    per_strategy: dict[str, dict] = {}
+
+    def best_of(cands: list[Candidate]) -> Candidate | None:
+        fit = [c for c in cands if c.nbytes <= budget]
+        return min(fit, key=lambda c: c.kl) if fit else None
+
+    mip_seeds = []
+    for strategy in sp.strategies:
+        ts, n0 = time.perf_counter(), len(scorer.seen)
+        if strategy == "mip":
+            mip_seeds = mip.solutions(table, space, prof.format, prof.embed_bits, budget)
+            mine = [scorer(c, "mip") for c in mip_seeds]
+        elif strategy == "nsga":
+            if not mip_seeds:
+                mip_seeds = mip.solutions(table, space, prof.format, prof.embed_bits, budget)
+            mine = []
+
+            def evaluate(cfg):
+                c = cost(cfg, arch, prof)
+                if not c.fits:  # infeasible: the table's estimate ranks it, no forward pass spent
+                    return table.predict(cfg), c.nbytes, c.latency_s
+                cand = scorer(cfg, "nsga")
+                mine.append(cand)
+                return cand.kl, cand.nbytes, cand.latency_s
+
+            nsga.run(space, prof.embed_bits, evaluate, budget, sp.n_candidates, sp.seed, mip_seeds)
+        elif strategy == "gumbel":
+            res = gumbel.search(model, space, prof.format, prof.embed_bits, budget, val, teacher, sp.gumbel_steps, sp.seed)
+            cfg = res.config
+            if not cost(cfg, arch, prof).fits:
+                import torch
+                cfg = shrink_to_fit(cfg, space, prof, torch.Generator().manual_seed(sp.seed))
+            mine = [scorer(cfg, "gumbel")]
+        else:  # "sampled": structured seeds + random subnets repaired to fit
+            mine = [scorer(c.config, "sampled") for c in propose(space, prof, sp.n_candidates, sp.seed)]
+        best = best_of(mine)
+        per_strategy[strategy] = {"best_kl": best.kl if best else None, "best_hash": best.config.hash if best else None,
+                                  "best_bytes": best.nbytes if best else None, "n_evaluated": len(mine),
+                                  "new_candidates": len(scorer.seen) - n0, "seconds": round(time.perf_counter() - ts, 2)}
+    cands = scorer.candidates
+    blind = best_of(cands)
+    if blind is None:
+        raise NoFeasibleSubnet(f"devices.{device}: no strategy found a subnet under {budget:,} B")
+
+    # fairness: worst-group stereotype rise of the best-KL candidates, measured beside the base model
+    fair = fairness_compare(params, model, base, tok, cands, budget, data_dir, prof.format, blind)
+    chosen = fair["aware_candidate"] if sp.fairness.enabled else blind
+    set_max(model)
     with staged_dir(out_dir) as tmp:
-        (tmp / "config.json").write_text(best.config.to_json())
+        (tmp / "config.json").write_text(chosen.config.to_json())
         write_json(tmp / "candidates.json", [dict(c.row(), config=c.config.to_dict()) for c in cands])
-    metrics = {"n_candidates": len(cands), "chosen_hash": best.config.hash, "bytes": best.nbytes,
-               "budget_bytes": budget_bytes(prof, arch), "bits_per_param": round(best.bits_per_param, 4),
-               "kl": best.kl, "val_loss": best.val_loss, "predicted_latency_ms": round(best.latency_s * 1e3, 3),
-               "kept_layers": len(best.config.kept), "strategy": "sampled"}
-    return {"metrics": metrics, "candidates": cands, "best": best}
+        write_json(tmp / "sensitivity.json", table.to_dict())
+    seconds = time.perf_counter() - t0
+    metrics = {"n_candidates": len(cands), "chosen_hash": chosen.config.hash, "bytes": chosen.nbytes,
+               "budget_bytes": budget, "bits_per_param": round(chosen.bits_per_param, 4), "kl": chosen.kl,
+               "val_loss": chosen.val_loss, "predicted_latency_ms": round(chosen.latency_s * 1e3, 3),
+               "kept_layers": len(chosen.config.kept), "chosen_by": chosen.origin, "strategies": per_strategy,
+               "fairness": {k: v for k, v in fair.items() if not k.endswith("_candidate")},
+               "sensitivity": {"cached": cached, "seconds": table.seconds, "entries": len(table.bits) + len(table.drop)
+                               + len(table.kv) + len(table.ffn), "key": key},
+               "search_seconds": round(seconds, 2),
+               "candidates_per_s": round(len(cands) / scorer.seconds, 3) if scorer.seconds else None}
+    return {"metrics": metrics, "candidates": cands, "best": chosen, "table": table, "space": space}
+
+
+def fairness_compare(params: Params, model, base, tok, cands: list[Candidate], budget: int, data_dir: Path,
+                     fmt: str, blind: Candidate) -> dict:
+    """Fairness-blind (least KL) vs fairness-aware (least KL + weight x worst-group rise) choice among the
+    `top_k` best-KL candidates under the budget, both with their KL and worst-group delta."""
+    from tailor.elastic.supernet import set_active
+
+    fp = params.search.fairness
+    pairs = fairness.load_pairs(data_dir / "eval" / "crows_pairs.jsonl", fp.per_group, params.search.seed)
+    ids, mask = fairness.encode(tok, pairs)
+    groups = [p["group"] for p in pairs]
+    base_share = fairness.group_shares(base, ids, mask, groups)
+    top = sorted((c for c in cands if c.nbytes <= budget), key=lambda c: c.kl)[: fp.top_k]
+    rows = {}
+    for c in top:
+        set_active(model, c.config, fmt)
+        g, d = fairness.worst_delta(fairness.group_shares(model, ids, mask, groups), base_share)
+        rows[c.config.hash] = (c, g, d)
+    aware = min(rows.values(), key=lambda r: r[0].kl + fp.weight * max(0.0, r[2]))
+    b = rows[blind.config.hash]
+    return {"enabled": fp.enabled, "weight": fp.weight, "pairs": len(pairs), "measured": len(rows),
+            "blind": {"hash": blind.config.hash, "kl": blind.kl, "worst_group": b[1], "worst_group_delta": round(b[2], 4),
+                      "bytes": blind.nbytes},
+            "aware": {"hash": aware[0].config.hash, "kl": aware[0].kl, "worst_group": aware[1],
+                      "worst_group_delta": round(aware[2], 4), "bytes": aware[0].nbytes},
+            "aware_candidate": aware[0]}
 
 
 def main() -> None:
@@ -58,16 +176,19 @@ def main() -> None:
         with tracking.stage_run("search", device, params=params.search.model_dump()) as tr:
             out = run(params, device, artifact_dir("supernet"), artifact_dir("calibrate"), artifact_dir("search", device))
             rep = report_dir("search", device)
-            write_json(rep / "metrics.json", out["metrics"])
             rows = [dict(c.row(), chosen=c is out["best"]) for c in out["candidates"]]
             write_csv(rep / "candidates.csv", [{k: r[k] for k in ("config_hash", "nbytes", "bits_per_param", "kl",
                                                                   "val_loss", "latency_s", "origin")} for r in rows])
-            front = {c.config.hash for c in pareto(out["candidates"])}
-            write_csv(rep / "pareto.csv", [{"nbytes": r["nbytes"], "kl": r["kl"]} for r in rows
-                                           if r["config_hash"] in front])
+            front = pareto(out["candidates"])
+            write_csv(rep / "pareto.csv", [{"nbytes": c.nbytes, "kl": c.kl, "origin": c.origin} for c in front])
+            plots.pareto_png(out["candidates"], front, out["best"], out["metrics"]["budget_bytes"], rep / "pareto.png")
+            plots.heatmap_png(out["best"].config, out["space"].arch, rep / "bits.png")
+            write_json(rep / "metrics.json", out["metrics"])
             tr.log_metrics(out["metrics"])
-            tr.set_tags({"chosen_hash": out["metrics"]["chosen_hash"]})
+            tr.set_tags({"chosen_hash": out["metrics"]["chosen_hash"], "chosen_by": out["metrics"]["chosen_by"]})
             tr.log_candidates(rows)
+            for f in ("pareto.png", "bits.png"):
+                tr.log_artifact(rep / f)
 
     main_for("search", stage, per_device=True)
 

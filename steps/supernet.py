@@ -21,10 +21,10 @@ from tailor.models.base import load_base, sha256_file
 from tailor.train import TrainSpec, checkpoint_dir, pick_device, train_kd
 
 
-def space_for(params: Params, model, drop_order: list[int]) -> SearchSpace:
+def space_for(params: Params, model, drop_order: list[int], bits: list[int]) -> SearchSpace:
     sp = params.supernet
-    embed = [b for b in sp.bits if b >= 8] or [max(sp.bits)]
-    return SearchSpace.build(arch_of(model), sp.bits, embed, sp.min_ffn_frac, sp.min_kv_groups, sp.max_drop_frac,
+    embed = [b for b in bits if b >= 8] or [max(bits)]
+    return SearchSpace.build(arch_of(model), bits, embed, sp.min_ffn_frac, sp.min_kv_groups, sp.max_drop_frac,
                              drop_order)
 
 
@@ -39,12 +39,34 @@ def middle(space: SearchSpace) -> SubnetConfig:
                               for i in range(arch.n_layers)), embed_bits=max(space.embed_bits))
 
 
-def val_losses(model, space: SearchSpace, val: torch.Tensor, fmt: str) -> dict[str, float]:
-    out = {}
-    for name, cfg in (("min", space.min()), ("mid", middle(space)), ("max", space.max())):
-        set_active(model, cfg, fmt)
-        out[name] = mean_loss(model, val)
+def val_losses(model, spaces: dict[str, SearchSpace], val: torch.Tensor) -> dict[str, float]:
+    """Val loss of the max subnet and of each format's min and middle subnets ("min", "mid" for the
+    first format, "min_<fmt>", "mid_<fmt>" for the others)."""
+    first = next(iter(spaces))
+    out = {"max": None}
+    for fmt, space in spaces.items():
+        suffix = "" if fmt == first else f"_{fmt}"
+        for name, cfg in ((f"min{suffix}", space.min()), (f"mid{suffix}", middle(space))):
+            set_active(model, cfg, fmt)
+            out[name] = mean_loss(model, val)
     set_max(model)
+    out["max"] = mean_loss(model, val)
+    return out
+
+
+def sandwich_configs(spaces: dict[str, SearchSpace], step: int, n_random: int,
+                     gen: torch.Generator) -> list[tuple[SubnetConfig, str]]:
+    """The sandwich rule over several export grids: the max subnet (16-bit: the grid does not matter),
+    the min subnet of one format (formats take turns by step) and `n_random` random subnets, each on a
+    format taking turns too, so one supernet trains for every device."""
+    fmts = list(spaces)
+    first = fmts[0]
+    out = [(spaces[first].max(), first)]
+    lo = fmts[step % len(fmts)]
+    out.append((spaces[lo].min(), lo))
+    for j in range(n_random):
+        f = fmts[(step + 1 + j) % len(fmts)]
+        out.append((spaces[f].sample(gen), f))
     return out
 
 
@@ -59,32 +81,46 @@ def run(params: Params, data_dir: Path, out_dir: Path, ckpt_dir: Path) -> dict:
 
     imp = importance.measure(model, list(calib.long().split(sp.batch_size)))
     importance.permute_(model, imp)
-    space = space_for(params, model, imp.drop_order())
-    before = val_losses(model, space, val, sp.fmt)
+    formats = params.supernet_formats()
+    spaces = {f: space_for(params, model, imp.drop_order(), bits) for f, bits in formats.items()}
+    before = val_losses(model, spaces, val)
 
     def sandwich(step: int, gen: torch.Generator):
-        cfgs = [space.max(), space.min()] + [space.sample(gen) for _ in range(sp.n_random)]
-        return [lambda c=c: set_active(model, c, sp.fmt) for c in cfgs]
+        return [lambda c=c, f=f: set_active(model, c, f) for c, f in sandwich_configs(spaces, step, sp.n_random, gen)]
 
     spec = TrainSpec(sp.steps, sp.batch_size, sp.lr, sp.kd_temperature, sp.seed, ckpt_every=max(1, sp.steps // 4),
-                     fingerprint=f"supernet:{json.dumps(sp.model_dump(), sort_keys=True)}:{params.model.n_layers}:"
+                     amp=sp.amp, compile=sp.compile,
+                     fingerprint=f"supernet:{json.dumps(sp.model_dump(), sort_keys=True)}:{formats}:{params.model.n_layers}:"
                                  f"{sha256_file(data_dir / 'train.safetensors')[:16]}")
     result = train_kd(model, teacher, train, spec, sandwich, checkpoint_dir(ckpt_dir, spec.fingerprint), desc="supernet")
     set_max(model)
-    after = val_losses(model, space, val, sp.fmt)
+    after = val_losses(model, spaces, val)
+    clip = clip_summary(model)
 
     with staged_dir(out_dir) as tmp:
         model.save_pretrained(tmp / "model", safe_serialization=True)
         tok.save_pretrained(tmp / "model")
-        meta = {"drop_order": imp.drop_order(), "block_importance": imp.block, "bits": sp.bits,
-                "embed_bits": list(space.embed_bits), "min_ffn_frac": sp.min_ffn_frac,
-                "min_kv_groups": sp.min_kv_groups, "max_drop_frac": sp.max_drop_frac, "fmt": sp.fmt}
+        meta = {"drop_order": imp.drop_order(), "block_importance": imp.block, "formats": formats,
+                "min_ffn_frac": sp.min_ffn_frac, "min_kv_groups": sp.min_kv_groups, "max_drop_frac": sp.max_drop_frac}
         write_json(tmp / "space.json", meta)
-    metrics = {"val_loss_before": before, "val_loss_after": after, "steps": sp.steps,
+    improved = {k: round(before[k] - after[k], 4) for k in after}
+    metrics = {"val_loss_before": before, "val_loss_after": after, "val_loss_drop": improved,
+               "learned_clip": clip, "formats": formats, "steps": sp.steps,
                "resumed_from": result.resumed_from, "tokens": result.tokens, "train_seconds": round(result.seconds, 2),
                "tokens_per_s": round(result.tokens / result.seconds, 1) if result.seconds else 0.0,
                "device": str(device)}
     return {"metrics": metrics, "curve": result.curve}
+
+
+def clip_summary(model) -> dict[str, float]:
+    """Mean learned clipping factor per format and bit-width (1.0 = the plain quantizer's range)."""
+    from tailor.models.llama import QLinear
+    from tailor.quant.fake import FMT_INDEX
+
+    g = torch.stack([m.qclip.detach().float().cpu() for m in model.modules()
+                     if isinstance(m, QLinear) and m is not model.lm_head])
+    return {f"{f}:{b}": round(float(g[:, i, b].mean()), 4) for f, i in FMT_INDEX.items() for b in (2, 3, 4, 5, 8)
+            if (g[:, i, b] != 1).any()}
 
 
 def main() -> None:

@@ -6,6 +6,7 @@ permutation, so the step number is the data position.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -20,6 +21,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from safetensors.torch import load_file
 
 from tailor.distill import kd_loss
+from tailor.accel import enable_compile
 from tailor.models.base import save_state
 from tailor.models.llama import TailorForCausalLM
 
@@ -41,6 +43,10 @@ class TrainSpec:
     # The tied embedding (Q8_0 by default, near lossless) stays frozen: its fake quantization is then
     # computed once and cached instead of on 28M values at every forward, and it holds 20% of the weights.
     train_embeddings: bool = False
+    # The learned clipping factors move in [0.5, 1]: at the weights' lr (1e-5) they would never move.
+    clip_lr: float = 1e-3
+    amp: bool = True  # bf16 autocast on CUDA; CPU trains in float32 either way
+    compile: bool = False  # torch.compile the hot small-kernel paths on CUDA
 
 
 @dataclass
@@ -70,35 +76,63 @@ def pick_device(name: str) -> torch.device:
 
 def _save_ckpt(ckpt_dir: Path, model: TailorForCausalLM, opt: torch.optim.Optimizer, step: int,
                gen: torch.Generator, spec: TrainSpec, curve: list[dict]) -> None:
+    """One directory per checkpoint (`step-000012`), filled under a temp name and renamed when complete:
+    a kill at any moment leaves the previous checkpoint whole, never weights of one step beside the
+    optimizer state of another."""
     ckpt_dir.mkdir(parents=True, exist_ok=True)
+    final = ckpt_dir / f"step-{step:06d}"
+    tmp = ckpt_dir / f".tmp-step-{step:06d}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
     state = {k: v.detach().cpu() for k, v in model.state_dict().items() if k != "lm_head.weight"}
-    save_state(state, ckpt_dir / "weights.safetensors")
-    tmp = ckpt_dir / "state.pt.tmp"
-    torch.save({"optimizer": opt.state_dict(), "rng": torch.get_rng_state(), "gen": gen.get_state()}, tmp)
-    os.replace(tmp, ckpt_dir / "state.pt")
-    meta = {"step": step, "fingerprint": spec.fingerprint, "curve": curve}
-    (ckpt_dir / "meta.json.tmp").write_text(json.dumps(meta))
-    os.replace(ckpt_dir / "meta.json.tmp", ckpt_dir / "meta.json")  # written last: marks the set complete
+    save_state(state, tmp / "weights.safetensors")
+    torch.save({"optimizer": opt.state_dict(), "rng": torch.get_rng_state(), "gen": gen.get_state()}, tmp / "state.pt")
+    (tmp / "meta.json").write_text(json.dumps({"step": step, "fingerprint": spec.fingerprint, "curve": curve}))
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    for old in ckpt_dir.glob("step-*"):  # keep only the newest
+        if old != final:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def _latest_ckpt(ckpt_dir: Path) -> Path | None:
+    done = sorted(p for p in ckpt_dir.glob("step-*") if (p / "meta.json").is_file()) if ckpt_dir.is_dir() else []
+    return done[-1] if done else None
+
+
+def _short(fingerprint: str | None) -> str:
+    return hashlib.sha256(str(fingerprint).encode()).hexdigest()[:12]
 
 
 def _load_ckpt(ckpt_dir: Path, model: TailorForCausalLM, opt: torch.optim.Optimizer, gen: torch.Generator,
                spec: TrainSpec) -> tuple[int, list[dict]]:
-    meta_file = ckpt_dir / "meta.json"
-    if not meta_file.is_file():
+    latest = _latest_ckpt(ckpt_dir)
+    if latest is None:
         return 0, []
-    meta = json.loads(meta_file.read_text())
+    meta_file = latest / "meta.json"
+    try:
+        meta = json.loads(meta_file.read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{meta_file}: unreadable ({e}); delete it to start over") from None
     if meta.get("fingerprint") != spec.fingerprint:
-        raise CheckpointError(f"{meta_file}: checkpoint of another run ({meta.get('fingerprint')} != {spec.fingerprint}); "
+        raise CheckpointError(f"{meta_file}: checkpoint of another run configuration (fingerprint "
+                              f"{_short(meta.get('fingerprint'))}, this run {_short(spec.fingerprint)}); "
                               "delete it to start over")
     try:
-        weights = load_file(ckpt_dir / "weights.safetensors")
+        weights = load_file(latest / "weights.safetensors")
     except Exception as e:
-        raise CheckpointError(f"{ckpt_dir / 'weights.safetensors'}: unreadable ({e})") from None
-    missing, unexpected = model.load_state_dict(weights, strict=False)
+        raise CheckpointError(f"{latest / 'weights.safetensors'}: unreadable ({e})") from None
+    try:
+        missing, unexpected = model.load_state_dict(weights, strict=False)
+    except RuntimeError:  # same names, other shapes
+        missing, unexpected = [], ["(shapes differ)"]
     if [k for k in missing if k != "lm_head.weight"] or unexpected:
-        raise CheckpointError(f"{ckpt_dir / 'weights.safetensors'}: tensors do not match the model")
+        raise CheckpointError(f"{latest / 'weights.safetensors'}: tensors do not match the model")
     model.tie_weights()
-    state = torch.load(ckpt_dir / "state.pt", weights_only=True)
+    try:  # optimizer and RNG state: plain tensors and dicts only, never arbitrary pickled objects
+        state = torch.load(latest / "state.pt", weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"{latest / 'state.pt'}: unreadable ({' '.join(str(e).split())[:200]})") from None
     opt.load_state_dict(state["optimizer"])
     torch.set_rng_state(state["rng"])
     gen.set_state(state["gen"])
@@ -115,13 +149,23 @@ def train_kd(student: TailorForCausalLM, teacher: torch.nn.Module, data: torch.T
     device = next(student.parameters()).device
     gen = torch.Generator().manual_seed(spec.seed)
     student.get_input_embeddings().weight.requires_grad_(spec.train_embeddings)
-    params = [p for p in student.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay)
+    student.lm_head.qclip.requires_grad_(spec.train_embeddings)
+    named = [(n, p) for n, p in student.named_parameters() if p.requires_grad]
+    params = [p for _, p in named]
+    groups = [{"params": [p for n, p in named if not n.endswith("qclip")]},
+              {"params": [p for n, p in named if n.endswith("qclip")], "lr": spec.clip_lr, "weight_decay": 0.0}]
+    opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=spec.lr, weight_decay=spec.weight_decay)
     start, curve = _load_ckpt(ckpt_dir, student, opt, gen, spec) if ckpt_dir else (0, [])
     order = torch.randperm(len(data), generator=torch.Generator().manual_seed(spec.seed))
     result = TrainResult(curve=curve, resumed_from=start)
     teacher.eval()
     student.train()
+    on_gpu = device.type == "cuda"
+    if spec.compile and on_gpu:
+        enable_compile()
+
+    def amp():
+        return torch.autocast("cuda", dtype=torch.bfloat16) if spec.amp and on_gpu else contextlib.nullcontext()
     t0 = time.perf_counter()
     with Progress(TextColumn(f"[bold]{desc}"), BarColumn(), TextColumn("{task.completed}/{task.total} loss {task.fields[loss]}"),
                   TimeRemainingColumn(), transient=False, disable=not os.isatty(1)) as bar:
@@ -130,14 +174,15 @@ def train_kd(student: TailorForCausalLM, teacher: torch.nn.Module, data: torch.T
             ts = time.perf_counter()
             idx = torch.arange(step * spec.batch_size, (step + 1) * spec.batch_size) % len(data)
             ids = data[order[idx]].to(device).long()
-            with torch.no_grad():
+            with torch.no_grad(), amp():
                 t_logits = teacher(ids).logits
             opt.zero_grad(set_to_none=True)
             total = 0.0
             switches = activate(step, gen)
             for switch in switches:
                 switch()
-                loss = kd_loss(student(ids).logits, t_logits, spec.temperature)
+                with amp():
+                    loss = kd_loss(student(ids).logits, t_logits, spec.temperature)
                 loss.backward()
                 total += loss.item()
             torch.nn.utils.clip_grad_norm_(params, 1.0)

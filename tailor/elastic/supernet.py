@@ -73,9 +73,20 @@ def export_active(model: TailorForCausalLM, cfg: SubnetConfig, fmt: str = "gguf"
             for m, (rows, cols) in slices.items():
                 w = linear(src, m).weight
                 linear(dst, m).weight.copy_(w[:rows] if rows is not None else w[:, :cols])
+                linear(dst, m).qclip.copy_(linear(src, m).qclip)
     out.tie_weights()
+    bake_clip_(out)  # the learned clipping goes into the weights: export packs plain weights
     round16_(out)
     return out.to(model.device).eval()
+
+
+@torch.no_grad()
+def bake_clip_(model: TailorForCausalLM) -> None:
+    """Clamp every quantized matrix to its learned range and reset the clipping factors: the model
+    computes the same, and its weights are what export packs."""
+    for mod in model.modules():
+        if isinstance(mod, QLinear) and mod.weight is not model.get_input_embeddings().weight:
+            mod.bake_clip_()
 
 
 @torch.no_grad()

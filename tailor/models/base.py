@@ -54,7 +54,7 @@ def _convert(dest: Path) -> None:
     cfg = TailorConfig.from_llama(hf.config)
     model = TailorForCausalLM(cfg)
     missing, unexpected = model.load_state_dict(hf.state_dict(), strict=False)
-    if [k for k in missing if k != "lm_head.weight"] or unexpected:
+    if [k for k in missing if k != "lm_head.weight" and not k.endswith(".qclip")] or unexpected:
         raise ModelFileError(f"{src}: tensors do not match Llama ({missing[:3]} missing, {unexpected[:3]} unexpected)")
     model.tie_weights()
     tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=".tmp-base-"))
@@ -81,8 +81,34 @@ def load_base(n_layers: int | None = None, device: str | torch.device = "cpu",
     """The dense base model (optionally only its first `n_layers` layers) and its tokenizer."""
     path = base_dir()
     model = load_model_dir(path, n_layers=n_layers)
-    tok = AutoTokenizer.from_pretrained(path)
+    tok = load_tokenizer(path, model)
     return model.to(device=device, dtype=dtype).eval(), tok
+
+
+def check_tokenizer(tok: PreTrainedTokenizerBase, cfg, where: Path | str) -> None:
+    """A tokenizer must fit the model it feeds: every id it produces inside the embedding (else an
+    index error, or worse, silently wrong rows) and the same end/begin tokens (else generation and
+    perplexity use the wrong ones)."""
+    n = len(tok)
+    if n > cfg.vocab_size:
+        raise ModelFileError(f"{where}: tokenizer does not match the model ({n} tokens, model vocab_size "
+                             f"{cfg.vocab_size})")
+    for name in ("eos_token_id", "bos_token_id"):
+        want, got = getattr(cfg, name, None), getattr(tok, name, None)
+        if want is not None and got is not None and want != got:
+            raise ModelFileError(f"{where}: tokenizer does not match the model (tokenizer {name} {got}, "
+                                 f"config.json {want})")
+
+
+def load_tokenizer(path: Path, model: TailorForCausalLM | None = None) -> PreTrainedTokenizerBase:
+    """The tokenizer saved in a model directory, checked against the model when given."""
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError, TypeError) as e:
+        raise ModelFileError(f"{path}: no usable tokenizer ({' '.join(str(e).split())[:160]})") from None
+    if model is not None:
+        check_tokenizer(tok, model.config, path)
+    return tok
 
 
 def load_model_dir(path: Path, n_layers: int | None = None) -> TailorForCausalLM:
@@ -111,6 +137,7 @@ def load_model_dir(path: Path, n_layers: int | None = None) -> TailorForCausalLM
     model = TailorForCausalLM(cfg)
     state.setdefault("lm_head.weight", state["model.embed_tokens.weight"])
     missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.endswith(".qclip")]  # no learned clipping stored = none (1.0)
     if missing or unexpected:
         raise ModelFileError(f"{weights}: does not match config.json (missing {missing[:2]}, unexpected {unexpected[:2]})")
     model.tie_weights()

@@ -17,7 +17,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from tailor.quant.fake import fake_quant, runtime_linear, runtime_weight
+from tailor.quant.fake import CLIP_SLOTS, FMT_INDEX, clipped, fake_quant, runtime_linear, runtime_weight
 
 
 class TailorConfig(PretrainedConfig):
@@ -79,23 +79,45 @@ class QLinear(nn.Linear):
         super().__init__(in_features, out_features, bias=False)
         self.bits, self.fmt = bits, fmt
         self.active_out, self.active_in = out_features, in_features
+        # Learned clipping range per (format, bit-width), a factor on each block's range (1 = none).
+        self.qclip = nn.Parameter(torch.ones(len(FMT_INDEX), CLIP_SLOTS))
         # Inference computes as the device runtime does (llama.cpp also rounds activations), so what
         # evaluate measures is what the exported file scores. Training always uses plain fake quant.
         self.runtime_emulation = False
         self._cache: tuple | None = None
         self._rt_cache: tuple | None = None
 
+    def gamma(self) -> torch.Tensor | None:
+        """The learned clipping factor of the current format and bit-width (None at 16 bits)."""
+        return None if self.bits >= 16 else self.qclip[FMT_INDEX[self.fmt], self.bits]
+
+    def _key(self, w: torch.Tensor) -> tuple:
+        return (self.weight._version, self.qclip._version, self.active_out, self.active_in, self.bits, self.fmt,
+                w.device, w.dtype)
+
     def active_weight(self) -> torch.Tensor:
         w = self.weight[: self.active_out, : self.active_in]
         if self.bits >= 16:
             return w
-        if torch.is_grad_enabled() and w.requires_grad:
-            return fake_quant(w, self.bits, self.fmt)
-        # Inference: quantizing every call is wasted work, so cache until weight or slice changes.
-        key = (self.weight._version, self.active_out, self.active_in, self.bits, self.fmt, w.device, w.dtype)
+        if torch.is_grad_enabled() and (w.requires_grad or self.qclip.requires_grad):
+            return fake_quant(w, self.bits, self.fmt, self.gamma())
+        # Inference: quantizing every call is wasted work, so cache until weight, clip or slice changes.
+        key = self._key(w)
         if self._cache is None or self._cache[0] != key:
-            self._cache = (key, fake_quant(w.detach(), self.bits, self.fmt))
+            self._cache = (key, fake_quant(w.detach(), self.bits, self.fmt, self.gamma().detach()))
         return self._cache[1]
+
+    def clipped_weight(self) -> torch.Tensor:
+        """The active weight clamped to its learned range: the float values export quantizes."""
+        w = self.weight[: self.active_out, : self.active_in].detach()
+        return w if self.bits >= 16 else clipped(w, self.gamma(), self.fmt, self.bits)
+
+    @torch.no_grad()
+    def bake_clip_(self) -> None:
+        """Write the learned clipping into the weight and reset it: same quantized values, no state."""
+        if self.bits < 16:
+            self.weight[: self.active_out, : self.active_in] = self.clipped_weight()
+        self.qclip.fill_(1.0)
 
     def emulating(self) -> bool:
         return self.runtime_emulation and not torch.is_grad_enabled()
@@ -104,9 +126,9 @@ class QLinear(nn.Linear):
         x = x[..., : self.active_in]
         if self.emulating():
             w = self.weight[: self.active_out, : self.active_in]
-            key = (self.weight._version, self.active_out, self.active_in, self.bits, self.fmt, w.device, w.dtype)
+            key = self._key(w)
             if self._rt_cache is None or self._rt_cache[0] != key:
-                self._rt_cache = (key, runtime_weight(w.detach(), self.bits, self.fmt))
+                self._rt_cache = (key, runtime_weight(self.clipped_weight(), self.bits, self.fmt))
             return runtime_linear(x, self._rt_cache[1], self.bits, self.fmt)
         return F.linear(x, self.active_weight())
 

@@ -1,25 +1,95 @@
-"""Fake quantization on the export formats' own grids, with straight-through gradients.
+"""Fake quantization on the export formats' own grids, with straight-through gradients and a learned
+clipping range per matrix and bit-width.
 
 Blocks of 32 run along the input dimension (the last axis of an [out, in] weight), as in GGUF and
 MatMulNBits, so a row slice or a 32-aligned column slice of a fake-quantized matrix equals the fake
 quantization of the slice: elastic slicing and quantization commute.
+
+Learned clipping. Each block's range [lo, hi] (what the format's quantizer derives its step from:
+min/max for Q4_1/Q5_1 and MatMulNBits, ±absmax for Q8_0) is shrunk towards the block's centre by a
+factor gamma in [CLIP_MIN, 1], one gamma per matrix, format and bit-width. The weight is clamped to the
+shrunk range and then quantized by the unchanged reference quantizer, so the clipped weight, written
+back into the matrix ("baked"), quantizes to exactly the same values in the exporter and the runtime:
+export stays exact. Gamma's gradient is LSQ's with the codes held fixed: the block's dequantized
+values scale with its range, d wq / d gamma = (wq - centre) / gamma.
 """
 from __future__ import annotations
 
 import torch
 
 from tailor.quant import gguf_grid
-from tailor.quant.formats import grid
+from tailor.quant.formats import BLOCK, grid
+
+FMT_INDEX = {"gguf": 0, "onnx": 1}
+CLIP_MIN = 0.5   # clipping more than half a block's range away never helps at >= 2 bits
+CLIP_SLOTS = 9   # gamma[fmt, bits] for bits 0..8 (16-bit matrices are not quantized)
 
 
-def fake_quant(w: torch.Tensor, bits: int, fmt: str) -> torch.Tensor:
-    """Quantize-dequantize `w` ([out, in]) on format `fmt`'s grid, straight-through gradient.
+def _block_range(b: torch.Tensor, fmt: str, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    if fmt == "gguf" and bits == 8:  # Q8_0 is symmetric: d = absmax / 127
+        a = b.abs().amax(-1, keepdim=True)
+        return -a, a
+    lo, hi = b.amin(-1, keepdim=True), b.amax(-1, keepdim=True)
+    if fmt == "onnx":  # MatMulNBits' quantizer widens the range to include 0
+        lo, hi = lo.clamp(max=0), hi.clamp(min=0)
+    return lo, hi
+
+
+def _clip(w: torch.Tensor, gamma: torch.Tensor, fmt: str, bits: int):
+    """(clamped blocks, block centre, shape) — clamp differentiable in w, gamma detached."""
+    rows, cols = w.shape
+    b = w.reshape(rows, cols // BLOCK, BLOCK)
+    lo, hi = _block_range(b.detach(), fmt, bits)
+    c = torch.zeros_like(lo).clamp(lo, hi)  # 0, or the nearer end for a one-signed block
+    g = gamma.detach().clamp(CLIP_MIN, 1.0).to(w.dtype)
+    return torch.minimum(torch.maximum(b, c + g * (lo - c)), c + g * (hi - c)), c
+
+
+@torch.no_grad()
+def clipped(w: torch.Tensor, gamma: torch.Tensor | float | None, fmt: str, bits: int) -> torch.Tensor:
+    """The weight clamped to its learned range: what export packs (quantizing it is the identity on
+    the clamp, so it can be baked into the matrix)."""
+    if bits >= 16 or gamma is None or float(gamma) >= 1.0:
+        return w
+    if w.shape[-1] % BLOCK:
+        raise ValueError(f"{fmt}: {w.shape[-1]} columns are not whole {BLOCK}-element blocks")
+    gamma = torch.as_tensor(gamma, device=w.device)
+    return _clip(w, gamma, fmt, bits)[0].reshape(w.shape)
+
+
+_compiled = None  # torch.compile'd _fake_quant, set by enable_compile() (GPU training)
+
+
+def enable_compile() -> None:
+    """Fuse the quantizer's dozen small kernels per matrix into a couple (CUDA only; shapes dynamic, so
+    elastic slices do not recompile; one graph per format x bit-width)."""
+    global _compiled
+    if _compiled is None:
+        _compiled = torch.compile(_fake_quant, dynamic=True)
+
+
+def fake_quant(w: torch.Tensor, bits: int, fmt: str, gamma: torch.Tensor | None = None) -> torch.Tensor:
+    """Quantize-dequantize `w` ([out, in]) on format `fmt`'s grid after learned clipping; straight-through
+    gradient for `w` inside the clipping range, LSQ gradient for `gamma`.
 
     At 16 bits the weight passes unchanged (the supernet's max config must equal the dense model)."""
     if bits >= 16:
         return w
-    wq = grid(fmt).dequantized(w.detach(), bits).to(w.dtype)
-    return wq + (w - w.detach())  # exactly wq forward (w + (wq - w) is an ulp off), identity gradient
+    if _compiled is not None and w.is_cuda:
+        return _compiled(w, bits, fmt, gamma)
+    return _fake_quant(w, bits, fmt, gamma)
+
+
+def _fake_quant(w: torch.Tensor, bits: int, fmt: str, gamma: torch.Tensor | None) -> torch.Tensor:
+    if gamma is None:
+        wq = grid(fmt).dequantized(w.detach(), bits).to(w.dtype)
+        return wq + (w - w.detach())  # exactly wq forward (w + (wq - w) is an ulp off), identity gradient
+    wc, c = _clip(w, gamma, fmt, bits)
+    wq = grid(fmt).dequantized(wc.detach().reshape(w.shape), bits).to(w.dtype).reshape(wc.shape)
+    g = gamma.clamp(CLIP_MIN, 1.0).to(w.dtype)
+    scale = g / g.detach()  # 1.0 exactly forward; carries d/d gamma
+    out = wq + (wc - wc.detach()) + ((wq - c) * scale - (wq - c))  # forward: exactly wq
+    return out.reshape(w.shape)
 
 
 def runtime_weight(w: torch.Tensor, bits: int, fmt: str):

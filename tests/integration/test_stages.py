@@ -38,7 +38,8 @@ def test_supernet(ws):
 
     out = supernet.run(ws["params"], ws["art"] / "calibrate", ws["art"] / "supernet", ws["root"] / "ckpt")
     m = out["metrics"]
-    assert set(m["val_loss_before"]) == {"min", "mid", "max"} and m["steps"] == ws["params"].supernet.steps
+    assert set(m["val_loss_before"]) == {"min", "mid", "max", "min_onnx", "mid_onnx"}
+    assert m["steps"] == ws["params"].supernet.steps and m["formats"] == {"gguf": [4, 5, 8, 16], "onnx": [2, 4, 8, 16]}
     assert len(out["curve"]) == ws["params"].supernet.steps
     model = load_model_dir(ws["art"] / "supernet" / "model")
     set_max(model)
@@ -54,6 +55,10 @@ def test_search(ws):
     out = search.run(ws["params"], "phone", ws["art"] / "supernet", ws["art"] / "calibrate", ws["art"] / "search" / "phone")
     m = out["metrics"]
     assert m["bytes"] <= m["budget_bytes"] and m["n_candidates"] >= 2
+    assert set(m["strategies"]) == {"mip", "nsga", "gumbel"}
+    assert all(s["best_kl"] is not None and s["best_bytes"] <= m["budget_bytes"] for s in m["strategies"].values())
+    assert m["fairness"]["blind"]["kl"] <= m["fairness"]["aware"]["kl"]
+    assert (ws["art"] / "search" / "phone" / "sensitivity.json").is_file()
     cfg = SubnetConfig.from_json((ws["art"] / "search" / "phone" / "config.json").read_text())
     assert cfg.hash == m["chosen_hash"]
 

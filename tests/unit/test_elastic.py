@@ -8,7 +8,7 @@ from tailor.arch import SubnetConfig
 from tailor.elastic import importance
 from tailor.elastic.space import SearchSpace
 from tailor.elastic.supernet import arch_of, export_active, set_active, set_max, subnet_of
-from tailor.models.llama import set_runtime_emulation
+from tailor.models.llama import QLinear, set_runtime_emulation
 from tailor.models.tiny import tiny_model
 
 IDS = torch.randint(0, 320, (2, 24), generator=torch.Generator().manual_seed(0))
@@ -30,6 +30,9 @@ def test_max_config_at_16_bits_equals_dense():
 @torch.no_grad()
 def test_export_active_equals_set_active_for_random_configs(fmt):
     model = tiny_model(n_layers=4)
+    for mod in model.modules():  # learned clipping away from 1, so baking it into the export is exercised
+        if isinstance(mod, QLinear) and mod is not model.lm_head:
+            mod.qclip.uniform_(0.5, 1.0, generator=torch.Generator().manual_seed(1))
     space = _space(model, bits=(4, 8, 16) if fmt == "gguf" else (2, 4, 8, 16))
     gen = torch.Generator().manual_seed(3)
     for _ in range(6):
