@@ -55,20 +55,44 @@ class SupernetParams(Strict):
     lr: float = Field(2e-5, gt=0)
     n_random: int = Field(2, ge=0, description="random subnets per step besides max and min (sandwich rule)")
     kd_temperature: float = Field(1.0, gt=0)
-    bits: list[int] = Field([4, 8, 16], description="bit-widths the supernet trains")
+    formats: dict[Literal["gguf", "onnx"], list[int]] | None = Field(
+        None, description="export grids and bit-widths the supernet trains; null = every device's format and bits")
     min_ffn_frac: float = Field(0.25, gt=0, le=1)
     min_kv_groups: int = Field(1, gt=0)
     max_drop_frac: float = Field(0.25, ge=0, lt=1, description="most layers a subnet may drop")
-    fmt: Literal["gguf", "onnx"] = Field("gguf", description="grid used for fake quantization in training")
     val_seqs: int = Field(16, gt=0, description="validation sequences for the min/mid/max loss report")
     device: str = "auto"
     seed: int = 0
+    amp: bool = Field(True, description="bf16 autocast on CUDA (CPU always trains in float32)")
+    compile: bool = Field(False, description="torch.compile the decoder blocks on CUDA")
+
+    @model_validator(mode="after")
+    def _check_formats(self) -> "SupernetParams":
+        for f, bits in (self.formats or {}).items():
+            bad = [b for b in bits if b not in FORMATS[f]]
+            if bad:
+                raise ValueError(f"formats.{f}: bits {bad} not available in {f} (has {list(FORMATS[f])})")
+        return self
+
+
+class FairnessParams(Strict):
+    enabled: bool = Field(True, description="choose by KL + weight x worst-group stereotype rise (else KL only)")
+    weight: float = Field(2.0, ge=0, description="KL nats per unit of worst-group share rise")
+    per_group: int = Field(8, gt=0, description="CrowS-Pairs pairs per bias type scored per candidate")
+    top_k: int = Field(8, gt=0, description="best-KL candidates whose bias is measured")
 
 
 class SearchParams(Strict):
-    n_candidates: int = Field(48, gt=1)
+    n_candidates: int = Field(48, gt=1, description="NSGA-II trials (and random candidates for 'sampled')")
     val_seqs: int = Field(16, gt=0, description="validation sequences each candidate is scored on")
     seed: int = 0
+    strategies: list[Literal["mip", "nsga", "gumbel", "sampled"]] = Field(
+        ["mip", "nsga", "gumbel"], min_length=1, description="run and compared at the same budget; the best wins")
+    sens_seqs: int = Field(4, gt=0, description="validation sequences of the sensitivity table")
+    gumbel_steps: int = Field(40, ge=1)
+    latency_configs: int = Field(8, ge=0, description="subnets exported and timed in the real runtime to calibrate "
+                                                       "the latency model (0 = skip)")
+    fairness: FairnessParams = FairnessParams()
 
 
 class FinetuneParams(Strict):
@@ -82,15 +106,36 @@ class FinetuneParams(Strict):
 
 class Gates(Strict):
     max_ppl_increase: float = Field(0.5, ge=0, description="relative perplexity increase allowed vs base")
-    min_accuracy_retention: float = Field(0.9, ge=0, le=1, description="PIQA accuracy kept, as a share of base")
-    max_group_worsening: float = Field(0.10, ge=0, le=1, description="rise of a group's stereotype share allowed (CI excluding 0)")
+    min_accuracy_retention: float = Field(0.9, ge=0, le=1,
+                                          description="mean accuracy over the accuracy tasks kept, as a share of base")
+    max_group_worsening: float = Field(0.10, ge=0, le=1,
+                                       description="move of a bias group in its worse direction allowed (gated when its CI excludes 0)")
+
+
+EVAL_TASKS = ("piqa", "boolq", "openbookqa", "commonsense_qa", "siqa", "mmlu", "crows", "bbq", "stereoset", "winogender")
 
 
 class EvaluateParams(Strict):
     batch_size: int = Field(16, gt=0)
     bootstrap: int = Field(1000, gt=0)
-    seed: int = 0
+    seed: int = Field(0, description="bootstrap resamples and eval subsets")
+    tasks: list[Literal[EVAL_TASKS]] = Field(  # type: ignore[valid-type]
+        [t for t in EVAL_TASKS if t != "mmlu"], description="suites run besides held-out perplexity")
+    limits: dict[str, int | None] = Field(
+        {}, description="task -> items kept (per group for crows/bbq/stereoset/winogender; bbq groups are "
+                        "category x context condition); absent or null = all")
+    max_length: int | None = Field(None, gt=7, description="context window in tokens (left-truncated); null = model's")
     gates: Gates = Gates()
+
+    @model_validator(mode="after")
+    def _check(self) -> "EvaluateParams":
+        bad = sorted(set(self.limits) - {"wiki", *EVAL_TASKS})
+        if bad:
+            raise ValueError(f"limits: unknown task(s) {bad} (known: wiki, {', '.join(EVAL_TASKS)})")
+        neg = [k for k, v in self.limits.items() if v is not None and v <= 0]
+        if neg:
+            raise ValueError(f"limits: {neg[0]} must be positive or null, got {self.limits[neg[0]]}")
+        return self
 
 
 class ExportParams(Strict):
@@ -174,6 +219,15 @@ class Params(Strict):
     devices: dict[str, DeviceProfile]
     schedule: Schedule = Schedule()
     runner: RunnerParams = RunnerParams()
+
+    def supernet_formats(self) -> dict[str, list[int]]:
+        """Grid -> bit-widths the supernet trains: one supernet serves every device's format."""
+        if self.supernet.formats is not None:
+            return {f: sorted(set(b) | {16}) for f, b in self.supernet.formats.items()}
+        out: dict[str, set[int]] = {}
+        for d in self.devices.values():
+            out.setdefault(d.format, {16}).update(d.allowed_bits)
+        return {f: sorted(b) for f, b in sorted(out.items())}
 
     def device(self, name: str) -> DeviceProfile:
         if name not in self.devices:
