@@ -1,10 +1,9 @@
 """calibrate: validate the pinned corpora and eval/bias sets, tokenize, split into shards."""
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
-from steps._common import artifact_dir, main_for, report_dir, write_json
+from steps._common import artifact_dir, copy_file, main_for, report_dir, staged_dir, write_json
 from tailor import tracking
 from tailor.config import Params
 
@@ -22,11 +21,12 @@ def run(params: Params, out_dir: Path) -> dict:
 def main() -> None:
     def stage(params: Params, _: str | None) -> None:
         with tracking.stage_run("calibrate", params=params.calibrate.model_dump()) as tr:
-            metrics = run(params, artifact_dir("calibrate"))
+            with staged_dir(artifact_dir("calibrate")) as tmp:
+                metrics = run(params, tmp)
             rep = report_dir("calibrate")
             write_json(rep / "metrics.json", metrics)
-            shutil.copy(artifact_dir("calibrate") / "data_report.json", rep / "data_report.json")
-            shutil.copy(artifact_dir("calibrate") / "DATA_CARD.md", rep / "DATA_CARD.md")
+            copy_file(artifact_dir("calibrate") / "data_report.json", rep / "data_report.json")
+            copy_file(artifact_dir("calibrate") / "DATA_CARD.md", rep / "DATA_CARD.md")
             tr.log_metrics(metrics)
             tr.log_artifact(rep / "data_report.json")
 

@@ -13,7 +13,7 @@ from tailor.config import Params
 from tailor.eval.gates import check
 from tailor.eval.harness import SuiteResult, run_suite
 from tailor.eval.slices import compare
-from tailor.models.base import base_dir, cache_dir, load_base, load_model_dir, sha256_file
+from tailor.models.base import base_dir, cache_dir, load_base, load_model_dir, load_tokenizer, sha256_file
 from tailor.train import pick_device
 
 
@@ -40,13 +40,11 @@ def base_suite(params: Params, eval_dir: Path, dev) -> SuiteResult:
 
 
 def run(params: Params, device: str, model_dir: Path, eval_dir: Path) -> dict:
-    from transformers import AutoTokenizer
-
     ev = params.evaluate
     dev = pick_device("auto")
     base = base_suite(params, eval_dir, dev)
     model = load_model_dir(model_dir).to(dev)
-    tok = AutoTokenizer.from_pretrained(model_dir)
+    tok = load_tokenizer(model_dir, model)  # refuses a tokenizer of another model
     comp = run_suite(model, tok, eval_dir, batch_size=ev.batch_size, device=str(dev))
     metrics, slices = compare(base, comp, ev.bootstrap, ev.seed)
     gates = check(metrics, slices, ev.gates)

@@ -14,7 +14,7 @@ from tailor.config import ConfigError, Params
 from tailor.arch import BaseArch
 from tailor.elastic.supernet import subnet_of
 from tailor.eval.ppl import perplexity
-from tailor.models.base import gguf_path, load_model_dir
+from tailor.models.base import gguf_path, load_model_dir, load_tokenizer
 
 # format -> (writer module, runtime module, file name)
 BACKENDS = {"gguf": ("tailor.export.gguf", "tailor.export.llamacpp", "model.gguf"),
@@ -26,12 +26,10 @@ class ParityError(ValueError):
 
 
 def run(params: Params, device: str, model_dir: Path, eval_dir: Path, out_dir: Path) -> dict:
-    from transformers import AutoTokenizer
-
     ex, prof = params.export, params.device(device)
     writer, runtime, name = (importlib.import_module(m) if i < 2 else m for i, m in enumerate(BACKENDS[prof.format]))
     model = load_model_dir(model_dir)
-    tok = AutoTokenizer.from_pretrained(model_dir)
+    tok = load_tokenizer(model_dir, model)  # refuses a tokenizer of another model
     cfg = subnet_of(model)
     if cfg is None:
         raise ConfigError(f"{model_dir}: not an extracted subnet (config.json has no `subnet`)")

