@@ -27,6 +27,15 @@ def git_sha(root: Path) -> str:
         return "unknown"
 
 
+def git_dirty(root: Path) -> bool:
+    """Uncommitted changes to tracked files: `tailor reproduce` checks out the commit, not them."""
+    try:
+        return bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                                   capture_output=True, text=True, check=True).stdout.strip())
+    except (OSError, subprocess.CalledProcessError):
+        return True
+
+
 def run(params: Params, device: str, export_dir: Path, root: Path = Path(".")) -> dict:
     prof = params.device(device)
     file = export_dir / FILES[prof.format]
@@ -37,7 +46,7 @@ def run(params: Params, device: str, export_dir: Path, root: Path = Path(".")) -
     if sha != exp_metrics["sha256"]:
         raise ConfigError(f"{file}: sha256 {sha[:12]} differs from what export measured ({exp_metrics['sha256'][:12]})")
     subnet = json.loads((export_dir / "subnet.json").read_text())
-    tags = {"git_sha": git_sha(root), "dvc_lock_md5": _md5(root / "dvc.lock"), "params_md5": _md5(root / "params.yaml"),
+    tags = {"git_sha": git_sha(root), "git_dirty": str(git_dirty(root)), "dvc_lock_md5": _md5(root / "dvc.lock"), "params_md5": _md5(root / "params.yaml"),
             "sha256": sha, "gates_passed": str(gates["passed"]),
             **{f"gate.{g['name']}": "pass" if g["passed"] else "fail" for g in gates["gates"]},
             "profile": params.profile, "format": prof.format, "runtime": prof.runtime,
