@@ -236,6 +236,33 @@ def status(limit: int = typer.Option(5, help="how many nightly runs"),
     console.print(a)
 
 
+@app.command(name="reproduce")
+def reproduce_cmd(device: str = typer.Argument(..., help="device name from params.yaml"),
+                  version: str = typer.Argument(..., help="registered version"),
+                  keep: bool = typer.Option(False, help="keep the temporary worktree"),
+                  params: Path = typer.Option(Path("params.yaml"))) -> None:
+    """Check out VERSION's git sha and dvc.lock in a temp worktree, dvc pull + repro, compare hashes."""
+    root = _registry_env(params)
+    try:
+        p = load_params(params)
+        pick_devices(p, device)
+    except ConfigError as e:
+        _fail(str(e))
+    from tailor import tracking
+    from tailor.reproduce import ReproduceError, reproduce
+
+    name = tracking.registered_name(p.register.model_prefix, device)
+    try:
+        r = reproduce(name, device, version, root, keep=keep)
+    except ReproduceError as e:
+        _fail(f"{name} version {version}: {e}", 1)
+    console.print(f"{name} v{r['version']} at {r['git_sha'][:12]} (dvc.lock: {r['dvc_lock']}, remote {r['remote']})")
+    console.print(f"stages run: {', '.join(r['ran']) or 'none'}; unchanged: {', '.join(r['unchanged']) or 'none'}")
+    verdict = "[green]hashes match[/green]" if r["match"] else "[red]HASH MISMATCH[/red]"
+    console.print(f"sha256 {r['sha256'][:16]}... registered {r['registered_sha256'][:16]}...: {verdict}")
+    raise typer.Exit(0 if r["match"] else 1)
+
+
 def main() -> None:  # pragma: no cover
     app()
 
