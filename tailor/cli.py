@@ -83,7 +83,8 @@ def _print_results(rows: list[dict], root: Path) -> None:
 
 @app.command()
 def deploy(params: Path = typer.Option(Path("params.yaml")),
-           serve: bool = typer.Option(False, help="also serve the deployment (blocks; runs on schedule)")) -> None:
+           serve: bool = typer.Option(False, help="also serve the deployment (blocks; runs on schedule)"),
+           pool: str = typer.Option("tailor", help="Prefect process work pool (created if missing)")) -> None:
     """Create the Prefect deployment of the nightly flow with the cron schedule from params.yaml."""
     try:
         p = load_params(params)
@@ -97,8 +98,11 @@ def deploy(params: Path = typer.Option(Path("params.yaml")),
 
         prefect_serve(dep)
         return
-    dep_id = dep.apply()
-    console.print(f"deployment tailor-nightly/nightly ({dep_id}) scheduled '{p.schedule.cron}' {p.schedule.timezone}")
+    from flows.deploy import apply
+
+    dep_id = apply(dep, params.resolve().parent, pool)
+    console.print(f"deployment tailor-nightly/nightly ({dep_id}) scheduled '{p.schedule.cron}' {p.schedule.timezone} "
+                  f"in work pool '{pool}' (run it: prefect worker start --pool {pool})")
 
 
 @app.command()
