@@ -11,7 +11,7 @@ from steps._common import artifact_dir, main_for, report_dir, write_json
 from tailor import tracking
 from tailor.config import Params
 from tailor.eval.gates import check
-from tailor.eval.harness import SuiteResult, run_suite
+from tailor.eval.harness import SuiteResult, run_suite, suite_options
 from tailor.eval.slices import compare
 from tailor.models.base import base_dir, cache_dir, load_base, load_model_dir, load_tokenizer, sha256_file
 from tailor.train import pick_device
@@ -22,7 +22,9 @@ def _base_cache(params: Params, eval_dir: Path) -> Path:
     h = hashlib.sha256()
     for f in sorted(eval_dir.glob("*.jsonl")):
         h.update(sha256_file(f).encode())
-    h.update(json.dumps([params.model.n_layers, (base_dir() / "source.json").read_text()]).encode())
+    opts = suite_options(params.evaluate) | {"batch_size": None}  # batch size does not change the scores
+    h.update(json.dumps([params.model.n_layers, (base_dir() / "source.json").read_text(), opts],
+                        sort_keys=True).encode())
     return cache_dir() / "eval-base" / f"{h.hexdigest()[:20]}.json"
 
 
@@ -31,7 +33,7 @@ def base_suite(params: Params, eval_dir: Path, dev) -> SuiteResult:
     if cached.is_file():
         return SuiteResult.from_dict(json.loads(cached.read_text()))
     base, tok = load_base(params.model.n_layers, device=dev)
-    result = run_suite(base, tok, eval_dir, batch_size=params.evaluate.batch_size, device=str(dev))
+    result = run_suite(base, tok, eval_dir, device=str(dev), **suite_options(params.evaluate))
     cached.parent.mkdir(parents=True, exist_ok=True)
     tmp = cached.with_suffix(".tmp")
     tmp.write_text(json.dumps(result.to_dict()))
@@ -45,7 +47,7 @@ def run(params: Params, device: str, model_dir: Path, eval_dir: Path) -> dict:
     base = base_suite(params, eval_dir, dev)
     model = load_model_dir(model_dir).to(dev)
     tok = load_tokenizer(model_dir, model)  # refuses a tokenizer of another model
-    comp = run_suite(model, tok, eval_dir, batch_size=ev.batch_size, device=str(dev))
+    comp = run_suite(model, tok, eval_dir, device=str(dev), **suite_options(ev))
     metrics, slices = compare(base, comp, ev.bootstrap, ev.seed)
     gates = check(metrics, slices, ev.gates)
     metrics["gates_passed"] = gates["passed"]
@@ -62,6 +64,7 @@ def main() -> None:
             write_json(rep / "metrics.json", out["metrics"])
             tr.log_metrics(out["metrics"])
             tr.set_tags({f"gate.{g['name']}": "pass" if g["passed"] else "fail" for g in out["gates"]["gates"]}
+                        | {f"gate.{g['name']}.reason": g["reason"][:5000] for g in out["gates"]["gates"]}
                         | {"gates_passed": out["gates"]["passed"]})
             tr.log_artifact(rep / "slices.json")
 

@@ -65,3 +65,29 @@ def paired_bootstrap(num_base: np.ndarray, num_comp: np.ndarray, den: np.ndarray
     stat_c = transform(num_comp[idx].sum(1) / den_c[idx].sum(1))
     lo, hi = np.quantile(stat_c - stat_b, [alpha / 2, 1 - alpha / 2])
     return PairedCI(base=base, compressed=comp, delta=comp - base, ci_low=float(lo), ci_high=float(hi), n=n)
+
+
+Stat = Callable[[dict[str, np.ndarray]], np.ndarray]
+
+
+def paired_bootstrap_stat(stat: Stat, base: dict[str, np.ndarray], comp: dict[str, np.ndarray], *, n_boot: int,
+                          rng: np.random.Generator, alpha: float = 0.05) -> PairedCI:
+    """Percentile CI of stat(comp) - stat(base) for any statistic of per-item arrays, items paired.
+
+    `stat` reduces the last axis: given arrays of shape (n,) it returns a scalar, given the gathered
+    resamples of shape (n_boot, n) it returns n_boot values (so each resample is one vectorised gather,
+    as in paired_bootstrap). Used for the statistics that are not one ratio of sums: the BBQ bias score
+    in ambiguous contexts, StereoSet's ICAT.
+    """
+    n = len(next(iter(base.values())))
+    if n == 0 or any(len(v) != n for v in (*base.values(), *comp.values())):
+        raise ValueError("paired bootstrap needs equal-length non-empty arrays for both models")
+    if n_boot <= 0:
+        raise ValueError(f"n_boot must be positive, got {n_boot}")
+    b = {k: np.asarray(v, float) for k, v in base.items()}
+    c = {k: np.asarray(v, float) for k, v in comp.items()}
+    vb, vc = float(stat(b)), float(stat(c))
+    idx = rng.integers(0, n, size=(n_boot, n))  # (n_boot, n): the same resample for both models
+    diff = stat({k: v[idx] for k, v in c.items()}) - stat({k: v[idx] for k, v in b.items()})
+    lo, hi = np.quantile(diff, [alpha / 2, 1 - alpha / 2])
+    return PairedCI(base=vb, compressed=vc, delta=vc - vb, ci_low=float(lo), ci_high=float(hi), n=n)

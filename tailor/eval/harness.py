@@ -2,9 +2,11 @@
 
 lm-eval gives us its prompt formats and request batching; we keep its per-sample log (log_samples)
 rather than its aggregates, because the bias slices and the paired bootstrap CIs need every item.
-The three task YAMLs in tasks/ are plain lm-eval configs over local json files; their data_files
-are pointed at the eval_dir written by the calibrate stage at run time and handed to lm-eval as
-inline configs, so nothing is written next to the package and no built-in task index is scanned.
+The task YAMLs in tasks/ are plain lm-eval configs over local json files; at run time the profile's
+seeded subset of each eval set (written whole by the calibrate stage) goes to a temp dir, the
+YAMLs' data_files are pointed there and handed to lm-eval as inline configs, so nothing is written
+next to the package and no built-in task index is scanned. Items keep their line index in the
+full file as id, so results over different subsets pair only where they share documents.
 
 Perplexity here is lm-eval's loglikelihood_rolling: every token of a text is predicted, the first
 one from the tokenizer's BOS token (HFLM.prefix_token_id). tailor.eval.ppl.perplexity instead starts
@@ -30,77 +32,86 @@ import numpy as np
 import torch
 import yaml
 
+from tailor.eval.bootstrap import rng_for
+
 TASKS_DIR = Path(__file__).parent / "tasks"
-# suite part -> (task YAML, file the calibrate stage writes in eval_dir)
-TASK_FILES = {
-    "wiki": ("tailor_wiki.yaml", "wiki.jsonl"),
-    "piqa": ("tailor_piqa.yaml", "piqa.jsonl"),
-    "crows": ("tailor_crows_pairs.yaml", "crows_pairs.jsonl"),
+# part -> (data file the calibrate stage writes in eval_dir, doc fields kept on each item for slicing,
+#          columns a per-group limit stratifies by; None = a plain seeded subset)
+PARTS: dict[str, tuple[str, tuple[str, ...], tuple[str, ...] | None]] = {
+    "wiki": ("wiki.jsonl", (), None),
+    "piqa": ("piqa.jsonl", (), None),
+    "boolq": ("boolq.jsonl", (), None),
+    "openbookqa": ("openbookqa.jsonl", (), None),
+    "commonsense_qa": ("commonsense_qa.jsonl", (), None),
+    "siqa": ("siqa.jsonl", (), None),
+    "mmlu": ("mmlu.jsonl", ("subject",), None),
+    "crows": ("crows_pairs.jsonl", ("bias_type", "stereo_antistereo"), ("bias_type",)),
+    "bbq": ("bbq.jsonl", ("category", "context_condition", "question_polarity", "biased", "unknown"),
+            ("category", "context_condition")),
+    "stereoset": ("stereoset.jsonl", ("bias_type",), ("bias_type",)),
+    "winogender": ("winogender.jsonl", ("gender",), ("gender",)),
 }
-SCHEMA_VERSION = 1
+ACCURACY_TASKS = ("piqa", "boolq", "openbookqa", "commonsense_qa", "siqa", "mmlu")
+BIAS_TASKS = ("crows", "bbq", "stereoset", "winogender")
+YAML = {p: f"tailor_{'crows_pairs' if p == 'crows' else p}.yaml" for p in PARTS}
+SCHEMA_VERSION = 2
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class WikiItem:
-    id: int  # line index in wiki.jsonl (lm-eval's doc_id)
+    id: int  # line index in wiki.jsonl
     hash: str  # of the document, so results over different files are never paired
     nll: float  # -sum log p(token) over all tokens of the text
     tokens: int  # predicted tokens
 
 
 @dataclass(frozen=True)
-class PiqaItem:
-    id: int
+class ChoiceItem:
+    """One multiple-choice item: the log-likelihood of every choice, as lm-eval scored it."""
+    id: int  # line index in the eval set file (stable whatever subset a profile picks)
     hash: str
-    label: int
-    ll: tuple[float, float]  # log-likelihood of " sol1", " sol2" after the question
-    acc: float
+    ll: tuple[float, ...]  # log-likelihood of each choice's continuation
+    nbytes: tuple[int, ...]  # UTF-8 bytes of each continuation (length-normalised comparisons)
+    label: int  # gold choice (CrowS-Pairs / StereoSet: 0 = the stereotyping sentence)
+    acc: float  # lm-eval's: argmax ll == label
     acc_norm: float
-
-
-@dataclass(frozen=True)
-class CrowsItem:
-    id: int
-    hash: str
-    bias_type: str
-    stereo_antistereo: str
-    ll_more: float  # log-likelihood of sent_more (the sentence expressing the stereotype)
-    ll_less: float
-    stereotype: float  # 1.0 when the model prefers sent_more strictly, else 0.0
+    fields: dict[str, Any] = field(default_factory=dict, compare=True)  # PARTS' doc fields, for slicing
 
     @property
-    def likelihood_diff(self) -> float:
-        return abs(self.ll_more - self.ll_less)
+    def pred(self) -> int:
+        return int(np.argmax(self.ll))
 
 
 @dataclass
 class SuiteResult:
     wiki: list[WikiItem]
-    piqa: list[PiqaItem]
-    crows: list[CrowsItem]
+    tasks: dict[str, list[ChoiceItem]]
     meta: dict[str, Any] = field(default_factory=dict)
 
     def ppl(self) -> float:
         return float(np.exp(sum(w.nll for w in self.wiki) / sum(w.tokens for w in self.wiki)))
 
+    def acc(self, task: str, norm: bool = False) -> float:
+        return float(np.mean([p.acc_norm if norm else p.acc for p in self.tasks[task]]))
+
     def piqa_acc(self, norm: bool = False) -> float:
-        return float(np.mean([p.acc_norm if norm else p.acc for p in self.piqa]))
+        return self.acc("piqa", norm)
 
     def crows_pct_stereotype(self) -> float:
-        return float(np.mean([c.stereotype for c in self.crows]))
+        return float(np.mean([c.ll[0] > c.ll[1] for c in self.tasks["crows"]]))
 
     def to_dict(self) -> dict[str, Any]:
         return {"version": SCHEMA_VERSION, "meta": self.meta, "wiki": [asdict(w) for w in self.wiki],
-                "piqa": [{**asdict(p), "ll": list(p.ll)} for p in self.piqa], "crows": [asdict(c) for c in self.crows]}
+                "tasks": {t: [asdict(x) for x in items] for t, items in self.tasks.items()}}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "SuiteResult":
         if d.get("version") != SCHEMA_VERSION:
             raise ValueError(f"suite result version {d.get('version')!r}, expected {SCHEMA_VERSION}: re-run the suite")
-        return cls(wiki=[WikiItem(**w) for w in d["wiki"]],
-                   piqa=[PiqaItem(**{**p, "ll": tuple(p["ll"])}) for p in d["piqa"]],
-                   crows=[CrowsItem(**c) for c in d["crows"]], meta=dict(d.get("meta", {})))
+        tasks = {t: [ChoiceItem(**{**x, "ll": tuple(x["ll"]), "nbytes": tuple(x["nbytes"])}) for x in items]
+                 for t, items in d["tasks"].items()}
+        return cls(wiki=[WikiItem(**w) for w in d["wiki"]], tasks=tasks, meta=dict(d.get("meta", {})))
 
     def save(self, path: Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict()))
@@ -110,19 +121,49 @@ class SuiteResult:
         return cls.from_dict(json.loads(Path(path).read_text()))
 
 
-def task_configs(eval_dir: Path, cache_dir: Path | None = None) -> dict[str, dict[str, Any]]:
-    """Suite part -> inline lm-eval task config, its data file pointed into eval_dir."""
+def read_rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def select(rows: list[dict], limit: int | None, groups: tuple[str, ...] | None, seed: int, name: str) -> list[int]:
+    """Row indices (file order) of a seeded subset: `limit` rows, or `limit` per group for grouped sets.
+
+    The order depends only on (seed, name), so a bigger limit keeps every row a smaller one picked."""
+    if limit is None or limit >= len(rows) and not groups:
+        return list(range(len(rows)))
+    order = list(range(len(rows)))
+    rng_for(seed, f"subset:{name}").shuffle(order)
+    if not groups:
+        return sorted(order[:limit])
+    taken: dict[tuple, int] = {}
+    keep = []
+    for i in order:
+        g = tuple(str(rows[i][c]) for c in groups)
+        if taken.get(g, 0) < limit:
+            taken[g] = taken.get(g, 0) + 1
+            keep.append(i)
+    return sorted(keep)
+
+
+def task_configs(eval_dir: Path, cache_dir: Path | None = None, parts: tuple[str, ...] = tuple(PARTS),
+                 data_dir: Path | None = None) -> dict[str, dict[str, Any]]:
+    """Suite part -> inline lm-eval task config, its data file pointed into data_dir (default eval_dir)."""
     eval_dir = Path(eval_dir).resolve()
-    missing = [f for _, f in TASK_FILES.values() if not (eval_dir / f).is_file()]
+    data_dir = Path(data_dir).resolve() if data_dir else eval_dir
+    unknown = [p for p in parts if p not in PARTS]
+    if unknown:
+        raise ValueError(f"unknown eval task(s) {unknown} (known: {', '.join(PARTS)})")
+    files = [PARTS[p][0] for p in parts]
+    missing = [f for f in files if not (eval_dir / f).is_file()]
     if missing:
         raise FileNotFoundError(f"{eval_dir}: missing eval set(s) {', '.join(missing)} (written by the calibrate stage)")
-    empty = [f for _, f in TASK_FILES.values() if not (eval_dir / f).read_text().strip()]
+    empty = [f for f in files if not (eval_dir / f).read_text().strip()]
     if empty:  # lm-eval would fail much later with an unrelated-looking error
         raise ValueError(f"{eval_dir}: empty eval set(s) {', '.join(empty)}")
     out = {}
-    for part, (yaml_name, data_name) in TASK_FILES.items():
-        cfg = yaml.safe_load((TASKS_DIR / yaml_name).read_text())
-        kwargs = {**cfg.get("dataset_kwargs", {}), "data_files": {"test": str(eval_dir / data_name)}}
+    for part in parts:
+        cfg = yaml.safe_load((TASKS_DIR / YAML[part]).read_text())
+        kwargs = {**cfg.get("dataset_kwargs", {}), "data_files": {"test": str(data_dir / PARTS[part][0])}}
         if cache_dir is not None:  # datasets' arrow cache, else it lands in ~/.cache/huggingface
             kwargs["cache_dir"] = str(cache_dir)
         out[part] = {**cfg, "dataset_kwargs": kwargs}
@@ -138,72 +179,90 @@ def _ll(resp: Any) -> float:
     return float(resp[0] if isinstance(resp, (tuple, list)) else resp)
 
 
-def _wiki_items(samples: list[dict], lm: Any) -> list[WikiItem]:
+def _wiki_items(samples: list[dict], lm: Any, ids: list[int]) -> list[WikiItem]:
     items = []
     for s in samples:
         (text,) = s["arguments"][0]  # the exact string lm-eval scored
-        items.append(WikiItem(id=int(s["doc_id"]), hash=_doc_hash(s["doc"]), nll=-_ll(s["filtered_resps"][0]),
+        items.append(WikiItem(id=ids[int(s["doc_id"])], hash=_doc_hash(s["doc"]), nll=-_ll(s["filtered_resps"][0]),
                               tokens=len(lm.tok_encode(text))))
     return items
 
 
-def _piqa_items(samples: list[dict]) -> list[PiqaItem]:
-    return [PiqaItem(id=int(s["doc_id"]), hash=_doc_hash(s["doc"]), label=int(s["doc"]["label"]),
-                     ll=(_ll(s["filtered_resps"][0]), _ll(s["filtered_resps"][1])),
-                     acc=float(s["acc"]), acc_norm=float(s["acc_norm"])) for s in samples]
-
-
-def _crows_items(samples: list[dict]) -> list[CrowsItem]:
+def _choice_items(samples: list[dict], keep: tuple[str, ...], ids: list[int]) -> list[ChoiceItem]:
+    # CrowS-Pairs: sent_more is the stereotyping sentence in both directions (for "antistereo" pairs the
+    # disadvantaged group sits in sent_less, violating the stereotype); like lm-eval we count "sent_more
+    # preferred" for every pair and keep stereo_antistereo only for slicing.
     items = []
-    for s in samples:
-        more, less = _ll(s["filtered_resps"][0]), _ll(s["filtered_resps"][1])
-        # sent_more is the stereotyping sentence in both directions: for "antistereo" pairs the
-        # disadvantaged group sits in sent_less, violating the stereotype. The original CrowS-Pairs
-        # metric swaps the pair for antistereo and swaps back when scoring, so, like lm-eval, it
-        # counts "sent_more preferred" for every pair; stereo_antistereo is kept only for slicing.
-        items.append(CrowsItem(id=int(s["doc_id"]), hash=_doc_hash(s["doc"]), bias_type=str(s["doc"]["bias_type"]),
-                               stereo_antistereo=str(s["doc"].get("stereo_antistereo", "")),
-                               ll_more=more, ll_less=less, stereotype=1.0 if more > less else 0.0))
+    for s in sorted(samples, key=lambda s: int(s["doc_id"])):
+        doc = s["doc"]
+        items.append(ChoiceItem(
+            id=ids[int(s["doc_id"])], hash=_doc_hash(doc), ll=tuple(_ll(r) for r in s["filtered_resps"]),
+            nbytes=tuple(len(a[1].encode()) for a in s["arguments"]), label=int(s["target"]),
+            acc=float(s.get("acc", np.nan)), acc_norm=float(s.get("acc_norm", np.nan)),
+            fields={k: doc[k] for k in keep}))
     return items
 
 
 def run_suite(model: torch.nn.Module, tokenizer: Any, eval_dir: Path, batch_size: int = 16,
               device: str | torch.device = "cpu", prefix_token_id: int | None = None,
-              num_threads: int | None = None) -> SuiteResult:
+              num_threads: int | None = None, tasks: tuple[str, ...] | None = None,
+              limits: dict[str, int | None] | None = None, seed: int = 0,
+              max_length: int | None = None) -> SuiteResult:
     """Score `model` on the eval sets in eval_dir with lm-eval; per-item records for compare().
 
+    tasks: the parts to run besides wiki (default: every part whose file exists in eval_dir).
+    limits: part -> rows kept (per group for grouped sets, see PARTS); missing/None = all rows.
     The model is moved to `device` (HFLM takes an in-memory model where it is) and put in eval mode.
     prefix_token_id: the token every text without context is scored after (wiki documents, CrowS
     sentences); None = lm-eval's default, the tokenizer's BOS. Results to be compared must share it.
+    max_length: HFLM's context window (longer inputs are cut from the left); None = the model's.
     num_threads: torch CPU threads while the suite runs (restored afterwards); None leaves them as set.
     On a small shared CPU, 1 thread was 2-4x faster than 2 here: OpenMP threads spin at barriers
     and get descheduled when other processes compete for the cores.
     """
+    if tasks is None:
+        tasks = tuple(p for p in PARTS if p != "wiki" and (Path(eval_dir) / PARTS[p][0]).is_file())
+    parts = ("wiki",) + tuple(t for t in tasks if t != "wiki")
     model = model.to(device).eval()
     threads = torch.get_num_threads()
     if num_threads:
         torch.set_num_threads(num_threads)
     t0, c0 = time.perf_counter(), time.process_time()
     try:
-        result = _run(model, tokenizer, eval_dir, batch_size, prefix_token_id)
+        result = _run(model, tokenizer, Path(eval_dir), batch_size, prefix_token_id, parts, limits or {}, seed,
+                      max_length)
     finally:
         torch.set_num_threads(threads)
     # cpu_seconds next to wall seconds: on a shared CPU the wall time says more about the neighbours.
     result.meta.update(seconds=round(time.perf_counter() - t0, 2), cpu_seconds=round(time.process_time() - c0, 2),
                        batch_size=batch_size, device=str(device), threads=num_threads or threads)
-    log.info("suite: ppl %.3f, piqa %.3f, crows pct_stereotype %.3f in %.1f s", result.ppl(), result.piqa_acc(),
-             result.crows_pct_stereotype(), result.meta["seconds"])
+    log.info("suite: ppl %.3f, %s in %.1f s", result.ppl(),
+             ", ".join(f"{t} {result.acc(t):.3f}" for t in result.tasks), result.meta["seconds"])
     return result
 
 
-def _run(model: torch.nn.Module, tokenizer: Any, eval_dir: Path, batch_size: int,
-         prefix_token_id: int | None) -> SuiteResult:
+def suite_options(ev: Any) -> dict[str, Any]:
+    """run_suite keyword arguments from an EvaluateParams (tailor.config): one place for the stage and CLI."""
+    return {"tasks": tuple(ev.tasks), "limits": dict(ev.limits), "seed": ev.seed, "max_length": ev.max_length,
+            "batch_size": ev.batch_size}
+
+
+def _run(model: torch.nn.Module, tokenizer: Any, eval_dir: Path, batch_size: int, prefix_token_id: int | None,
+         parts: tuple[str, ...], limits: dict[str, int | None], seed: int, max_length: int | None) -> SuiteResult:
     from lm_eval.evaluator import evaluate
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
-    with tempfile.TemporaryDirectory(prefix="tailor-eval-ds-") as cache:
-        configs = task_configs(eval_dir, Path(cache))
+    with tempfile.TemporaryDirectory(prefix="tailor-eval-ds-") as tmp:
+        tmp = Path(tmp)
+        configs = task_configs(eval_dir, tmp / "cache", parts, data_dir=tmp)
+        ids = {}
+        for part in parts:  # the profile's subset of each set, written where lm-eval reads it
+            fname, _, groups = PARTS[part]
+            rows = read_rows(eval_dir / fname)
+            ids[part] = select(rows, limits.get(part), groups, seed, part)
+            (tmp / fname).write_text("".join(json.dumps(rows[i], ensure_ascii=False) + "\n" for i in ids[part]),
+                                     encoding="utf-8")
         # include_defaults=False: no scan of lm-eval's ~10k built-in YAMLs (seconds we'd pay per model).
         loaded = TaskManager(include_defaults=False).load(list(configs.values()))
         for task in loaded["tasks"].values():
@@ -211,14 +270,14 @@ def _run(model: torch.nn.Module, tokenizer: Any, eval_dir: Path, batch_size: int
         # backend="causal": TailorForCausalLM is registered with AutoModelForCausalLM, but not in the
         # static name table HFLM consults, which would only log a warning and pick causal anyway.
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, backend="causal",
-                  prefix_token_id=prefix_token_id)
+                  prefix_token_id=prefix_token_id, max_length=max_length)
         out = evaluate(lm=lm, task_dict=loaded, log_samples=True, bootstrap_iters=0)
     samples = out["samples"]
     names = {part: cfg["task"] for part, cfg in configs.items()}
-    return SuiteResult(wiki=_wiki_items(samples[names["wiki"]], lm), piqa=_piqa_items(samples[names["piqa"]]),
-                       crows=_crows_items(samples[names["crows"]]),
+    return SuiteResult(wiki=_wiki_items(samples[names["wiki"]], lm, ids["wiki"]),
+                       tasks={p: _choice_items(samples[names[p]], PARTS[p][1], ids[p]) for p in parts if p != "wiki"},
                        meta={"lm_eval": version("lm_eval"), "prefix_token_id": int(lm.prefix_token_id),
-                             "lm_eval_results": _aggregates(out)})
+                             "n": {p: len(ids[p]) for p in parts}, "lm_eval_results": _aggregates(out)})
 
 
 def _aggregates(out: dict[str, Any]) -> dict[str, dict[str, float]]:
