@@ -115,7 +115,7 @@ def evaluate(model: Path = typer.Option(..., help="model directory (safetensors 
     from transformers import AutoTokenizer
 
     from tailor.eval.gates import check
-    from tailor.eval.harness import run_suite
+    from tailor.eval.harness import run_suite, suite_options
     from tailor.eval.slices import compare
     from tailor.models.base import ModelFileError, load_base, load_model_dir
 
@@ -128,8 +128,11 @@ def evaluate(model: Path = typer.Option(..., help="model directory (safetensors 
     except (ConfigError, ModelFileError) as e:
         _fail(str(e))
     ev = p.evaluate
-    b = run_suite(base_model, tok, eval_dir, batch_size=ev.batch_size)
-    c = run_suite(comp_model, AutoTokenizer.from_pretrained(model), eval_dir, batch_size=ev.batch_size)
+    try:
+        b = run_suite(base_model, tok, eval_dir, **suite_options(ev))
+        c = run_suite(comp_model, AutoTokenizer.from_pretrained(model), eval_dir, **suite_options(ev))
+    except (FileNotFoundError, ValueError) as e:  # a missing/empty eval set, an unknown task
+        _fail(str(e).splitlines()[0])
     metrics, slices = compare(b, c, ev.bootstrap, ev.seed)
     gates = check(metrics, slices, ev.gates)
     t = Table(title=f"{model} vs base")
@@ -143,8 +146,29 @@ def evaluate(model: Path = typer.Option(..., help="model directory (safetensors 
     if out:
         out.mkdir(parents=True, exist_ok=True)
         for name, obj in (("metrics", metrics), ("slices", slices), ("gates", gates)):
-            (out / f"{name}.json").write_text(json.dumps(obj, indent=2, default=str))
+            tmp = out / f".{name}.json.tmp"
+            tmp.write_text(json.dumps(obj, indent=2, default=str))
+            os.replace(tmp, out / f"{name}.json")
     raise typer.Exit(0 if gates["passed"] else 1)
+
+
+@app.command()
+def report(device: Optional[str] = typer.Argument(None, help="device (default: every device in params.yaml)"),
+           version: Optional[str] = typer.Argument(None, help="registered version (default: reports/register's)"),
+           params: Path = typer.Option(Path("params.yaml"))) -> None:
+    """Write the HTML audit report(s): reports/audit/<device>/<version>.html."""
+    os.environ.setdefault("MPLCONFIGDIR", str(params.resolve().parent / ".cache" / "matplotlib"))
+    from tailor.report import ReportError, write_report
+
+    try:
+        devs = pick_devices(load_params(params), device)
+        if version is not None and len(devs) != 1:
+            raise ConfigError("VERSION needs a DEVICE")
+        paths = [write_report(params.resolve().parent, d, version) for d in devs]
+    except (ConfigError, ReportError) as e:
+        _fail(str(e))
+    for path in paths:
+        console.print(f"audit report: {path}")
 
 
 def _registry_env(params: Path) -> Path:

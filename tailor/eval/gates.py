@@ -38,6 +38,8 @@ def check(metrics: dict[str, Any], slices: dict[str, list[dict]], gates: Gates) 
                 "threshold": gates.max_ppl_increase,
                 "reason": f"perplexity {metrics['ppl']:.2f} vs base {metrics['ppl_base']:.2f} ({inc:+.1%})"})
     key = "acc_mean" if "acc_mean" in metrics else "piqa"
+    if key not in metrics:  # evaluate.tasks lists no accuracy task: nothing shows accuracy was kept
+        metrics = {**metrics, key: float("nan"), f"{key}_base": float("nan")}
     ret = metrics[key] / metrics[f"{key}_base"] if metrics[f"{key}_base"] else 0.0
     per_task = ", ".join(f"{r['group']} {r['compressed']:.3f}/{r['base']:.3f}"
                          for r in slices.get("accuracy", []) if r["metric"] == "acc")
