@@ -16,8 +16,8 @@ from tailor.distill import teacher_logits
 from tailor.elastic.space import SearchSpace
 from tailor.elastic.supernet import arch_of, set_max
 from tailor.models.base import cache_dir, load_base, load_model_dir, sha256_file
-from tailor.search import fairness, gumbel, mip, nsga, plots, sensitivity
-from tailor.search.sampled import Candidate, NoFeasibleSubnet, pareto, propose, score, shrink_to_fit
+from tailor.search import fairness, gumbel, latency, mip, nsga, plots, sensitivity
+from tailor.search.sampled import Candidate, NoFeasibleSubnet, pareto, propose, score, seeds, shrink_to_fit
 from tailor.train import pick_device
 
 
@@ -35,15 +35,16 @@ def device_space(params: Params, device: str, model, meta: dict) -> SearchSpace:
 class Scorer:
     """Scores subnets on the supernet once each (by config hash) and keeps every candidate."""
 
-    def __init__(self, model, space: SearchSpace, prof, val, teacher):
+    def __init__(self, model, space: SearchSpace, prof, val, teacher, overhead: float | None):
         self.model, self.space, self.prof, self.val, self.teacher = model, space, prof, val, teacher
+        self.overhead = overhead
         self.seen: dict[str, Candidate] = {}
         self.seconds = 0.0
 
     def __call__(self, cfg, origin: str) -> Candidate:
         if cfg.hash in self.seen:
             return self.seen[cfg.hash]
-        c = cost(cfg, self.space.arch, self.prof)
+        c = cost(cfg, self.space.arch, self.prof, self.overhead)
         cand = Candidate(cfg, c.nbytes, c.bits_per_param, c.latency_s, origin=origin)
         t0 = time.perf_counter()
         score(self.model, cand, self.prof.format, self.val, self.teacher, 8)
@@ -78,7 +79,11 @@ def run(params: Params, device: str, supernet_dir: Path, data_dir: Path, out_dir
                                 prof.embed_bits, sens_val)
     table, cached = sensitivity.load_or_measure(cache_dir() / "sensitivity", key, model, space, prof.format,
                                                 prof.embed_bits, sens_val, teacher_logits(base, sens_val))
-    scorer = Scorer(model, space, prof, val, teacher)
+    # the latency model's per-layer overhead, calibrated on the real runtime on this machine
+    lat = (latency.run(model, space, prof.format, tok, sp.latency_configs, seeds(space), cache_dir() / "latency")
+           if sp.latency_configs else None)
+    overhead = lat["layer_overhead_us"] / 1e6 if lat else None
+    scorer = Scorer(model, space, prof, val, teacher, overhead)
     per_strategy: dict[str, dict] = {}
 
     def best_of(cands: list[Candidate]) -> Candidate | None:
@@ -97,7 +102,7 @@ def run(params: Params, device: str, supernet_dir: Path, data_dir: Path, out_dir
             mine = []
 
             def evaluate(cfg):
-                c = cost(cfg, arch, prof)
+                c = cost(cfg, arch, prof, overhead)
                 if not c.fits:  # infeasible: the table's estimate ranks it, no forward pass spent
                     return table.predict(cfg), c.nbytes, c.latency_s
                 cand = scorer(cfg, "nsga")
@@ -139,9 +144,12 @@ def run(params: Params, device: str, supernet_dir: Path, data_dir: Path, out_dir
                "fairness": {k: v for k, v in fair.items() if not k.endswith("_candidate")},
                "sensitivity": {"cached": cached, "seconds": table.seconds, "entries": len(table.bits) + len(table.drop)
                                + len(table.kv) + len(table.ffn), "key": key},
+               "latency_mape": lat["latency_mape"] if lat else None,
+               "latency_model": {k: v for k, v in lat.items() if k != "points"} if lat else None,
                "search_seconds": round(seconds, 2),
                "candidates_per_s": round(len(cands) / scorer.seconds, 3) if scorer.seconds else None}
-    return {"metrics": metrics, "candidates": cands, "best": chosen, "table": table, "space": space}
+    return {"metrics": metrics, "candidates": cands, "best": chosen, "table": table, "space": space,
+            "latency_points": lat["points"] if lat else []}
 
 
 def fairness_compare(params: Params, model, base, tok, cands: list[Candidate], budget: int, data_dir: Path,
@@ -183,6 +191,8 @@ def main() -> None:
             write_csv(rep / "pareto.csv", [{"nbytes": c.nbytes, "kl": c.kl, "origin": c.origin} for c in front])
             plots.pareto_png(out["candidates"], front, out["best"], out["metrics"]["budget_bytes"], rep / "pareto.png")
             plots.heatmap_png(out["best"].config, out["space"].arch, rep / "bits.png")
+            if out["latency_points"]:
+                write_csv(rep / "latency.csv", out["latency_points"])
             write_json(rep / "metrics.json", out["metrics"])
             tr.log_metrics(out["metrics"])
             tr.set_tags({"chosen_hash": out["metrics"]["chosen_hash"], "chosen_by": out["metrics"]["chosen_by"]})

@@ -32,10 +32,13 @@ def budget_bytes(device: DeviceProfile, arch: BaseArch) -> int:
     return device.budget(base_bf16_bytes(arch))
 
 
-def cost(cfg: SubnetConfig, arch: BaseArch, device: DeviceProfile) -> Cost:
+def cost(cfg: SubnetConfig, arch: BaseArch, device: DeviceProfile, layer_overhead_s: float | None = None) -> Cost:
+    """Bytes, bits/param, predicted seconds per decoded token and whether it fits. `layer_overhead_s`
+    is the per-layer overhead calibrated on the real runtime (tailor.search.latency), else the default."""
     nbytes = cfg.nbytes(arch, device.format)
     params = cfg.param_count(arch)
     flops = 2 * (params - arch.vocab * arch.hidden) + 2 * arch.vocab * arch.hidden  # per decoded token
-    latency = (nbytes / (device.bandwidth_gbs * 1e9) + len(cfg.kept) * LAYER_OVERHEAD_S[device.runtime]
+    overhead = LAYER_OVERHEAD_S[device.runtime] if layer_overhead_s is None else layer_overhead_s
+    latency = (nbytes / (device.bandwidth_gbs * 1e9) + len(cfg.kept) * overhead
                + flops / (device.compute_tflops * 1e12))
     return Cost(nbytes, cfg.bits_per_param(arch, device.format), latency, nbytes <= budget_bytes(device, arch))
