@@ -13,6 +13,7 @@ Two test hooks, read from the environment (both inert unless set):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import json
 import os
@@ -62,6 +63,21 @@ def check_write(path: Path) -> None:
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
 
 
+_new_dirs: list[Path] = []  # directories the running stage created (removed again if it fails)
+
+
+def _mkdirs(path: Path) -> None:
+    """`mkdir -p path`, remembering the directories that did not exist."""
+    missing = []
+    p = Path(path)
+    while not p.exists():
+        missing.append(p)
+        p = p.parent
+    path.mkdir(parents=True, exist_ok=True)
+    if _journal is not None:
+        _new_dirs.extend(reversed(missing))
+
+
 def _inside_open_dir(path: Path) -> bool:
     p = Path(path).resolve()
     return any(p.is_relative_to(d.resolve()) for d in _open_dirs)
@@ -109,7 +125,7 @@ def stage_outputs() -> Iterator[None]:
     before is put back; if it succeeds, the previous outputs are dropped."""
     global _journal
     outer, _journal = _journal, []
-    journal = _journal
+    journal, first_dir = _journal, len(_new_dirs)
     try:
         yield
     except BaseException:
@@ -118,6 +134,9 @@ def stage_outputs() -> Iterator[None]:
             if backup is not None:
                 os.replace(backup, final)
                 shutil.rmtree(backup.parent, ignore_errors=True)
+        for d in reversed(_new_dirs[first_dir:]):  # deepest first; a directory still in use stays
+            with contextlib.suppress(OSError):
+                d.rmdir()
         raise
     else:
         for _, backup in journal:
@@ -125,6 +144,7 @@ def stage_outputs() -> Iterator[None]:
                 shutil.rmtree(backup.parent, ignore_errors=True)
     finally:
         _journal = outer
+        del _new_dirs[first_dir:]
 
 
 def write_json(path: Path, obj: Any) -> None:
@@ -140,7 +160,7 @@ def write_csv(path: Path, rows: list[dict]) -> None:
 def copy_file(src: Path, dst: Path) -> None:
     """Copy atomically (temp file + rename)."""
     check_write(dst)
-    dst.parent.mkdir(parents=True, exist_ok=True)
+    _mkdirs(dst.parent)
     _remove_stale(dst)
     tmp = dst.with_name(f".{dst.name}.tmp")
     shutil.copyfile(src, tmp)
@@ -150,7 +170,7 @@ def copy_file(src: Path, dst: Path) -> None:
 def _write_text(path: Path, text: str) -> None:
     path = Path(path)
     check_write(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    _mkdirs(path.parent)
     _remove_stale(path)
     tmp = path.with_name(f".{path.name}.tmp")
     try:
@@ -183,7 +203,7 @@ def _alive(pid: int) -> bool:
 def staged_dir(final: Path) -> Iterator[Path]:
     """Yield a temp dir beside `final`; on success it replaces `final` whole, on error it vanishes."""
     final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
+    _mkdirs(final.parent)
     _remove_stale(final)
     tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.tmp-{os.getpid()}-"))
     os.chmod(tmp, 0o755)  # mkdtemp makes it private; the renamed output should not be

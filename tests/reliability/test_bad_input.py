@@ -163,11 +163,45 @@ def test_impossible_budget(supernet_ref, tmp_path):
 
 # --- disk full in the middle of a stage ----------------------------------------------------------------
 
-def test_disk_write_failure_mid_stage(supernet_ref, tmp_path):
-    """The search stage has put its artifact and metrics.json in place when writing candidates.csv fails
-    (TAILOR_FAULT_WRITE injects ENOSPC): one line naming the file, and the stage's outputs are gone."""
+def test_disk_write_failure_mid_stage(proj):
+    """The calibrate stage has put its shards, metrics.json and data_report.json in place when copying
+    DATA_CARD.md fails (TAILOR_FAULT_WRITE injects ENOSPC): one line naming the file, and every output
+    of the stage is gone again."""
+    proc = run_stage(proj, "calibrate", TAILOR_FAULT_WRITE="reports/calibrate/DATA_CARD.md")
+    line = one_line_error(proc)
+    assert line == "tailor calibrate: reports/calibrate/DATA_CARD.md: No space left on device", line
+    nothing_left(proj, "calibrate")
+
+
+@pytest.mark.slow
+def test_disk_write_failure_mid_search(supernet_ref, tmp_path):
+    """The same in the search stage: artifact and metrics.json written, then candidates.csv fails."""
     proj = copy_project(supernet_ref[0], tmp_path / "proj")
     proc = run_stage(proj, "search", "phone", TAILOR_FAULT_WRITE="reports/search/phone/candidates.csv")
     line = one_line_error(proc)
     assert line == "tailor search@phone: reports/search/phone/candidates.csv: No space left on device", line
     nothing_left(proj, "search", "phone")
+
+
+# --- an exported file that changed after export measured it -------------------------------------------
+
+def test_exported_file_with_another_sha256_is_not_registered(proj):
+    """register checks the file's sha256 against what export recorded before it registers anything."""
+    from steps._common import write_json
+    from tailor.models.base import sha256_file
+
+    export = proj / "artifacts" / "export" / "phone"
+    export.mkdir(parents=True)
+    (export / "model.gguf").write_bytes(b"GGUF" + bytes(64))
+    (export / "subnet.json").write_text("{}")
+    recorded = sha256_file(export / "model.gguf")
+    write_json(proj / "reports/export/phone/metrics.json", {"sha256": recorded, "file_bytes": 68, "runtime_ppl": 1.0})
+    write_json(proj / "reports/evaluate/phone/gates.json", {"passed": True, "gates": []})
+    write_json(proj / "reports/evaluate/phone/metrics.json", {"ppl": 1.0})
+    with open(export / "model.gguf", "r+b") as f:  # one byte flipped after export
+        f.seek(10)
+        f.write(b"\x01")
+    line = one_line_error(run_stage(proj, "register", "phone"))
+    assert line.startswith("tailor register@phone: artifacts/export/phone/model.gguf: sha256 ") and \
+        f"differs from what export measured ({recorded[:12]})" in line, line
+    nothing_left(proj, "register", "phone")
