@@ -12,8 +12,9 @@ from reliability_harness import make_project, run_stage
 
 @pytest.fixture(scope="session")
 def calibrated(tmp_path_factory) -> Path:
-    """A project with the calibrate stage done (shared read-only: copy it before changing it)."""
-    root = make_project(tmp_path_factory.mktemp("calibrated") / "proj")
+    """A project with the calibrate stage done (shared read-only: copy it before changing it); the model
+    sliced to 2 layers to keep the supernet runs short."""
+    root = make_project(tmp_path_factory.mktemp("calibrated") / "proj", n_layers=2)
     t0 = time.perf_counter()
     proc = run_stage(root, "calibrate")
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -21,8 +21,9 @@ VOLATILE = {"train_seconds", "tokens_per_s", "runtime_ppl_seconds", "validation_
             "created", "seconds", "runtime_s"}
 
 
-def make_project(dest: Path, git: bool = False) -> Path:
-    """The code and params of this repo in `dest`, profile `test` (real model sliced to 4 layers)."""
+def make_project(dest: Path, git: bool = False, n_layers: int | None = None) -> Path:
+    """The code and params of this repo in `dest`, profile `test` (real model sliced to 4 layers, or
+    to `n_layers`)."""
     dest.mkdir(parents=True)
     for rel in COPY:
         src, dst = ROOT / rel, dest / rel
@@ -32,7 +33,11 @@ def make_project(dest: Path, git: bool = False) -> Path:
             dst.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy(src, dst)
     text = (dest / "params.yaml").read_text()
-    (dest / "params.yaml").write_text(text.replace("profile: quick", "profile: test", 1))
+    text = text.replace("profile: quick", "profile: test", 1)
+    if n_layers is not None:
+        text = text.replace("model: {n_layers: 4}", f"model: {{n_layers: {n_layers}}}", 1)
+        assert f"n_layers: {n_layers}}}" in text
+    (dest / "params.yaml").write_text(text)
     if git:
         for cmd in (["git", "init", "-q"], ["git", "add", "-A"],
                     ["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "init"]):

@@ -18,7 +18,8 @@ FLOW = "from flows.nightly import nightly; nightly(devices={devices!r}, root='.'
 
 
 def start(root: Path, argv: list[str], name: str) -> subprocess.Popen:
-    env = stage_env(root, PREFECT_HOME=str(root.parent / f"prefect-{name}"), PREFECT_SERVER_ANALYTICS_ENABLED="false")
+    env = stage_env(root, PREFECT_HOME=str(root.parent / f"prefect-{name}"), PREFECT_SERVER_ANALYTICS_ENABLED="false",
+                    PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="180")  # two servers starting on 2 busy cores
     env.pop("PREFECT_API_URL", None)  # each process its own ephemeral Prefect API
     return subprocess.Popen(argv, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
