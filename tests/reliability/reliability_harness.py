@@ -112,9 +112,17 @@ def registry(root: Path) -> list[tuple[str, int]]:
         return sorted(con.execute("select name, version from model_versions").fetchall())
 
 
-def stable(metrics: dict) -> dict:
+def volatile(key: str) -> bool:
+    return key in VOLATILE or key.endswith(("_seconds", "_s", "per_s")) or "seconds" in key
+
+
+def stable(metrics):
     """Metrics without timings (what must be equal between an interrupted and an uninterrupted run)."""
-    return {k: stable(v) if isinstance(v, dict) else v for k, v in metrics.items() if k not in VOLATILE}
+    if isinstance(metrics, list):
+        return [stable(v) for v in metrics]
+    if not isinstance(metrics, dict):
+        return metrics
+    return {k: stable(v) for k, v in metrics.items() if not volatile(k)}
 
 
 def read_json(path: Path) -> dict:
