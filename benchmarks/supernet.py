@@ -67,17 +67,26 @@ def bench_dense_hf(device, batch, seq, steps, warmup, dtype) -> dict:
     return {"tokens_per_s": tps, "flops_per_s": 6 * n * tps, "params": n}
 
 
-def bench_sandwich(device, batch, seq, steps, warmup, n_random, autocast) -> dict:
+def bench_sandwich(device, batch, seq, steps, warmup, n_random, autocast, compile_: bool = False) -> dict:
+    """Tailor's supernet step: the sandwich over both export grids (gguf {4,5,8,16}, onnx {2,4,8,16})
+    with learned clipping, teacher forward, KD loss, AdamW — what steps/supernet.py runs."""
+    from tailor.elastic.space import sandwich_configs
+    from tailor import accel
+
+    if compile_:
+        accel.enable_compile()
     torch.manual_seed(0)
     student = TailorForCausalLM(TailorConfig()).to(device)
     teacher = TailorForCausalLM(TailorConfig()).to(device).requires_grad_(False).eval()
     student.get_input_embeddings().weight.requires_grad_(False)
+    student.lm_head.qclip.requires_grad_(False)
     arch = BaseArch.from_hf(student.config)
-    space = SearchSpace.build(arch, [4, 8, 16], [8, 16], 0.25, 1, 0.25, None)
+    spaces = {"gguf": SearchSpace.build(arch, [4, 5, 8, 16], [8, 16], 0.25, 1, 0.25, None),
+              "onnx": SearchSpace.build(arch, [2, 4, 8, 16], [8, 16], 0.25, 1, 0.25, None)}
     opt = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=1e-5)
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(0, arch.vocab, (batch, seq), device=device)
-    dense = space.max().param_count(arch)
+    dense = spaces["gguf"].max().param_count(arch)
     def amp():  # bf16 autocast on GPU; plain fp32 on CPU
         return torch.autocast(device.type, dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
 
@@ -87,11 +96,11 @@ def bench_sandwich(device, batch, seq, steps, warmup, n_random, autocast) -> dic
         if i == warmup:
             _sync(device)
             t0, flops, tokens = time.perf_counter(), 0.0, 0
-        cfgs = [space.max(), space.min()] + [space.sample(gen) for _ in range(n_random)]
+        cfgs = sandwich_configs(spaces, i, n_random, gen)
         with amp(), torch.no_grad():
             t_logits = teacher(ids).logits
-        for cfg in cfgs:
-            set_active(student, cfg, "gguf")
+        for cfg, fmt in cfgs:
+            set_active(student, cfg, fmt)
             with amp():
                 loss = kd_loss(student(ids).logits, t_logits)
             loss.backward()
@@ -111,6 +120,7 @@ def main() -> None:
     ap.add_argument("--profile", choices=list(PROFILES), default="quick")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--n-random", type=int, default=2)
+    ap.add_argument("--batches", default=None, help="comma list of batch sizes to try (default: the profile's)")
     ap.add_argument("--out", default="reports/bench/supernet.json")
     a = ap.parse_args()
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if a.device == "auto" else a.device)
@@ -120,20 +130,34 @@ def main() -> None:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.cuda.reset_peak_memory_stats(device)
     base = bench_dense_hf(device, p["batch"], p["seq"], p["steps"], p["warmup"], torch.bfloat16 if on_gpu else torch.float32)
-    if on_gpu:
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
-    ours = bench_sandwich(device, p["batch"], p["seq"], p["steps"], p["warmup"], a.n_random, autocast=on_gpu)
     peak = peak_flops(device)
+    batches = [int(b) for b in a.batches.split(",")] if a.batches else [p["batch"]]
+    variants = []
+    # eager first: torch.compile, once switched on, stays on for the process
+    for compile_ in ([False, True] if on_gpu else [False]):
+        for b in batches:
+            if on_gpu:
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats(device)
+            try:
+                r = bench_sandwich(device, b, p["seq"], p["steps"], p["warmup"], a.n_random, on_gpu, compile_)
+            except torch.OutOfMemoryError:
+                variants.append({"batch": b, "compile": compile_, "error": "out of memory"})
+                continue
+            variants.append({"batch": b, "compile": compile_, "tokens_per_s": round(r["tokens_per_s"], 1),
+                             "mfu": round(r["flops_per_s"] / peak, 4) if peak else None,
+                             "peak_mem_gb": round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if on_gpu else None})
+            print(json.dumps(variants[-1]), flush=True)
+    ok = [v for v in variants if "error" not in v]
+    best = max(ok, key=lambda v: v["tokens_per_s"] if v["mfu"] is None else v["mfu"])
     out = {
         "device": torch.cuda.get_device_name(device) if on_gpu else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
-        "profile": a.profile, "batch": p["batch"], "seq_len": p["seq"], "steps": p["steps"],
-        "torch": torch.__version__,
-        "tokens_per_s": round(ours["tokens_per_s"], 1),
-        "mfu": round(ours["flops_per_s"] / peak, 4) if peak else None,
-        "peak_mem_gb": round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if on_gpu else None,
-        "subnets_per_step": ours["subnets_per_step"],
-        "baseline_hf_dense": {"tokens_per_s": round(base["tokens_per_s"], 1),
+        "profile": a.profile, "batch": best["batch"], "seq_len": p["seq"], "steps": p["steps"],
+        "torch": torch.__version__, "compile": best["compile"],
+        "tokens_per_s": best["tokens_per_s"], "mfu": best["mfu"], "peak_mem_gb": best["peak_mem_gb"],
+        "subnets_per_step": 2 + a.n_random,
+        "variants": variants,
+        "baseline_hf_dense": {"batch": p["batch"], "tokens_per_s": round(base["tokens_per_s"], 1),
                               "mfu": round(base["flops_per_s"] / peak, 4) if peak else None},
     }
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)

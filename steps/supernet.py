@@ -15,7 +15,7 @@ from tailor.arch import MATRICES, LayerConfig, SubnetConfig, round_ffn
 from tailor.config import Params
 from tailor.distill import mean_loss
 from tailor.elastic import importance
-from tailor.elastic.space import SearchSpace
+from tailor.elastic.space import SearchSpace, sandwich_configs
 from tailor.elastic.supernet import arch_of, set_active, set_max
 from tailor.models.base import load_base, sha256_file
 from tailor.train import TrainSpec, checkpoint_dir, pick_device, train_kd
@@ -51,22 +51,6 @@ def val_losses(model, spaces: dict[str, SearchSpace], val: torch.Tensor) -> dict
             out[name] = mean_loss(model, val)
     set_max(model)
     out["max"] = mean_loss(model, val)
-    return out
-
-
-def sandwich_configs(spaces: dict[str, SearchSpace], step: int, n_random: int,
-                     gen: torch.Generator) -> list[tuple[SubnetConfig, str]]:
-    """The sandwich rule over several export grids: the max subnet (16-bit: the grid does not matter),
-    the min subnet of one format (formats take turns by step) and `n_random` random subnets, each on a
-    format taking turns too, so one supernet trains for every device."""
-    fmts = list(spaces)
-    first = fmts[0]
-    out = [(spaces[first].max(), first)]
-    lo = fmts[step % len(fmts)]
-    out.append((spaces[lo].min(), lo))
-    for j in range(n_random):
-        f = fmts[(step + 1 + j) % len(fmts)]
-        out.append((spaces[f].sample(gen), f))
     return out
 
 

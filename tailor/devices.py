@@ -7,9 +7,12 @@ below are first estimates; measuring the real runtime on this machine refines th
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from tailor.arch import BaseArch, SubnetConfig
-from tailor.config import DeviceProfile
+
+if TYPE_CHECKING:  # pydantic stays out of the import path of the GPU benchmarks
+    from tailor.config import DeviceProfile
 
 # Per kept layer, per token: kernel launches and graph glue of the runtime (seconds).
 LAYER_OVERHEAD_S = {"llama.cpp": 20e-6, "onnxruntime": 60e-6}

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+import torch.distributed as dist
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from safetensors.torch import load_file
 
@@ -166,6 +167,15 @@ def train_kd(student: TailorForCausalLM, teacher: torch.nn.Module, data: torch.T
 
     def amp():
         return torch.autocast("cuda", dtype=torch.bfloat16) if spec.amp and on_gpu else contextlib.nullcontext()
+
+    # Data parallel under torchrun: every rank draws the same subnets (same generator seed), takes its
+    # slice of the global batch, and DDP averages the gradients accumulated over the sandwich's
+    # subnets once per step (no_sync for all but the last backward).
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
+    if world > 1 and spec.batch_size % world:
+        raise ValueError(f"batch_size {spec.batch_size} does not split over {world} ranks")
+    net = (torch.nn.parallel.DistributedDataParallel(student, device_ids=[device] if on_gpu else None,
+                                                     find_unused_parameters=True) if world > 1 else student)
     t0 = time.perf_counter()
     with Progress(TextColumn(f"[bold]{desc}"), BarColumn(), TextColumn("{task.completed}/{task.total} loss {task.fields[loss]}"),
                   TimeRemainingColumn(), transient=False, disable=not os.isatty(1)) as bar:
@@ -173,27 +183,35 @@ def train_kd(student: TailorForCausalLM, teacher: torch.nn.Module, data: torch.T
         for step in range(start, spec.steps):
             ts = time.perf_counter()
             idx = torch.arange(step * spec.batch_size, (step + 1) * spec.batch_size) % len(data)
-            ids = data[order[idx]].to(device).long()
+            ids = data[order[idx]][rank::world].to(device).long()
             with torch.no_grad(), amp():
                 t_logits = teacher(ids).logits
             opt.zero_grad(set_to_none=True)
             total = 0.0
             switches = activate(step, gen)
-            for switch in switches:
+            for k, switch in enumerate(switches):
                 switch()
-                with amp():
-                    loss = kd_loss(student(ids).logits, t_logits, spec.temperature)
-                loss.backward()
+                sync = world == 1 or k == len(switches) - 1
+                with amp(), (contextlib.nullcontext() if sync else net.no_sync()):
+                    loss = kd_loss(net(ids).logits, t_logits, spec.temperature)
+                    loss.backward()
                 total += loss.item()
+            if world > 1:  # the logged loss is the global batch's, as on one process
+                t = torch.tensor(total, device=device)
+                dist.all_reduce(t)
+                total = float(t) / world
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
-            n_tok = ids.numel() * len(switches)
+            n_tok = ids.numel() * len(switches) * world
             result.tokens += n_tok
             point = {"step": step + 1, "loss": total / len(switches), "tokens_per_s": n_tok / (time.perf_counter() - ts)}
             result.curve.append(point)
             bar.update(task, advance=1, loss=f"{point['loss']:.4f}")
             if ckpt_dir and ((step + 1) % spec.ckpt_every == 0 or step + 1 == spec.steps):
-                _save_ckpt(ckpt_dir, student, opt, step + 1, gen, spec, result.curve)
+                if rank == 0:  # ranks hold identical weights: one writes, all resume from it
+                    _save_ckpt(ckpt_dir, student, opt, step + 1, gen, spec, result.curve)
+                if world > 1:
+                    dist.barrier()
     student.eval()
     result.seconds = time.perf_counter() - t0
     return result

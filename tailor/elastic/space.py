@@ -64,3 +64,19 @@ class SearchSpace:
         return (len(dropped) <= self.max_drop and set(dropped) <= set(self.droppable)
                 and all(lc.ffn >= self.min_ffn and lc.kv_groups >= self.min_kv for lc in cfg.layers)
                 and cfg.embed_bits in self.embed_bits)
+
+
+def sandwich_configs(spaces: dict[str, SearchSpace], step: int, n_random: int,
+                     gen: torch.Generator) -> list[tuple[SubnetConfig, str]]:
+    """The sandwich rule over several export grids: the max subnet (16-bit: the grid does not matter),
+    the min subnet of one format (formats take turns by step) and `n_random` random subnets, each on a
+    format taking turns too, so one supernet trains for every device."""
+    fmts = list(spaces)
+    first = fmts[0]
+    out = [(spaces[first].max(), first)]
+    lo = fmts[step % len(fmts)]
+    out.append((spaces[lo].min(), lo))
+    for j in range(n_random):
+        f = fmts[(step + 1 + j) % len(fmts)]
+        out.append((spaces[f].sample(gen), f))
+    return out

@@ -9,18 +9,21 @@ from __future__ import annotations
 import itertools
 import sys
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from rich.progress import track
 
 from tailor.arch import FFN_STEP, SubnetConfig
-from tailor.config import DeviceProfile
 from tailor.devices import budget_bytes, cost
 from tailor.distill import kd_loss
 from tailor.elastic.space import SearchSpace
 from tailor.elastic.supernet import set_active
 from tailor.models.llama import TailorForCausalLM
+
+if TYPE_CHECKING:  # pydantic stays out of the import path of the GPU benchmarks
+    from tailor.config import DeviceProfile
 
 
 class NoFeasibleSubnet(ValueError):
