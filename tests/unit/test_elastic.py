@@ -82,3 +82,20 @@ def test_min_subnet_is_smaller_than_max():
     arch = arch_of(model)
     assert space.min().nbytes(arch, "gguf") < space.max().nbytes(arch, "gguf")
     assert len(space.min().kept) == 6 - space.max_drop
+
+
+def test_sandwich_covers_every_format_and_is_rank_consistent():
+    from tailor.elastic.space import sandwich_configs
+
+    model = tiny_model(n_layers=4)
+    arch = arch_of(model)
+    spaces = {"gguf": SearchSpace.build(arch, [4, 5, 8, 16], [8, 16], 0.25, 1, 0.25, None),
+              "onnx": SearchSpace.build(arch, [2, 4, 8, 16], [8, 16], 0.25, 1, 0.25, None)}
+    a = [sandwich_configs(spaces, s, 2, torch.Generator().manual_seed(0)) for s in range(4)]
+    b = [sandwich_configs(spaces, s, 2, torch.Generator().manual_seed(0)) for s in range(4)]
+    assert [[c.hash for c, _ in step] for step in a] == [[c.hash for c, _ in step] for step in b]
+    for s, step in enumerate(a):
+        assert step[0][0] == spaces["gguf"].max()  # max first, 16-bit
+        assert step[1] == (spaces[["gguf", "onnx"][s % 2]].min(), ["gguf", "onnx"][s % 2])  # mins take turns
+        assert all(spaces[f].contains(c) for c, f in step)
+    assert {f for step in a for _, f in step[2:]} == {"gguf", "onnx"}
