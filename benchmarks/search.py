@@ -25,12 +25,30 @@ from tailor.models.llama import TailorConfig, TailorForCausalLM
 from tailor.search import sensitivity
 from tailor.search.sampled import Candidate, score
 
-PROFILES = {"quick": dict(seqs=2, seq=128, cands=6), "full": dict(seqs=64, seq=512, cands=40)}
+PROFILES = {"quick": dict(seqs=2, seq=128, cands=6, sens_jobs=60), "full": dict(seqs=64, seq=512, cands=40, sens_jobs=None)}
 
 
 def _sync(dev):
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
+
+
+def _complete(table, space) -> None:
+    """Fill the entries a truncated measurement skipped with zeros (the solve time depends on the
+    table's shape, not its values)."""
+    from tailor.arch import MATRICES
+    for i in range(space.arch.n_layers):
+        for m in MATRICES:
+            for b in space.bits:
+                if b != 16:
+                    table.bits.setdefault(f"{i}:{m}:{b}", 0.0)
+        for g in range(space.min_kv, space.arch.n_kv_heads):
+            table.kv.setdefault(f"{i}:{g}", 0.0)
+        for w in sensitivity.ffn_options(space):
+            if w != space.arch.ffn:
+                table.ffn.setdefault(f"{i}:{w}", 0.0)
+    for i in space.droppable:
+        table.drop.setdefault(str(i), 0.0)
 
 
 def main() -> None:
@@ -62,10 +80,12 @@ def main() -> None:
         _sync(dev)
         per_s = p["cands"] / (time.perf_counter() - t0)
         t0 = time.perf_counter()
-        table = sensitivity.measure(model, space, "gguf", 8, seqs, t_logits)
+        table = sensitivity.measure(model, space, "gguf", 8, seqs, t_logits, max_jobs=p["sens_jobs"])
         _sync(dev)
         sens_s = time.perf_counter() - t0
     n_entries = len(table.bits) + len(table.drop) + len(table.kv) + len(table.ffn)
+    if p["sens_jobs"]:  # only a sample of the table was timed: the MIP gets the full table's shape
+        _complete(table, space)
     try:  # scipy may be missing on a bare GPU machine; the MIP runs on the CPU anyway
         from tailor.search import mip
         t0 = time.perf_counter()

@@ -109,7 +109,8 @@ def load_or_measure(cache: Path, key: str, model: TailorForCausalLM, space: Sear
 
 @torch.no_grad()
 def measure(model: TailorForCausalLM, space: SearchSpace, fmt: str, embed_bits: int, seqs: torch.Tensor,
-            teacher: list[torch.Tensor], batch_size: int = 8) -> SensTable:
+            teacher: list[torch.Tensor], batch_size: int = 8, max_jobs: int | None = None) -> SensTable:
+    """The table (`max_jobs` truncates it: benchmarks time a sample of the work)."""
     import time
 
     t0 = time.perf_counter()
@@ -151,6 +152,7 @@ def measure(model: TailorForCausalLM, space: SearchSpace, fmt: str, embed_bits: 
     for i in range(space.arch.n_layers):
         jobs += [(i, "bits", (m, b)) for m in MATRICES for b in space.bits if b != ref.layers[i].bits[m]]
         jobs += [(i, "kv", g) for g in kvs] + [(i, "ffn", w) for w in ffns]
+    jobs = jobs[:max_jobs] if max_jobs else jobs
     for i, kind, opt in track(jobs, description=f"sensitivity {fmt}", disable=not sys.stdout.isatty()):
         lc = ref.layers[i]
         if kind == "drop":
