@@ -84,5 +84,5 @@ def test_two_tailor_runs_at_once_register_one_version(tmp_path):
         assert code == 0, text[-3000:]
     assert sum("waiting for another run" in text for _, text, _ in results) == 1
     assert registry(root) == [("tailor-phone", 1)]
-    assert dvc_status(root) == {}
+    assert not [k for k in dvc_status(root) if "laptop" not in k]  # every stage of the phone branch recorded
     assert os.path.isfile(root / "artifacts/export/phone/model.gguf")
