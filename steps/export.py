@@ -12,6 +12,7 @@ from steps._common import artifact_dir, main_for, read_jsonl, report_dir, staged
 from tailor import tracking
 from tailor.config import ConfigError, Params
 from tailor.arch import BaseArch
+from tailor.devices import budget_bytes
 from tailor.elastic.supernet import subnet_of
 from tailor.eval.ppl import perplexity
 from tailor.models.base import gguf_path, load_model_dir, load_tokenizer
@@ -36,9 +37,18 @@ def run(params: Params, device: str, model_dir: Path, eval_dir: Path, out_dir: P
     texts = [r["text"] for r in read_jsonl(eval_dir / "wiki.jsonl")][: ex.ppl_docs]
     seqs = [ids for ids in (tok(t)["input_ids"] for t in texts) if len(ids) >= 2]
 
+    # The extracted model's config keeps the base dims; only its layer count is the kept one.
+    arch = replace(BaseArch.from_hf(model.config), n_layers=len(cfg.layers))
+    predicted = cfg.nbytes(arch, prof.format)
     with staged_dir(out_dir) as tmp:
         kwargs = {"template": gguf_path()} if prof.format == "gguf" else {}
         info = writer.export(model, tok, tmp / name, **kwargs)
+        if info["weight_bytes"] != predicted:  # the search's bytes are the file's, exactly
+            raise ParityError(f"{name}: {info['weight_bytes']:,} weight bytes written, the cost model said "
+                              f"{predicted:,} for subnet {cfg.hash}")
+        budget = budget_bytes(prof, replace(arch, n_layers=len(cfg.layers)))
+        if predicted > budget:
+            raise ParityError(f"{name}: {predicted:,} B exceeds devices.{device}'s budget of {budget:,} B")
         t0 = time.perf_counter()
         runtime_ppl = runtime.perplexity(tmp / name, seqs)
         runtime_s = time.perf_counter() - t0
@@ -50,9 +60,7 @@ def run(params: Params, device: str, model_dir: Path, eval_dir: Path, out_dir: P
             raise ParityError(f"{name}: runtime perplexity {runtime_ppl:.3f} differs from PyTorch {torch_ppl:.3f} "
                               f"by {rel:.2%} (> export.max_ppl_rel_diff {ex.max_ppl_rel_diff:.0%})")
         (tmp / "subnet.json").write_text(cfg.to_json())
-    # The extracted model's config keeps the base dims; only its layer count is the kept one.
-    predicted = cfg.nbytes(replace(BaseArch.from_hf(model.config), n_layers=len(cfg.layers)), prof.format)
-    metrics = {"runtime_ppl": runtime_ppl, "torch_ppl": torch_ppl, "fakequant_ppl": torch_ppl, "ppl_rel_diff": rel,
+    metrics = {"budget_bytes": budget, "runtime_ppl": runtime_ppl, "torch_ppl": torch_ppl, "fakequant_ppl": torch_ppl, "ppl_rel_diff": rel,
                "file_bytes": info["file_bytes"], "weight_bytes": info["weight_bytes"], "predicted_bytes": predicted,
                "sha256": info["sha256"], "tokens_per_s": tps, "runtime_ppl_seconds": round(runtime_s, 2),
                "format": prof.format, "runtime": prof.runtime, "n_seqs": len(seqs)}

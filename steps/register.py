@@ -73,6 +73,8 @@ def main() -> None:
                    {"version": int(version), "created": created, "sha256": out["tags"]["sha256"],
                     "gates_passed": out["tags"]["gates_passed"] == "True"})
         print(f"registered {name} version {version} (alias {params.register.alias})")
+        from tailor.report import write_report  # the auditor's page for this version, beside the metrics
+        print(f"audit report: {write_report(Path('.'), device)}")
 
     main_for("register", stage, per_device=True)
 

@@ -74,7 +74,7 @@ def run(params: Params, device: str, supernet_dir: Path, data_dir: Path, out_dir
     t0 = time.perf_counter()
 
     # (0) the sensitivity table, cached by what it depends on (not the budget)
-    sens_val = val[: sp.sens_seqs]
+    sens_val = val[: sp.sens_seqs, : sp.sens_tokens]
     key = sensitivity.cache_key(sha256_file(supernet_dir / "model" / "model.safetensors"), prof.format, space,
                                 prof.embed_bits, sens_val)
     table, cached = sensitivity.load_or_measure(cache_dir() / "sensitivity", key, model, space, prof.format,
@@ -193,6 +193,8 @@ def main() -> None:
             plots.heatmap_png(out["best"].config, out["space"].arch, rep / "bits.png")
             if out["latency_points"]:
                 write_csv(rep / "latency.csv", out["latency_points"])
+            else:  # calibration switched off (latency_configs: 0): an empty table, the stage's outs stay whole
+                (rep / "latency.csv").write_text("config_hash,weight_bytes,layers,measured_ms,predicted_ms_loo\n")
             write_json(rep / "metrics.json", out["metrics"])
             tr.log_metrics(out["metrics"])
             tr.set_tags({"chosen_hash": out["metrics"]["chosen_hash"], "chosen_by": out["metrics"]["chosen_by"]})

@@ -89,6 +89,8 @@ class SearchParams(Strict):
     strategies: list[Literal["mip", "nsga", "gumbel", "sampled"]] = Field(
         ["mip", "nsga", "gumbel"], min_length=1, description="run and compared at the same budget; the best wins")
     sens_seqs: int = Field(4, gt=0, description="validation sequences of the sensitivity table")
+    sens_tokens: int = Field(64, gt=1, description="leading tokens of each of those sequences (the table costs "
+                                                   "~800 forward passes per device: its ranking needs few tokens)")
     gumbel_steps: int = Field(40, ge=1)
     latency_configs: int = Field(8, ge=0, description="subnets exported and timed in the real runtime to calibrate "
                                                        "the latency model (0 = skip)")
