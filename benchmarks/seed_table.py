@@ -42,7 +42,9 @@ if str(ROOT) not in sys.path:  # steps/ is a top-level package of the repo, not 
 DEVICE = "phone"  # GGUF, llama.cpp
 BUDGETS = (4.0, 3.0)  # bits per base parameter, whole file
 # Items per task (CrowS-Pairs and BBQ: per group), seeded subsets as evaluate picks them (nested).
-LIMITS = {"wiki": 60, "passages": 30, "piqa": 100, "boolq": 60, "openbookqa": 60, "crows": 15, "bbq": 2}
+# Sized for ~2 min per row on 2 shared cores (about 15k tokens through llama.cpp with full logits).
+LIMITS = {"wiki": 60, "passages": 15, "piqa": 60, "boolq": 24, "openbookqa": 40, "crows": 8, "bbq": 2}
+PASSAGE_POOL = 120  # BoolQ rows the distinct passages are taken from (fixed, so fewer passages = a prefix)
 MAX_LEN = 256  # tokens of context window, as the quick profile's evaluate (left-truncated)
 PASSAGE_TOKENS = 256  # BoolQ passages are cut to this many tokens for perplexity
 THREADS = 1  # llama.cpp threads: the 2 cores here are shared, and spinning barriers collapse when busy
@@ -61,6 +63,10 @@ METHODS = {  # key -> (label in the table, what it is)
     "tailor": ("Tailor joint", "joint structure x bits (x embedding bits) search, fine-tuned"),
 }
 SEARCHED = ("prune", "bits", "tailor")
+# Embedding widths each search tries (the better objective wins). Default Q4_1 only, to fit the time
+# on 2 shared cores: at <= 4.0 bits/param a Q8_0 embedding alone is 1.79 of the 4.0 bits, and at <= 3.0
+# prune-only cannot fit it at all. `--embed-bits 8,4` searches both.
+EMBED_OPTIONS = (4,)
 
 
 # ---- pure helpers (unit-tested) ------------------------------------------------------------------
@@ -150,7 +156,7 @@ def build_evalset(eval_dir: Path, tok: Any, seed: int = 0) -> dict[str, Any]:
     wiki = [enc(rows["wiki"][i]["text"]) for i in select(rows["wiki"], LIMITS["wiki"], None, seed, "wiki")]
     # BoolQ dev passages (not in the training corpora), distinct ones, cut to PASSAGE_TOKENS
     seen, passages = set(), []
-    for i in select(rows["boolq"], 4 * LIMITS["passages"], None, seed, "boolq_passages"):
+    for i in select(rows["boolq"], PASSAGE_POOL, None, seed, "boolq_passages"):
         p = rows["boolq"][i]["passage"]
         if p not in seen and len(passages) < LIMITS["passages"]:
             seen.add(p)
@@ -221,7 +227,31 @@ def evaluate_file(path: Path, tok: Any, evalset: dict[str, Any]) -> dict[str, An
     res["tokens_per_s"] = max(llamacpp.tokens_per_s(path, tok, 64, n_threads=THREADS) for _ in range(3))
     res["eval_s"] = round(time.perf_counter() - t0, 1)
     res["items"] = items
+    res["limits"] = dict(LIMITS)
     return res
+
+
+def refresh(row: dict, path: Path, evalset: dict[str, Any]) -> bool:
+    """Bring a row cached under larger LIMITS to the current ones without scoring it again: the seeded
+    subsets are nested, so its items are filtered; only the passage perplexity (an aggregate) is re-run.
+    False when the cached items do not cover the current ones."""
+    from tailor.export import llamacpp
+
+    if row.get("limits") == LIMITS:
+        return True
+    if "items" not in row or not path.is_file() or row.get("limits", {}).get("wiki") != LIMITS["wiki"]:
+        return False
+    for task, its in evalset["tasks"].items():
+        have = {x["id"]: x for x in row["items"][task]}
+        if not all(it["id"] in have for it in its):
+            return False
+        row["items"][task] = [have[it["id"]] for it in its]
+        if task in ("piqa", "boolq", "openbookqa"):
+            row[task] = float(np.mean([int(np.argmax(x["ll"])) == x["label"] for x in row["items"][task]]))
+    row["ppl_boolq_passages"] = llamacpp.perplexity(path, evalset["passages"], n_threads=THREADS)
+    row["limits"] = dict(LIMITS)
+    row["rescored_from_larger_set"] = True  # its wall_min / eval_s are those of the larger set
+    return True
 
 
 def choice_items(rows: list[dict]) -> list:
@@ -363,7 +393,7 @@ def build_searched(ctx: Ctx, key: str, bpp: float, out: Path) -> dict:
     w = weight_budget(target_file_bytes(bpp, ctx.n_params), ctx.overhead)
     allowed = {"prune": [16], "bits": [4, 5, 8, 16], "tailor": [4, 5, 8, 16]}[key]
     tried, best, reasons = [], None, []
-    for eb in (8, 4):
+    for eb in EMBED_OPTIONS:
         fixed = embedding_bytes("gguf", eb, a.vocab, a.hidden) + vector_bytes("gguf", a.hidden)
         budget = prune16_budget(w, fixed, 2 * a.n_layers * vector_bytes("gguf", a.hidden)) if key == "prune" else w
         params = ctx.params(budget, allowed, eb)
@@ -417,9 +447,14 @@ def build_row(ctx: Ctx, rid: str, key: str, bpp: float | None, evalset: dict) ->
     out = ctx.work / "rows" / rid.replace("@", "_")
     cached = out / "row.json"
     if cached.is_file():
-        return json.loads(cached.read_text())
-    shutil.rmtree(out, ignore_errors=True)
-    out.mkdir(parents=True)
+        row = json.loads(cached.read_text())
+        if "file_bytes" not in row or refresh(row, out / "model.gguf", evalset):
+            write_row(cached, row)
+            return row
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in out.iterdir():  # a row cut short: start it again, but keep fine-tuning checkpoints
+        if stale.name != "ckpt":
+            shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
     row: dict[str, Any] = {"id": rid, "method": METHODS[key][0], "key": key, "budget_bpp": bpp}
     t0 = time.perf_counter()
     try:
@@ -437,10 +472,14 @@ def build_row(ctx: Ctx, rid: str, key: str, bpp: float | None, evalset: dict) ->
         row["bits_per_param"] = bits_per_param(row["file_bytes"], ctx.n_params)
     row["wall_min"] = round((time.perf_counter() - t0) / 60, 2)
     row["gpu_min"] = 0.0
-    tmp = out / "row.json.tmp"
-    tmp.write_text(json.dumps(row))
-    os.replace(tmp, cached)
+    write_row(cached, row)
     return row
+
+
+def write_row(path: Path, row: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(row))
+    os.replace(tmp, path)
 
 
 def finish(rows: list[dict], n_params: int, machine: str, meta: dict) -> dict:
@@ -448,7 +487,8 @@ def finish(rows: list[dict], n_params: int, machine: str, meta: dict) -> dict:
     base = next(r for r in rows if r["key"] == "base")
     table = []
     for r in rows:
-        t = {k: r.get(k) for k in ("id", "method", "key", "budget_bpp", "wall_min", "gpu_min", "infeasible")}
+        t = {k: r.get(k) for k in ("id", "method", "key", "budget_bpp", "wall_min", "gpu_min", "infeasible", "error",
+                                   "rescored_from_larger_set")}
         t["what"] = METHODS[r["key"]][1]
         if "file_bytes" in r:
             bpp = bits_per_param(r["file_bytes"], n_params)
@@ -481,8 +521,8 @@ def targets(table: list[dict]) -> list[dict]:
     for bpp, ppl_max in ((4.0, 0.03), (3.0, 0.10)):
         t = by.get(f"tailor@{bpp}", {})
         if "ppl_wiki" not in t:
-            add(f"<= {bpp} bits/param: Tailor perplexity within +{ppl_max:.0%} of base", False,
-                f"no Tailor file at {bpp}: {t.get('infeasible', 'not built')}")
+            add(f"<= {bpp} bits/param: Tailor perplexity within +{ppl_max:.0%} of base", False if t.get("infeasible") else None,
+                f"no Tailor file at {bpp}: {t.get('infeasible') or t.get('error') or 'not built'}")
             continue
         d = t["ppl_wiki_vs_base"]
         add(f"<= {bpp} bits/param: Tailor perplexity within +{ppl_max:.0%} of base", d <= ppl_max,
@@ -516,12 +556,14 @@ def fmt_md(res: dict) -> str:
     for t in res["rows"]:
         budget = f"≤{t['budget_bpp']}" if t["budget_bpp"] else "-"
         if "file_bytes" not in t:
-            lines.append(f"| {t['method']} | {budget} | infeasible | | | | | | | | | | 0 | {t['wall_min']} |")
+            what = "infeasible" if t.get("infeasible") else "not built" if t["error"].startswith("not built") else "failed"
+            lines.append(f"| {t['method']} | {budget} | {what} | | | | | | | | | | 0 | {t['wall_min'] or '-'} |")
             continue
         lines.append(
             f"| {t['method']} | {budget} | {t['file_bytes'] / 1e6:.1f} | {t['bits_per_param']:.2f} | {t['ppl_wiki']:.1f} | "
             f"{t['ppl_boolq_passages']:.1f} | {t['piqa']:.3f} | {t['boolq']:.3f} | {t['openbookqa']:.3f} | "
-            f"{worst(t['crows_worst'])} | {worst(t['bbq_worst'])} | {t['tokens_per_s']:.0f} | 0 | {t['wall_min']} |")
+            f"{worst(t['crows_worst'])} | {worst(t['bbq_worst'])} | {t['tokens_per_s']:.0f} | 0 | {t['wall_min']}"
+            f"{'*' if t.get('rescored_from_larger_set') else ''} |")
     n = res["items"]
     lines += ["", f"Items (same seeded items for every row): {n['wiki']} held-out wiki sentences, {n['passages']} BoolQ dev "
               f"passages (first {PASSAGE_TOKENS} tokens), PIQA {n['piqa']}, BoolQ {n['boolq']}, OpenBookQA {n['openbookqa']}, "
@@ -530,10 +572,16 @@ def fmt_md(res: dict) -> str:
               "Worst Δ: the group whose CrowS pct_stereotype / BBQ bias score rose most against the base file's "
               "(n = items in that group; small n, so read these as indications). tok/s: decode, llama.cpp, "
               f"{THREADS} thread, best of 3, on a CPU shared with other jobs. Wall min: building (search + fine-tune + "
-              "export, or quantize) plus evaluating that row; the shared supernet is not counted per row.", ""]
+              "export, or quantize) plus evaluating that row; the shared supernet is not counted per row"
+              + (" (* = first scored on a larger item set, then filtered to these items: wall time of the larger run)."
+                 if any(t.get("rescored_from_larger_set") for t in res["rows"]) else "."),
+              "bits-only keeps every layer at full width, so its smallest file is every matrix and the embedding at 4 "
+              "bits (Q4_1): that is the uniform 4-bit rows (5.1 bits/param), above both budgets.", ""]
     for t in res["rows"]:
-        if t.get("infeasible"):
-            lines.append(f"- {t['method']} at ≤{t['budget_bpp']}: infeasible: {t['infeasible']}")
+        if t.get("infeasible") or t.get("error"):
+            at = f" at ≤{t['budget_bpp']}" if t["budget_bpp"] else ""
+            lines.append(f"- {t['method']}{at}: {'infeasible' if t.get('infeasible') else 'no file'}: "
+                         f"{t.get('infeasible') or t.get('error')}")
         s = (t.get("build") or {}).get("subnet")
         if s:
             lines.append(f"- {t['method']}{' at ≤' + str(t['budget_bpp']) if t['budget_bpp'] else ''}: {s['kept_layers']}/"
@@ -542,17 +590,17 @@ def fmt_md(res: dict) -> str:
                          f"{t['build']['finetune_steps']} QAT+KD steps")
     lines += ["", "Targets:", ""]
     for g in res["targets"]:
-        verdict = {True: "met", False: "**missed**", None: "n/a"}[g["met"]]
+        verdict = {True: "met", False: "**missed**", None: "**not measured**"}[g["met"]]
         lines.append(f"- {g['target']}: {verdict} ({g['detail']})")
     return "\n".join(lines) + "\n"
 
 
-def prepare_workspace(work: Path, fresh: bool) -> None:
-    """Copy the supernet and calibrate artifacts that `make run` produced (never written to)."""
+def prepare_workspace(work: Path, fresh: bool, stages: Sequence[str]) -> None:
+    """Copy the artifacts that `make run` produced (the copies are read, never the repo's artifacts/)."""
     if fresh:
         shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True, exist_ok=True)
-    for stage in ("supernet", "calibrate"):
+    for stage in stages:
         dst = work / stage
         if dst.exists():
             continue
@@ -566,37 +614,55 @@ def prepare_workspace(work: Path, fresh: bool) -> None:
 
 
 def main() -> None:
+    global EMBED_OPTIONS
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="reports/bench/seed_table.json")
     ap.add_argument("--work", default="/tmp/seedtable", help="workspace (copies of the artifacts, per-row files)")
     ap.add_argument("--fresh", action="store_true", help="discard cached rows and artifact copies")
     ap.add_argument("--only", default=None, help="comma list of row ids to build (others must be cached)")
+    ap.add_argument("--embed-bits", default=",".join(map(str, EMBED_OPTIONS)),
+                    help="embedding widths each search tries, e.g. 8,4")
     a = ap.parse_args()
+    EMBED_OPTIONS = tuple(int(b) for b in a.embed_bits.split(","))
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     work = Path(a.work)
-    prepare_workspace(work, a.fresh)
+    only = set(a.only.split(",")) if a.only else None
+    trained = any(k in ("qat4", *SEARCHED) and (only is None or rid in only) for rid, k, _ in row_plan())
+    prepare_workspace(work, a.fresh, ("calibrate", "supernet") if trained else ("calibrate",))
     import llama_cpp
     import torch
 
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
     ctx = Ctx(work)
     evalset = build_evalset(ctx.data / "eval", ctx.tok)
-    only = set(a.only.split(",")) if a.only else None
     rows = []
-    for rid, key, bpp in row_plan():
+    plan = row_plan()
+    # build the rows the targets are about first (a long run cut short keeps the most useful ones)
+    first = ["tailor@4.0", "prune@4.0", "bits@4.0", "tailor@3.0", "prune@3.0", "bits@3.0"]
+    order = sorted(plan, key=lambda p: (p[1] in ("qat4", *SEARCHED), first.index(p[0]) if p[0] in first else 99))
+    for rid, key, bpp in order:
         if only is not None and rid not in only and rid != "base":
-            cached = work / "rows" / rid.replace("@", "_") / "row.json"
-            if cached.is_file():
-                rows.append(json.loads(cached.read_text()))
+            if (work / "rows" / rid.replace("@", "_") / "row.json").is_file():
+                rows.append(build_row(ctx, rid, key, bpp, evalset))  # cached: loaded (and refreshed)
+            else:  # listed, so a table cut short says which rows it lacks
+                rows.append({"id": rid, "method": METHODS[key][0], "key": key, "budget_bpp": bpp, "wall_min": None,
+                             "gpu_min": 0.0, "error": "not built in this run (rerun the script: it resumes)"})
             continue
         print(f"seed_table: {rid} ...", flush=True)
-        row = build_row(ctx, rid, key, bpp, evalset)
+        try:
+            row = build_row(ctx, rid, key, bpp, evalset)
+        except Exception as e:  # one failed row (e.g. a parity check) is reported, the others still run
+            if key == "base":
+                raise
+            row = {"id": rid, "method": METHODS[key][0], "key": key, "budget_bpp": bpp, "wall_min": None,
+                   "gpu_min": 0.0, "error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}
         if key == "base":
             ctx.overhead = row["file_bytes"] - row["build"]["weight_bytes"]
-        print(f"seed_table: {rid}: " + (row.get("infeasible") or
+        print(f"seed_table: {rid}: " + (row.get("infeasible") or row.get("error") or
               f"{row['bits_per_param']:.3f} bits/param, ppl {row['ppl_wiki']:.2f}, piqa {row['piqa']:.3f}, "
               f"{row['wall_min']} min"), flush=True)
         rows.append(row)
+    rows.sort(key=lambda r: [p[0] for p in plan].index(r["id"]))
     sup = ROOT / "reports" / "supernet" / "metrics.json"
     meta = {"runtime": f"llama-cpp-python {llama_cpp.__version__}, {THREADS} thread",
             "profile": "quick (finetune steps/batch of make run's profile for every trained row)",
@@ -605,7 +671,8 @@ def main() -> None:
             if sup.is_file() else None,
             "items": {"wiki": len(evalset["wiki"]), "passages": len(evalset["passages"]),
                       **{k: len(v) for k, v in evalset["tasks"].items()}},
-            "size_margin_bytes": SIZE_MARGIN, "gguf_overhead_bytes": ctx.overhead, "budgets_bpp": list(BUDGETS)}
+            "size_margin_bytes": SIZE_MARGIN, "gguf_overhead_bytes": ctx.overhead, "budgets_bpp": list(BUDGETS),
+            "embed_bits_searched": list(EMBED_OPTIONS), "limits": dict(LIMITS)}
     machine = f"{platform.processor() or platform.machine()} CPU, {os.cpu_count()} cores (shared), {platform.system()}"
     res = finish(rows, ctx.n_params, machine, meta)
     out = Path(a.out)
