@@ -100,7 +100,7 @@ if __name__ == "__main__":
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--layers", type=int, default=None)
     ap.add_argument("--compile", action="store_true")
-    ap.add_argument("--out", default="/tmp/scaling.json")
+    ap.add_argument("--out", default="reports/bench/scaling-run.json", help="this world size's result")
     ap.add_argument("--combine", nargs="+")
     ap.add_argument("--combined-out", default="reports/bench/scaling.json")
     a = ap.parse_args()

@@ -21,6 +21,7 @@ artifacts/). Each finished row is cached there as row.json, so a rerun resumes; 
 from __future__ import annotations
 
 import argparse
+import tempfile
 import copy
 import json
 import math
@@ -617,7 +618,7 @@ def main() -> None:
     global EMBED_OPTIONS
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="reports/bench/seed_table.json")
-    ap.add_argument("--work", default="/tmp/seedtable", help="workspace (copies of the artifacts, per-row files)")
+    ap.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "seedtable"), help="workspace (copies of the artifacts, per-row files)")
     ap.add_argument("--fresh", action="store_true", help="discard cached rows and artifact copies")
     ap.add_argument("--only", default=None, help="comma list of row ids to build (others must be cached)")
     ap.add_argument("--embed-bits", default=",".join(map(str, EMBED_OPTIONS)),

@@ -11,7 +11,6 @@ the registry itself carries the champion's history and `--rollback` can replay i
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import tempfile
@@ -21,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from tailor import tracking
+from tailor.hashing import sha256_file
 
 AUDIT_ENV = "TAILOR_AUDIT_LOG"
 ALIAS = tracking.CHAMPION
@@ -49,14 +49,6 @@ def append_audit(path: Path, record: dict[str, Any]) -> None:
 
 def read_audit(path: Path) -> list[dict[str, Any]]:
     return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()] if path.is_file() else []
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
 
 
 def gate_verdicts(v: dict[str, Any], tmp: Path) -> dict[str, str]:
@@ -95,7 +87,7 @@ def verify(name: str, version: str) -> dict[str, Any]:
         want = v["tags"].get("sha256")
         if not want:
             raise PromotionRefused("no sha256 registered with this version")
-        got = _sha256(tracking.download(v["source"], Path(tmp) / "file"))
+        got = sha256_file(tracking.download(v["source"], Path(tmp) / "file"))
     if got != want:
         raise PromotionRefused(f"hash mismatch: {v['source']} has sha256 {got[:16]}..., registered {want[:16]}...")
     return {"gates": gates, "sha256": got}

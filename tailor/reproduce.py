@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from tailor import tracking
+from tailor.hashing import sha256_file
 
 FILES = {"gguf": "model.gguf", "onnx": "model.onnx"}
 
@@ -40,14 +41,6 @@ def _run(cmd: list[str], cwd: Path, env: dict[str, str], what: str) -> str:
 def _dvc() -> str:
     here = Path(sys.executable).parent / "dvc"
     return str(here) if here.exists() else (shutil.which("dvc") or "dvc")
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _default_remote(repo: Path, env: dict[str, str]) -> tuple[str, str]:
@@ -103,7 +96,7 @@ def reproduce(name: str, device: str, version: str, repo: Path, keep: bool = Fal
         file = wt / "artifacts" / "export" / device / FILES[tags["format"]]
         if not file.is_file():
             raise ReproduceError(f"dvc repro {target} left no {file.relative_to(wt)}")
-        result |= {"sha256": _sha256(file), "registered_sha256": tags["sha256"]}
+        result |= {"sha256": sha256_file(file), "registered_sha256": tags["sha256"]}
         result["match"] = result["sha256"] == tags["sha256"]
         return result
     finally:

@@ -32,6 +32,7 @@ from tailor.data.shards import (SPLITS, Overlap, Tokenizer, merge_split, pack_co
 from tailor.data.sources import (CROWS_BIAS_TYPES, META, DataError, Raw, Sources, parse_piqa, read_bold,
                                  read_csv, read_jsonl, read_shakespeare)
 from tailor.data.validate import Labels, Rules, Validator
+from tailor.hashing import sha256_file
 
 if TYPE_CHECKING:
     from tailor.config import CalibrateParams
@@ -147,11 +148,11 @@ def build(params: CalibrateParams, tokenizer: Tokenizer, out_dir: Path, sources:
             os.chmod(tmp / f"{s}.safetensors", 0o644)  # safetensors writes 0600
             report["shards"][s] = {"seqs": int(shards[s].shape[0]), "tokens": int(shards[s].size),
                                    "docs": {n: used[n][s] for n in corpora},
-                                   "sha256": _sha256(tmp / f"{s}.safetensors")}
+                                   "sha256": sha256_file(tmp / f"{s}.safetensors")}
         (tmp / "eval").mkdir()
         for fname, rows in evals.items():
             _write_jsonl(tmp / "eval" / f"{fname}.jsonl", rows)
-            eval_report[fname]["sha256"] = _sha256(tmp / "eval" / f"{fname}.jsonl")
+            eval_report[fname]["sha256"] = sha256_file(tmp / "eval" / f"{fname}.jsonl")
         report["eval"] = eval_report
         report["tokenizer"] = {"class": type(tokenizer).__name__, "eos_token_id": tokenizer.eos_token_id,
                                "vocab_size": getattr(tokenizer, "vocab_size", None)}
@@ -217,7 +218,7 @@ def _eval_sets(p: CalibrateParams, sources: Sources, validator: Validator, overl
 
 def _entry(raw: Raw, checks: list[dict], kept: int, dropped: dict[str, int]) -> dict[str, Any]:
     m = META[raw.name]
-    files = [{"path": raw.source.show(f), "sha256": _sha256(f)} for f in raw.files]
+    files = [{"path": raw.source.show(f), "sha256": sha256_file(f)} for f in raw.files]
     digest = files[0]["sha256"] if len(files) == 1 else hashlib.sha256(
         "".join(f"{f['sha256']}  {Path(f['path']).name}\n" for f in files).encode()).hexdigest()
     return {"title": m.title, "role": m.role, "use": m.use, "license": m.license,
@@ -248,14 +249,6 @@ def render_card(report: dict[str, Any]) -> str:
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
 
 
 @contextmanager

@@ -6,7 +6,6 @@ safetensors (reloads in about a second). A test can slice it to its first few la
 """
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import os
@@ -19,6 +18,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from tailor.arch import BaseArch
+from tailor.hashing import sha256_file  # noqa: F401 (re-exported)
 from tailor.models.llama import TailorConfig, TailorForCausalLM
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -153,14 +153,6 @@ def slice_config(cfg: TailorConfig, n_layers: int) -> TailorConfig:
 
 def base_arch(model: TailorForCausalLM) -> BaseArch:
     return BaseArch.from_hf(model.config)
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def save_state(state: dict[str, torch.Tensor], path: Path) -> None:
