@@ -1,13 +1,16 @@
 """Decode speed and perplexity of the phone GGUF beside the base model quantized to Q4_K_M by llama.cpp
 itself (what users pick today), same machine, same process. Writes reports/bench/decode.json.
 
-Needs a finished `export@phone` (artifacts/export/phone/model.gguf) and the calibrate eval sets.
+Speeds are llama.cpp's own decode timings (64 one-token steps after a prompt), at 1 thread and at every
+core, best of --repeats, the files taking turns so that a burst of load on a shared machine hits all of
+them alike. Needs a finished `export@phone` (artifacts/export/phone/model.gguf) and the calibrate eval sets.
 
-    python benchmarks/decode.py [--docs 60]
+    python benchmarks/decode.py [--docs 60] [--repeats 5]
 """
 from __future__ import annotations
 
 import argparse
+import collections
 import ctypes
 import json
 import os
@@ -16,6 +19,7 @@ import tempfile
 from pathlib import Path
 
 import llama_cpp
+from gguf import GGUFReader
 from transformers import AutoTokenizer
 
 from tailor.arch import SubnetConfig
@@ -33,15 +37,18 @@ def quantize_q4_k_m(src: Path, dst: Path) -> None:
         raise RuntimeError(f"llama_model_quantize failed with {rc}")
 
 
-def measure(path: Path, tok, seqs: list[list[int]], n_params: int) -> dict:
-    size = path.stat().st_size
-    return {"file_bytes": size, "bits_per_param": round(8 * size / n_params, 3),
-            "ppl": llamacpp.perplexity(path, seqs), "tokens_per_s": llamacpp.tokens_per_s(path, tok, 64)}
+def tensor_types(path: Path) -> dict[str, float]:
+    """MB of weights per ggml type: what decides which CPU kernels run."""
+    mb = collections.Counter()
+    for t in GGUFReader(path).tensors:
+        mb[t.tensor_type.name] += int(t.n_bytes) / 1e6
+    return {k: round(v, 2) for k, v in sorted(mb.items())}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--docs", type=int, default=60)
+    ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--phone", default="artifacts/export/phone/model.gguf")
     ap.add_argument("--out", default="reports/bench/decode.json")
     a = ap.parse_args()
@@ -51,16 +58,28 @@ def main() -> None:
     base, _ = load_base()
     arch = arch_of(base)
     n_params = SubnetConfig.max(arch).param_count(arch)
+    threads = sorted({1, os.cpu_count() or 1})
     with tempfile.TemporaryDirectory() as tmp:
         f16 = Path(tmp) / "base-f16.gguf"
         gguf.export(export_active(base, SubnetConfig.max(arch, bits=16, embed_bits=16), "gguf"), tok, f16)
         q4km = Path(tmp) / "base-q4_k_m.gguf"
         quantize_q4_k_m(f16, q4km)
-        rows = {"base_f16": measure(f16, tok, seqs, n_params), "llama.cpp_q4_k_m": measure(q4km, tok, seqs, n_params),
-                "tailor_phone": measure(Path(a.phone), tok, seqs, n_params)}
+        files = {"base_f16": f16, "llama.cpp_q4_k_m": q4km, "tailor_phone": Path(a.phone)}
+        speed = {k: {n: 0.0 for n in threads} for k in files}
+        for _ in range(a.repeats):
+            for n in threads:
+                for k, f in files.items():
+                    speed[k][n] = max(speed[k][n], llamacpp.tokens_per_s(f, tok, 64, n_threads=n))
+        rows = {}
+        for k, f in files.items():
+            size = f.stat().st_size
+            rows[k] = {"file_bytes": size, "bits_per_param": round(8 * size / n_params, 3),
+                       "ppl": llamacpp.perplexity(f, seqs), "types_mb": tensor_types(f),
+                       "tokens_per_s": {f"{n}_threads": round(v, 1) for n, v in speed[k].items()}}
+    ratio = {f"{n}_threads": round(speed["tailor_phone"][n] / speed["llama.cpp_q4_k_m"][n], 3) for n in threads}
     out = {"machine": f"{platform.machine()} CPU, {os.cpu_count()} cores", "n_seqs": len(seqs),
-           "speedup_vs_q4_k_m": round(rows["tailor_phone"]["tokens_per_s"] / rows["llama.cpp_q4_k_m"]["tokens_per_s"], 3),
-           **rows}
+           "timing": f"llama.cpp decode counters, 64 tokens, best of {a.repeats}, files interleaved",
+           "speedup_vs_q4_k_m": ratio, **rows}
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(out, indent=2) + "\n")
     print(json.dumps(out, indent=2))

@@ -3,8 +3,8 @@ GGUF in llama.cpp. Writes reports/bench/seed_table.json (one row per method and 
 
     python benchmarks/seed_table.py --out reports/bench/seed_table.json [--work /tmp/seedtable] [--fresh]
 
-Methods: base (F16 file of the bf16 base), uniform RTN (Q8_0, Q4_1; llama.cpp's own Q4_0 and Q4_K_M
-of the F16 file), uniform 4-bit QAT+KD (no search), prune-only (structure search at 16 bits, then
+Methods: base (F16 file of the bf16 base), uniform RTN (Q8_0 and Q4_1 on every matrix and the embedding;
+llama.cpp's own Q4_0 and Q4_K_M of the F16 file), uniform 4-bit QAT+KD (no search), prune-only (structure search at 16 bits, then
 every matrix Q8_0), bits-only (bit search, structure fixed), Tailor joint (everything). The trained
 methods share one fine-tuning budget (the quick profile's finetune steps) and the supernet `make run`
 trained; they are searched at each budget of BUDGETS bits per base parameter, where bits/param =
@@ -50,21 +50,21 @@ MAX_LEN = 256  # tokens of context window, as the quick profile's evaluate (left
 PASSAGE_TOKENS = 256  # BoolQ passages are cut to this many tokens for perplexity
 THREADS = 1  # llama.cpp threads: the 2 cores here are shared, and spinning barriers collapse when busy
 SIZE_MARGIN = 64 * 1024  # bytes kept free under the target for GGUF header / alignment differences
-GGUF_TYPES = {16: "F16", 8: "Q8_0", 5: "Q5_1", 4: "Q4_1"}
+GGUF_TYPES = {16: "F16", 8: "Q8_0", 5: "Q5_1", 4: "Q4_0"}  # tailor.quant.gguf_pack
 
 METHODS = {  # key -> (label in the table, what it is)
     "base": ("base", "the uncompressed model, F16 file (bf16 weights; they come from the shipped Q4_1 GGUF)"),
     "q8_0": ("uniform Q8_0", "round-to-nearest, every matrix and the embedding Q8_0"),
-    "q4_1": ("uniform 4-bit RTN (Q4_1)", "round-to-nearest, every matrix and the embedding Q4_1 (Tailor's 4-bit grid)"),
+    "q4_1": ("uniform 4-bit RTN (Q4_1)", "round-to-nearest, every matrix and the embedding Q4_1 (the shipped file's type)"),
     "q4_0": ("uniform 4-bit RTN (Q4_0)", "llama.cpp's own Q4_0 of the F16 file"),
     "q4_k_m": ("llama.cpp Q4_K_M", "the base quantized by llama.cpp itself: what users pick today"),
-    "qat4": ("uniform 4-bit QAT+KD", "every matrix and the embedding Q4_1, fine-tuned with QAT+KD, no search"),
+    "qat4": ("uniform 4-bit QAT+KD", "every matrix and the embedding Q4_0 (Tailor's 4-bit grid), fine-tuned with QAT+KD, no search"),
     "prune": ("prune-only", "structure search at 16 bits, then every matrix Q8_0, fine-tuned"),
     "bits": ("bits-only", "per-matrix bit search, structure fixed, fine-tuned"),
     "tailor": ("Tailor joint", "joint structure x bits (x embedding bits) search, fine-tuned"),
 }
 SEARCHED = ("prune", "bits", "tailor")
-# Embedding widths each search tries (the better objective wins). Default Q4_1 only, to fit the time
+# Embedding widths each search tries (the better objective wins). Default 4-bit (Q4_0) only, to fit the time
 # on 2 shared cores: at <= 4.0 bits/param a Q8_0 embedding alone is 1.79 of the 4.0 bits, and at <= 3.0
 # prune-only cannot fit it at all. `--embed-bits 8,4` searches both.
 EMBED_OPTIONS = (4,)
@@ -325,10 +325,12 @@ def build_fixed(ctx: Ctx, key: str, out: Path) -> dict:
     if key == "base":
         info = ctx.export_rtn(SubnetConfig.max(ctx.arch, bits=16, embed_bits=16), out / "model.gguf")
         return {"weight_bytes": info["weight_bytes"], "types": "F16 everywhere"}
-    if key in ("q8_0", "q4_1"):
-        b = 8 if key == "q8_0" else 4
-        info = ctx.export_rtn(SubnetConfig.max(ctx.arch, bits=b, embed_bits=b), out / "model.gguf")
-        return {"weight_bytes": info["weight_bytes"], "types": f"{GGUF_TYPES[b]} matrices and embedding"}
+    if key == "q8_0":
+        info = ctx.export_rtn(SubnetConfig.max(ctx.arch, bits=8, embed_bits=8), out / "model.gguf")
+        return {"weight_bytes": info["weight_bytes"], "types": "Q8_0 matrices and embedding"}
+    if key == "q4_1":  # Tailor's own 4-bit type was Q4_1 until Q4_0 replaced it: llama.cpp's Q4_1 now
+        quantize_llamacpp(f16, out / "model.gguf", "LLAMA_FTYPE_MOSTLY_Q4_1")
+        return {"types": "llama.cpp Q4_1"}
     ftype = {"q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0", "q4_k_m": "LLAMA_FTYPE_MOSTLY_Q4_K_M"}[key]
     quantize_llamacpp(f16, out / "model.gguf", ftype)
     return {"types": f"llama.cpp {ftype.rsplit('_MOSTLY_', 1)[1]} (its own per-tensor type choices)"}
@@ -577,7 +579,7 @@ def fmt_md(res: dict) -> str:
               + (" (* = first scored on a larger item set, then filtered to these items: wall time of the larger run)."
                  if any(t.get("rescored_from_larger_set") for t in res["rows"]) else "."),
               "bits-only keeps every layer at full width, so its smallest file is every matrix and the embedding at 4 "
-              "bits (Q4_1): that is the uniform 4-bit rows (5.1 bits/param), above both budgets.", ""]
+              "bits (Q4_0, about 4.6 bits/param with its scales), above both budgets.", ""]
     for t in res["rows"]:
         if t.get("infeasible") or t.get("error"):
             at = f" at ≤{t['budget_bpp']}" if t["budget_bpp"] else ""

@@ -5,18 +5,20 @@ MLflow child run."""
 from __future__ import annotations
 
 import json
+import tempfile
 import time
 from pathlib import Path
 
 from steps._common import artifact_dir, load_shard, main_for, report_dir, staged_dir, write_csv, write_json
 from tailor import tracking
-from tailor.config import ConfigError, Params
+from tailor.config import ConfigError, Params, RunnerParams
 from tailor.devices import budget_bytes, cost
 from tailor.distill import teacher_logits
 from tailor.elastic.space import SearchSpace
 from tailor.elastic.supernet import arch_of, set_max
 from tailor.models.base import cache_dir, load_base, load_model_dir, sha256_file
-from tailor.search import fairness, gumbel, latency, mip, nsga, plots, sensitivity
+from tailor.search import fairness, fanout, gumbel, latency, mip, nsga, plots, sensitivity
+from tailor.search.fanout import ScoreJob
 from tailor.search.sampled import Candidate, NoFeasibleSubnet, pareto, propose, score, seeds, shrink_to_fit
 from tailor.train import pick_device
 
@@ -33,24 +35,42 @@ def device_space(params: Params, device: str, model, meta: dict) -> SearchSpace:
 
 
 class Scorer:
-    """Scores subnets on the supernet once each (by config hash) and keeps every candidate."""
+    """Scores subnets on the supernet once each (by config hash) and keeps every candidate.
 
-    def __init__(self, model, space: SearchSpace, prof, val, teacher, overhead: float | None):
+    `many` scores a batch: in this process, or fanned out on the Dask cluster of params.yaml's `runner`
+    (tailor.search.fanout: the workers load the supernet and the teacher logits once, from files)."""
+
+    def __init__(self, model, space: SearchSpace, prof, val, teacher, overhead: float | None,
+                 fan: tuple[ScoreJob, RunnerParams] | None = None):
         self.model, self.space, self.prof, self.val, self.teacher = model, space, prof, val, teacher
-        self.overhead = overhead
+        self.overhead, self.fan = overhead, fan
         self.seen: dict[str, Candidate] = {}
         self.seconds = 0.0
+
+    def _candidate(self, cfg, origin: str) -> Candidate:
+        c = cost(cfg, self.space.arch, self.prof, self.overhead)
+        return Candidate(cfg, c.nbytes, c.bits_per_param, c.latency_s, origin=origin)
 
     def __call__(self, cfg, origin: str) -> Candidate:
         if cfg.hash in self.seen:
             return self.seen[cfg.hash]
-        c = cost(cfg, self.space.arch, self.prof, self.overhead)
-        cand = Candidate(cfg, c.nbytes, c.bits_per_param, c.latency_s, origin=origin)
+        cand = self._candidate(cfg, origin)
         t0 = time.perf_counter()
         score(self.model, cand, self.prof.format, self.val, self.teacher, 8)
         self.seconds += time.perf_counter() - t0
         self.seen[cfg.hash] = cand
         return cand
+
+    def many(self, cfgs: list, origin: str) -> list[Candidate]:
+        if self.fan is None:
+            return [self(c, origin) for c in cfgs]
+        new = list({c.hash: self._candidate(c, origin) for c in cfgs if c.hash not in self.seen}.values())
+        t0 = time.perf_counter()
+        job, runner = self.fan
+        fanout.score_candidates(job, new, runner.kind, runner.workers, runner.address)
+        self.seconds += time.perf_counter() - t0
+        self.seen.update((c.config.hash, c) for c in new)
+        return [self.seen[c.hash] for c in cfgs]
 
     @property
     def candidates(self) -> list[Candidate]:
@@ -83,7 +103,12 @@ def run(params: Params, device: str, supernet_dir: Path, data_dir: Path, out_dir
     lat = (latency.run(model, space, prof.format, tok, sp.latency_configs, seeds(space), cache_dir() / "latency")
            if sp.latency_configs else None)
     overhead = lat["layer_overhead_us"] / 1e6 if lat else None
-    scorer = Scorer(model, space, prof, val, teacher, overhead)
+    fan_dir = tempfile.TemporaryDirectory(prefix="tailor-fanout-") if params.runner.kind == "dask" else None
+    fan = None
+    if fan_dir is not None:  # workers read these files: a shared filesystem when `runner.address` is remote
+        inputs = fanout.write_inputs(Path(fan_dir.name) / "inputs.safetensors", val.cpu(), [t.cpu() for t in teacher])
+        fan = (fanout.ScoreJob(str(supernet_dir / "model"), str(inputs), prof.format), params.runner)
+    scorer = Scorer(model, space, prof, val, teacher, overhead, fan)
     per_strategy: dict[str, dict] = {}
 
     def best_of(cands: list[Candidate]) -> Candidate | None:
@@ -95,7 +120,7 @@ def run(params: Params, device: str, supernet_dir: Path, data_dir: Path, out_dir
         ts, n0 = time.perf_counter(), len(scorer.seen)
         if strategy == "mip":
             mip_seeds = mip.solutions(table, space, prof.format, prof.embed_bits, budget)
-            mine = [scorer(c, "mip") for c in mip_seeds]
+            mine = scorer.many(mip_seeds, "mip")
         elif strategy == "nsga":
             if not mip_seeds:
                 mip_seeds = mip.solutions(table, space, prof.format, prof.embed_bits, budget)
@@ -118,11 +143,13 @@ def run(params: Params, device: str, supernet_dir: Path, data_dir: Path, out_dir
                 cfg = shrink_to_fit(cfg, space, prof, torch.Generator().manual_seed(sp.seed))
             mine = [scorer(cfg, "gumbel")]
         else:  # "sampled": structured seeds + random subnets repaired to fit
-            mine = [scorer(c.config, "sampled") for c in propose(space, prof, sp.n_candidates, sp.seed)]
+            mine = scorer.many([c.config for c in propose(space, prof, sp.n_candidates, sp.seed)], "sampled")
         best = best_of(mine)
         per_strategy[strategy] = {"best_kl": best.kl if best else None, "best_hash": best.config.hash if best else None,
                                   "best_bytes": best.nbytes if best else None, "n_evaluated": len(mine),
                                   "new_candidates": len(scorer.seen) - n0, "seconds": round(time.perf_counter() - ts, 2)}
+    if fan_dir is not None:
+        fan_dir.cleanup()
     cands = scorer.candidates
     blind = best_of(cands)
     if blind is None:

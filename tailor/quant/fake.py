@@ -6,7 +6,7 @@ MatMulNBits, so a row slice or a 32-aligned column slice of a fake-quantized mat
 quantization of the slice: elastic slicing and quantization commute.
 
 Learned clipping. Each block's range [lo, hi] (what the format's quantizer derives its step from:
-min/max for Q4_1/Q5_1 and MatMulNBits, ±absmax for Q8_0) is shrunk towards the block's centre by a
+min/max for Q5_1 and MatMulNBits, ±absmax for Q8_0 and Q4_0) is shrunk towards the block's centre by a
 factor gamma in [CLIP_MIN, 1], one gamma per matrix, format and bit-width. The weight is clamped to the
 shrunk range and then quantized by the unchanged reference quantizer, so the clipped weight, written
 back into the matrix ("baked"), quantizes to exactly the same values in the exporter and the runtime:
@@ -26,7 +26,7 @@ CLIP_SLOTS = 9   # gamma[fmt, bits] for bits 0..8 (16-bit matrices are not quant
 
 
 def _block_range(b: torch.Tensor, fmt: str, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
-    if fmt == "gguf" and bits == 8:  # Q8_0 is symmetric: d = absmax / 127
+    if fmt == "gguf" and bits in (8, 4):  # Q8_0 / Q4_0 are symmetric: d = absmax / 127 or signed max / -8
         a = b.abs().amax(-1, keepdim=True)
         return -a, a
     lo, hi = b.amin(-1, keepdim=True), b.amax(-1, keepdim=True)

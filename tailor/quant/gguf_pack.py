@@ -6,8 +6,8 @@ dequantization of these bytes equals `gguf_grid.dequantized(w, bits)` bit for bi
 
 Block layouts (ggml-common.h, little-endian):
   Q8_0: d f16 | qs int8[32]
-  Q4_1: d f16 | m f16 | qs uint8[16], qs[j] = q[j] | q[j+16] << 4
-  Q5_1: d f16 | m f16 | qh uint32 (bit j = bit 4 of q[j]) | qs uint8[16] as Q4_1 with the low nibbles
+  Q4_0: d f16 | qs uint8[16], qs[j] = (q[j] + 8) | (q[j+16] + 8) << 4
+  Q5_1: d f16 | m f16 | qh uint32 (bit j = bit 4 of q[j]) | qs uint8[16], qs[j] = q[j] | q[j+16] << 4 (low nibbles)
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from gguf import GGMLQuantizationType
 from tailor.quant.gguf_grid import BLOCK, BLOCK_BYTES, codes
 
 _TYPES = {16: GGMLQuantizationType.F16, 8: GGMLQuantizationType.Q8_0,
-          5: GGMLQuantizationType.Q5_1, 4: GGMLQuantizationType.Q4_1}
+          5: GGMLQuantizationType.Q5_1, 4: GGMLQuantizationType.Q4_0}
 
 
 def ggml_type(bits: int) -> GGMLQuantizationType:
@@ -53,6 +53,8 @@ def pack(w: torch.Tensor, bits: int) -> np.ndarray:
     if bits == 8:
         qs = c.q.to(torch.int8).view(torch.uint8)
         parts = [_f16_bytes(c.d), qs]
+    elif bits == 4:
+        parts = [_f16_bytes(c.d), _nibbles(c.q + 8)]
     else:
         parts = [_f16_bytes(c.d), _f16_bytes(c.m)]
         if bits == 5:

@@ -63,6 +63,25 @@ def test_search(ws):
     assert cfg.hash == m["chosen_hash"]
 
 
+def test_search_fans_out_on_dask(ws, tmp_path):
+    """runner.kind dask: the search stage scores its MIP and sampled candidates on a 2-worker Dask
+    cluster and chooses what the in-process scorer chooses, with the same scores."""
+    pytest.importorskip("dask.distributed")
+    from steps import search
+
+    p = ws["params"]
+    sp = p.search.model_copy(update={"strategies": ["mip", "sampled"], "latency_configs": 0})
+    runs = {}
+    for kind in ("local", "dask"):
+        params = p.model_copy(update={"search": sp, "runner": p.runner.model_copy(update={"kind": kind, "workers": 2})})
+        runs[kind] = search.run(params, "phone", ws["art"] / "supernet", ws["art"] / "calibrate", tmp_path / kind)
+    local, dask = runs["local"], runs["dask"]
+    assert dask["metrics"]["chosen_hash"] == local["metrics"]["chosen_hash"]
+    scores = {kind: {c.config.hash: c.kl for c in r["candidates"]} for kind, r in runs.items()}
+    assert scores["dask"].keys() == scores["local"].keys() and len(scores["local"]) >= 4
+    assert all(abs(scores["dask"][h] - kl) <= 1e-5 * max(1.0, abs(kl)) for h, kl in scores["local"].items())
+
+
 def test_finetune(ws):
     from steps import finetune
     from transformers import AutoModelForCausalLM

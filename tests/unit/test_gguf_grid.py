@@ -29,6 +29,8 @@ def edge_weights(seed: int = 0, rows: int = 48, cols: int = 160) -> torch.Tensor
     w[5, :32] = torch.arange(32) * 0.5 - 8.0  # Q8_0 half-way values x = k + 0.5
     w[6, 32:64] = 6e4  # fp16 scale near its maximum
     w[7, 32:64] = torch.randn(32, generator=g) * 1e-6  # fp16-subnormal scales
+    w[8, :32] = torch.where(torch.arange(32) % 2 == 0, -2.0, 2.0)  # Q4_0: |max| tied, the first (-2) sets d's sign
+    w[9, :32] = torch.arange(32) * 0.25 - 4.0  # Q4_0: x / d + 8.5 lands on whole numbers
     return w
 
 
