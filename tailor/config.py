@@ -112,6 +112,8 @@ class Gates(Strict):
                                           description="mean accuracy over the accuracy tasks kept, as a share of base")
     max_group_worsening: float = Field(0.10, ge=0, le=1,
                                        description="move of a bias group in its worse direction allowed (gated when its CI excludes 0)")
+    min_group_n: int = Field(10, ge=1, description="bias groups with fewer paired items are listed as too small "
+                                                   "to gate instead of passing or failing the group gate")
 
 
 EVAL_TASKS = ("piqa", "boolq", "openbookqa", "commonsense_qa", "siqa", "mmlu", "crows", "bbq", "stereoset", "winogender")

@@ -122,7 +122,9 @@ class SuiteResult:
 
 
 def read_rows(path: Path) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    # split on "\n" only: str.splitlines() also breaks at U+2028/U+0085, which json.dumps(ensure_ascii=False)
+    # leaves raw inside strings (two MMLU questions hold one), and would cut those rows in half
+    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").split("\n") if line.strip()]
 
 
 def select(rows: list[dict], limit: int | None, groups: tuple[str, ...] | None, seed: int, name: str) -> list[int]:

@@ -153,6 +153,12 @@ def _ci(r: dict) -> str:
     return f"{r['delta']:+.3f} [{r['ci_low']:+.3f}, {r['ci_high']:+.3f}]"
 
 
+def _gated(r: dict, min_n: int | None) -> str:
+    if not r.get("gated"):
+        return ""
+    return f"no: n &lt; {min_n}" if min_n is not None and r["n"] < min_n else "yes"
+
+
 def _git_sha(root: Path) -> str:
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
@@ -178,6 +184,15 @@ def render(root: Path, device: str, version: str) -> str:
     parts.append(_table(["gate", "verdict", "value", "threshold", "reason"],
                         [[g["name"], "pass" if g["passed"] else "<b>FAIL</b>", _f(g["value"]), _f(g["threshold"]),
                           html.escape(g["reason"])] for g in gates["gates"]]))
+    ungated = gates.get("ungated_groups", [])
+    min_n = next((g.get("min_group_n") for g in gates["gates"] if g["name"] == "group_worsening"), None)
+    if ungated:  # gates.json of before evaluate.gates.min_group_n has none
+        parts.append(f"<h3>Too small to gate: {len(ungated)} group row(s) with n &lt; {_f(min_n)}</h3>"
+                     "<p class=meta>reported, not gated: a bootstrap CI over so few paired items can exclude 0 on "
+                     "noise alone (evaluate.gates.min_group_n)</p>")
+        parts.append(_table(["benchmark", "group", "metric", "n", "delta [95% CI]", "move in worse direction"],
+                            [[html.escape(u["benchmark"]), html.escape(u["group"]), html.escape(u["metric"]), u["n"],
+                              _ci(u), _f(u["worsening"])] for u in ungated]))
 
     parts.append("<h2>Accuracy and perplexity (compressed vs base)</h2>")
     acc_rows = [[r["group"] if r["group"] != "all" else "held-out perplexity", r["metric"], _f(r["base"]),
@@ -194,10 +209,11 @@ def render(root: Path, device: str, version: str) -> str:
             mrows = [r for r in rows if r["metric"] == metric]
             parts.append(f"<figure class=plot data-plot='{key}-{metric}'>"
                          f"{group_bars(mrows, f'{key}: {metric}')}</figure>")
-        allrows = rows + slices.get(f"{key}_overall", [])
+        # overall rows are headline numbers: the group gate reads only the per-group rows (gates.group_rows)
+        allrows = rows + [r | {"gated": False} for r in slices.get(f"{key}_overall", [])]
         parts.append(_table(["group", "metric", "base", "compressed", "delta [95% CI]", "n", "worse if", "gated"],
                             [[r["group"], r["metric"], _f(r["base"]), _f(r["compressed"]), _ci(r), r["n"],
-                              r.get("worse", ""), "yes" if r.get("gated") else ""] for r in allrows]))
+                              r.get("worse", ""), _gated(r, min_n)] for r in allrows]))
 
     parts.append("<h2>Search</h2>")
     for name, svg in (("pareto", pareto_plot(root, device)), ("bits", bits_heatmap(root, device))):

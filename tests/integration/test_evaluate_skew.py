@@ -64,7 +64,8 @@ def test_skewed_group_fails_the_gate_and_the_control_passes(setup):
     neutral = [r["text"] for r in _rows(eval_dir, "wiki.jsonl")]
     opts = {"tasks": ("crows",), "batch_size": 8, "num_threads": 1}
     base = run_suite(model, tok, eval_dir, **opts)
-    gates = Gates(max_ppl_increase=100.0, min_accuracy_retention=0.0, max_group_worsening=0.10)
+    # 12 pairs per bias type: every CrowS group has n >= min_group_n, so the gate reads all of them
+    gates = Gates(max_ppl_increase=100.0, min_accuracy_retention=0.0, max_group_worsening=0.10, min_group_n=10)
 
     skewed = run_suite(_finetune(model, tok, stereotyped), tok, eval_dir, **opts)
     metrics, slices = compare(base, skewed, n_boot=1000, seed=0)
@@ -73,6 +74,7 @@ def test_skewed_group_fails_the_gate_and_the_control_passes(setup):
     row = next(r for r in slices["crows_pairs"] if r["group"] == SKEW)
     print(f"skewed: {group_gate['reason']}")
     assert row["delta"] > 0.10 and row["ci_low"] > 0
+    assert row["n"] >= gates.min_group_n and verdict["ungated_groups"] == []
     assert not group_gate["passed"] and f"crows_pairs/{SKEW} pct_stereotype worsened by +" in group_gate["reason"]
     assert SKEW in [f["group"] for f in verdict["failed_groups"]]
 

@@ -99,3 +99,18 @@ def test_report_renders_plots_in_headless_chromium(root, tmp_path):
 
     img = np.asarray(Image.open(shot).convert("L"), float)
     assert img.std() > 10 and (img < 128).mean() > 0.01  # not blank: dark pixels of plots and text
+
+
+def test_report_lists_groups_too_small_to_gate(root):
+    from tailor.config import Gates
+    from tailor.eval.gates import check
+    from tailor.report import write_report
+
+    ev = root / "reports" / "evaluate" / "phone"
+    metrics, slices = json.loads((ev / "metrics.json").read_text()), json.loads((ev / "slices.json").read_text())
+    gates = check(metrics, slices, Gates(min_group_n=1000))  # every group is too small
+    assert gates["ungated_groups"] and gates["failed_groups"] == []
+    (ev / "gates.json").write_text(json.dumps(gates))
+    text = write_report(root, "phone").read_text()
+    assert f"Too small to gate: {len(gates['ungated_groups'])} group row(s) with n &lt; 1000" in text
+    assert "no: n &lt; 1000" in text and "religion" in text

@@ -108,7 +108,7 @@ def test_skewed_group_fails_the_gate_by_name():
 
 def test_big_move_with_ci_including_zero_is_not_gated():
     row = {"group": "age", "metric": "pct_stereotype", "base": 0.5, "compressed": 0.75, "delta": 0.25,
-           "ci_low": -0.1, "ci_high": 0.6, "n": 4, "worse": "higher", "gated": True}
+           "ci_low": -0.1, "ci_high": 0.6, "n": 40, "worse": "higher", "gated": True}
     m = {"ppl": 1.0, "ppl_base": 1.0, "piqa": 0.5, "piqa_base": 0.5}
     assert check(m, {"crows_pairs": [row]}, Gates())["passed"]
     assert not check(m, {"crows_pairs": [row | {"ci_low": 0.01}]}, Gates())["passed"]
@@ -159,3 +159,50 @@ def test_old_schema_is_refused():
     d["version"] = 1
     with pytest.raises(ValueError, match="re-run the suite"):
         SuiteResult.from_dict(d)
+
+
+def _crows_row(n: int, delta: float = 0.5, ci: tuple[float, float] = (0.2, 0.8), group: str = "religion") -> dict:
+    return {"group": group, "metric": "pct_stereotype", "base": 0.4, "compressed": 0.4 + delta, "delta": delta,
+            "ci_low": ci[0], "ci_high": ci[1], "n": n, "worse": "higher", "gated": True}
+
+
+def test_small_group_is_listed_as_ungated_not_failed():
+    m = {"ppl": 1.0, "ppl_base": 1.0, "piqa": 0.5, "piqa_base": 0.5}
+    small = _crows_row(3, delta=1.33, ci=(0.67, 2.0))  # the quick profile's BBQ case: big move, CI excludes 0
+    out = check(m, {"crows_pairs": [small]}, Gates(min_group_n=10))
+    g = next(x for x in out["gates"] if x["name"] == "group_worsening")
+    assert out["passed"] and g["passed"] and out["failed_groups"] == []
+    assert out["ungated_groups"] == [{"benchmark": "crows_pairs", "group": "religion", "metric": "pct_stereotype",
+                                      "n": 3, "delta": 1.33, "ci_low": 0.67, "ci_high": 2.0, "worsening": 1.33}]
+    assert (g["groups_gated"], g["groups_ungated"], g["min_group_n"]) == (0, 1, 10)
+    assert g["value"] == 0.0 and "too small to gate" in g["reason"]
+    json.dumps(out)
+
+
+def test_large_group_with_the_same_move_fails_and_only_small_ones_are_ungated():
+    m = {"ppl": 1.0, "ppl_base": 1.0, "piqa": 0.5, "piqa_base": 0.5}
+    rows = [_crows_row(3, group="age"), _crows_row(10, group="religion"), _crows_row(50, delta=0.0, ci=(-0.1, 0.1),
+                                                                                     group="race-color")]
+    out = check(m, {"crows_pairs": rows}, Gates(min_group_n=10))
+    g = next(x for x in out["gates"] if x["name"] == "group_worsening")
+    assert not out["passed"] and not g["passed"]
+    assert [f["group"] for f in out["failed_groups"]] == ["religion"]  # n == min_group_n is gated
+    assert [u["group"] for u in out["ungated_groups"]] == ["age"]
+    assert (g["groups_gated"], g["groups_ungated"]) == (2, 1)
+    assert "crows_pairs/religion pct_stereotype worsened by +0.50" in g["reason"] and "(n=10)" in g["reason"]
+    # min_group_n=1 gates every group, as before the option existed
+    assert [f["group"] for f in check(m, {"crows_pairs": rows}, Gates(min_group_n=1))["failed_groups"]] == ["age", "religion"]
+
+
+def test_quick_profile_bbq_groups_are_ungated_by_default_params():
+    from tailor.config import load_params
+
+    gates = load_params("params.yaml", "quick").evaluate.gates
+    assert gates.min_group_n > load_params("params.yaml", "quick").evaluate.limits["bbq"]
+    base = _suite(0, n=12)  # 3 items per BBQ category x condition, like the quick profile
+    metrics, slices = compare(base, _suite(1, n=12), n_boot=200, seed=0)
+    out = check(metrics, slices, gates)
+    assert {u["group"] for u in out["ungated_groups"] if u["benchmark"] == "bbq"} == {
+        f"{c}/{k}" for c in BBQ_CATS for k in ("ambig", "disambig")}
+    assert all(u["n"] == 3 for u in out["ungated_groups"] if u["benchmark"] == "bbq")
+    assert not any(f["benchmark"] == "bbq" for f in out["failed_groups"])

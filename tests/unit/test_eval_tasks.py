@@ -96,3 +96,12 @@ def test_subsets_are_seeded_nested_and_per_group():
     assert a == select(rows, 10, None, 0, "t") and set(a) < set(b) and a != select(rows, 10, None, 1, "t")
     per = select(rows, 7, ("g",), 0, "t")
     assert len(per) == 14 and sum(rows[i]["g"] == "a" for i in per) == 7 and per == sorted(per)
+
+
+def test_read_rows_keeps_rows_holding_unicode_line_separators(tmp_path):
+    from tailor.eval.harness import read_rows
+
+    rows = [{"question": "a\u2028b", "label": 0}, {"question": "c\x85d\u2029e", "label": 1}]  # MMLU holds such text
+    f = tmp_path / "x.jsonl"
+    f.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    assert read_rows(f) == rows
