@@ -5,6 +5,9 @@ curve at the same global batch. Run once per world size under torchrun, then com
     torchrun --nproc_per_node=2 benchmarks/scaling.py --out /tmp/w2.json
     python benchmarks/scaling.py --combine /tmp/w1.json /tmp/w2.json   # -> reports/bench/scaling.json
 
+`--parallel fsdp` shards the student with FSDP2 instead of replicating it (DDP); `--combine ... --key fsdp`
+writes the combined result under that key of an existing scaling.json, leaving its other keys as they are.
+
 The training step is Tailor's own (`tailor.train.train_kd` with the sandwich of `steps.supernet`), on
 the SmolLM2-135M architecture random-initialised (speed does not depend on weight values) and random
 token data; the teacher is another random model of the same shape.
@@ -51,7 +54,7 @@ def worker(a) -> None:
     def sandwich(step, gen):
         return [lambda c=c, f=f: set_active(student, c, f) for c, f in sandwich_configs(spaces, step, 2, gen)]
 
-    spec = TrainSpec(a.steps, a.batch, 1e-4, 1.0, 0, ckpt_every=10**9, amp=True, compile=a.compile)
+    spec = TrainSpec(a.steps, a.batch, 1e-4, 1.0, 0, ckpt_every=10**9, amp=True, compile=a.compile, parallel=a.parallel)
     if cuda:
         torch.cuda.synchronize()
     t0 = time.perf_counter()
@@ -61,11 +64,14 @@ def worker(a) -> None:
     dt = time.perf_counter() - t0
     warm = a.warmup
     tps = [p["tokens_per_s"] for p in res.curve[warm:]]
-    out = {"world": world, "global_batch": a.batch, "seq_len": a.seq, "steps": a.steps, "compile": a.compile,
+    peak = torch.tensor(float(torch.cuda.max_memory_allocated(device)) if cuda else 0.0, device=device)
+    if dist.is_initialized():  # the busiest GPU's peak
+        dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+    out = {"world": world, "parallel": a.parallel if world > 1 else "none", "global_batch": a.batch, "seq_len": a.seq, "steps": a.steps, "compile": a.compile,
            "tokens_per_s": sum(tps) / len(tps), "tokens_per_s_per_gpu": sum(tps) / len(tps) / world,
            "seconds": dt, "loss": [round(p["loss"], 6) for p in res.curve],
            "device": torch.cuda.get_device_name(device) if cuda else "cpu", "torch": torch.__version__,
-           "peak_mem_gb": round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if cuda else None}
+           "peak_mem_gb": round(float(peak) / 2**30, 2) if cuda else None}
     if rank == 0:
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)
         Path(a.out).write_text(json.dumps(out, indent=2))
@@ -74,19 +80,21 @@ def worker(a) -> None:
         dist.destroy_process_group()
 
 
-def combine(files: list[str], out: str) -> None:
-    runs = sorted((json.loads(Path(f).read_text()) for f in files), key=lambda r: r["world"])
+def combine(files: list[str], out: str, key: str | None = None) -> None:
+    runs = sorted((json.loads(Path(f).read_text()) for f in files), key=lambda r: (r["world"], r.get("parallel", "")))
     one = runs[0]
     rows = []
     for r in runs:
         diff = max(abs(x - y) for x, y in zip(r["loss"], one["loss"]))
-        rows.append({"world": r["world"], "tokens_per_s": round(r["tokens_per_s"], 1),
+        rows.append({"world": r["world"], "parallel": r.get("parallel", "ddp"), "tokens_per_s": round(r["tokens_per_s"], 1),
                      "tokens_per_s_per_gpu": round(r["tokens_per_s_per_gpu"], 1),
                      "scaling_efficiency": round(r["tokens_per_s_per_gpu"] / one["tokens_per_s_per_gpu"], 4),
                      "max_loss_diff_vs_1gpu": round(diff, 6), "peak_mem_gb": r["peak_mem_gb"]})
     res = {"device": one["device"], "torch": one["torch"], "global_batch": one["global_batch"], "seq_len": one["seq_len"],
            "steps": one["steps"], "compile": one["compile"], "runs": rows,
-           "loss_curves": {str(r["world"]): r["loss"] for r in runs}}
+           "loss_curves": {f"{r['world']}:{r.get('parallel', 'ddp')}": r["loss"] for r in runs}}
+    if key:  # one more section of an existing file
+        res = {**json.loads(Path(out).read_text()), key: res}
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     Path(out).write_text(json.dumps(res, indent=2) + "\n")
     print(json.dumps(rows, indent=2))
@@ -100,11 +108,13 @@ if __name__ == "__main__":
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--layers", type=int, default=None)
     ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--parallel", choices=["ddp", "fsdp"], default="ddp", help="replicate (DDP) or shard (FSDP2) under torchrun")
     ap.add_argument("--out", default="reports/bench/scaling-run.json", help="this world size's result")
     ap.add_argument("--combine", nargs="+")
     ap.add_argument("--combined-out", default="reports/bench/scaling.json")
+    ap.add_argument("--key", default=None, help="write the combined result under this key of --combined-out")
     a = ap.parse_args()
     if a.combine:
-        combine(a.combine, a.combined_out)
+        combine(a.combine, a.combined_out, a.key)
     else:
         worker(a)

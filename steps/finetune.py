@@ -31,7 +31,8 @@ def run(params: Params, device: str, supernet_dir: Path, search_dir: Path, data_
     t_val = teacher_logits(base, val)
     kl_before = mean_kl(student, val, t_val)
     spec = TrainSpec(ft.steps, ft.batch_size, ft.lr, ft.kd_temperature, ft.seed, ckpt_every=max(1, ft.steps // 4),
-                     fingerprint=f"finetune:{device}:{cfg.hash}:{json.dumps(ft.model_dump(), sort_keys=True)}:"
+                     parallel=ft.parallel,  # not in the fingerprint: a checkpoint resumes under either
+                     fingerprint=f"finetune:{device}:{cfg.hash}:{json.dumps(ft.model_dump(exclude={'parallel'}), sort_keys=True)}:"
                                  f"{sha256_file(data_dir / 'train.safetensors')[:16]}")
     result = train_kd(student, base, train, spec, lambda step, gen: [lambda: None], checkpoint_dir(ckpt_dir, spec.fingerprint),
                       desc=f"finetune {device}")

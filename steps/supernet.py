@@ -73,8 +73,8 @@ def run(params: Params, data_dir: Path, out_dir: Path, ckpt_dir: Path) -> dict:
         return [lambda c=c, f=f: set_active(model, c, f) for c, f in sandwich_configs(spaces, step, sp.n_random, gen)]
 
     spec = TrainSpec(sp.steps, sp.batch_size, sp.lr, sp.kd_temperature, sp.seed, ckpt_every=max(1, sp.steps // 4),
-                     amp=sp.amp, compile=sp.compile,
-                     fingerprint=f"supernet:{json.dumps(sp.model_dump(), sort_keys=True)}:{formats}:{params.model.n_layers}:"
+                     amp=sp.amp, compile=sp.compile, parallel=sp.parallel,  # not in the fingerprint: resumes across it
+                     fingerprint=f"supernet:{json.dumps(sp.model_dump(exclude={'parallel'}), sort_keys=True)}:{formats}:{params.model.n_layers}:"
                                  f"{sha256_file(data_dir / 'train.safetensors')[:16]}")
     result = train_kd(model, teacher, train, spec, sandwich, checkpoint_dir(ckpt_dir, spec.fingerprint), desc="supernet")
     set_max(model)

@@ -49,6 +49,12 @@ class CalibrateParams(Strict):
     seed: int = 0
 
 
+Parallel = Literal["ddp", "fsdp"]
+PARALLEL_DOC = ("under torchrun: ddp replicates the model on every GPU; fsdp shards weights, gradients and "
+                "optimizer state (FSDP2) for models whose training state does not fit one GPU. Checkpoints are "
+                "the same either way")
+
+
 class SupernetParams(Strict):
     steps: int = Field(40, ge=0)
     batch_size: int = Field(8, gt=0)
@@ -65,6 +71,7 @@ class SupernetParams(Strict):
     seed: int = 0
     amp: bool = Field(True, description="bf16 autocast on CUDA (CPU always trains in float32)")
     compile: bool = Field(False, description="torch.compile the decoder blocks on CUDA")
+    parallel: Parallel = Field("ddp", description=PARALLEL_DOC)
 
     @model_validator(mode="after")
     def _check_formats(self) -> "SupernetParams":
@@ -104,6 +111,7 @@ class FinetuneParams(Strict):
     kd_temperature: float = Field(1.0, gt=0)
     device: str = "auto"
     seed: int = 0
+    parallel: Parallel = Field("ddp", description=PARALLEL_DOC)
 
 
 class Gates(Strict):

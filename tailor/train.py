@@ -21,6 +21,7 @@ import torch.distributed as dist
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from safetensors.torch import load_file
 
+from tailor import fsdp as tfsdp
 from tailor.distill import kd_loss
 from tailor.accel import enable_compile
 from tailor.models.base import save_state
@@ -48,6 +49,7 @@ class TrainSpec:
     clip_lr: float = 1e-3
     amp: bool = True  # bf16 autocast on CUDA; CPU trains in float32 either way
     compile: bool = False  # torch.compile the hot small-kernel paths on CUDA
+    parallel: str = "ddp"  # under torchrun: "ddp" (replicated) or "fsdp" (FSDP2-sharded, tailor.fsdp)
 
 
 @dataclass
@@ -75,7 +77,7 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def _save_ckpt(ckpt_dir: Path, model: TailorForCausalLM, opt: torch.optim.Optimizer, step: int,
+def _save_ckpt(ckpt_dir: Path, weights: dict[str, torch.Tensor], opt_state: dict, step: int,
                gen: torch.Generator, spec: TrainSpec, curve: list[dict]) -> None:
     """One directory per checkpoint (`step-000012`), filled under a temp name and renamed when complete:
     a kill at any moment leaves the previous checkpoint whole, never weights of one step beside the
@@ -85,9 +87,9 @@ def _save_ckpt(ckpt_dir: Path, model: TailorForCausalLM, opt: torch.optim.Optimi
     tmp = ckpt_dir / f".tmp-step-{step:06d}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    state = {k: v.detach().cpu() for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    state = {k: v.detach().cpu() for k, v in weights.items() if k != "lm_head.weight"}
     save_state(state, tmp / "weights.safetensors")
-    torch.save({"optimizer": opt.state_dict(), "rng": torch.get_rng_state(), "gen": gen.get_state()}, tmp / "state.pt")
+    torch.save({"optimizer": opt_state, "rng": torch.get_rng_state(), "gen": gen.get_state()}, tmp / "state.pt")
     (tmp / "meta.json").write_text(json.dumps({"step": step, "fingerprint": spec.fingerprint, "curve": curve}))
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
@@ -105,11 +107,13 @@ def _short(fingerprint: str | None) -> str:
     return hashlib.sha256(str(fingerprint).encode()).hexdigest()[:12]
 
 
-def _load_ckpt(ckpt_dir: Path, model: TailorForCausalLM, opt: torch.optim.Optimizer, gen: torch.Generator,
-               spec: TrainSpec) -> tuple[int, list[dict]]:
+def _load_ckpt(ckpt_dir: Path, model: TailorForCausalLM, gen: torch.Generator,
+               spec: TrainSpec) -> tuple[int, list[dict], dict | None]:
+    """Load weights and RNG state of the newest checkpoint; return its step, curve and optimizer state
+    (loaded by the caller, once the optimizer over the possibly sharded parameters exists)."""
     latest = _latest_ckpt(ckpt_dir)
     if latest is None:
-        return 0, []
+        return 0, [], None
     meta_file = latest / "meta.json"
     try:
         meta = json.loads(meta_file.read_text())
@@ -134,10 +138,9 @@ def _load_ckpt(ckpt_dir: Path, model: TailorForCausalLM, opt: torch.optim.Optimi
         state = torch.load(latest / "state.pt", weights_only=True)
     except Exception as e:
         raise CheckpointError(f"{latest / 'state.pt'}: unreadable ({' '.join(str(e).split())[:200]})") from None
-    opt.load_state_dict(state["optimizer"])
     torch.set_rng_state(state["rng"])
     gen.set_state(state["gen"])
-    return int(meta["step"]), list(meta.get("curve", []))
+    return int(meta["step"]), list(meta.get("curve", [])), state["optimizer"]
 
 
 def train_kd(student: TailorForCausalLM, teacher: torch.nn.Module, data: torch.Tensor, spec: TrainSpec,
@@ -151,16 +154,31 @@ def train_kd(student: TailorForCausalLM, teacher: torch.nn.Module, data: torch.T
     gen = torch.Generator().manual_seed(spec.seed)
     student.get_input_embeddings().weight.requires_grad_(spec.train_embeddings)
     student.lm_head.qclip.requires_grad_(spec.train_embeddings)
-    named = [(n, p) for n, p in student.named_parameters() if p.requires_grad]
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
+    if spec.parallel not in ("ddp", "fsdp"):
+        raise ValueError(f"parallel: {spec.parallel!r} is not one of ddp, fsdp")
+    start, curve, opt_state = _load_ckpt(ckpt_dir, student, gen, spec) if ckpt_dir else (0, [], None)
+    fsdp = world > 1 and spec.parallel == "fsdp"
+    # FSDP trains a sharded copy (tailor.fsdp); the student waits on the CPU, off the GPU's memory.
+    model = tfsdp.shard_copy(student.to("cpu"), device, world) if fsdp else student
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     params = [p for _, p in named]
     groups = [{"params": [p for n, p in named if not n.endswith("qclip")]},
               {"params": [p for n, p in named if n.endswith("qclip")], "lr": spec.clip_lr, "weight_decay": 0.0}]
     opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=spec.lr, weight_decay=spec.weight_decay)
-    start, curve = _load_ckpt(ckpt_dir, student, opt, gen, spec) if ckpt_dir else (0, [])
+    if opt_state is not None:
+        if fsdp:
+            tfsdp.load_optim_state(opt, opt_state)
+        else:
+            opt.load_state_dict(opt_state)
     order = torch.randperm(len(data), generator=torch.Generator().manual_seed(spec.seed))
     result = TrainResult(curve=curve, resumed_from=start)
+    # Under FSDP the teacher stays replicated: it runs forward only, under no_grad, so it holds its
+    # weights alone (a quarter of the student's 16 bytes a parameter of training state); sharding it
+    # would add a whole-model all-gather to every step.
     teacher.eval()
     student.train()
+    model.train()
     on_gpu = device.type == "cuda"
     if spec.compile and on_gpu:
         enable_compile()
@@ -171,11 +189,10 @@ def train_kd(student: TailorForCausalLM, teacher: torch.nn.Module, data: torch.T
     # Data parallel under torchrun: every rank draws the same subnets (same generator seed), takes its
     # slice of the global batch, and DDP averages the gradients accumulated over the sandwich's
     # subnets once per step (no_sync for all but the last backward).
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
     if world > 1 and spec.batch_size % world:
         raise ValueError(f"batch_size {spec.batch_size} does not split over {world} ranks")
     net = (torch.nn.parallel.DistributedDataParallel(student, device_ids=[device] if on_gpu else None,
-                                                     find_unused_parameters=True) if world > 1 else student)
+                                                     find_unused_parameters=True) if world > 1 and not fsdp else model)
     t0 = time.perf_counter()
     with Progress(TextColumn(f"[bold]{desc}"), BarColumn(), TextColumn("{task.completed}/{task.total} loss {task.fields[loss]}"),
                   TimeRemainingColumn(), transient=False, disable=not os.isatty(1)) as bar:
@@ -191,7 +208,11 @@ def train_kd(student: TailorForCausalLM, teacher: torch.nn.Module, data: torch.T
             switches = activate(step, gen)
             for k, switch in enumerate(switches):
                 switch()
-                sync = world == 1 or k == len(switches) - 1
+                if fsdp:
+                    tfsdp.mirror(student, model)
+                # FSDP reduce-scatters after every backward and sums into the sharded gradients: a
+                # block the last subnet drops would otherwise keep its unreduced gradient.
+                sync = world == 1 or fsdp or k == len(switches) - 1
                 with amp(), (contextlib.nullcontext() if sync else net.no_sync()):
                     loss = kd_loss(net(ids).logits, t_logits, spec.temperature)
                     loss.backward()
@@ -208,10 +229,17 @@ def train_kd(student: TailorForCausalLM, teacher: torch.nn.Module, data: torch.T
             result.curve.append(point)
             bar.update(task, advance=1, loss=f"{point['loss']:.4f}")
             if ckpt_dir and ((step + 1) % spec.ckpt_every == 0 or step + 1 == spec.steps):
-                if rank == 0:  # ranks hold identical weights: one writes, all resume from it
-                    _save_ckpt(ckpt_dir, student, opt, step + 1, gen, spec, result.curve)
+                # ranks hold identical weights (or, under FSDP, gather them whole): one writes, all resume from it
+                weights, opt_full = ((tfsdp.full_state(model), tfsdp.full_optim_state(opt)) if fsdp
+                                     else (student.state_dict(), opt.state_dict()))
+                if rank == 0:
+                    _save_ckpt(ckpt_dir, weights, opt_full, step + 1, gen, spec, result.curve)
                 if world > 1:
                     dist.barrier()
+    if fsdp:  # the trained weights back into the caller's plain model
+        student.load_state_dict(tfsdp.full_state(model), strict=False)
+        student.tie_weights()
+        student.to(device)
     student.eval()
     result.seconds = time.perf_counter() - t0
     return result
