@@ -15,6 +15,7 @@ token data; the teacher is another random model of the same shape.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import time
@@ -54,11 +55,22 @@ def worker(a) -> None:
     def sandwich(step, gen):
         return [lambda c=c, f=f: set_active(student, c, f) for c, f in sandwich_configs(spaces, step, 2, gen)]
 
+    if a.keep_gathered:  # benchmark variant: FSDP blocks stay gathered between forward and backward
+        import functools
+
+        from tailor import fsdp
+        fsdp.shard_copy = functools.partial(fsdp.shard_copy, reshard_after_forward=False)
     spec = TrainSpec(a.steps, a.batch, 1e-4, 1.0, 0, ckpt_every=10**9, amp=True, compile=a.compile, parallel=a.parallel)
     if cuda:
         torch.cuda.synchronize()
     t0 = time.perf_counter()
-    res = train_kd(student, teacher, data, spec, sandwich, None, desc=f"rank{rank}")
+    prof = torch.profiler.profile() if a.profile else contextlib.nullcontext()
+    with prof:
+        res = train_kd(student, teacher, data, spec, sandwich, None, desc=f"rank{rank}")
+    if a.profile and rank == 0:  # where the step's time goes, by op (CPU and GPU self time)
+        keys = prof.key_averages()
+        Path(a.profile).write_text(keys.table(sort_by="self_cuda_time_total" if cuda else "self_cpu_time_total", row_limit=25)
+                                   + keys.table(sort_by="self_cpu_time_total", row_limit=25))
     if cuda:
         torch.cuda.synchronize()
     dt = time.perf_counter() - t0
@@ -67,7 +79,7 @@ def worker(a) -> None:
     peak = torch.tensor(float(torch.cuda.max_memory_allocated(device)) if cuda else 0.0, device=device)
     if dist.is_initialized():  # the busiest GPU's peak
         dist.all_reduce(peak, op=dist.ReduceOp.MAX)
-    out = {"world": world, "parallel": a.parallel if world > 1 else "none", "global_batch": a.batch, "seq_len": a.seq, "steps": a.steps, "compile": a.compile,
+    out = {"world": world, "parallel": (a.parallel + ("-keep-gathered" if a.keep_gathered else "")) if world > 1 else "none", "global_batch": a.batch, "seq_len": a.seq, "steps": a.steps, "compile": a.compile,
            "tokens_per_s": sum(tps) / len(tps), "tokens_per_s_per_gpu": sum(tps) / len(tps) / world,
            "seconds": dt, "loss": [round(p["loss"], 6) for p in res.curve],
            "device": torch.cuda.get_device_name(device) if cuda else "cpu", "torch": torch.__version__,
@@ -109,6 +121,8 @@ if __name__ == "__main__":
     ap.add_argument("--layers", type=int, default=None)
     ap.add_argument("--compile", action="store_true")
     ap.add_argument("--parallel", choices=["ddp", "fsdp"], default="ddp", help="replicate (DDP) or shard (FSDP2) under torchrun")
+    ap.add_argument("--keep-gathered", action="store_true", help="fsdp: no reshard between forward and backward")
+    ap.add_argument("--profile", default=None, help="write rank 0's torch.profiler op table here")
     ap.add_argument("--out", default="reports/bench/scaling-run.json", help="this world size's result")
     ap.add_argument("--combine", nargs="+")
     ap.add_argument("--combined-out", default="reports/bench/scaling.json")

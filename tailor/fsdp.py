@@ -27,14 +27,15 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 _SWITCH = (bool, int, float, str)
 
 
-def shard_copy(student: nn.Module, device: torch.device, world: int) -> nn.Module:
+def shard_copy(student: nn.Module, device: torch.device, world: int, reshard_after_forward: bool = True) -> nn.Module:
     """A copy of `student` sharded over `world` ranks on `device`'s type. Parameters stay float32 in
     the all-gather (no MixedPrecisionPolicy): fake quantization rounds the float32 weight, as on one
-    process, and bf16 autocast casts for the matmuls as it does there."""
+    process, and bf16 autocast casts for the matmuls as it does there. `reshard_after_forward=False`
+    keeps each block gathered from forward to backward (one all-gather fewer per subnet, ZeRO-2 memory)."""
     shadow = copy.deepcopy(student)
     mesh = init_device_mesh(device.type, (world,))
     for block in shadow.model.layers:
-        fully_shard(block, mesh=mesh)
+        fully_shard(block, mesh=mesh, reshard_after_forward=reshard_after_forward)
     fully_shard(shadow, mesh=mesh)
     return shadow
 
