@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
+import tempfile
 from pathlib import Path
 
 from steps._common import artifact_dir, load_shard, main_for, report_dir, staged_dir, write_csv, write_json
-from tailor import tracking
+from tailor import distributed, tracking
 from tailor.arch import SubnetConfig
 from tailor.config import Params
 from tailor.distill import mean_kl, teacher_logits
@@ -32,7 +34,7 @@ def run(params: Params, device: str, supernet_dir: Path, search_dir: Path, data_
     kl_before = mean_kl(student, val, t_val)
     spec = TrainSpec(ft.steps, ft.batch_size, ft.lr, ft.kd_temperature, ft.seed, ckpt_every=max(1, ft.steps // 4),
                      parallel=ft.parallel,  # not in the fingerprint: a checkpoint resumes under either
-                     fingerprint=f"finetune:{device}:{cfg.hash}:{json.dumps(ft.model_dump(exclude={'parallel'}), sort_keys=True)}:"
+                     fingerprint=f"finetune:{device}:{cfg.hash}:{json.dumps(ft.model_dump(exclude={'parallel', 'nproc'}), sort_keys=True)}:"
                                  f"{sha256_file(data_dir / 'train.safetensors')[:16]}")
     result = train_kd(student, base, train, spec, lambda step, gen: [lambda: None], checkpoint_dir(ckpt_dir, spec.fingerprint),
                       desc=f"finetune {device}")
@@ -50,6 +52,15 @@ def run(params: Params, device: str, supernet_dir: Path, search_dir: Path, data_
 
 def main() -> None:
     def stage(params: Params, device: str | None) -> None:
+        code = distributed.relaunch(params.finetune.nproc, "steps.finetune", sys.argv[1:])
+        if code is not None:  # the torchrun children did the work (and printed any error)
+            sys.exit(code)
+        rank, _world = distributed.init_from_env()
+        if rank != 0:  # trains its share; rank 0 writes the outputs, the report and the MLflow run
+            with tempfile.TemporaryDirectory() as tmp:
+                run(params, device, artifact_dir("supernet"), artifact_dir("search", device), artifact_dir("calibrate"),
+                    Path(tmp) / "finetune", Path(f".cache/ckpt/finetune-{device}"))
+            return distributed.finish()
         with tracking.stage_run("finetune", device, params=params.finetune.model_dump()) as tr:
             ckpt = Path(f".cache/ckpt/finetune-{device}")
             out = run(params, device, artifact_dir("supernet"), artifact_dir("search", device), artifact_dir("calibrate"),
@@ -60,6 +71,7 @@ def main() -> None:
             write_csv(rep / "curve.csv", [{"step": p["step"], "loss": round(p["loss"], 6)} for p in out["curve"]])
             tr.log_metrics(out["metrics"])
             tr.log_curve(out["curve"])
+        distributed.finish()
 
     main_for("finetune", stage, per_device=True)
 

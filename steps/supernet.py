@@ -5,12 +5,14 @@ from __future__ import annotations
 import copy
 import json
 import shutil
+import sys
+import tempfile
 from pathlib import Path
 
 import torch
 
 from steps._common import artifact_dir, load_shard, main_for, report_dir, staged_dir, write_csv, write_json
-from tailor import tracking
+from tailor import distributed, tracking
 from tailor.arch import MATRICES, LayerConfig, SubnetConfig, round_ffn
 from tailor.config import Params
 from tailor.distill import mean_loss
@@ -74,7 +76,7 @@ def run(params: Params, data_dir: Path, out_dir: Path, ckpt_dir: Path) -> dict:
 
     spec = TrainSpec(sp.steps, sp.batch_size, sp.lr, sp.kd_temperature, sp.seed, ckpt_every=max(1, sp.steps // 4),
                      amp=sp.amp, compile=sp.compile, parallel=sp.parallel,  # not in the fingerprint: resumes across it
-                     fingerprint=f"supernet:{json.dumps(sp.model_dump(exclude={'parallel'}), sort_keys=True)}:{formats}:{params.model.n_layers}:"
+                     fingerprint=f"supernet:{json.dumps(sp.model_dump(exclude={'parallel', 'nproc'}), sort_keys=True)}:{formats}:{params.model.n_layers}:"
                                  f"{sha256_file(data_dir / 'train.safetensors')[:16]}")
     result = train_kd(model, teacher, train, spec, sandwich, checkpoint_dir(ckpt_dir, spec.fingerprint), desc="supernet")
     set_max(model)
@@ -109,6 +111,14 @@ def clip_summary(model) -> dict[str, float]:
 
 def main() -> None:
     def stage(params: Params, _: str | None) -> None:
+        code = distributed.relaunch(params.supernet.nproc, "steps.supernet", sys.argv[1:])
+        if code is not None:  # the torchrun children did the work (and printed any error)
+            sys.exit(code)
+        rank, _world = distributed.init_from_env()
+        if rank != 0:  # trains its share; rank 0 writes the outputs, the report and the MLflow run
+            with tempfile.TemporaryDirectory() as tmp:
+                run(params, artifact_dir("calibrate"), Path(tmp) / "supernet", Path(".cache/ckpt/supernet"))
+            return distributed.finish()
         with tracking.stage_run("supernet", params=params.supernet.model_dump()) as tr:
             ckpt = Path(".cache/ckpt/supernet")
             out = run(params, artifact_dir("calibrate"), artifact_dir("supernet"), ckpt)
@@ -118,6 +128,7 @@ def main() -> None:
             write_csv(rep / "curve.csv", [{"step": p["step"], "loss": round(p["loss"], 6)} for p in out["curve"]])
             tr.log_metrics(out["metrics"])
             tr.log_curve(out["curve"])
+        distributed.finish()
 
     main_for("supernet", stage)
 

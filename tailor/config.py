@@ -53,6 +53,8 @@ Parallel = Literal["ddp", "fsdp"]
 PARALLEL_DOC = ("under torchrun: ddp replicates the model on every GPU; fsdp shards weights, gradients and "
                 "optimizer state (FSDP2) for models whose training state does not fit one GPU. Checkpoints are "
                 "the same either way")
+NPROC_DOC = ("training processes, one per GPU: > 1 makes the stage start itself under torchrun (NCCL on GPUs, "
+             "gloo on CPU); rank 0 writes every output")
 
 
 class SupernetParams(Strict):
@@ -72,6 +74,7 @@ class SupernetParams(Strict):
     amp: bool = Field(True, description="bf16 autocast on CUDA (CPU always trains in float32)")
     compile: bool = Field(False, description="torch.compile the decoder blocks on CUDA")
     parallel: Parallel = Field("ddp", description=PARALLEL_DOC)
+    nproc: int = Field(1, gt=0, description=NPROC_DOC)
 
     @model_validator(mode="after")
     def _check_formats(self) -> "SupernetParams":
@@ -112,6 +115,7 @@ class FinetuneParams(Strict):
     device: str = "auto"
     seed: int = 0
     parallel: Parallel = Field("ddp", description=PARALLEL_DOC)
+    nproc: int = Field(1, gt=0, description=NPROC_DOC)
 
 
 class Gates(Strict):

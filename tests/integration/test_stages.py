@@ -3,6 +3,7 @@ pipeline order over one shared workspace; each checks the invariant its stage pr
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -37,6 +38,7 @@ def test_supernet(ws):
     from tailor.models.base import load_base, load_model_dir
 
     out = supernet.run(ws["params"], ws["art"] / "calibrate", ws["art"] / "supernet", ws["root"] / "ckpt")
+    ws["supernet_curve"] = [p["loss"] for p in out["curve"]]
     m = out["metrics"]
     assert set(m["val_loss_before"]) == {"min", "mid", "max", "min_onnx", "mid_onnx"}
     assert m["steps"] == ws["params"].supernet.steps and m["formats"] == {"gguf": [4, 5, 8, 16], "onnx": [2, 4, 8, 16]}
@@ -46,6 +48,33 @@ def test_supernet(ws):
     assert json.loads((ws["art"] / "supernet" / "space.json").read_text())["drop_order"]
     base, _ = load_base(2)
     assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in base.parameters())
+
+
+def test_supernet_stage_under_torchrun(ws, tmp_path):
+    """`supernet.nproc: 2`: the stage starts itself under torchrun (2 CPU processes, gloo), trains data
+    parallel, and rank 0 alone writes the outputs; at the same global batch its loss curve is the
+    single-process one."""
+    import shutil
+    import subprocess
+    import sys
+
+    if "supernet_curve" not in ws:
+        pytest.skip("needs test_supernet's single-process run")
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw["profile"] = "test"
+    raw["profiles"]["test"]["model"]["n_layers"] = 2
+    raw["supernet"]["nproc"] = 2
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    shutil.copytree(ws["art"] / "calibrate", tmp_path / "artifacts" / "calibrate")
+    env = dict(os.environ, TAILOR_ROOT=str(tmp_path), MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}",
+               OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "steps.supernet", "--params", "params.yaml"], cwd=tmp_path,
+                          env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    curve = [float(r.split(",")[1]) for r in (tmp_path / "reports/supernet/curve.csv").read_text().split()[1:]]
+    assert curve == pytest.approx(ws["supernet_curve"], rel=1e-4)
+    assert (tmp_path / "artifacts/supernet/model/model.safetensors").is_file()
+    assert not (tmp_path / ".cache/ckpt/supernet").exists()
 
 
 def test_search(ws):
