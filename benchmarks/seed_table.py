@@ -598,6 +598,22 @@ def fmt_md(res: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def retime(ctx: Ctx, work: Path, rows: list[dict], rounds: int = 3) -> None:
+    """Decode tokens/s of every built row again, best of `rounds`, the files taking turns: rows built
+    hours apart on a shared CPU are then compared under the same conditions."""
+    from tailor.export import llamacpp
+
+    files = {r["id"]: work / "rows" / r["id"].replace("@", "_") / "model.gguf" for r in rows if r.get("file_bytes")}
+    best = {rid: 0.0 for rid, f in files.items() if f.is_file()}
+    for _ in range(rounds):
+        for rid in best:
+            best[rid] = max(best[rid], llamacpp.tokens_per_s(files[rid], ctx.tok, 64, n_threads=THREADS))
+    for r in rows:
+        if r["id"] in best:
+            r["tokens_per_s"] = best[r["id"]]
+            write_row(work / "rows" / r["id"].replace("@", "_") / "row.json", r)
+
+
 def prepare_workspace(work: Path, fresh: bool, stages: Sequence[str]) -> None:
     """Copy the artifacts that `make run` produced (the copies are read, never the repo's artifacts/)."""
     if fresh:
@@ -625,6 +641,8 @@ def main() -> None:
     ap.add_argument("--only", default=None, help="comma list of row ids to build (others must be cached)")
     ap.add_argument("--embed-bits", default=",".join(map(str, EMBED_OPTIONS)),
                     help="embedding widths each search tries, e.g. 8,4")
+    ap.add_argument("--retime", action="store_true",
+                    help="measure every row's decode speed again at the end, the files taking turns (one timing session)")
     a = ap.parse_args()
     EMBED_OPTIONS = tuple(int(b) for b in a.embed_bits.split(","))
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -666,6 +684,8 @@ def main() -> None:
               f"{row['wall_min']} min"), flush=True)
         rows.append(row)
     rows.sort(key=lambda r: [p[0] for p in plan].index(r["id"]))
+    if a.retime:
+        retime(ctx, work, rows)
     sup = ROOT / "reports" / "supernet" / "metrics.json"
     meta = {"runtime": f"llama-cpp-python {llama_cpp.__version__}, {THREADS} thread",
             "profile": "quick (finetune steps/batch of make run's profile for every trained row)",
