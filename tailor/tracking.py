@@ -158,7 +158,10 @@ def register(name: str, run: StageRun, file: Path, tags: dict[str, str], alias: 
     Idempotent on the file's sha256: a version holding the same file is reused, not duplicated.
     `evidence` files (e.g. {"repro": dvc.lock, "gates": gates.json}) are logged in the run under
     those folders and the version is tagged `evidence_run_id`, so promotion can re-read the gates and
-    `tailor reproduce` can fetch the exact dvc.lock. Returns (version, created)."""
+    `tailor reproduce` can fetch the exact dvc.lock. A later run that registers the same file with
+    different tags (re-evaluated under new gates, or built by a newer commit) brings the version's tags
+    and evidence up to that run, and keeps the run it replaced in `previous_evidence_run_id`: the
+    registry shows the latest verdict on the file, never a stale one. Returns (version, created)."""
     c = _mlflow().MlflowClient()
     try:
         c.get_registered_model(name)
@@ -171,9 +174,14 @@ def register(name: str, run: StageRun, file: Path, tags: dict[str, str], alias: 
 
     for mv in c.search_model_versions(f"name='{name}'"):
         if mv.tags.get("sha256") == tags["sha256"]:
-            if evidence and "evidence_run_id" not in mv.tags:  # registered before evidence was logged
+            changed = {k: str(v) for k, v in tags.items() if mv.tags.get(k) != str(v)}
+            if evidence and (changed or "evidence_run_id" not in mv.tags):
                 log_evidence()
-                c.set_model_version_tag(name, mv.version, "evidence_run_id", run.run_id)
+                if "evidence_run_id" in mv.tags:
+                    changed["previous_evidence_run_id"] = mv.tags["evidence_run_id"]
+                changed["evidence_run_id"] = run.run_id
+            for k, v in changed.items():
+                c.set_model_version_tag(name, mv.version, k, v)
             c.set_registered_model_alias(name, alias, mv.version)
             return str(mv.version), False
     run.log_artifact(file, "model")

@@ -30,3 +30,24 @@ def test_runs_nest_and_registry_dedupes(mlflow_uri, tmp_path, monkeypatch):
     assert (v1, created1, v2, created2) == ("1", True, "1", False)
     assert c.get_model_version_by_alias("tailor-phone", "candidate").tags["git_sha"] == "g"
     assert tracking.aliases("tailor-phone") == {"candidate": "1"}
+
+
+def test_reregistering_a_file_brings_its_verdict_up_to_date(mlflow_uri, tmp_path):
+    """The same file evaluated again (new gate policy, newer commit): one version, latest tags and
+    evidence, the replaced evidence run kept."""
+    f = tmp_path / "model.gguf"
+    f.write_bytes(b"GGUF" + os.urandom(64))
+    ev = tmp_path / "gates.json"
+    runs = []
+    for verdict, sha in (("False", "g1"), ("True", "g2"), ("True", "g2")):
+        ev.write_text('{"passed": %s}' % verdict.lower())
+        with tracking.stage_run("register", "phone") as tr:
+            runs.append(tr.run_id)
+            v, _ = tracking.register("tailor-phone", tr, f, {"sha256": "abc", "git_sha": sha, "gates_passed": verdict},
+                                     "candidate", evidence={"gates": ev})
+        assert v == "1"
+    tags = tracking.version("tailor-phone", "1")["tags"]
+    assert (tags["gates_passed"], tags["git_sha"]) == ("True", "g2")
+    # the third run changed nothing: the evidence stays the second run's
+    assert (tags["evidence_run_id"], tags["previous_evidence_run_id"]) == (runs[1], runs[0])
+
