@@ -22,6 +22,9 @@ BACKENDS = {"gguf": ("tailor.export.gguf", "tailor.export.llamacpp", "model.gguf
             "onnx": ("tailor.export.onnx", "tailor.export.ort", "model.onnx")}
 
 
+MAX_FILE_REL_DIFF = 0.01  # the file's size against the cost model's prediction
+
+
 class ParityError(ValueError):
     """The runtime does not compute what the evaluated model computed."""
 
@@ -49,6 +52,15 @@ def run(params: Params, device: str, model_dir: Path, eval_dir: Path, out_dir: P
         budget = budget_bytes(prof, replace(arch, n_layers=len(cfg.layers)))
         if predicted > budget:
             raise ParityError(f"{name}: {predicted:,} B exceeds devices.{device}'s budget of {budget:,} B")
+        # the whole file: tensor bytes + the container. GGUF's is laid out from the config (header,
+        # tokenizer, tensor index, padding) and must match; ONNX's graph is not modelled (reported only:
+        # 0.2% of the quick profile's laptop file)
+        modelled = hasattr(writer, "predicted_file_bytes")
+        predicted_file = writer.predicted_file_bytes(cfg, arch, gguf_path()) if modelled else predicted
+        file_rel = (info["file_bytes"] - predicted_file) / predicted_file
+        if modelled and abs(file_rel) > MAX_FILE_REL_DIFF:
+            raise ParityError(f"{name}: {info['file_bytes']:,} B written, the cost model predicted {predicted_file:,} B "
+                              f"({file_rel:+.2%}, more than {MAX_FILE_REL_DIFF:.0%})")
         t0 = time.perf_counter()
         runtime_ppl = runtime.perplexity(tmp / name, seqs)
         runtime_s = time.perf_counter() - t0
@@ -62,6 +74,7 @@ def run(params: Params, device: str, model_dir: Path, eval_dir: Path, out_dir: P
         (tmp / "subnet.json").write_text(cfg.to_json())
     metrics = {"budget_bytes": budget, "runtime_ppl": runtime_ppl, "torch_ppl": torch_ppl, "fakequant_ppl": torch_ppl, "ppl_rel_diff": rel,
                "file_bytes": info["file_bytes"], "weight_bytes": info["weight_bytes"], "predicted_bytes": predicted,
+               "predicted_file_bytes": predicted_file, "file_bytes_rel_diff": file_rel,
                "sha256": info["sha256"], "tokens_per_s": tps, "runtime_ppl_seconds": round(runtime_s, 2),
                "format": prof.format, "runtime": prof.runtime, "n_seqs": len(seqs)}
     generation = {"prompt": ex.prompt, "runtime": gen_runtime,

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import os
+import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -20,8 +21,10 @@ import numpy as np
 import torch
 from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, GGUFWriter
 
+from tailor.arch import MATRICES, BaseArch, SubnetConfig
 from tailor.models.base import gguf_path, sha256_file
 from tailor.models.llama import QLinear, TailorForCausalLM
+from tailor.quant.formats import matrix_bytes
 from tailor.quant.gguf_pack import ggml_type, pack
 
 # Our module name -> llama.cpp tensor name inside blk.N
@@ -115,6 +118,73 @@ def _add(writer: GGUFWriter, name: str, w: torch.Tensor, bits: int | None) -> in
     return int(data.nbytes)
 
 
+def _add_metadata(writer: GGUFWriter, arch: str, name: str, tok_fields: tuple, vocab: int, ctx_len: int, hidden: int,
+                  head_dim: int, rope_theta: float, eps: float, ffn: list[int], heads: list[int], kv: list[int]) -> None:
+    writer.add_name(name)
+    for key, value, vtype, sub in tok_fields:
+        writer.add_key_value(key, value, vtype, sub_type=sub)
+    writer.add_vocab_size(vocab)
+    writer.add_context_length(ctx_len)
+    writer.add_embedding_length(hidden)
+    writer.add_block_count(len(kv))
+    # llama.cpp derives head size as n_embd / head_count(layer 0) unless told: pruned heads break that
+    writer.add_key_length(head_dim)
+    writer.add_value_length(head_dim)
+    writer.add_rope_dimension_count(head_dim)
+    writer.add_rope_freq_base(rope_theta)
+    writer.add_layer_norm_rms_eps(eps)
+    per_layer = {"feed_forward_length": ffn, "attention.head_count": heads, "attention.head_count_kv": kv}
+    for key, vals in per_layer.items():
+        if arch == "llama":
+            writer.add_uint32(f"{arch}.{key}", vals[0])
+        else:
+            writer.add_key_value(f"{arch}.{key}", [int(v) for v in vals], GGUFValueType.ARRAY,
+                                 sub_type=GGUFValueType.UINT32)
+    writer.add_quantization_version(2)
+
+
+def _tensor_specs(sub: SubnetConfig, a: BaseArch) -> Iterator[tuple[str, int, int, int | None]]:
+    """(GGUF name, rows, cols, bits or None for a float32 vector) of subnet `sub`, in `_tensors`' order."""
+    yield "token_embd.weight", a.vocab, a.hidden, sub.embed_bits
+    yield "output_norm.weight", 1, a.hidden, None
+    for i, layer in enumerate(lay for lay in sub.layers if lay.keep):
+        q, kv = layer.kv_groups * a.q_per_kv * a.head_dim, layer.kv_groups * a.head_dim
+        yield f"blk.{i}.attn_norm.weight", 1, a.hidden, None
+        yield f"blk.{i}.ffn_norm.weight", 1, a.hidden, None
+        shapes = {"q": (q, a.hidden), "k": (kv, a.hidden), "v": (kv, a.hidden), "o": (a.hidden, q),
+                  "gate": (layer.ffn, a.hidden), "up": (layer.ffn, a.hidden), "down": (a.hidden, layer.ffn)}
+        for m, gname in zip(MATRICES, _MATRICES.values()):
+            yield f"blk.{i}.{gname}.weight", *shapes[m], layer.bits[m]
+
+
+def predicted_file_bytes(sub: SubnetConfig, a: BaseArch, template: Path | None = None,
+                         name: str = "tailor model") -> int:
+    """Bytes of the GGUF `export` writes for subnet `sub`, from the config alone: the cost model's
+    tensor bytes plus the container (header, metadata with the tokenizer, tensor index, alignment),
+    laid out by gguf-py's own writer with tensor infos but no data. Off by the model name's length."""
+    template = Path(template) if template is not None else gguf_path()
+    tok_fields = _tokenizer_fields(template.resolve(), template.stat().st_mtime_ns)
+    kept = [lay for lay in sub.layers if lay.keep]
+    kv, ffn = [lay.kv_groups for lay in kept], [lay.ffn for lay in kept]
+    arch = "llama" if len(set(kv)) == 1 and len(set(ffn)) == 1 else "deci"
+    with tempfile.TemporaryDirectory() as d:
+        writer = GGUFWriter(Path(d) / "m.gguf", arch)
+        _add_metadata(writer, arch, name, tok_fields, a.vocab, 8192, a.hidden, a.head_dim, 1e5, 1e-5, ffn,
+                      [k * a.q_per_kv for k in kv], kv)
+        data, align = 0, writer.data_alignment
+        for tname, rows, cols, bits in _tensor_specs(sub, a):
+            nbytes = 4 * cols if bits is None else matrix_bytes("gguf", bits, rows, cols)
+            raw = GGMLQuantizationType.F32 if bits is None else ggml_type(bits)
+            writer.add_tensor_info(tname, (cols,) if bits is None else (rows, cols), np.float32, nbytes, raw_dtype=raw)
+            data += -(-nbytes // align) * align  # every tensor's data is padded to the alignment
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        writer.close()
+        meta = (Path(d) / "m.gguf").stat().st_size
+    return -(-meta // align) * align + data
+
+
 def export(model: TailorForCausalLM, tokenizer: Any, path: Path, template: Path | None = None,
            arch: str | None = None) -> dict[str, Any]:
     """Write `model` as a llama.cpp GGUF at `path` (atomically); return file facts.
@@ -152,28 +222,9 @@ def export(model: TailorForCausalLM, tokenizer: Any, path: Path, template: Path 
     tmp = path.with_name(f".{path.name}.tmp")
     writer = GGUFWriter(tmp, arch)
     try:
-        writer.add_name(f"tailor {cfg.name_or_path or 'model'}".strip())
-        for key, value, vtype, sub in tok_fields:
-            writer.add_key_value(key, value, vtype, sub_type=sub)
-        writer.add_vocab_size(cfg.vocab_size)
-        writer.add_context_length(cfg.max_position_embeddings)
-        writer.add_embedding_length(cfg.hidden_size)
-        writer.add_block_count(len(blocks))
-        # llama.cpp derives head size as n_embd / head_count(layer 0) unless told: pruned heads break that
-        writer.add_key_length(head_dim)
-        writer.add_value_length(head_dim)
-        writer.add_rope_dimension_count(head_dim)
-        writer.add_rope_freq_base(float(cfg.rope_theta))
-        writer.add_layer_norm_rms_eps(float(cfg.rms_norm_eps))
-        per_layer = {"feed_forward_length": ffn, "attention.head_count": heads, "attention.head_count_kv": kv}
-        for key, vals in per_layer.items():
-            if arch == "llama":
-                writer.add_uint32(f"{arch}.{key}", vals[0])
-            else:
-                writer.add_key_value(f"{arch}.{key}", [int(v) for v in vals], GGUFValueType.ARRAY,
-                                     sub_type=GGUFValueType.UINT32)
-        writer.add_quantization_version(2)
-
+        _add_metadata(writer, arch, f"tailor {cfg.name_or_path or 'model'}".strip(), tok_fields, cfg.vocab_size,
+                      cfg.max_position_embeddings, cfg.hidden_size, head_dim, float(cfg.rope_theta),
+                      float(cfg.rms_norm_eps), ffn, heads, kv)
         nbytes = 0
         for name, w, bits in _tensors(model, blocks, q_per_kv, head_dim):
             try:

@@ -26,7 +26,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from tailor.arch import MATRICES, BaseArch, LayerConfig, SubnetConfig
 from tailor.eval.ppl import perplexity as torch_perplexity
 from tailor.export import llamacpp
-from tailor.export.gguf import ExportError, export, rope_permute
+from tailor.export.gguf import ExportError, export, predicted_file_bytes, rope_permute
 from tailor.models.llama import QLinear, TailorConfig, TailorForCausalLM
 from tailor.quant import gguf_grid
 
@@ -169,6 +169,8 @@ def test_tiny_deci_per_layer_sizes_match_torch(tmp_path: Path, tokenizer) -> Non
     assert info["arch"] == "deci"
     assert info["weight_bytes"] == subnet.nbytes(BaseArch.from_hf(dense.config), "gguf")
     assert info["file_bytes"] == path.stat().st_size > info["weight_bytes"]
+    # the whole file, container included, predicted from the config alone
+    assert predicted_file_bytes(subnet, BaseArch.from_hf(dense.config)) == info["file_bytes"]
     assert info["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
     assert not list(tmp_path.glob(".*.tmp"))
     check_file_holds_grid(path, model)
@@ -197,6 +199,7 @@ def test_tiny_uniform_pruned_exports_as_llama(tmp_path: Path, tokenizer) -> None
     info = export(model, tokenizer, tmp_path / "u.gguf")
     assert info["arch"] == "llama"
     assert info["weight_bytes"] == subnet.nbytes(BaseArch.from_hf(dense.config), "gguf")
+    assert predicted_file_bytes(subnet, BaseArch.from_hf(dense.config)) == info["file_bytes"]
     seqs = [tokenizer.encode(s) for s in SENTENCES[4:8]]
     ours, theirs = torch_perplexity(model, seqs), llamacpp.perplexity(tmp_path / "u.gguf", seqs, n_threads=THREADS)
     assert abs(theirs / ours - 1) < 0.01

@@ -151,6 +151,8 @@ def test_export(ws, device):
     assert abs(m["runtime_ppl"] - m["torch_ppl"]) / m["torch_ppl"] <= 0.02
     assert m["weight_bytes"] == m["predicted_bytes"]
     assert out["file"].is_file() and m["file_bytes"] == out["file"].stat().st_size
+    if device == "phone":  # the GGUF container is laid out from the config: the whole file is predicted
+        assert abs(m["file_bytes"] - m["predicted_file_bytes"]) <= 64, m
 
 
 def test_register(ws, mlflow_uri, monkeypatch):
