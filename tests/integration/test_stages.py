@@ -92,6 +92,7 @@ def test_search(ws):
     assert cfg.hash == m["chosen_hash"]
 
 
+@pytest.mark.slow  # 36 s; tests/integration/test_dask_search.py proves the fan-out itself in `make test`
 def test_search_fans_out_on_dask(ws, tmp_path):
     """runner.kind dask: the search stage scores its MIP and sampled candidates on a 2-worker Dask
     cluster and chooses what the in-process scorer chooses, with the same scores."""
