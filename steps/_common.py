@@ -28,6 +28,7 @@ from typing import Any, Callable, Iterator
 import torch
 from safetensors.torch import load_file
 
+from tailor import distributed
 from tailor.config import ConfigError, Params, load_params
 
 ARTIFACTS = Path("artifacts")
@@ -46,6 +47,23 @@ def artifact_dir(stage: str, device: str | None = None) -> Path:
 
 def report_dir(stage: str, device: str | None = None) -> Path:
     return REPORTS / stage / device if device else REPORTS / stage
+
+
+def writes_outputs(nproc: int, module: str, train_share: Callable[[Path], Any]) -> bool:
+    """Multi-process training stages (`nproc` > 1): start `module` again under torchrun and exit with its
+    code, or, in a torchrun child, join the process group. True in the process that writes the stage's
+    outputs (rank 0, or the only one); other ranks call `train_share(temp dir)` to train their part, with
+    outputs going to a throwaway directory, and get False."""
+    code = distributed.relaunch(nproc, module, sys.argv[1:])
+    if code is not None:  # the torchrun children did the work (and printed any error)
+        sys.exit(code)
+    rank, _world = distributed.init_from_env()
+    if rank == 0:
+        return True
+    with tempfile.TemporaryDirectory() as tmp:
+        train_share(Path(tmp))
+    distributed.finish()
+    return False
 
 
 def crash_point(name: str) -> None:

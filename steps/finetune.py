@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
-import tempfile
 from pathlib import Path
 
-from steps._common import artifact_dir, load_shard, main_for, report_dir, staged_dir, write_csv, write_json
+from steps._common import (artifact_dir, load_shard, main_for, report_dir, staged_dir, write_csv, write_json,
+                           writes_outputs)
 from tailor import distributed, tracking
 from tailor.arch import SubnetConfig
 from tailor.config import Params
@@ -52,19 +51,16 @@ def run(params: Params, device: str, supernet_dir: Path, search_dir: Path, data_
 
 def main() -> None:
     def stage(params: Params, device: str | None) -> None:
-        code = distributed.relaunch(params.finetune.nproc, "steps.finetune", sys.argv[1:])
-        if code is not None:  # the torchrun children did the work (and printed any error)
-            sys.exit(code)
-        rank, _world = distributed.init_from_env()
-        if rank != 0:  # trains its share; rank 0 writes the outputs, the report and the MLflow run
-            with tempfile.TemporaryDirectory() as tmp:
-                run(params, device, artifact_dir("supernet"), artifact_dir("search", device), artifact_dir("calibrate"),
-                    Path(tmp) / "finetune", Path(f".cache/ckpt/finetune-{device}"))
-            return distributed.finish()
+        ckpt = Path(f".cache/ckpt/finetune-{device}")
+
+        def train(out_dir: Path) -> dict:
+            return run(params, device, artifact_dir("supernet"), artifact_dir("search", device), artifact_dir("calibrate"),
+                       out_dir, ckpt)
+
+        if not writes_outputs(params.finetune.nproc, "steps.finetune", lambda tmp: train(tmp / "finetune")):
+            return
         with tracking.stage_run("finetune", device, params=params.finetune.model_dump()) as tr:
-            ckpt = Path(f".cache/ckpt/finetune-{device}")
-            out = run(params, device, artifact_dir("supernet"), artifact_dir("search", device), artifact_dir("calibrate"),
-                      artifact_dir("finetune", device), ckpt)
+            out = train(artifact_dir("finetune", device))
             shutil.rmtree(ckpt, ignore_errors=True)
             rep = report_dir("finetune", device)
             write_json(rep / "metrics.json", out["metrics"])

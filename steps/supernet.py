@@ -5,13 +5,12 @@ from __future__ import annotations
 import copy
 import json
 import shutil
-import sys
-import tempfile
 from pathlib import Path
 
 import torch
 
-from steps._common import artifact_dir, load_shard, main_for, report_dir, staged_dir, write_csv, write_json
+from steps._common import (artifact_dir, load_shard, main_for, report_dir, staged_dir, write_csv, write_json,
+                           writes_outputs)
 from tailor import distributed, tracking
 from tailor.arch import MATRICES, LayerConfig, SubnetConfig, round_ffn
 from tailor.config import Params
@@ -111,16 +110,11 @@ def clip_summary(model) -> dict[str, float]:
 
 def main() -> None:
     def stage(params: Params, _: str | None) -> None:
-        code = distributed.relaunch(params.supernet.nproc, "steps.supernet", sys.argv[1:])
-        if code is not None:  # the torchrun children did the work (and printed any error)
-            sys.exit(code)
-        rank, _world = distributed.init_from_env()
-        if rank != 0:  # trains its share; rank 0 writes the outputs, the report and the MLflow run
-            with tempfile.TemporaryDirectory() as tmp:
-                run(params, artifact_dir("calibrate"), Path(tmp) / "supernet", Path(".cache/ckpt/supernet"))
-            return distributed.finish()
+        ckpt = Path(".cache/ckpt/supernet")
+        if not writes_outputs(params.supernet.nproc, "steps.supernet",
+                              lambda tmp: run(params, artifact_dir("calibrate"), tmp / "supernet", ckpt)):
+            return
         with tracking.stage_run("supernet", params=params.supernet.model_dump()) as tr:
-            ckpt = Path(".cache/ckpt/supernet")
             out = run(params, artifact_dir("calibrate"), artifact_dir("supernet"), ckpt)
             shutil.rmtree(ckpt, ignore_errors=True)  # the stage output is complete: nothing to resume
             rep = report_dir("supernet")
