@@ -541,8 +541,8 @@ def targets(table: list[dict]) -> list[dict]:
                 f"PIQA {t['piqa']} vs base {base['piqa']} ({t['piqa_vs_base']:.1%} of base; the table's items)")
         rivals = [r for r in table if "ppl_wiki" in r and r["key"] not in ("base", "tailor")
                   and r["bits_per_param"] <= bpp]
-        beaten = [r["id"] for r in rivals if t["ppl_wiki"] < r["ppl_wiki"]]
-        add(f"<= {bpp} bits/param: Tailor beats every other method at equal bytes (wiki perplexity)",
+        beaten = [r["id"] for r in rivals if all(t[col] < r[col] for col, _ in sets)]
+        add(f"<= {bpp} bits/param: Tailor beats every other method at equal bytes (perplexity on both sets)",
             len(beaten) == len(rivals) if rivals else None,
             f"rivals with a file at <= {bpp} bits/param: {[r['id'] for r in rivals] or 'none'}; beaten: {beaten or 'none'}")
     return out
