@@ -598,6 +598,13 @@ def fmt_md(res: dict) -> str:
                          f"{s['mean_kv_groups']}, embedding {s['embed']}, matrices {s['matrix_types']}; "
                          f"{t['build']['finetune_steps']} QAT+KD steps")
     lines += [f"- {n}" for n in res.get("notes", [])]
+    if res.get("recipes"):  # seed_table_gpu: every fine-tune recipe tried, by its validation KL
+        lines += ["", f"Fine-tune recipes tried (the table above is `{res['recipe']}`; KL = mean per-token "
+                      "KL(base || student) on the calibrate stage's validation sequences, before → after fine-tuning; "
+                      "ppl = PyTorch perplexity of the fine-tuned model on the wiki sentences):", "",
+                  "| row | recipe | KL before | KL after | ppl (PyTorch) | train s |", "|---|---|---|---|---|---|"]
+        lines += [f"| {r['id']} | {r['recipe']} | {r['kl_before']:.3f} | {r['kl_after']:.3f} | "
+                  f"{r['torch_ppl_wiki'] or float('nan'):.1f} | {r['train_seconds']:.0f} |" for r in res["recipes"]]
     lines += ["", "Targets:", ""]
     for g in res["targets"]:
         verdict = {True: "met", False: "**missed**", None: "**not measured**"}[g["met"]]

@@ -146,7 +146,10 @@ def check_against_supernet(model, work: Path) -> None:
 
 
 # ---- GPU machine ---------------------------------------------------------------------------------
-def train(src: Path, rows: list[str], out: Path, steps: int | None, batch_size: int | None = None) -> None:
+def train(src: Path, rows: list[str], out: Path, steps: int | None, batch_size: int | None = None,
+          recipe: dict | None = None) -> None:
+    """Fine-tune and export `rows` into out/<row>/ (meta.json + zstd parts). `recipe` overrides the full
+    profile's fine-tune section (lr, schedule, warmup_steps) for an lr comparison."""
     import torch
     import yaml
 
@@ -165,12 +168,16 @@ def train(src: Path, rows: list[str], out: Path, steps: int | None, batch_size: 
         raw["profiles"]["full"]["finetune"]["steps"] = steps
     if batch_size:  # a CPU smoke run cannot hold the full batch's 32 x 512 x 49152 logits
         raw["profiles"]["full"]["finetune"]["batch_size"] = batch_size
+    for k, v in (recipe or {}).items():  # the full profile's own key when it sets one, else the base section's
+        (raw["profiles"]["full"]["finetune"] if k in raw["profiles"]["full"]["finetune"] else raw["finetune"])[k] = v
     params = parse_params(raw, "full")
     out.mkdir(parents=True, exist_ok=True)
     sup = out / "supernet"
     if not (sup / "model" / "config.json").is_file():
         for f in (src / "tok").glob("*") if (src / "tok").is_dir() else ():
-            shutil.copyfile(f, base_dir() / f.name)  # base_dir() converts the GGUF first
+            dst = base_dir() / f.name  # base_dir() converts the GGUF first (launch's jobs find it done)
+            if not dst.is_file() or dst.read_bytes() != f.read_bytes():  # jobs running beside may be reading it
+                shutil.copyfile(f, dst)
         model, tok = load_base(None)
         importance.permute_(model, load_importance(src / "importance.safetensors"))
         model.save_pretrained(sup / "model", safe_serialization=True)
@@ -199,7 +206,8 @@ def train(src: Path, rows: list[str], out: Path, steps: int | None, batch_size: 
         seqs = [ids for ids in (tok(t)["input_ids"] for t in eval_texts) if len(ids) >= 2]
         torch_ppl = perplexity(model.to("cuda"), seqs, device="cuda") if seqs and torch.cuda.is_available() else None
         m = ft["metrics"]
-        meta = {"id": rid, "config_hash": cfg.hash, "gpu": gpu, "torch": torch.__version__,
+        meta = {"id": rid, "recipe": recipe_tag(params.finetune.model_dump()), "config_hash": cfg.hash, "gpu": gpu,
+                "torch": torch.__version__,
                 "finetune": params.finetune.model_dump(), "seq_len": params.calibrate.seq_len,
                 "tokens": params.finetune.steps * params.finetune.batch_size * params.calibrate.seq_len,
                 "finetune_s": round(t1 - t0, 1), "train_seconds": m["train_seconds"], "kl_before": m["kl_before"],
@@ -211,6 +219,111 @@ def train(src: Path, rows: list[str], out: Path, steps: int | None, batch_size: 
         shutil.rmtree(rd / "ckpt", ignore_errors=True)
         print(f"seed_table_gpu: {rid}: {meta['train_seconds']} s training, KL {m['kl_before']:.4f} -> {m['kl_after']:.4f}, "
               f"torch ppl {torch_ppl}", flush=True)
+
+
+def recipe_tag(ft: dict) -> str:
+    """The fine-tune recipe's short name ("constant-1e-05", "cosine-1e-04"): rows of one recipe form one table."""
+    return f"{ft.get('schedule', 'constant')}-{ft['lr']:.0e}"
+
+
+# ---- GPU machine: several rows at once, one process each, detached from the 10-minute command ----------
+def launch(src: Path, jobs: list[dict], out: Path, steps: int | None = None, batch_size: int | None = None) -> None:
+    """Start one `train` process per job ({"gpu", "rows", "lr", "schedule", "warmup_steps"}), each in its own
+    process session so it outlives the device command, each into out/jobN (its own permuted base: no two
+    processes write one folder). Several jobs may share a GPU: a 135M model's fine-tune leaves most of it idle."""
+    import subprocess
+
+    out.mkdir(parents=True, exist_ok=True)
+    pids = {}
+    for i, job in enumerate(jobs):
+        d = out / f"job{i}"
+        d.mkdir(exist_ok=True)
+        cmd = [sys.executable, str(Path(__file__).resolve()), "train", "--src", str(src), "--rows", ",".join(job["rows"]),
+               "--out", str(d), "--lr", str(job["lr"]), "--schedule", job["schedule"],
+               "--warmup", str(job.get("warmup_steps", 0))] + (["--steps", str(steps)] if steps else []) \
+            + (["--batch-size", str(batch_size)] if batch_size else [])
+        env = {**os.environ, "CUDA_VISIBLE_DEVICES": str(job["gpu"]), "PYTHONUNBUFFERED": "1"}
+        with open(d / "log", "ab") as log:
+            pids[i] = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True).pid
+    (out / "jobs.json").write_text(json.dumps({"jobs": jobs, "pids": pids}))
+    print(f"seed_table_gpu: launched {len(jobs)} jobs: pids {pids}", flush=True)
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def wait(out: Path, timeout: float, every: float = 30.0) -> bool:
+    """Wait until every job's rows have their meta.json, or every unfinished job's process is gone (the
+    lesson of session 4: a wait that does not check the process polls a dead run for the whole limit)."""
+    spec = json.loads((out / "jobs.json").read_text())
+    t0 = time.time()
+    while True:
+        pending, lines = [], []
+        for i, job in enumerate(spec["jobs"]):
+            d = out / f"job{i}"
+            done = [r for r in job["rows"] if (d / slug(r) / "meta.json").is_file()]
+            up = alive(spec["pids"][str(i)])
+            log = (d / "log").read_text(errors="replace").replace("\r", "\n").strip().splitlines() if (d / "log").is_file() else []
+            lines.append(f"job{i} gpu{job['gpu']} {job['schedule']}-{job['lr']:.0e} {len(done)}/{len(job['rows'])} "
+                         f"{'running' if up else 'exited'} | {log[-1][-110:] if log else ''}")
+            if len(done) < len(job["rows"]) and up:
+                pending.append(i)
+        finished = not pending
+        if finished or time.time() - t0 > timeout:
+            print(f"seed_table_gpu: after {time.time() - t0:.0f} s:\n  " + "\n  ".join(lines), flush=True)
+            return finished
+        if int(time.time() - t0) % 120 < every:
+            print(f"[{time.time() - t0:.0f} s] " + " ; ".join(l.split(" |")[0] for l in lines), flush=True)
+        time.sleep(every)
+
+
+def collect(out: Path, dest: Path, parts: list[str]) -> None:
+    """Every job's meta.json in one dest/metas.json (the device returns at most 8 files), plus the zstd
+    parts named in `parts` ("RECIPE/ROW:FIRST-LAST", e.g. "cosine-1e-04/tailor@4.0:0-3") as
+    dest/RECIPE_ROW_partNN."""
+    metas = {}
+    for m in sorted(out.glob("job*/*/meta.json")):
+        meta = json.loads(m.read_text())
+        metas[f"{meta['recipe']}/{meta['id']}"] = {**meta, "dir": str(m.parent)}
+    dest.mkdir(parents=True, exist_ok=True)
+    (dest / "metas.json").write_text(json.dumps(metas))
+    for spec in parts:
+        key, rng = spec.rsplit(":", 1)
+        first, last = (int(x) for x in rng.split("-"))
+        if key not in metas:
+            print(f"seed_table_gpu: {key}: not finished", flush=True)
+            continue
+        for k in range(first, last + 1):
+            f = Path(metas[key]["dir"]) / f"part{k:02d}"
+            if f.is_file():
+                shutil.copyfile(f, dest / f"{key.replace('/', '_').replace('@', '_')}_part{k:02d}")
+    print(f"seed_table_gpu: {len(metas)} metas: " + ", ".join(f"{k} KL {v['kl_after']:.4f} ppl {v['torch_ppl']} "
+                                                            f"parts {len(list(Path(v['dir']).glob('part*')))}"
+                                                            for k, v in metas.items()), flush=True)
+
+
+def gather(sources: list[Path], dest: Path) -> list[Path]:
+    """Here: sort what collect returned (over several calls) into dest/RECIPE_ROW/{meta.json, partNN}, the
+    layout ingest reads."""
+    dirs = set()
+    for src in sources:
+        if (src / "metas.json").is_file():
+            for key, meta in json.loads((src / "metas.json").read_text()).items():
+                d = dest / key.replace("/", "_").replace("@", "_")
+                d.mkdir(parents=True, exist_ok=True)
+                (d / "meta.json").write_text(json.dumps({k: v for k, v in meta.items() if k != "dir"}))
+                dirs.add(d)
+        for f in src.glob("*_part[0-9][0-9]"):
+            name, part = f.name.rsplit("_", 1)
+            (dest / name).mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(f, dest / name / part)
+            dirs.add(dest / name)
+    return sorted(dirs)
 
 
 def pack(path: Path, rd: Path) -> None:
@@ -257,7 +370,11 @@ def unpack(rd: Path) -> Path:
     return out
 
 
-def ingest(work: Path, sources: list[Path], out: Path, piqa: dict[str, Path] | None = None) -> dict:
+def ingest(work: Path, sources: list[Path], out: Path, piqa: dict[str, Path] | None = None,
+           recipe: str | None = None) -> dict:
+    """Score the returned rows of one fine-tune `recipe` (all of them when None; two rows of one method
+    then stop here) into the table at `out`; every returned meta.json, of any recipe, goes into its
+    `recipes` section (validation KL and PyTorch perplexity per row and recipe)."""
     import numpy as np
     import llama_cpp
 
@@ -274,9 +391,16 @@ def ingest(work: Path, sources: list[Path], out: Path, piqa: dict[str, Path] | N
     ctx.overhead = rows[0]["file_bytes"] - rows[0]["build"]["weight_bytes"]
     texts = [r["text"] for r in read_jsonl(work / "calibrate" / "eval" / "wiki.jsonl")]
     seqs = [ids for ids in (ctx.tok(t)["input_ids"] for t in texts) if len(ids) >= 2]
-    got = {}
+    got, sweep = {}, []
     for src in sources:
         meta = json.loads((src / "meta.json").read_text())
+        tag = meta.get("recipe", recipe_tag(meta["finetune"]))  # session 4's rows predate the tag
+        sweep.append({"id": meta["id"], "recipe": tag, "kl_before": meta["kl_before"], "kl_after": meta["kl_after"],
+                      "torch_ppl_wiki": meta["torch_ppl"], "train_seconds": meta["train_seconds"], "gpu": meta["gpu"]})
+        if recipe is not None and tag != recipe:
+            continue
+        if meta["id"] in got:
+            raise SystemExit(f"seed_table_gpu: {meta['id']}: returned twice ({got[meta['id']][0]}, {src}); pass --recipe")
         got[meta["id"]] = (src, meta)
     for rid in ROWS:
         key, bpp = (rid.split("@")[0], float(rid.split("@")[1])) if "@" in rid else (rid, None)
@@ -349,6 +473,8 @@ def ingest(work: Path, sources: list[Path], out: Path, piqa: dict[str, Path] | N
                                            "met": pr["ratio"] >= 0.98,
                                            "detail": f"{r['acc']:.4f} vs base {runs['base']['acc']:.4f}: {pr['ratio']:.1%} of base, "
                                                      f"95% CI {lo:.1%}..{hi:.1%} (paired bootstrap)"})
+    res["recipes"] = sorted(sweep, key=lambda r: (r["id"], r["recipe"]))
+    res["recipe"] = recipe or sorted({r["recipe"] for r in sweep} or {"-"})[0]
     st.write_report(res, out)
     return res
 
@@ -401,11 +527,33 @@ def main() -> None:
     t.add_argument("--out", default=str(Path(tempfile.gettempdir()) / "gpurows"))
     t.add_argument("--steps", type=int, default=None, help="override the full profile's fine-tune steps")
     t.add_argument("--batch-size", type=int, default=None, help="override its batch size (CPU smoke runs)")
+    for x in (t,):
+        x.add_argument("--lr", type=float, default=None, help="override the full profile's fine-tune lr")
+        x.add_argument("--schedule", choices=("constant", "cosine"), default=None)
+        x.add_argument("--warmup", type=int, default=None, help="warm-up steps of the cosine schedule")
+    la = sub.add_parser("launch", help="GPU machine: one detached train process per job of --jobs (JSON list)")
+    la.add_argument("--src", default=".gpu")
+    la.add_argument("--jobs", required=True, help='[{"gpu": 0, "rows": ["qat4"], "lr": 1e-5, "schedule": "constant"}, ...] or @FILE')
+    la.add_argument("--out", default=str(Path(tempfile.gettempdir()) / "gpujobs"))
+    la.add_argument("--steps", type=int, default=None)
+    la.add_argument("--batch-size", type=int, default=None)
+    w = sub.add_parser("wait", help="GPU machine: wait for launched jobs (exits 1 on timeout with jobs still running)")
+    w.add_argument("--out", default=str(Path(tempfile.gettempdir()) / "gpujobs"))
+    w.add_argument("--timeout", type=float, default=540)
+    w.add_argument("--every", type=float, default=30.0, help="seconds between checks")
+    c = sub.add_parser("collect", help="GPU machine: metas.json + the named parts into --dest ($OUT)")
+    c.add_argument("--out", default=str(Path(tempfile.gettempdir()) / "gpujobs"))
+    c.add_argument("--dest", required=True)
+    c.add_argument("--parts", nargs="*", default=[])
+    ga = sub.add_parser("gather", help="here: what collect returned -> one folder per row for ingest")
+    ga.add_argument("--from", dest="sources", nargs="+", required=True)
+    ga.add_argument("--dest", required=True)
     g = sub.add_parser("ingest")
     g.add_argument("--work", default=str(WORK))
     g.add_argument("--from", dest="sources", nargs="+", required=True, help="folders holding meta.json + part*")
     g.add_argument("--out", default="reports/bench/seed_table_gpu.json")
     g.add_argument("--piqa", nargs="*", default=[], help="NAME=JSON from the piqa command (base=..., tailor@4.0=...)")
+    g.add_argument("--recipe", default=None, help="the fine-tune recipe whose rows form the table (cosine-1e-04, ...)")
     q = sub.add_parser("piqa")
     q.add_argument("--file", required=True)
     q.add_argument("--eval-dir", default=str(WORK / "calibrate_full" / "eval"), help="prepare writes it")
@@ -416,11 +564,23 @@ def main() -> None:
         piqa_all(Path(a.file), Path(a.eval_dir), Path(a.out))
     elif a.cmd == "ingest":
         sys.path.insert(0, str(ROOT / "benchmarks"))
-        ingest(Path(a.work), [Path(s) for s in a.sources], Path(a.out), {k: Path(v) for k, v in (x.split("=", 1) for x in a.piqa)})
+        ingest(Path(a.work), [Path(s) for s in a.sources], Path(a.out), {k: Path(v) for k, v in (x.split("=", 1) for x in a.piqa)},
+               a.recipe)
     elif a.cmd == "prepare":
         prepare(Path(a.work), Path(a.dest), Path(a.wheels))
     elif a.cmd == "train":
-        train(Path(a.src), a.rows.split(","), Path(a.out), a.steps, a.batch_size)
+        recipe = {k: v for k, v in (("lr", a.lr), ("schedule", a.schedule), ("warmup_steps", a.warmup)) if v is not None}
+        train(Path(a.src), a.rows.split(","), Path(a.out), a.steps, a.batch_size, recipe)
+    elif a.cmd == "launch":
+        jobs = json.loads(Path(a.jobs[1:]).read_text() if a.jobs.startswith("@") else a.jobs)
+        launch(Path(a.src), jobs, Path(a.out), a.steps, a.batch_size)
+    elif a.cmd == "wait":
+        sys.exit(0 if wait(Path(a.out), a.timeout, a.every) else 1)
+    elif a.cmd == "collect":
+        collect(Path(a.out), Path(a.dest), a.parts)
+    elif a.cmd == "gather":
+        for d in gather([Path(s) for s in a.sources], Path(a.dest)):
+            print(d)
 
 
 if __name__ == "__main__":

@@ -111,6 +111,9 @@ class FinetuneParams(Strict):
     steps: int = Field(20, ge=0)
     batch_size: int = Field(8, gt=0)
     lr: float = Field(1e-5, gt=0)
+    schedule: Literal["constant", "cosine"] = Field("constant", description="lr over the steps: constant, or a "
+                                                    "linear warm-up then cosine decay to 10% of lr")
+    warmup_steps: int = Field(0, ge=0)
     kd_temperature: float = Field(1.0, gt=0)
     device: str = "auto"
     seed: int = 0

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 import shutil
 import time
@@ -50,6 +51,21 @@ class TrainSpec:
     amp: bool = True  # bf16 autocast on CUDA; CPU trains in float32 either way
     compile: bool = False  # torch.compile the hot small-kernel paths on CUDA
     parallel: str = "ddp"  # under torchrun: "ddp" (replicated) or "fsdp" (FSDP2-sharded, tailor.fsdp)
+    schedule: str = "constant"  # lr over the steps: "constant", or "cosine" (linear warm-up, then cosine to 10%)
+    warmup_steps: int = 0
+
+
+def lr_factor(spec: TrainSpec, step: int) -> float:
+    """The lr multiplier at 0-based `step`: a pure function of the step, so a resumed run needs no
+    scheduler state to continue on the same curve."""
+    if spec.schedule == "constant":
+        return 1.0
+    if spec.schedule != "cosine":
+        raise ValueError(f"schedule: {spec.schedule!r} is not one of constant, cosine")
+    if step < spec.warmup_steps:
+        return (step + 1) / spec.warmup_steps
+    span = max(1, spec.steps - spec.warmup_steps)
+    return 0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, (step - spec.warmup_steps) / span)))
 
 
 @dataclass
@@ -157,6 +173,7 @@ def train_kd(student: TailorForCausalLM, teacher: torch.nn.Module, data: torch.T
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
     if spec.parallel not in ("ddp", "fsdp"):
         raise ValueError(f"parallel: {spec.parallel!r} is not one of ddp, fsdp")
+    lr_factor(spec, 0)  # an unknown schedule stops here, before any work
     start, curve, opt_state = _load_ckpt(ckpt_dir, student, gen, spec) if ckpt_dir else (0, [], None)
     fsdp = world > 1 and spec.parallel == "fsdp"
     # FSDP trains a sharded copy (tailor.fsdp); the student waits on the CPU, off the GPU's memory.
@@ -166,6 +183,7 @@ def train_kd(student: TailorForCausalLM, teacher: torch.nn.Module, data: torch.T
     groups = [{"params": [p for n, p in named if not n.endswith("qclip")]},
               {"params": [p for n, p in named if n.endswith("qclip")], "lr": spec.clip_lr, "weight_decay": 0.0}]
     opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=spec.lr, weight_decay=spec.weight_decay)
+    base_lrs = [g["lr"] for g in opt.param_groups]
     if opt_state is not None:
         if fsdp:
             tfsdp.load_optim_state(opt, opt_state)
@@ -222,6 +240,8 @@ def train_kd(student: TailorForCausalLM, teacher: torch.nn.Module, data: torch.T
                 dist.all_reduce(t)
                 total = float(t) / world
             torch.nn.utils.clip_grad_norm_(params, 1.0)
+            for g, lr in zip(opt.param_groups, base_lrs):
+                g["lr"] = lr * lr_factor(spec, step)
             opt.step()
             n_tok = ids.numel() * len(switches) * world
             result.tokens += n_tok

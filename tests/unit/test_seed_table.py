@@ -124,3 +124,40 @@ def test_gpu_rows_come_back_whole_or_not_at_all(tmp_path, monkeypatch):
     with pytest.raises(SystemExit, match="decompress|sha256"):
         gpu.unpack(back)
     assert not (back / "model.gguf").exists() and not list(back.glob(".model*"))
+
+
+def test_gpu_jobs_collect_and_gather_round_trip(tmp_path, monkeypatch, capsys):
+    """collect puts every job's meta.json in one metas.json and the named parts beside it (the device
+    returns at most 8 files); gather sorts them back into one folder per recipe and row; wait returns
+    at once when the job's process is gone, whether or not its rows finished."""
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "jobs"
+    d = out / "job0" / "tailor_4.0"
+    d.mkdir(parents=True)
+    meta = {"id": "tailor@4.0", "recipe": gpu.recipe_tag({"lr": 1e-4, "schedule": "cosine"}), "kl_after": 0.3,
+            "torch_ppl": 240.0}
+    (d / "meta.json").write_text(json.dumps(meta))
+    for k in range(3):
+        (d / f"part{k:02d}").write_bytes(bytes([k]) * 10)
+    done = subprocess.Popen([sys.executable, "-c", "pass"])
+    done.wait()
+    (out / "jobs.json").write_text(json.dumps({"jobs": [{"gpu": 0, "rows": ["tailor@4.0", "qat4"], "lr": 1e-4,
+                                                         "schedule": "cosine"}], "pids": {"0": done.pid}}))
+    assert not gpu.alive(done.pid)
+    assert gpu.wait(out, timeout=60, every=0.1) is True  # qat4 never finished, but its process is gone
+
+    ret = tmp_path / "ret1"
+    gpu.collect(out, ret, ["cosine-1e-04/tailor@4.0:0-1", "cosine-1e-04/qat4:0-3"])
+    assert sorted(p.name for p in ret.iterdir()) == ["cosine-1e-04_tailor_4.0_part00", "cosine-1e-04_tailor_4.0_part01",
+                                                     "metas.json"]
+    assert "qat4: not finished" in capsys.readouterr().out
+    ret2 = tmp_path / "ret2"
+    gpu.collect(out, ret2, ["cosine-1e-04/tailor@4.0:2-2"])  # the rest of the file, on a later call
+    rows = gpu.gather([ret, ret2], tmp_path / "back")
+    assert [r.name for r in rows] == ["cosine-1e-04_tailor_4.0"]
+    assert sorted(p.name for p in rows[0].iterdir()) == ["meta.json", "part00", "part01", "part02"]
+    assert (rows[0] / "part02").read_bytes() == bytes([2]) * 10
+    assert json.loads((rows[0] / "meta.json").read_text()) == meta

@@ -6,21 +6,28 @@ import torch
 from tailor.elastic.space import SearchSpace
 from tailor.elastic.supernet import arch_of, set_active
 from tailor.models.tiny import tiny_model
-from tailor.train import CheckpointError, TrainSpec, train_kd
+from tailor.train import CheckpointError, TrainSpec, lr_factor, train_kd
 
 DATA = torch.randint(0, 320, (16, 12), generator=torch.Generator().manual_seed(0))
 
 
-def _run(steps: int, ckpt, fingerprint="a", seed=0):
+class Killed(Exception):
+    pass
+
+
+def _run(steps: int, ckpt, fingerprint="a", seed=0, schedule="constant", kill_at=None):
     student = tiny_model(seed=1, n_layers=4)
     teacher = tiny_model(seed=2, n_layers=4)
     space = SearchSpace.build(arch_of(student), [4, 8, 16], [8, 16], 0.25, 1, 0.25, None)
 
     def sandwich(step, gen):
+        if step == kill_at:
+            raise Killed
         cfgs = [space.max(), space.min(), space.sample(gen)]
         return [lambda c=c: set_active(student, c, "gguf") for c in cfgs]
 
-    spec = TrainSpec(steps=steps, batch_size=4, lr=1e-3, temperature=1.0, seed=seed, ckpt_every=2, fingerprint=fingerprint)
+    spec = TrainSpec(steps=steps, batch_size=4, lr=1e-3, temperature=1.0, seed=seed, ckpt_every=2, fingerprint=fingerprint,
+                     schedule=schedule, warmup_steps=2 if schedule == "cosine" else 0)
     res = train_kd(student, teacher, DATA, spec, sandwich, ckpt)
     return student, res
 
@@ -33,6 +40,28 @@ def test_resume_reproduces_uninterrupted_run(tmp_path):
     for (k, a), (_, b) in zip(full.state_dict().items(), resumed.state_dict().items()):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=k)
     assert [p["loss"] for p in res.curve] == pytest.approx([p["loss"] for p in res_full.curve])
+
+
+def test_resume_mid_schedule_continues_the_same_lr_curve(tmp_path):
+    full, _ = _run(6, tmp_path / "full", schedule="cosine")
+    with pytest.raises(Killed):
+        _run(6, tmp_path / "part", schedule="cosine", kill_at=3)  # after the step-2 checkpoint, mid warm-up/decay
+    resumed, res = _run(6, tmp_path / "part", schedule="cosine")
+    assert res.resumed_from == 2
+    for (k, a), (_, b) in zip(full.state_dict().items(), resumed.state_dict().items()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=k)
+
+
+def test_lr_schedules():
+    const = TrainSpec(steps=10, batch_size=1, lr=1.0, temperature=1.0, seed=0)
+    assert {lr_factor(const, s) for s in range(10)} == {1.0}
+    cos = TrainSpec(steps=10, batch_size=1, lr=1.0, temperature=1.0, seed=0, schedule="cosine", warmup_steps=4)
+    f = [lr_factor(cos, s) for s in range(10)]
+    assert f[:4] == pytest.approx([0.25, 0.5, 0.75, 1.0])  # linear warm-up to the full lr
+    assert all(a >= b for a, b in zip(f[3:], f[4:]))  # then never rises
+    assert f[-1] > 0.1 and lr_factor(cos, 10) == pytest.approx(0.1)  # and ends at 10%
+    with pytest.raises(ValueError, match="schedule: 'linear'"):
+        lr_factor(TrainSpec(steps=1, batch_size=1, lr=1.0, temperature=1.0, seed=0, schedule="linear"), 0)
 
 
 def test_training_lowers_the_loss(tmp_path):
