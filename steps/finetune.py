@@ -32,7 +32,7 @@ def run(params: Params, device: str, supernet_dir: Path, search_dir: Path, data_
     t_val = teacher_logits(base, val)
     kl_before = mean_kl(student, val, t_val)
     spec = TrainSpec(ft.steps, ft.batch_size, ft.lr, ft.kd_temperature, ft.seed, ckpt_every=max(1, ft.steps // 4),
-                     schedule=ft.schedule, warmup_steps=ft.warmup_steps,
+                     schedule=ft.schedule, warmup_steps=ft.warmup_steps, train_embeddings=ft.train_embeddings,
                      parallel=ft.parallel,  # not in the fingerprint: a checkpoint resumes under either
                      fingerprint=f"finetune:{device}:{cfg.hash}:{json.dumps(ft.model_dump(exclude={'parallel', 'nproc'}), sort_keys=True)}:"
                                  f"{sha256_file(data_dir / 'train.safetensors')[:16]}")

@@ -114,6 +114,8 @@ class FinetuneParams(Strict):
     schedule: Literal["constant", "cosine"] = Field("constant", description="lr over the steps: constant, or a "
                                                     "linear warm-up then cosine decay to 10% of lr")
     warmup_steps: int = Field(0, ge=0)
+    train_embeddings: bool = Field(False, description="QAT also trains the tied embedding and its clip (frozen, "
+                                                      "its fake quantization cached, by default)")
     kd_temperature: float = Field(1.0, gt=0)
     device: str = "auto"
     seed: int = 0

@@ -84,8 +84,11 @@ def export_active(model: TailorForCausalLM, cfg: SubnetConfig, fmt: str = "gguf"
 def bake_clip_(model: TailorForCausalLM) -> None:
     """Clamp every quantized matrix to its learned range and reset the clipping factors: the model
     computes the same, and its weights are what export packs."""
+    # The tied table too: below 16 bits both its uses read the one fake-quantized table, so clamping it to
+    # its learned range changes nothing the model computes; export packs the raw table and would otherwise
+    # drop a clip that fine-tuning with train_embeddings moved.
     for mod in model.modules():
-        if isinstance(mod, QLinear) and mod.weight is not model.get_input_embeddings().weight:
+        if isinstance(mod, QLinear):
             mod.bake_clip_()
 
 

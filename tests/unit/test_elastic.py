@@ -99,3 +99,23 @@ def test_sandwich_covers_every_format_and_is_rank_consistent():
         assert step[1] == (spaces[["gguf", "onnx"][s % 2]].min(), ["gguf", "onnx"][s % 2])  # mins take turns
         assert all(spaces[f].contains(c) for c, f in step)
     assert {f for step in a for _, f in step[2:]} == {"gguf", "onnx"}
+
+
+def test_bake_clip_keeps_outputs_and_bakes_a_trained_embedding_clip():
+    """Fine-tuning with train_embeddings moves the tied table's clip; bake_clip_ must write it into the
+    table (export packs the raw weights) without changing what the model computes."""
+    from tailor.elastic.supernet import bake_clip_
+    from tailor.quant.fake import FMT_INDEX
+
+    model = tiny_model(seed=3, embed_bits=4)
+    head = model.lm_head
+    assert head.bits == 4 and head.weight is model.get_input_embeddings().weight
+    with torch.no_grad():
+        head.qclip[FMT_INDEX[head.fmt], head.bits] = 0.7  # as training the embedding would move it
+    ids = torch.randint(0, model.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        before = model(ids).logits
+        bake_clip_(model)
+        after = model(ids).logits
+    assert float(head.qclip.min()) == 1.0  # nothing left for export to drop
+    torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-4)
