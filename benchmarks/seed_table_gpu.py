@@ -61,7 +61,8 @@ WHEELS = ("annotated_types", "gguf", "pydantic-", "pydantic_core", "typing_exten
 
 
 def slug(rid: str) -> str:
-    return rid.replace("@", "_")
+    """A row id ("tailor@4.0") or recipe/row key ("cosine-3e-04/tailor@4.0") as one file name."""
+    return rid.replace("@", "_").replace("/", "_")
 
 
 def row_dir(work: Path, rid: str) -> Path:
@@ -315,7 +316,7 @@ def collect(out: Path, dest: Path, parts: list[str]) -> None:
         for k in range(first, last + 1):
             f = Path(metas[key]["dir"]) / f"part{k:02d}"
             if f.is_file():
-                shutil.copyfile(f, dest / f"{key.replace('/', '_').replace('@', '_')}_part{k:02d}")
+                shutil.copyfile(f, dest / f"{slug(key)}_part{k:02d}")
     print(f"seed_table_gpu: {len(metas)} metas: " + ", ".join(f"{k} KL {v['kl_after']:.4f} ppl {v['torch_ppl']} "
                                                             f"parts {len(list(Path(v['dir']).glob('part*')))}"
                                                             for k, v in metas.items()), flush=True)
@@ -328,7 +329,7 @@ def gather(sources: list[Path], dest: Path) -> list[Path]:
     for src in sources:
         if (src / "metas.json").is_file():
             for key, meta in json.loads((src / "metas.json").read_text()).items():
-                d = dest / key.replace("/", "_").replace("@", "_")
+                d = dest / slug(key)
                 d.mkdir(parents=True, exist_ok=True)
                 (d / "meta.json").write_text(json.dumps({k: v for k, v in meta.items() if k != "dir"}))
                 dirs.add(d)
