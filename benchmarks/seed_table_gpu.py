@@ -233,8 +233,10 @@ def train(src: Path, rows: list[str], out: Path, steps: int | None, batch_size: 
 
 def recipe_tag(ft: dict) -> str:
     """The fine-tune recipe's short name ("constant-1e-05", "cosine-1e-04", "cosine-3e-04-emb" when QAT trains
-    the embedding too): rows of one recipe form one table."""
-    return f"{ft.get('schedule', 'constant')}-{ft['lr']:.0e}" + ("-emb" if ft.get("train_embeddings") else "")
+    the embedding too, "cosine-3e-04-gen3600" with 3600 teacher-sampled sequences): rows of one recipe form
+    one table."""
+    return f"{ft.get('schedule', 'constant')}-{ft['lr']:.0e}" + ("-emb" if ft.get("train_embeddings") else "") \
+        + (f"-gen{ft['generated_seqs']}" if ft.get("generated_seqs") else "")
 
 
 # ---- GPU machine: several rows at once, one process each, detached from the 10-minute command ----------
@@ -254,7 +256,9 @@ def launch(src: Path, jobs: list[dict], out: Path, steps: int | None = None, bat
                "--out", str(d), "--lr", str(job["lr"]), "--schedule", job["schedule"],
                "--warmup", str(job.get("warmup_steps", 0))] + (["--steps", str(steps)] if steps else []) \
             + (["--batch-size", str(batch_size)] if batch_size else []) \
-            + (["--train-embeddings"] if job.get("train_embeddings") else [])
+            + (["--train-embeddings"] if job.get("train_embeddings") else []) \
+            + (["--generated", str(job["generated_seqs"])] if job.get("generated_seqs") else []) \
+            + (["--generate-batch", str(job["generate_batch"])] if job.get("generate_batch") else [])
         # each process's CPU threads get their share of the cores: eight processes at torch's default (all
         # 64 cores each) spent four minutes thrashing in the CPU-side setup before touching a GPU
         env = {"OMP_NUM_THREADS": str(threads), **os.environ, "CUDA_VISIBLE_DEVICES": str(job["gpu"]), "PYTHONUNBUFFERED": "1"}
@@ -547,6 +551,8 @@ def main() -> None:
         x.add_argument("--schedule", choices=("constant", "cosine"), default=None)
         x.add_argument("--warmup", type=int, default=None, help="warm-up steps of the cosine schedule")
         x.add_argument("--train-embeddings", action="store_true", default=None, help="QAT trains the tied embedding too")
+        x.add_argument("--generated", type=int, default=None, help="teacher-sampled sequences added to the shard")
+        x.add_argument("--generate-batch", type=int, default=None, help="sequences sampled at once")
     la = sub.add_parser("launch", help="GPU machine: one detached train process per job of --jobs (JSON list)")
     la.add_argument("--src", default=".gpu")
     la.add_argument("--jobs", required=True, help='[{"gpu": 0, "rows": ["qat4"], "lr": 1e-5, "schedule": "constant"}, ...] or @FILE')
@@ -586,7 +592,8 @@ def main() -> None:
         prepare(Path(a.work), Path(a.dest), Path(a.wheels))
     elif a.cmd == "train":
         recipe = {k: v for k, v in (("lr", a.lr), ("schedule", a.schedule), ("warmup_steps", a.warmup),
-                                    ("train_embeddings", a.train_embeddings)) if v is not None}
+                                    ("train_embeddings", a.train_embeddings), ("generated_seqs", a.generated),
+                                    ("generate_batch", a.generate_batch)) if v is not None}
         train(Path(a.src), a.rows.split(","), Path(a.out), a.steps, a.batch_size, recipe)
     elif a.cmd == "launch":
         jobs = json.loads(Path(a.jobs[1:]).read_text() if a.jobs.startswith("@") else a.jobs)

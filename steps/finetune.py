@@ -3,15 +3,20 @@ fine-tune it with quantization-aware distillation from the base model on the exp
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
+
+import torch
+from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+from safetensors.torch import load_file, save_file
 
 from steps._common import (artifact_dir, load_shard, main_for, report_dir, staged_dir, write_csv, write_json,
                            writes_outputs)
 from tailor import distributed, tracking
 from tailor.arch import SubnetConfig
 from tailor.config import Params
-from tailor.distill import mean_kl, teacher_logits
+from tailor.distill import mean_kl, teacher_logits, teacher_samples
 from tailor.elastic.supernet import bake_clip_, export_active, round16_
 from tailor.models.base import load_base, load_model_dir, sha256_file
 from tailor.train import TrainSpec, checkpoint_dir, pick_device, train_kd
@@ -36,7 +41,9 @@ def run(params: Params, device: str, supernet_dir: Path, search_dir: Path, data_
                      parallel=ft.parallel,  # not in the fingerprint: a checkpoint resumes under either
                      fingerprint=f"finetune:{device}:{cfg.hash}:{json.dumps(ft.model_dump(exclude={'parallel', 'nproc'}), sort_keys=True)}:"
                                  f"{sha256_file(data_dir / 'train.safetensors')[:16]}")
-    result = train_kd(student, base, train, spec, lambda step, gen: [lambda: None], checkpoint_dir(ckpt_dir, spec.fingerprint),
+    ckpt = checkpoint_dir(ckpt_dir, spec.fingerprint)
+    train = torch.cat([train, generated(base, train, ft, ckpt)]) if ft.generated_seqs else train
+    result = train_kd(student, base, train, spec, lambda step, gen: [lambda: None], ckpt,
                       desc=f"finetune {device}")
     bake_clip_(student)  # the clipping learned in fine-tuning goes into the weights export packs
     round16_(student)  # training moved 16-bit weights off the float16 grid the file stores
@@ -48,6 +55,25 @@ def run(params: Params, device: str, supernet_dir: Path, search_dir: Path, data_
     metrics = {"kl_before": kl_before, "kl_after": kl_after, "steps": ft.steps, "config_hash": cfg.hash,
                "resumed_from": result.resumed_from, "train_seconds": round(result.seconds, 2), "device": str(dev)}
     return {"metrics": metrics, "curve": result.curve}
+
+
+def generated(base: torch.nn.Module, train: torch.Tensor, ft, ckpt: Path) -> torch.Tensor:
+    """`ft.generated_seqs` sequences sampled from the base model, as long as the shard's. Kept beside the
+    run's checkpoints, so a resumed run trains on the same samples without drawing them again."""
+    cached = ckpt / "generated.safetensors"
+    if cached.is_file():
+        seqs = load_file(cached)["input_ids"]
+        if seqs.shape == (ft.generated_seqs, train.shape[1]):
+            return seqs
+    with Progress(TextColumn("[bold]sampling the teacher"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                  TimeRemainingColumn(), disable=not os.isatty(1)) as bar:
+        task = bar.add_task("sample", total=ft.generated_seqs)
+        seqs = teacher_samples(base, ft.generated_seqs, train.shape[1], train[:, 0].unique(), ft.seed,
+                               batch_size=ft.generate_batch, progress=lambda k: bar.advance(task, k))
+    ckpt.mkdir(parents=True, exist_ok=True)
+    save_file({"input_ids": seqs}, str(cached.with_suffix(".tmp")))
+    os.replace(cached.with_suffix(".tmp"), cached)
+    return seqs
 
 
 def main() -> None:

@@ -117,6 +117,9 @@ class FinetuneParams(Strict):
     train_embeddings: bool = Field(False, description="QAT also trains the tied embedding and its clip (frozen, "
                                                       "its fake quantization cached, by default)")
     kd_temperature: float = Field(1.0, gt=0)
+    generated_seqs: int = Field(0, ge=0, description="sequences sampled from the base model (seq_len tokens each) "
+                                                     "added to the training shard: distillation beyond the corpora")
+    generate_batch: int = Field(64, gt=0, description="sequences sampled at once (memory: batch x seq_len KV cache)")
     device: str = "auto"
     seed: int = 0
     parallel: Parallel = Field("ddp", description=PARALLEL_DOC)

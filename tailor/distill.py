@@ -1,5 +1,7 @@
-"""Knowledge-distillation losses."""
+"""Knowledge distillation: the losses, and sequences sampled from the teacher to distil on."""
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -62,3 +64,61 @@ def mean_loss(model: torch.nn.Module, seqs: torch.Tensor, batch_size: int = 8) -
         total += float(loss)
         n += ids[:, 1:].numel()
     return total / max(n, 1)
+
+
+def _hf_llama(model: torch.nn.Module) -> torch.nn.Module:
+    """The dense base as transformers' own Llama (same weight names), for its KV cache: the Tailor
+    model recomputes the whole prefix at every generated token."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    c = model.config
+    if any(b for b in c.layer_bits) or c.embed_bits < 16 or set(c.layer_ffn) != {c.intermediate_size} \
+            or set(c.layer_kv_heads) != {c.num_key_value_heads}:
+        raise ValueError("teacher sampling needs the dense 16-bit base model, not a subnet")
+    cfg = LlamaConfig(vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
+                      num_hidden_layers=c.num_hidden_layers, num_attention_heads=c.num_attention_heads,
+                      num_key_value_heads=c.num_key_value_heads, head_dim=c.head_dim, rms_norm_eps=c.rms_norm_eps,
+                      rope_parameters={"rope_type": "default", "rope_theta": c.rope_theta},
+                      max_position_embeddings=c.max_position_embeddings, tie_word_embeddings=True,
+                      attention_bias=False, mlp_bias=False)
+    p = next(model.parameters())
+    hf = LlamaForCausalLM(cfg).to(device=p.device, dtype=p.dtype).eval()
+    # qclip: the learned clipping factors, unused at 16 bits
+    state = {k: v for k, v in model.state_dict().items() if k != "lm_head.weight" and not k.endswith(".qclip")}
+    missing, unexpected = hf.load_state_dict(state, strict=False)
+    if unexpected or set(missing) - {"lm_head.weight"}:
+        raise ValueError(f"teacher sampling: weights do not map onto Llama (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    hf.tie_weights()
+    return hf
+
+
+@torch.no_grad()
+def teacher_samples(teacher: torch.nn.Module, n: int, seq_len: int, first_tokens: torch.Tensor, seed: int,
+                    batch_size: int = 64, temperature: float = 1.0, progress: Callable[[int], None] | None = None
+                    ) -> torch.Tensor:
+    """`n` sequences of `seq_len` tokens sampled from the teacher itself ([n, seq_len] int32), for
+    distillation on the teacher's own distribution (LLM-QAT's data-free KD, Liu et al. 2023): the
+    calibration corpora are three narrow sources, and a structure cut trained only on them loses what
+    the base knew outside them (PIQA). Each sequence starts at a token drawn from `first_tokens` (the
+    corpus's tokens, so starts are real words), then samples at `temperature` (1.0 = the teacher's own
+    distribution, what KD matches); an end-of-text token just starts a new document, as in packed data."""
+    hf = _hf_llama(teacher)
+    dev = next(hf.parameters()).device
+    # drawn where the logits are: moving [batch, 49152] probabilities to the host each token cost more than
+    # the forward on a GPU. So the samples are seeded per device type, not the same on CPU and CUDA.
+    g = torch.Generator(device=dev).manual_seed(seed)
+    first_tokens = first_tokens.to(dev)
+    out = torch.empty(n, seq_len, dtype=torch.int32)
+    for i in range(0, n, batch_size):
+        b = min(batch_size, n - i)
+        ids = first_tokens[torch.randint(len(first_tokens), (b, 1), generator=g, device=dev)].long()
+        seq, past = [ids], None
+        for _ in range(seq_len - 1):
+            o = hf(input_ids=ids, past_key_values=past, use_cache=True)
+            past = o.past_key_values
+            ids = torch.multinomial(torch.softmax(o.logits[:, -1].float() / temperature, dim=-1), 1, generator=g)
+            seq.append(ids)
+        out[i: i + b] = torch.cat(seq, dim=1).cpu().to(torch.int32)
+        if progress:
+            progress(b)
+    return out
