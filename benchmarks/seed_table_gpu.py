@@ -32,6 +32,11 @@ which starts one detached process per job (they outlive the 10-minute command). 
 one more `collect` per <= 4 parts (the device returns at most 8 files of <= 16 MiB); here, `gather` sorts
 the returned calls into one folder per row for `ingest`.
 
+Next run (not made: session 6 had no device time left): every trained row with half its rows sampled
+from the base model (`finetune.generated_seqs`, benchmarks/teacher_samples.py for why), one job per row on
+4 GPUs, e.g. `[{"gpu": 0, "rows": ["tailor@4.0"], "lr": 3e-4, "schedule": "cosine", "warmup_steps": 50,
+"generated_seqs": 3600, "generate_batch": 512}, ...]`; sampling 3600 x 512 tokens adds an estimated 1-2 min per job.
+
 Differences from the CPU rows, on purpose and stated in the JSON: the student starts from the base
 weights permuted by the supernet stage's importance order (the same neuron / KV-group order the search
 saw) instead of the quick supernet's 24 training steps (not carried: its weights are 540 MB); the
