@@ -32,8 +32,8 @@ which starts one detached process per job (they outlive the 10-minute command). 
 one more `collect` per <= 4 parts (the device returns at most 8 files of <= 16 MiB); here, `gather` sorts
 the returned calls into one folder per row for `ingest`.
 
-Next run (not made: session 6 had no device time left): every trained row with half its rows sampled
-from the base model (`finetune.generated_seqs`, benchmarks/teacher_samples.py for why), one job per row on
+A possible next run (session 6 had no device time left; its CPU-sized check, benchmarks/teacher_samples.py,
+saw no gain): every trained row with half its rows sampled from the base model (`finetune.generated_seqs`), one job per row on
 4 GPUs, e.g. `[{"gpu": 0, "rows": ["tailor@4.0"], "lr": 3e-4, "schedule": "cosine", "warmup_steps": 50,
 "generated_seqs": 3600, "generate_batch": 512}, ...]`; sampling 3600 x 512 tokens adds an estimated 1-2 min per job.
 
