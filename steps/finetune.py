@@ -71,8 +71,9 @@ def generated(base: torch.nn.Module, train: torch.Tensor, ft, ckpt: Path) -> tor
         seqs = teacher_samples(base, ft.generated_seqs, train.shape[1], train[:, 0].unique(), ft.seed,
                                batch_size=ft.generate_batch, progress=lambda k: bar.advance(task, k))
     ckpt.mkdir(parents=True, exist_ok=True)
-    save_file({"input_ids": seqs}, str(cached.with_suffix(".tmp")))
-    os.replace(cached.with_suffix(".tmp"), cached)
+    tmp = cached.with_suffix(f".{os.getpid()}.tmp")  # under torchrun every rank draws the same samples
+    save_file({"input_ids": seqs}, str(tmp))
+    os.replace(tmp, cached)
     return seqs
 
 
