@@ -49,6 +49,7 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--lr", type=float, default=3e-4)
     ap.add_argument("--eval-seqs", type=int, default=48)
+    ap.add_argument("--seed", type=int, default=0, help="teacher samples, data order and training")
     ap.add_argument("--out", default=str(ROOT / "reports/bench/teacher_samples.json"))
     a = ap.parse_args()
 
@@ -63,7 +64,7 @@ def main() -> None:
     from tailor.train import TrainSpec, train_kd
 
     work = Path(a.work)
-    torch.manual_seed(0)
+    torch.manual_seed(a.seed)
     base, tok = load_base(None)
     base.requires_grad_(False)
     cfg = SubnetConfig.from_json((work / "rows" / a.row / "search" / "config.json").read_text())
@@ -72,7 +73,7 @@ def main() -> None:
     corpus = shard.reshape(-1, a.seq_len)  # 512-token rows cut into seq_len pieces
     n_train = a.steps * a.batch  # every row seen once: the mix, not the epochs, is what differs
     t0 = time.perf_counter()
-    gen = teacher_samples(base, n_train // 2 + a.eval_seqs, a.seq_len, corpus[:, 0].unique(), seed=0, batch_size=64)
+    gen = teacher_samples(base, n_train // 2 + a.eval_seqs, a.seq_len, corpus[:, 0].unique(), seed=a.seed, batch_size=64)
     gen_s = time.perf_counter() - t0
     gen_train, gen_eval = gen[: n_train // 2], gen[n_train // 2:]
     val = load_file(str(work / "calibrate_full" / "val.safetensors"))["input_ids"].reshape(-1, a.seq_len)[: a.eval_seqs]
@@ -80,7 +81,7 @@ def main() -> None:
                    for r in read_jsonl(work / "calibrate_full" / "eval" / "piqa.jsonl")], tok, a.seq_len, a.eval_seqs)
     sets = {"piqa_texts": piqa, "validation": val, "teacher_samples": gen_eval}
     teacher = {k: teacher_logits(base, v) for k, v in sets.items()}
-    perm = torch.randperm(len(corpus), generator=torch.Generator().manual_seed(1))
+    perm = torch.randperm(len(corpus), generator=torch.Generator().manual_seed(a.seed + 1))
     arms = {"corpus": corpus[perm[:n_train]],
             "corpus+teacher": torch.cat([corpus[perm[: n_train - len(gen_train)]], gen_train.to(corpus.dtype)])}
     rows = {}
@@ -88,12 +89,12 @@ def main() -> None:
     rows["before"] = {k: mean_kl(student0, v, teacher[k]) for k, v in sets.items()}
     for name, data in arms.items():
         student = export_active(supernet, cfg, "gguf")
-        spec = TrainSpec(a.steps, a.batch, a.lr, 1.0, 0, ckpt_every=10**9, schedule="cosine",
+        spec = TrainSpec(a.steps, a.batch, a.lr, 1.0, a.seed, ckpt_every=10**9, schedule="cosine",
                          warmup_steps=max(1, a.steps // 20))
         res = train_kd(student, base, data, spec, lambda step, g: [lambda: None], None, desc=name)
         rows[name] = {k: mean_kl(student, v, teacher[k]) for k, v in sets.items()} | {"train_s": round(res.seconds, 1)}
         print(name, rows[name], flush=True)
-    out = {"what": __doc__.split("\n")[0], "row": a.row, "subnet_hash": cfg.hash,
+    out = {"what": __doc__.split("\n")[0], "row": a.row, "seed": a.seed, "subnet_hash": cfg.hash,
            "machine": f"{platform.machine()} CPU, {__import__('os').cpu_count()} cores (shared), torch {torch.__version__}",
            "steps": a.steps, "batch": a.batch, "seq_len": a.seq_len, "tokens_per_arm": n_train * a.seq_len,
            "lr": a.lr, "schedule": "cosine", "teacher_samples_train": len(gen_train), "sampling_s": round(gen_s, 1),
