@@ -9,7 +9,7 @@ and measures KL(base || student) where the knowledge is: on PIQA's texts (goal +
 out of domain), on the calibrate stage's validation sequences (in domain), and on fresh teacher samples.
 KL is continuous and paired, so it sees at small scale what 1500 PIQA items see only at full scale.
 
-    python benchmarks/teacher_samples.py --work /tmp/seedtable2 --row tailor_4.0 --steps 60
+    python benchmarks/teacher_samples.py --work DIR --row tailor_4.0 --steps 40
 
 Writes reports/bench/teacher_samples.json. It needs the CPU seed table's workspace (seed_table.py --work):
 the quick supernet, a row's search config, and the full profile's calibrate output (seed_table_gpu.py prepare).
@@ -20,6 +20,7 @@ import argparse
 import json
 import platform
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -42,7 +43,8 @@ def packed(texts: list[str], tok, seq_len: int, n: int):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--work", default="/tmp/seedtable2")
+    ap.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "seedtable"),
+                    help="the CPU seed table's workspace (seed_table.py --work)")
     ap.add_argument("--row", default="tailor_4.0")
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--batch", type=int, default=8)

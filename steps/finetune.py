@@ -9,16 +9,16 @@ from pathlib import Path
 
 import torch
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from steps._common import (artifact_dir, load_shard, main_for, report_dir, staged_dir, write_csv, write_json,
                            writes_outputs)
 from tailor import distributed, tracking
 from tailor.arch import SubnetConfig
-from tailor.config import Params
+from tailor.config import FinetuneParams, Params
 from tailor.distill import mean_kl, teacher_logits, teacher_samples
 from tailor.elastic.supernet import bake_clip_, export_active, round16_
-from tailor.models.base import load_base, load_model_dir, sha256_file
+from tailor.models.base import load_base, load_model_dir, save_state, sha256_file
 from tailor.train import TrainSpec, checkpoint_dir, pick_device, train_kd
 
 
@@ -57,7 +57,7 @@ def run(params: Params, device: str, supernet_dir: Path, search_dir: Path, data_
     return {"metrics": metrics, "curve": result.curve}
 
 
-def generated(base: torch.nn.Module, train: torch.Tensor, ft, ckpt: Path) -> torch.Tensor:
+def generated(base: torch.nn.Module, train: torch.Tensor, ft: FinetuneParams, ckpt: Path) -> torch.Tensor:
     """`ft.generated_seqs` sequences sampled from the base model, as long as the shard's. Kept beside the
     run's checkpoints, so a resumed run trains on the same samples without drawing them again."""
     cached = ckpt / "generated.safetensors"
@@ -71,9 +71,7 @@ def generated(base: torch.nn.Module, train: torch.Tensor, ft, ckpt: Path) -> tor
         seqs = teacher_samples(base, ft.generated_seqs, train.shape[1], train[:, 0].unique(), ft.seed,
                                batch_size=ft.generate_batch, progress=lambda k: bar.advance(task, k))
     ckpt.mkdir(parents=True, exist_ok=True)
-    tmp = cached.with_suffix(f".{os.getpid()}.tmp")  # under torchrun every rank draws the same samples
-    save_file({"input_ids": seqs}, str(tmp))
-    os.replace(tmp, cached)
+    save_state({"input_ids": seqs}, cached)  # under torchrun every rank draws and writes the same samples
     return seqs
 
 

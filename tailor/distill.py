@@ -97,9 +97,9 @@ def teacher_samples(teacher: torch.nn.Module, n: int, seq_len: int, first_tokens
                     batch_size: int = 64, temperature: float = 1.0, progress: Callable[[int], None] | None = None
                     ) -> torch.Tensor:
     """`n` sequences of `seq_len` tokens sampled from the teacher itself ([n, seq_len] int32), for
-    distillation on the teacher's own distribution (LLM-QAT's data-free KD, Liu et al. 2023): the
-    calibration corpora are three narrow sources, and a structure cut trained only on them loses what
-    the base knew outside them (PIQA). Each sequence starts at a token drawn from `first_tokens` (the
+    distillation on the teacher's own distribution (LLM-QAT's data-free KD, Liu et al. 2023), for when
+    the calibration corpora are too narrow (on SmolLM2's three they were not: reports/bench/teacher_samples*.json).
+    Each sequence starts at a token drawn from `first_tokens` (the
     corpus's tokens, so starts are real words), then samples at `temperature` (1.0 = the teacher's own
     distribution, what KD matches); an end-of-text token just starts a new document, as in packed data."""
     hf = _hf_llama(teacher)

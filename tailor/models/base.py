@@ -156,7 +156,8 @@ def base_arch(model: TailorForCausalLM) -> BaseArch:
 
 
 def save_state(state: dict[str, torch.Tensor], path: Path) -> None:
-    """Write a safetensors file atomically (temp file + rename)."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
+    """Write a safetensors file atomically (temp file + rename; the temp name is per process, since
+    torchrun's ranks may write the same file)."""
+    tmp = path.with_suffix(f"{path.suffix}.{os.getpid()}.tmp")
     save_file({k: v.contiguous() for k, v in state.items()}, str(tmp))
     os.replace(tmp, path)
