@@ -95,7 +95,7 @@ def main() -> None:
         opts["num_threads"] = args.threads
     eval_dir = Path(args.eval_dir)
     t0 = time.perf_counter()
-    model, tok = load_base(p.model.n_layers, device=dev)
+    model, tok = load_base(p.model.source, p.model.n_layers, device=dev)
     _sync(dev)
     load_s = time.perf_counter() - t0
     counter = TokenCounter(model)

@@ -30,7 +30,7 @@ def worker(a) -> None:
     from tailor.arch import BaseArch
     from tailor.elastic.space import SearchSpace
     from tailor.elastic.supernet import set_active
-    from tailor.models.llama import TailorConfig, TailorForCausalLM
+    from tailor.models.model import TailorConfig, TailorForCausalLM
     from tailor.train import TrainSpec, train_kd
 
     world = int(os.environ.get("WORLD_SIZE", "1"))

@@ -21,7 +21,7 @@ import torch
 from tailor.arch import BaseArch
 from tailor.distill import teacher_logits
 from tailor.elastic.space import SearchSpace
-from tailor.models.llama import TailorConfig, TailorForCausalLM
+from tailor.models.model import TailorConfig, TailorForCausalLM
 from tailor.search import sensitivity
 from tailor.search.sampled import Candidate, score
 

@@ -131,7 +131,7 @@ def prepare(work: Path, dest: Path, wheels: Path) -> None:
             shutil.copyfile(f, tmp / "tok" / f.name)
     # the permutation the supernet stage applied: importance on the same calibration batches
     quick = parse_params(raw, "quick")
-    model, _ = load_base(quick.model.n_layers)
+    model, _ = load_base(quick.model.source, quick.model.n_layers)
     calib = load_shard(work / "calibrate" / "calib.safetensors")
     imp = importance.measure(model, list(calib.long().split(quick.supernet.batch_size)))
     save_importance(imp, tmp / "importance.safetensors")

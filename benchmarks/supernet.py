@@ -23,7 +23,7 @@ from tailor.arch import BaseArch
 from tailor.distill import kd_loss
 from tailor.elastic.space import SearchSpace
 from tailor.elastic.supernet import set_active
-from tailor.models.llama import TailorConfig, TailorForCausalLM
+from tailor.models.model import TailorConfig, TailorForCausalLM
 
 PEAK = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16 TFLOP/s (NVIDIA spec sheets)
 PROFILES = {"quick": dict(batch=2, seq=128, steps=3, warmup=1), "full": dict(batch=32, seq=512, steps=20, warmup=5)}

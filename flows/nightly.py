@@ -62,25 +62,27 @@ def _no_retry_on_bad_input(task, task_run, state) -> bool:
 
 
 @task(retries=1, retry_delay_seconds=[5], retry_condition_fn=_no_retry_on_bad_input, task_run_name="{target}")
-def run_stage(target: str, root: str, parent_run: str | None, wait_for_lock: bool = False) -> dict:
+def run_stage(target: str, root: str, parent_run: str | None, wait_for_lock: bool = False, force: bool = False) -> dict:
     """`dvc repro --single-item TARGET`, or record it as skipped when DVC finds nothing changed.
 
     wait_for_lock: other stages run beside this one (per-device branches on Dask). DVC releases its
     repository lock while a stage's command runs, so repros of independent stages do overlap; it holds
     the lock only to check before and to hash outputs / write dvc.lock after, and a repro arriving then
-    fails at once ("Unable to acquire lock") unless told to wait (`dvc --wait-for-lock`)."""
+    fails at once ("Unable to acquire lock") unless told to wait (`dvc --wait-for-lock`).
+    force: run it even when DVC sees no change (the base model's contents changed under the same path)."""
     log = get_run_logger()
     os.environ.setdefault("TAILOR_ROOT", root)  # a Dask worker process starts before the flow sets it
     env = stage_env(parent_run)
     dvc = [_bin("dvc"), *(["--wait-for-lock"] if wait_for_lock else [])]
     status = subprocess.run([*dvc, "status", target, "--json"], cwd=root, env=env, capture_output=True, text=True)
-    if status.returncode == 0 and json.loads(status.stdout or "{}") == {}:
+    if not force and status.returncode == 0 and json.loads(status.stdout or "{}") == {}:
         log.info("%s: unchanged, skipped", target)
         if parent_run:
             tracking.log_skipped(parent_run, target)
         return {"target": target, "skipped": True, "seconds": 0.0}
     t0 = time.perf_counter()
-    proc = subprocess.run([*dvc, "repro", "--single-item", target], cwd=root, env=env, capture_output=True, text=True)
+    proc = subprocess.run([*dvc, "repro", "--single-item", *(["--force"] if force else []), target], cwd=root, env=env,
+                          capture_output=True, text=True)
     seconds = time.perf_counter() - t0
     if proc.returncode != 0:
         lines = [ln for ln in (proc.stderr + proc.stdout).splitlines() if ln.startswith("tailor ")]
@@ -113,6 +115,24 @@ def summary(root: Path, devices: list[str], results: list[dict]) -> tuple[str, l
     return "\n".join(lines), rows
 
 
+def base_model_changed(root: Path, source: str) -> bool:
+    """True when the base model's contents differ from the ones calibrate last ran on. DVC tracks
+    `model.source` as a param, so a new source re-runs everything by itself; a directory or file whose
+    contents changed under the same path is what this catches (its hash is cached by size and mtime)."""
+    from tailor.models.source import resolve
+
+    recorded = root / "artifacts" / "calibrate" / "model.json"
+    if not recorded.is_file():
+        return False  # calibrate has not run: DVC runs it anyway
+    cwd = os.getcwd()
+    try:
+        os.chdir(root)  # relative sources and the cache resolve from the repository root, as stages do
+        now = resolve(source).sha256
+    finally:
+        os.chdir(cwd)
+    return json.loads(recorded.read_text()).get("sha256") != now
+
+
 LOCK_FILE = ".cache/tailor-run.lock"
 
 
@@ -142,11 +162,16 @@ def nightly(devices: list[str] | None = None, root: str = ".") -> list[dict]:
     parent = tracking.start_parent("nightly", {"tailor.profile": params.profile, "tailor.devices": ",".join(devs)})
     results, status = [], "FAILED"
     try:
+        if base_model_changed(rootp, params.model.source):
+            get_run_logger().info("model.source %s changed since calibrate ran: re-running it", params.model.source)
+            results.append(run_stage("calibrate", str(rootp), parent, force=True))
+        done = {r["target"] for r in results}
+        todo = [t for t in targets(rootp, devs) if t not in done]
         if params.runner.kind == "local":
-            for target in targets(rootp, devs):
+            for target in todo:
                 results.append(run_stage(target, str(rootp), parent))
         else:
-            results += _fan_out(targets(rootp, devs), devs, str(rootp), parent)
+            results += _fan_out(todo, devs, str(rootp), parent)
         push(str(rootp))
         status = "FINISHED"
     finally:

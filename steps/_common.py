@@ -41,6 +41,16 @@ _journal: list[tuple[Path, Path | None]] | None = None
 _open_dirs: list[Path] = []  # staged dirs being filled: files written inside them are not journaled
 
 
+def base_model_tags() -> dict[str, str]:
+    """{"base_model", "base_model_sha256"}: which base model the calibrate shards (and so every later
+    stage) were made for; empty before calibrate has run."""
+    try:
+        src = json.loads((artifact_dir("calibrate") / "model.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return {"base_model": str(src.get("name")), "base_model_sha256": str(src.get("sha256"))}
+
+
 def artifact_dir(stage: str, device: str | None = None) -> Path:
     return ARTIFACTS / stage / device if device else ARTIFACTS / stage
 
@@ -252,13 +262,16 @@ def read_jsonl(path: Path) -> list[dict]:
 
 def known_errors() -> tuple[type[BaseException], ...]:
     """Errors that mean bad input: reported in one line, no traceback."""
+    from tailor.export.gguf import ExportError
+    from tailor.export.gguf_vocab import TokenizerGGUFError
     from tailor.models.base import ModelFileError
     from tailor.search.sampled import NoFeasibleSubnet
     from tailor.train import CheckpointError
 
     from steps.export import ParityError
 
-    errs: list[type[BaseException]] = [ConfigError, ModelFileError, CheckpointError, NoFeasibleSubnet, ParityError]
+    errs: list[type[BaseException]] = [ConfigError, ModelFileError, CheckpointError, NoFeasibleSubnet, ParityError,
+                                       ExportError, TokenizerGGUFError]
     try:
         from tailor.data import DataError
 

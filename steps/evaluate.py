@@ -7,7 +7,7 @@ import json
 import os
 from pathlib import Path
 
-from steps._common import artifact_dir, main_for, report_dir, write_json
+from steps._common import artifact_dir, base_model_tags, main_for, report_dir, write_json
 from tailor import tracking
 from tailor.config import Params
 from tailor.eval.gates import check
@@ -23,7 +23,7 @@ def _base_cache(params: Params, eval_dir: Path) -> Path:
     for f in sorted(eval_dir.glob("*.jsonl")):
         h.update(sha256_file(f).encode())
     opts = suite_options(params.evaluate) | {"batch_size": None}  # batch size does not change the scores
-    h.update(json.dumps([params.model.n_layers, (base_dir() / "source.json").read_text(), opts],
+    h.update(json.dumps([params.model.n_layers, (base_dir(params.model.source) / "source.json").read_text(), opts],
                         sort_keys=True).encode())
     return cache_dir() / "eval-base" / f"{h.hexdigest()[:20]}.json"
 
@@ -32,7 +32,7 @@ def base_suite(params: Params, eval_dir: Path, dev) -> SuiteResult:
     cached = _base_cache(params, eval_dir)
     if cached.is_file():
         return SuiteResult.from_dict(json.loads(cached.read_text()))
-    base, tok = load_base(params.model.n_layers, device=dev)
+    base, tok = load_base(params.model.source, params.model.n_layers, device=dev)
     result = run_suite(base, tok, eval_dir, device=str(dev), **suite_options(params.evaluate))
     cached.parent.mkdir(parents=True, exist_ok=True)
     tmp = cached.with_suffix(".tmp")
@@ -56,7 +56,7 @@ def run(params: Params, device: str, model_dir: Path, eval_dir: Path) -> dict:
 
 def main() -> None:
     def stage(params: Params, device: str | None) -> None:
-        with tracking.stage_run("evaluate", device, params=params.evaluate.model_dump()) as tr:
+        with tracking.stage_run("evaluate", device, params=params.evaluate.model_dump(), tags=base_model_tags()) as tr:
             out = run(params, device, artifact_dir("finetune", device), artifact_dir("calibrate") / "eval")
             rep = report_dir("evaluate", device)
             write_json(rep / "slices.json", out["slices"])

@@ -3,24 +3,20 @@ onnxruntime) from the learned quantized values, load it in that runtime, and che
 fake-quantized PyTorch model that evaluate measured."""
 from __future__ import annotations
 
-import importlib
 import time
 from dataclasses import replace
 from pathlib import Path
 
-from steps._common import artifact_dir, main_for, read_jsonl, report_dir, staged_dir, write_json
+from steps._common import artifact_dir, base_model_tags, main_for, read_jsonl, report_dir, staged_dir, write_json
 from tailor import tracking
 from tailor.config import ConfigError, Params
 from tailor.arch import BaseArch
 from tailor.devices import budget_bytes
 from tailor.elastic.supernet import subnet_of
 from tailor.eval.ppl import perplexity
-from tailor.models.base import gguf_path, load_model_dir, load_tokenizer
-
-# format -> (writer module, runtime module, file name)
-BACKENDS = {"gguf": ("tailor.export.gguf", "tailor.export.llamacpp", "model.gguf"),
-            "onnx": ("tailor.export.onnx", "tailor.export.ort", "model.onnx")}
-
+from tailor.export.gguf_vocab import tokenizer_gguf
+from tailor.formats import backend
+from tailor.models.base import base_dir, load_model_dir, load_tokenizer
 
 MAX_FILE_REL_DIFF = 0.01  # the file's size against the cost model's prediction
 
@@ -31,7 +27,8 @@ class ParityError(ValueError):
 
 def run(params: Params, device: str, model_dir: Path, eval_dir: Path, out_dir: Path) -> dict:
     ex, prof = params.export, params.device(device)
-    writer, runtime, name = (importlib.import_module(m) if i < 2 else m for i, m in enumerate(BACKENDS[prof.format]))
+    be = backend(prof.format)  # the format's writer, runtime runner and artifact files
+    writer, runtime, name = be.writer, be.runner, be.file_name
     model = load_model_dir(model_dir)
     tok = load_tokenizer(model_dir, model)  # refuses a tokenizer of another model
     cfg = subnet_of(model)
@@ -44,7 +41,10 @@ def run(params: Params, device: str, model_dir: Path, eval_dir: Path, out_dir: P
     arch = replace(BaseArch.from_hf(model.config), n_layers=len(cfg.layers))
     predicted = cfg.nbytes(arch, prof.format)
     with staged_dir(out_dir) as tmp:
-        kwargs = {"template": gguf_path()} if prof.format == "gguf" else {}
+        # GGUF carries the model's own tokenizer (written once with the base; refused there by name if
+        # llama.cpp cannot reproduce it)
+        template = tokenizer_gguf(base_dir(params.model.source)) if be.needs_tokenizer_file else None
+        kwargs = {"template": template} if template else {}
         info = writer.export(model, tok, tmp / name, **kwargs)
         if info["weight_bytes"] != predicted:  # the search's bytes are the file's, exactly
             raise ParityError(f"{name}: {info['weight_bytes']:,} weight bytes written, the cost model said "
@@ -56,7 +56,8 @@ def run(params: Params, device: str, model_dir: Path, eval_dir: Path, out_dir: P
         # tokenizer, tensor index, padding) and must match; ONNX's graph is not modelled (reported only:
         # 0.2% of the quick profile's laptop file)
         modelled = hasattr(writer, "predicted_file_bytes")
-        predicted_file = writer.predicted_file_bytes(cfg, arch, gguf_path()) if modelled else predicted
+        predicted_file = (writer.predicted_file_bytes(cfg, arch, template, rope_scaled=bool(model.config.rope_freq_scaling))
+                          if modelled else predicted)
         file_rel = (info["file_bytes"] - predicted_file) / predicted_file
         if modelled and abs(file_rel) > MAX_FILE_REL_DIFF:
             raise ParityError(f"{name}: {info['file_bytes']:,} B written, the cost model predicted {predicted_file:,} B "
@@ -79,7 +80,7 @@ def run(params: Params, device: str, model_dir: Path, eval_dir: Path, out_dir: P
                "format": prof.format, "runtime": prof.runtime, "n_seqs": len(seqs)}
     generation = {"prompt": ex.prompt, "runtime": gen_runtime,
                   "torch": _torch_generate(model, tok, ex.prompt, ex.gen_tokens)}
-    return {"metrics": metrics, "generation": generation, "file": out_dir / name}
+    return {"metrics": metrics, "generation": generation, "file": out_dir / name, "files": be.files(out_dir)}
 
 
 def _torch_generate(model, tok, prompt: str, n: int) -> str:
@@ -99,7 +100,7 @@ def _torch_generate(model, tok, prompt: str, n: int) -> str:
 
 def main() -> None:
     def stage(params: Params, device: str | None) -> None:
-        with tracking.stage_run("export", device, params=params.export.model_dump()) as tr:
+        with tracking.stage_run("export", device, params=params.export.model_dump(), tags=base_model_tags()) as tr:
             out = run(params, device, artifact_dir("finetune", device), artifact_dir("calibrate") / "eval",
                       artifact_dir("export", device))
             rep = report_dir("export", device)

@@ -11,7 +11,7 @@ import torch
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from safetensors.torch import load_file
 
-from steps._common import (artifact_dir, load_shard, main_for, report_dir, staged_dir, write_csv, write_json,
+from steps._common import (artifact_dir, base_model_tags, load_shard, main_for, report_dir, staged_dir, write_csv, write_json,
                            writes_outputs)
 from tailor import distributed, tracking
 from tailor.arch import SubnetConfig
@@ -30,7 +30,7 @@ def run(params: Params, device: str, supernet_dir: Path, search_dir: Path, data_
     supernet = load_model_dir(supernet_dir / "model")
     student = export_active(supernet, cfg, prof.format).to(dev)
     del supernet
-    base, tok = load_base(params.model.n_layers, device=dev)
+    base, tok = load_base(params.model.source, params.model.n_layers, device=dev)
     base.requires_grad_(False)
     train, val = load_shard(data_dir / "train.safetensors"), load_shard(data_dir / "val.safetensors")
     val = val[: params.search.val_seqs]
@@ -85,7 +85,7 @@ def main() -> None:
 
         if not writes_outputs(params.finetune.nproc, "steps.finetune", lambda tmp: train(tmp / "finetune")):
             return
-        with tracking.stage_run("finetune", device, params=params.finetune.model_dump()) as tr:
+        with tracking.stage_run("finetune", device, params=params.finetune.model_dump(), tags=base_model_tags()) as tr:
             out = train(artifact_dir("finetune", device))
             shutil.rmtree(ckpt, ignore_errors=True)
             rep = report_dir("finetune", device)

@@ -7,12 +7,11 @@ import json
 import subprocess
 from pathlib import Path
 
-from steps._common import artifact_dir, main_for, report_dir, write_json
+from steps._common import artifact_dir, base_model_tags, main_for, report_dir, write_json
 from tailor import tracking
 from tailor.config import ConfigError, Params
-from tailor.models.base import sha256_file
+from tailor.formats import backend
 
-FILES = {"gguf": "model.gguf", "onnx": "model.onnx"}
 
 
 def _md5(path: Path) -> str:
@@ -38,18 +37,20 @@ def git_dirty(root: Path) -> bool:
 
 def run(params: Params, device: str, export_dir: Path, root: Path = Path(".")) -> dict:
     prof = params.device(device)
-    file = export_dir / FILES[prof.format]
+    be = backend(prof.format)
+    files = be.files(export_dir)  # the whole artifact: an ONNX model over 2 GB keeps its weights beside it
+    file = files[0]
     exp_metrics = json.loads((report_dir("export", device) / "metrics.json").read_text())
     gates = json.loads((report_dir("evaluate", device) / "gates.json").read_text())
     ev = json.loads((report_dir("evaluate", device) / "metrics.json").read_text())
-    sha = sha256_file(file)
+    sha = be.sha256(export_dir)
     if sha != exp_metrics["sha256"]:
         raise ConfigError(f"{file}: sha256 {sha[:12]} differs from what export measured ({exp_metrics['sha256'][:12]})")
     subnet = json.loads((export_dir / "subnet.json").read_text())
     tags = {"git_sha": git_sha(root), "git_dirty": str(git_dirty(root)), "dvc_lock_md5": _md5(root / "dvc.lock"), "params_md5": _md5(root / "params.yaml"),
             "sha256": sha, "gates_passed": str(gates["passed"]),
             **{f"gate.{g['name']}": "pass" if g["passed"] else "fail" for g in gates["gates"]},
-            "profile": params.profile, "format": prof.format, "runtime": prof.runtime,
+            "profile": params.profile, "format": prof.format, "runtime": prof.runtime, **base_model_tags(),
             "subnet_hash": hashlib.sha256(json.dumps(subnet, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:16],
             "metrics": json.dumps({k: ev.get(k) for k in ("ppl", "ppl_base", "piqa", "piqa_base")}
                                   | {"file_bytes": exp_metrics["file_bytes"], "runtime_ppl": exp_metrics["runtime_ppl"]})}
@@ -58,15 +59,15 @@ def run(params: Params, device: str, export_dir: Path, root: Path = Path(".")) -
     evidence = {"gates": report_dir("evaluate", device) / "gates.json"}
     if (root / "dvc.lock").is_file():
         evidence["repro"] = root / "dvc.lock"
-    return {"file": file, "tags": tags, "evidence": evidence}
+    return {"file": file, "files": files, "tags": tags, "evidence": evidence}
 
 
 def main() -> None:
     def stage(params: Params, device: str | None) -> None:
         out = run(params, device, artifact_dir("export", device))
         name = tracking.registered_name(params.register.model_prefix, device)
-        with tracking.stage_run("register", device) as tr:
-            version, created = tracking.register(name, tr, out["file"], out["tags"], params.register.alias,
+        with tracking.stage_run("register", device, tags=base_model_tags()) as tr:
+            version, created = tracking.register(name, tr, out["files"], out["tags"], params.register.alias,
                                                  evidence=out["evidence"])
             tr.set_tags({"registered_model": name, "version": version})
         write_json(report_dir("register", device) / "metrics.json",

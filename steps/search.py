@@ -9,14 +9,15 @@ import tempfile
 import time
 from pathlib import Path
 
-from steps._common import artifact_dir, load_shard, main_for, report_dir, staged_dir, write_csv, write_json
+from steps._common import artifact_dir, base_model_tags, load_shard, main_for, report_dir, staged_dir, write_csv, write_json
 from tailor import tracking
 from tailor.config import ConfigError, Params, RunnerParams
 from tailor.devices import budget_bytes, cost
 from tailor.distill import teacher_logits
 from tailor.elastic.space import SearchSpace
 from tailor.elastic.supernet import arch_of, set_max
-from tailor.models.base import cache_dir, load_base, load_model_dir, sha256_file
+from tailor.export.gguf_vocab import tokenizer_gguf
+from tailor.models.base import base_dir, cache_dir, load_base, load_model_dir, sha256_file
 from tailor.search import fairness, fanout, gumbel, latency, mip, nsga, plots, sensitivity
 from tailor.search.fanout import ScoreJob
 from tailor.search.sampled import Candidate, NoFeasibleSubnet, pareto, propose, score, seeds, shrink_to_fit
@@ -88,7 +89,7 @@ def run(params: Params, device: str, supernet_dir: Path, data_dir: Path, out_dir
     if not cost(space.min(), arch, prof).fits:
         raise NoFeasibleSubnet(f"devices.{device}: budget {budget:,} B is below the smallest subnet "
                                f"({cost(space.min(), arch, prof).nbytes:,} B in {prof.format})")
-    base, tok = load_base(params.model.n_layers, device=dev)
+    base, tok = load_base(params.model.source, params.model.n_layers, device=dev)
     val = load_shard(data_dir / "val.safetensors")[: sp.val_seqs]
     teacher = teacher_logits(base, val)
     t0 = time.perf_counter()
@@ -100,8 +101,9 @@ def run(params: Params, device: str, supernet_dir: Path, data_dir: Path, out_dir
     table, cached = sensitivity.load_or_measure(cache_dir() / "sensitivity", key, model, space, prof.format,
                                                 prof.embed_bits, sens_val, teacher_logits(base, sens_val))
     # the latency model's per-layer overhead, calibrated on the real runtime on this machine
-    lat = (latency.run(model, space, prof.format, tok, sp.latency_configs, seeds(space), cache_dir() / "latency")
-           if sp.latency_configs else None)
+    template = tokenizer_gguf(base_dir(params.model.source)) if prof.format == "gguf" and sp.latency_configs else None
+    lat = (latency.run(model, space, prof.format, tok, sp.latency_configs, seeds(space), cache_dir() / "latency",
+                       gguf_template=template) if sp.latency_configs else None)
     overhead = lat["layer_overhead_us"] / 1e6 if lat else None
     fan_dir = tempfile.TemporaryDirectory(prefix="tailor-fanout-") if params.runner.kind == "dask" else None
     fan = None
@@ -208,7 +210,7 @@ def fairness_compare(params: Params, model, base, tok, cands: list[Candidate], b
 
 def main() -> None:
     def stage(params: Params, device: str | None) -> None:
-        with tracking.stage_run("search", device, params=params.search.model_dump()) as tr:
+        with tracking.stage_run("search", device, params=params.search.model_dump(), tags=base_model_tags()) as tr:
             out = run(params, device, artifact_dir("supernet"), artifact_dir("calibrate"), artifact_dir("search", device))
             rep = report_dir("search", device)
             rows = [dict(c.row(), chosen=c is out["best"]) for c in out["candidates"]]

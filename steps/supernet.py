@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from steps._common import (artifact_dir, load_shard, main_for, report_dir, staged_dir, write_csv, write_json,
+from steps._common import (artifact_dir, base_model_tags, load_shard, main_for, report_dir, staged_dir, write_csv, write_json,
                            writes_outputs)
 from tailor import distributed, tracking
 from tailor.arch import MATRICES, LayerConfig, SubnetConfig, round_ffn
@@ -59,7 +59,7 @@ def run(params: Params, data_dir: Path, out_dir: Path, ckpt_dir: Path) -> dict:
     sp = params.supernet
     device = pick_device(sp.device)
     torch.manual_seed(sp.seed)
-    model, tok = load_base(params.model.n_layers, device=device)
+    model, tok = load_base(params.model.source, params.model.n_layers, device=device)
     teacher = copy.deepcopy(model).requires_grad_(False)
     calib, train, val = (load_shard(data_dir / f"{s}.safetensors") for s in ("calib", "train", "val"))
     val = val[: sp.val_seqs]
@@ -99,7 +99,7 @@ def run(params: Params, data_dir: Path, out_dir: Path, ckpt_dir: Path) -> dict:
 
 def clip_summary(model) -> dict[str, float]:
     """Mean learned clipping factor per format and bit-width (1.0 = the plain quantizer's range)."""
-    from tailor.models.llama import QLinear
+    from tailor.models.model import QLinear
     from tailor.quant.fake import FMT_INDEX
 
     g = torch.stack([m.qclip.detach().float().cpu() for m in model.modules()
@@ -114,7 +114,7 @@ def main() -> None:
         if not writes_outputs(params.supernet.nproc, "steps.supernet",
                               lambda tmp: run(params, artifact_dir("calibrate"), tmp / "supernet", ckpt)):
             return
-        with tracking.stage_run("supernet", params=params.supernet.model_dump()) as tr:
+        with tracking.stage_run("supernet", params=params.supernet.model_dump(), tags=base_model_tags()) as tr:
             out = run(params, artifact_dir("calibrate"), artifact_dir("supernet"), ckpt)
             shutil.rmtree(ckpt, ignore_errors=True)  # the stage output is complete: nothing to resume
             rep = report_dir("supernet")

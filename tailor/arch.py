@@ -28,6 +28,8 @@ class BaseArch:
     head_dim: int
     ffn: int
     vocab: int
+    tied: bool = True   # one table serves the embedding and the LM head; untied stores two
+    qkv_bias: bool = False  # q/k/v projections carry float biases (Qwen2)
 
     @property
     def q_per_kv(self) -> int:
@@ -44,6 +46,8 @@ class BaseArch:
             head_dim=head_dim,
             ffn=cfg.intermediate_size,
             vocab=cfg.vocab_size,
+            tied=bool(getattr(cfg, "tie_word_embeddings", True)),
+            qkv_bias=bool(getattr(cfg, "attention_bias", False)),
         )
 
     def matrix_shape(self, name: str, kv_groups: int, ffn: int) -> tuple[int, int]:
@@ -154,32 +158,59 @@ class SubnetConfig:
                     raise ValueError(f"SubnetConfig layers[{i}].bits.{m}={b} not in allowed {sorted(allowed)}")
 
     def param_count(self, arch: BaseArch) -> int:
-        """Parameters the exported model holds (tied embedding counted once, norms included)."""
-        n = arch.vocab * arch.hidden + arch.hidden  # embedding (= lm head) + final norm
+        """Parameters the exported model holds (a tied embedding counted once; norms and biases included)."""
+        tables = 1 if arch.tied else 2
+        n = tables * arch.vocab * arch.hidden + arch.hidden  # embedding (+ untied head) + final norm
         for lc in self.layers:
             if lc.keep:
                 n += sum(r * c for r, c in (arch.matrix_shape(m, lc.kv_groups, lc.ffn) for m in MATRICES))
-                n += 2 * arch.hidden
+                n += 2 * arch.hidden + sum(_bias_sizes(arch, lc))
         return n
 
     def nbytes(self, arch: BaseArch, fmt: str) -> int:
         """Exact bytes of the weights in export format `fmt` (see tailor.quant.formats)."""
-        from tailor.quant.formats import embedding_bytes, matrix_bytes, vector_bytes
+        from tailor.quant.formats import matrix_bytes
 
-        total = embedding_bytes(fmt, self.embed_bits, arch.vocab, arch.hidden) + vector_bytes(fmt, arch.hidden)
+        total = fixed_bytes(arch, fmt, self.embed_bits)
         for lc in self.layers:
             if not lc.keep:
                 continue
             for m in MATRICES:
                 rows, cols = arch.matrix_shape(m, lc.kv_groups, lc.ffn)
                 total += matrix_bytes(fmt, lc.bits[m], rows, cols)
-            total += 2 * vector_bytes(fmt, arch.hidden)
+            total += layer_vector_bytes(arch, fmt, lc.kv_groups)
         return total
 
     def bits_per_param(self, arch: BaseArch, fmt: str) -> float:
         """Effective bits per *base* parameter: the file's weight bytes over the dense model's
         parameter count, so pruning and quantization are compared on one scale (scales included)."""
         return 8.0 * self.nbytes(arch, fmt) / SubnetConfig.max(arch).param_count(arch)
+
+
+def _bias_sizes(arch: BaseArch, lc: LayerConfig) -> tuple[int, ...]:
+    """Lengths of a kept layer's q, k, v biases (none without qkv_bias)."""
+    if not arch.qkv_bias:
+        return ()
+    kv = lc.kv_groups * arch.head_dim
+    return (kv * arch.q_per_kv, kv, kv)
+
+
+def fixed_bytes(arch: BaseArch, fmt: str, embed_bits: int) -> int:
+    """Bytes every subnet holds whatever its layers: the token table (and an untied head, a second
+    [vocab, hidden] table at the same bits) and the final norm."""
+    from tailor.quant.formats import embedding_bytes, vector_bytes
+
+    tables = 1 if arch.tied else 2
+    return tables * embedding_bytes(fmt, embed_bits, arch.vocab, arch.hidden) + vector_bytes(fmt, arch.hidden)
+
+
+def layer_vector_bytes(arch: BaseArch, fmt: str, kv_groups: int) -> int:
+    """Bytes of a kept layer's float vectors: its two norms and, with qkv_bias, its q/k/v biases at
+    `kv_groups` (they shrink with the pruned heads)."""
+    from tailor.quant.formats import vector_bytes
+
+    lc = LayerConfig(True, kv_groups, arch.ffn)
+    return 2 * vector_bytes(fmt, arch.hidden) + sum(vector_bytes(fmt, n) for n in _bias_sizes(arch, lc))
 
 
 def round_ffn(width: float, max_ffn: int) -> int:

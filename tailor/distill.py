@@ -69,25 +69,24 @@ def mean_loss(model: torch.nn.Module, seqs: torch.Tensor, batch_size: int = 8) -
 def _hf_llama(model: torch.nn.Module) -> torch.nn.Module:
     """The dense base as transformers' own Llama (same weight names), for its KV cache: the Tailor
     model recomputes the whole prefix at every generated token."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import AutoModelForCausalLM
+
+    from tailor.models.families import FAMILIES
 
     c = model.config
     if any(b for b in c.layer_bits) or c.embed_bits < 16 or set(c.layer_ffn) != {c.intermediate_size} \
             or set(c.layer_kv_heads) != {c.num_key_value_heads}:
         raise ValueError("teacher sampling needs the dense 16-bit base model, not a subnet")
-    cfg = LlamaConfig(vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
-                      num_hidden_layers=c.num_hidden_layers, num_attention_heads=c.num_attention_heads,
-                      num_key_value_heads=c.num_key_value_heads, head_dim=c.head_dim, rms_norm_eps=c.rms_norm_eps,
-                      rope_parameters={"rope_type": "default", "rope_theta": c.rope_theta},
-                      max_position_embeddings=c.max_position_embeddings, tie_word_embeddings=True,
-                      attention_bias=False, mlp_bias=False)
+    cfg = FAMILIES[getattr(c, "family", "llama")].hf_config(c)  # the family's own transformers class
     p = next(model.parameters())
-    hf = LlamaForCausalLM(cfg).to(device=p.device, dtype=p.dtype).eval()
-    # qclip: the learned clipping factors, unused at 16 bits
-    state = {k: v for k, v in model.state_dict().items() if k != "lm_head.weight" and not k.endswith(".qclip")}
+    hf = AutoModelForCausalLM.from_config(cfg).to(device=p.device, dtype=p.dtype).eval()
+    # qclip: the learned clipping factors, unused at 16 bits; a tied head is the embedding
+    state = {k: v for k, v in model.state_dict().items()
+             if not k.endswith(".qclip") and not (k == "lm_head.weight" and c.tie_word_embeddings)}
     missing, unexpected = hf.load_state_dict(state, strict=False)
     if unexpected or set(missing) - {"lm_head.weight"}:
-        raise ValueError(f"teacher sampling: weights do not map onto Llama (missing {missing[:3]}, unexpected {unexpected[:3]})")
+        raise ValueError(f"teacher sampling: weights do not map onto {cfg.model_type} (missing {missing[:3]}, "
+                         f"unexpected {unexpected[:3]})")
     hf.tie_weights()
     return hf
 

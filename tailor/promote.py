@@ -71,6 +71,17 @@ def gate_verdicts(v: dict[str, Any], tmp: Path) -> dict[str, str]:
     return verdicts
 
 
+def _artifact_sha256(path: Path, fmt: str | None) -> str:
+    """sha256 of a registered artifact: one file, or a folder of the format's files in its order."""
+    if not path.is_dir():
+        return sha256_file(path)
+    from tailor.formats import backend
+
+    if fmt is None:
+        raise PromotionRefused(f"{path.name}: a multi-file artifact without a format tag")
+    return backend(fmt).sha256(path)
+
+
 def verify(name: str, version: str) -> dict[str, Any]:
     """Re-read the gates and re-hash the registered file; raises PromotionRefused naming what failed."""
     try:
@@ -87,7 +98,7 @@ def verify(name: str, version: str) -> dict[str, Any]:
         want = v["tags"].get("sha256")
         if not want:
             raise PromotionRefused("no sha256 registered with this version")
-        got = sha256_file(tracking.download(v["source"], Path(tmp) / "file"))
+        got = _artifact_sha256(tracking.download(v["source"], Path(tmp) / "file"), v["tags"].get("format"))
     if got != want:
         raise PromotionRefused(f"hash mismatch: {v['source']} has sha256 {got[:16]}..., registered {want[:16]}...")
     return {"gates": gates, "sha256": got}

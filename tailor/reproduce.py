@@ -21,9 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from tailor import tracking
-from tailor.hashing import sha256_file
+from tailor.formats import backend
 
-FILES = {"gguf": "model.gguf", "onnx": "model.onnx"}
 
 
 class ReproduceError(RuntimeError):
@@ -93,10 +92,12 @@ def reproduce(name: str, device: str, version: str, repo: Path, keep: bool = Fal
         out = _run([_dvc(), "repro", target], wt, env, f"dvc repro {target}")
         result["ran"] = re.findall(r"Running stage '([^']+)'", out)
         result["unchanged"] = re.findall(r"Stage '([^']+)' didn't change", out)
-        file = wt / "artifacts" / "export" / device / FILES[tags["format"]]
+        be = backend(tags["format"])
+        out_dir = wt / "artifacts" / "export" / device
+        file = be.files(out_dir)[0]
         if not file.is_file():
             raise ReproduceError(f"dvc repro {target} left no {file.relative_to(wt)}")
-        result |= {"sha256": sha256_file(file), "registered_sha256": tags["sha256"]}
+        result |= {"sha256": be.sha256(out_dir), "registered_sha256": tags["sha256"]}
         result["match"] = result["sha256"] == tags["sha256"]
         return result
     finally:

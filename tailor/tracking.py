@@ -109,13 +109,15 @@ class StageRun:
 
 
 @contextlib.contextmanager
-def stage_run(stage: str, device: str | None = None, params: dict[str, Any] | None = None) -> Iterator[StageRun]:
-    """A run named after the stage (`search@phone` for per-device stages), child of the nightly run."""
+def stage_run(stage: str, device: str | None = None, params: dict[str, Any] | None = None,
+              tags: dict[str, str] | None = None) -> Iterator[StageRun]:
+    """A run named after the stage (`search@phone` for per-device stages), child of the nightly run;
+    `tags` (e.g. the base model's name and hash) are set on it."""
     mlflow = _mlflow()
     configure()
     name = f"{stage}@{device}" if device else stage
     parent = os.environ.get(PARENT_ENV) or None
-    tags = {"tailor.stage": stage, **({"tailor.device": device} if device else {})}
+    tags = {"tailor.stage": stage, **({"tailor.device": device} if device else {}), **(tags or {})}
     with mlflow.start_run(run_name=name, parent_run_id=parent, tags=tags) as run:
         if params:
             mlflow.log_params({k: str(v)[:500] for k, v in _flat(params).items()})
@@ -151,9 +153,11 @@ def registered_name(prefix: str, device: str) -> str:
     return f"{prefix}{device}"
 
 
-def register(name: str, run: StageRun, file: Path, tags: dict[str, str], alias: str,
+def register(name: str, run: StageRun, file: Path | list[Path], tags: dict[str, str], alias: str,
              evidence: dict[str, Path] | None = None) -> tuple[str, bool]:
-    """Register `file` as a new version of `name` with `tags` and point `alias` at it.
+    """Register `file` (or an artifact of several files, main file first: an ONNX model with its
+    weights beside it) as a new version of `name` with `tags` and point `alias` at it; the version's
+    source is the file, or the folder holding all of the artifact's files.
 
     Idempotent on the file's sha256: a version holding the same file is reused, not duplicated.
     `evidence` files (e.g. {"repro": dvc.lock, "gates": gates.json}) are logged in the run under
@@ -184,9 +188,11 @@ def register(name: str, run: StageRun, file: Path, tags: dict[str, str], alias: 
                 c.set_model_version_tag(name, mv.version, k, v)
             c.set_registered_model_alias(name, alias, mv.version)
             return str(mv.version), False
-    run.log_artifact(file, "model")
+    files = [file] if isinstance(file, Path) else list(file)
+    for f in files:
+        run.log_artifact(f, "model")
     log_evidence()
-    art = c.get_run(run.run_id).info.artifact_uri.rstrip("/") + f"/model/{file.name}"
+    art = c.get_run(run.run_id).info.artifact_uri.rstrip("/") + "/model" + (f"/{files[0].name}" if len(files) == 1 else "")
     all_tags = {k: str(v) for k, v in tags.items()} | ({"evidence_run_id": run.run_id} if evidence else {})
     mv = c.create_model_version(name, source=art, run_id=run.run_id, tags=all_tags)
     c.set_registered_model_alias(name, alias, mv.version)

@@ -26,7 +26,7 @@ from tailor import fsdp as tfsdp
 from tailor.distill import kd_loss
 from tailor.accel import enable_compile
 from tailor.models.base import save_state
-from tailor.models.llama import TailorForCausalLM
+from tailor.models.model import TailorForCausalLM
 
 
 class CheckpointError(ValueError):
@@ -168,7 +168,9 @@ def train_kd(student: TailorForCausalLM, teacher: torch.nn.Module, data: torch.T
     each in turn (the sandwich rule: max, min and random subnets); their losses are summed."""
     device = next(student.parameters()).device
     gen = torch.Generator().manual_seed(spec.seed)
+    # the embedding tables (one tied, or the input table and an untied head) train only when asked
     student.get_input_embeddings().weight.requires_grad_(spec.train_embeddings)
+    student.lm_head.weight.requires_grad_(spec.train_embeddings)
     student.lm_head.qclip.requires_grad_(spec.train_embeddings)
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
     if spec.parallel not in ("ddp", "fsdp"):

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from tailor.models.llama import TailorForCausalLM
+from tailor.models.model import TailorForCausalLM
 
 
 @dataclass
@@ -89,6 +89,10 @@ def permute_(model: TailorForCausalLM, imp: Importance) -> None:
         att.k_proj.weight.copy_(att.k_proj.weight[kv_rows])
         att.v_proj.weight.copy_(att.v_proj.weight[kv_rows])
         att.o_proj.weight.copy_(att.o_proj.weight[:, q_rows])
+        if att.q_proj.bias is not None:  # Qwen2's q/k/v biases move with their rows
+            att.q_proj.bias.copy_(att.q_proj.bias[q_rows])
+            att.k_proj.bias.copy_(att.k_proj.bias[kv_rows])
+            att.v_proj.bias.copy_(att.v_proj.bias[kv_rows])
         imp.kv[i] = imp.kv[i][g]
         for lin in (mlp.gate_proj, mlp.up_proj, mlp.down_proj, att.q_proj, att.k_proj, att.v_proj, att.o_proj):
             lin._cache = None

@@ -9,7 +9,8 @@ from __future__ import annotations
 import torch
 
 from tailor.arch import MATRICES, BaseArch, SubnetConfig
-from tailor.models.llama import Block, QLinear, TailorConfig, TailorForCausalLM
+from tailor.formats import backend
+from tailor.models.model import Block, QLinear, TailorConfig, TailorForCausalLM
 
 _PROJ = {"q": ("self_attn", "q_proj"), "k": ("self_attn", "k_proj"), "v": ("self_attn", "v_proj"),
          "o": ("self_attn", "o_proj"), "gate": ("mlp", "gate_proj"), "up": ("mlp", "up_proj"),
@@ -50,15 +51,13 @@ def export_active(model: TailorForCausalLM, cfg: SubnetConfig, fmt: str = "gguf"
     cfg.validate(arch)
     kept = [(block, lc) for block, lc in zip(model.model.layers, cfg.layers) if lc.keep]
     base = model.config
-    new_cfg = TailorConfig(
-        vocab_size=base.vocab_size, hidden_size=base.hidden_size, num_attention_heads=base.num_attention_heads,
-        num_key_value_heads=base.num_key_value_heads, head_dim=base.head_dim,
-        intermediate_size=base.intermediate_size, num_hidden_layers=len(kept), rms_norm_eps=base.rms_norm_eps,
-        rope_theta=base.rope_theta, max_position_embeddings=base.max_position_embeddings,
-        layer_kv_heads=[lc.kv_groups for _, lc in kept], layer_ffn=[lc.ffn for _, lc in kept],
-        layer_bits=[dict(lc.bits) for _, lc in kept], embed_bits=cfg.embed_bits, quant_format=fmt,
-        subnet=cfg.to_dict(), runtime_emulation=fmt == "gguf", bos_token_id=base.bos_token_id, eos_token_id=base.eos_token_id,
-        pad_token_id=base.pad_token_id)
+    # every base field carries over (family, biases, tying, RoPE, source); only the widths change
+    fields = {k: v for k, v in base.to_dict().items() if k not in ("model_type", "transformers_version", "architectures")}
+    fields.update(num_hidden_layers=len(kept), layer_kv_heads=[lc.kv_groups for _, lc in kept],
+                  layer_ffn=[lc.ffn for _, lc in kept], layer_bits=[dict(lc.bits) for _, lc in kept],
+                  embed_bits=cfg.embed_bits, quant_format=fmt, subnet=cfg.to_dict(),
+                  runtime_emulation=backend(fmt).runtime_emulation)
+    new_cfg = TailorConfig(**fields)
     out = TailorForCausalLM(new_cfg)
     hd, qpk = base.head_dim, base.num_attention_heads // base.num_key_value_heads
     with torch.no_grad():
@@ -74,6 +73,11 @@ def export_active(model: TailorForCausalLM, cfg: SubnetConfig, fmt: str = "gguf"
                 w = linear(src, m).weight
                 linear(dst, m).weight.copy_(w[:rows] if rows is not None else w[:, :cols])
                 linear(dst, m).qclip.copy_(linear(src, m).qclip)
+                if linear(src, m).bias is not None:  # q/k/v biases follow their rows
+                    linear(dst, m).bias.copy_(linear(src, m).bias[:rows])
+        if not base.tie_word_embeddings:
+            out.lm_head.weight.copy_(model.lm_head.weight)
+        out.lm_head.qclip.copy_(model.lm_head.qclip)
     out.tie_weights()
     bake_clip_(out)  # the learned clipping goes into the weights: export packs plain weights
     round16_(out)
@@ -99,6 +103,9 @@ def round16_(model: TailorForCausalLM) -> None:
     for mod in model.modules():
         if isinstance(mod, QLinear) and mod.bits >= 16:
             mod.weight.copy_(mod.weight.half().float())
+    if not model.config.tie_word_embeddings and model.lm_head.bits >= 16:  # an untied input table too
+        emb = model.model.embed_tokens.weight
+        emb.copy_(emb.half().float())
 
 
 def subnet_of(model: TailorForCausalLM) -> SubnetConfig | None:

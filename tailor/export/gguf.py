@@ -7,11 +7,15 @@ arrays `deci.attention.head_count`, `deci.attention.head_count_kv` and `deci.fee
 
 Weights are packed from the same block codes as the fake quantizer (`tailor.quant.gguf_pack`), so
 llama.cpp reads exactly the values the model was trained and evaluated with. Tokenizer metadata and
-the chat template are copied from a template GGUF (the shipped SmolLM2 file by default).
+the chat template are the model's own, from its base's `tokenizer.gguf` (`tailor.export.gguf_vocab`).
+
+Every family behind the model seam writes the same tensors: q/k/v biases (Qwen2) as `blk.N.attn_*.bias`
+(q/k ones permuted like their rows: Hugging Face's rotate-half RoPE is llama.cpp's NEOX, `deci` and
+`llama` rotate adjacent pairs), an untied head as `output.weight`, llama3 RoPE scaling as
+`rope_freqs.weight`.
 """
 from __future__ import annotations
 
-import functools
 import os
 import tempfile
 from pathlib import Path
@@ -22,8 +26,9 @@ import torch
 from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, GGUFWriter
 
 from tailor.arch import MATRICES, BaseArch, SubnetConfig
+from tailor.export.gguf_vocab import TokenizerGGUFError, tokenizer_fields
 from tailor.models.base import gguf_path, sha256_file
-from tailor.models.llama import QLinear, TailorForCausalLM
+from tailor.models.model import QLinear, TailorForCausalLM, rope_inv_freq
 from tailor.quant.formats import matrix_bytes
 from tailor.quant.gguf_pack import ggml_type, pack
 
@@ -50,22 +55,14 @@ def rope_permute(w: torch.Tensor, n_heads: int, head_dim: int) -> torch.Tensor:
     return w.reshape(n_heads, 2, head_dim // 2, cols).transpose(1, 2).reshape(rows, cols)
 
 
-@functools.lru_cache(maxsize=4)
-def _tokenizer_fields(template: Path, mtime_ns: int) -> tuple[tuple[str, Any, GGUFValueType, Any], ...]:
-    """tokenizer.* fields (vocab, merges, special ids, chat template) of a template GGUF as
-    (key, value, type, array element type). Cached: GGUFReader parses the whole file (seconds)."""
-    fields = []
-    for key, field in GGUFReader(template).fields.items():
-        if not key.startswith("tokenizer."):
-            continue
-        vtype = field.types[0]
-        if vtype == GGUFValueType.ARRAY and len(field.types) != 2:
-            raise ExportError(f"{template}: nested array field {key} is not supported")
-        sub = field.types[-1] if vtype == GGUFValueType.ARRAY else None
-        fields.append((key, field.contents(), vtype, sub))
-    if not any(key == "tokenizer.ggml.tokens" for key, *_ in fields):
-        raise ExportError(f"{template}: no tokenizer.ggml.tokens, cannot serve as tokenizer template")
-    return tuple(fields)
+def _tokenizer_fields(template: Path) -> tuple[tuple[str, Any, GGUFValueType, Any], ...]:
+    """tokenizer.* fields (vocab, merges, special ids, chat template) of the model's tokenizer GGUF."""
+    if not template.is_file():
+        raise ExportError(f"{template}: tokenizer GGUF not found")
+    try:
+        return tokenizer_fields(template.resolve(), template.stat().st_mtime_ns)
+    except TokenizerGGUFError as e:
+        raise ExportError(str(e)) from None
 
 
 def _check_tokenizer(tokenizer: Any, fields: dict[str, Any], vocab: int, template: Path) -> None:
@@ -74,7 +71,7 @@ def _check_tokenizer(tokenizer: Any, fields: dict[str, Any], vocab: int, templat
         raise ExportError(f"{template}: tokenizer has {n_tokens} tokens but the model's vocab is {vocab}")
     if tokenizer is None:
         return
-    if len(tokenizer) != n_tokens:
+    if len(tokenizer) > n_tokens:  # fewer is fine: ids past the tokenizer's are padding rows
         raise ExportError(f"{template}: {n_tokens} tokens, but the model's tokenizer has {len(tokenizer)}")
     for key, ours in (("bos_token_id", tokenizer.bos_token_id), ("eos_token_id", tokenizer.eos_token_id)):
         theirs = fields.get(f"tokenizer.ggml.{key}")
@@ -88,20 +85,44 @@ def _matrix(m: QLinear) -> tuple[torch.Tensor, int]:
 
 def _tensors(model: TailorForCausalLM, blocks: list, q_per_kv: int, head_dim: int
              ) -> Iterator[tuple[str, torch.Tensor, int | None]]:
-    """(GGUF name, weight, bits or None for a float32 vector) in file order."""
-    # One table for both uses at the head's bits (as TailorForCausalLM.embed quantizes it); with no
-    # output.weight llama.cpp builds the output projection from token_embd.
-    yield "token_embd.weight", *_matrix(model.lm_head)
+    """(GGUF name, weight, bits or None for a float32 vector) in file order (`_tensor_specs`' order)."""
+    cfg = model.config
+    if cfg.tie_word_embeddings:
+        # One table for both uses at the head's bits (as TailorForCausalLM quantizes it); with no
+        # output.weight llama.cpp builds the output projection from token_embd.
+        yield "token_embd.weight", *_matrix(model.lm_head)
+    else:  # the input table at the head's bits, plain round-to-nearest (TailorForCausalLM.input_table)
+        yield "token_embd.weight", model.model.embed_tokens.weight.detach().float().cpu(), int(model.lm_head.bits)
+        yield "output.weight", *_matrix(model.lm_head)
     yield "output_norm.weight", model.model.norm.weight, None
+    factors = _rope_factors(cfg)
+    if factors is not None:
+        yield "rope_freqs.weight", factors, None
     for i, block in enumerate(blocks):
         yield f"blk.{i}.attn_norm.weight", block.input_layernorm.weight, None
         yield f"blk.{i}.ffn_norm.weight", block.post_attention_layernorm.weight, None
         kv = block.self_attn.kv_heads
         for (part, proj), name in _MATRICES.items():
-            w, bits = _matrix(getattr(getattr(block, part), proj))
+            lin = getattr(getattr(block, part), proj)
+            w, bits = _matrix(lin)
+            heads = kv * q_per_kv if name == "attn_q" else kv
             if name in ("attn_q", "attn_k"):
-                w = rope_permute(w, kv * q_per_kv if name == "attn_q" else kv, head_dim)
+                w = rope_permute(w, heads, head_dim)
             yield f"blk.{i}.{name}.weight", w, bits
+            if lin.bias is not None:  # rows moved by rope_permute take their biases along
+                b = lin.active_bias().detach().float().cpu()[:, None]
+                b = rope_permute(b, heads, head_dim) if name in ("attn_q", "attn_k") else b
+                yield f"blk.{i}.{name}.bias", b[:, 0], None
+
+
+def _rope_factors(cfg: Any) -> torch.Tensor | None:
+    """llama.cpp's `rope_freqs` (head_dim/2,) for scaled RoPE: it divides each base frequency by its
+    factor, so factor = base inverse frequency / scaled one; None for plain RoPE."""
+    scaling = getattr(cfg, "rope_freq_scaling", None)
+    if not scaling:
+        return None
+    base = rope_inv_freq(cfg.head_dim, float(cfg.rope_theta))
+    return base / rope_inv_freq(cfg.head_dim, float(cfg.rope_theta), scaling)
 
 
 def _add(writer: GGUFWriter, name: str, w: torch.Tensor, bits: int | None) -> int:
@@ -143,10 +164,15 @@ def _add_metadata(writer: GGUFWriter, arch: str, name: str, tok_fields: tuple, v
     writer.add_quantization_version(2)
 
 
-def _tensor_specs(sub: SubnetConfig, a: BaseArch) -> Iterator[tuple[str, int, int, int | None]]:
+def _tensor_specs(sub: SubnetConfig, a: BaseArch, rope_scaled: bool = False
+                  ) -> Iterator[tuple[str, int, int, int | None]]:
     """(GGUF name, rows, cols, bits or None for a float32 vector) of subnet `sub`, in `_tensors`' order."""
     yield "token_embd.weight", a.vocab, a.hidden, sub.embed_bits
+    if not a.tied:
+        yield "output.weight", a.vocab, a.hidden, sub.embed_bits
     yield "output_norm.weight", 1, a.hidden, None
+    if rope_scaled:
+        yield "rope_freqs.weight", 1, a.head_dim // 2, None
     for i, layer in enumerate(lay for lay in sub.layers if lay.keep):
         q, kv = layer.kv_groups * a.q_per_kv * a.head_dim, layer.kv_groups * a.head_dim
         yield f"blk.{i}.attn_norm.weight", 1, a.hidden, None
@@ -155,15 +181,18 @@ def _tensor_specs(sub: SubnetConfig, a: BaseArch) -> Iterator[tuple[str, int, in
                   "gate": (layer.ffn, a.hidden), "up": (layer.ffn, a.hidden), "down": (a.hidden, layer.ffn)}
         for m, gname in zip(MATRICES, _MATRICES.values()):
             yield f"blk.{i}.{gname}.weight", *shapes[m], layer.bits[m]
+            if a.qkv_bias and m in ("q", "k", "v"):
+                yield f"blk.{i}.{gname}.bias", 1, shapes[m][0], None
 
 
 def predicted_file_bytes(sub: SubnetConfig, a: BaseArch, template: Path | None = None,
-                         name: str = "tailor model") -> int:
+                         name: str = "tailor model", rope_scaled: bool = False) -> int:
     """Bytes of the GGUF `export` writes for subnet `sub`, from the config alone: the cost model's
-    tensor bytes plus the container (header, metadata with the tokenizer, tensor index, alignment),
-    laid out by gguf-py's own writer with tensor infos but no data. Off by the model name's length."""
+    tensor bytes plus the container (header, metadata with the tokenizer, tensor index, alignment, and
+    the `rope_freqs` constant of scaled RoPE), laid out by gguf-py's own writer with tensor infos but no
+    data. Off by the model name's length. `template`: the model's tokenizer GGUF (default: SmolLM2's)."""
     template = Path(template) if template is not None else gguf_path()
-    tok_fields = _tokenizer_fields(template.resolve(), template.stat().st_mtime_ns)
+    tok_fields = _tokenizer_fields(template)
     kept = [lay for lay in sub.layers if lay.keep]
     kv, ffn = [lay.kv_groups for lay in kept], [lay.ffn for lay in kept]
     arch = "llama" if len(set(kv)) == 1 and len(set(ffn)) == 1 else "deci"
@@ -172,7 +201,7 @@ def predicted_file_bytes(sub: SubnetConfig, a: BaseArch, template: Path | None =
         _add_metadata(writer, arch, name, tok_fields, a.vocab, 8192, a.hidden, a.head_dim, 1e5, 1e-5, ffn,
                       [k * a.q_per_kv for k in kv], kv)
         data, align = 0, writer.data_alignment
-        for tname, rows, cols, bits in _tensor_specs(sub, a):
+        for tname, rows, cols, bits in _tensor_specs(sub, a, rope_scaled):
             nbytes = 4 * cols if bits is None else matrix_bytes("gguf", bits, rows, cols)
             raw = GGMLQuantizationType.F32 if bits is None else ggml_type(bits)
             writer.add_tensor_info(tname, (cols,) if bits is None else (rows, cols), np.float32, nbytes, raw_dtype=raw)
@@ -197,8 +226,10 @@ def export(model: TailorForCausalLM, tokenizer: Any, path: Path, template: Path 
     blocks = [b for b in model.model.layers if b.active]  # an inactive block is the identity: drop it
     if not blocks:
         raise ExportError(f"{path}: the model has no active layers")
-    if model.lm_head.weight.data_ptr() != model.model.embed_tokens.weight.data_ptr():
-        raise ExportError(f"{path}: lm_head is not tied to embed_tokens; the GGUF stores one table")
+    tied = model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    if tied != bool(cfg.tie_word_embeddings):
+        raise ExportError(f"{path}: lm_head {'is' if tied else 'is not'} tied to embed_tokens but config.json "
+                          f"says tie_word_embeddings={cfg.tie_word_embeddings}")
 
     other = sorted({m.fmt for m in model.modules() if isinstance(m, QLinear)} - {"gguf"})
     if other:
@@ -214,9 +245,7 @@ def export(model: TailorForCausalLM, tokenizer: Any, path: Path, template: Path 
         raise ExportError(f"{path}: architecture {arch!r} cannot hold these layers "
                           f"(kv heads {kv}, ffn {ffn}); use 'deci' for per-layer sizes")
 
-    if not template.is_file():
-        raise ExportError(f"{template}: tokenizer template GGUF not found")
-    tok_fields = _tokenizer_fields(template.resolve(), template.stat().st_mtime_ns)
+    tok_fields = _tokenizer_fields(template)
     _check_tokenizer(tokenizer, {k: v for k, v, *_ in tok_fields}, cfg.vocab_size, template)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
@@ -228,7 +257,8 @@ def export(model: TailorForCausalLM, tokenizer: Any, path: Path, template: Path 
         nbytes = 0
         for name, w, bits in _tensors(model, blocks, q_per_kv, head_dim):
             try:
-                nbytes += _add(writer, name, w, bits)
+                n = _add(writer, name, w, bits)
+                nbytes += 0 if name == "rope_freqs.weight" else n  # a derived constant, not a weight
             except ValueError as e:  # e.g. columns not in whole blocks: say which file and tensor
                 raise ExportError(f"{path}: tensor {name}: {e}") from None
 

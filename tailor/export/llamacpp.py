@@ -125,6 +125,12 @@ def generate(path: Path, tokenizer: Any, prompt: str, n_tokens: int, n_threads: 
     return tokenizer.decode(out)
 
 
+def seconds_per_token(path: Path, tokenizer: Any, n_tokens: int = 32) -> float:
+    """For the latency model: the fastest of three decode timings (other work on the machine only ever
+    slows a run down, so the minimum is the estimate least disturbed by it)."""
+    return min(1.0 / tokens_per_s(path, tokenizer, n_tokens=n_tokens // 2) for _ in range(3))
+
+
 def tokens_per_s(path: Path, tokenizer: Any, n_tokens: int = 64, n_threads: int | None = None) -> float:
     """Decode speed: tokens per second of one-token steps after a short prompt (prompt not timed), as
     llama.cpp's own counters time them (llama_perf_context: decode calls only, not Python's loop)."""

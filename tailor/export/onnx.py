@@ -1,15 +1,17 @@
 """Export a Tailor model as one ONNX file for onnxruntime (CPU), built by hand with onnx.helper.
 
 Graph: input_ids [batch, seq] int64 -> logits [batch, seq, vocab] float32, a full forward per call
-(no KV cache). Per kept layer: RMSNormalization, q/k/v/o and gate/up/down projections, rotary
-embedding (Hugging Face rotate_half convention, cos/sin computed in-graph from positions), causal GQA
-`Attention` (opset 23), SiLU-gated MLP; then the final norm and the tied LM head.
+(no KV cache). Per kept layer: RMSNormalization, q/k/v/o and gate/up/down projections (q/k/v + bias
+for Qwen2), rotary embedding (Hugging Face rotate_half convention, cos/sin computed in-graph from
+positions, llama3-scaled frequencies where the model has them), causal GQA `Attention` (opset 23),
+SiLU-gated MLP; then the final norm and the LM head (tied or untied).
 
 Weights are stored exactly as `tailor.quant.onnx_grid` counts them, as the only initializers:
 - 2/4/8 bits: com.microsoft::MatMulNBits tensors (B, float32 scales, packed uint8 zero points), packed
   from the same integers the fake quantizer produces, so onnxruntime sees the trained values bit for bit;
 - 16 bits: a float16 matrix, Cast to float32 (onnxruntime folds the Cast once at load);
-- the tied embedding once: float16 [vocab, hidden] read by Gather and by the LM head MatMul, or packed
+- biases float32;
+- the tied embedding once (an untied model: its input table and its head, each like this): float16 [vocab, hidden] read by Gather and by the LM head MatMul, or packed
   MatMulNBits tensors read by the LM head and (through a Reshape to [vocab, hidden*bits/8], the layout
   GatherBlockQuantized expects) by com.microsoft::GatherBlockQuantized;
 - norm weights float32.
@@ -18,7 +20,6 @@ sum of initializer bytes is exactly `SubnetConfig.nbytes(arch, "onnx")`.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -29,7 +30,8 @@ import onnx
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from tailor.models.llama import QLinear, TailorForCausalLM
+from tailor.formats.base import sha256_files
+from tailor.models.model import QLinear, TailorForCausalLM, rope_inv_freq
 from tailor.quant import onnx_grid, onnx_pack
 
 OPSET = 23  # first opset with Attention (GQA, is_causal) and RMSNormalization
@@ -97,14 +99,23 @@ def _linear(g: _Graph, x: str, lin: QLinear, name: str) -> str:
                   block_size=onnx_grid.BLOCK, accuracy_level=g.accuracy_level)
 
 
+def _affine(g: _Graph, x: str, lin: QLinear, name: str) -> str:
+    """`_linear` plus the float32 bias of the active rows, when the projection has one (Qwen2's q/k/v)."""
+    y = _linear(g, x, lin, name)
+    if lin.bias is None:
+        return y
+    b = g.weight(name + ".bias", lin.active_bias().detach().float().cpu().numpy())
+    return g.node("Add", [y, b], hint=name + "_b")
+
+
 def _rms(g: _Graph, x: str, weight: torch.Tensor, eps: float, name: str) -> str:
     w = g.weight(name + ".weight", weight.detach().float().cpu().numpy())
     return g.node("RMSNormalization", [x, w], hint=name, axis=-1, epsilon=float(eps))
 
 
-def _rotary_tables(g: _Graph, ids: str, head_dim: int, theta: float) -> tuple[str, str]:
-    """cos, sin [seq, head_dim] from positions 0..seq-1 — the arithmetic of llama.rope_tables."""
-    inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))  # as torch does it
+def _rotary_tables(g: _Graph, ids: str, head_dim: int, theta: float, scaling: dict | None) -> tuple[str, str]:
+    """cos, sin [seq, head_dim] from positions 0..seq-1 — the arithmetic of model.rope_tables."""
+    inv = rope_inv_freq(head_dim, theta, scaling)  # the same float32 frequencies torch uses
     seq = g.node("Gather", [g.node("Shape", [ids]), g.const(np.array(1, np.int64))], hint="seq_len")
     pos = g.node("Range", [g.const(np.array(0, np.int64)), seq, g.const(np.array(1, np.int64))], hint="pos")
     pos = g.node("Unsqueeze", [g.node("Cast", [pos], to=TensorProto.FLOAT), g.const(np.array([1], np.int64))])
@@ -131,9 +142,9 @@ def _layer(g: _Graph, x: str, block: Any, i: int, cos: str, sin: str, eps: float
     att, mlp, p = block.self_attn, block.mlp, f"model.layers.{i}"
     nq, nkv, hd = att.kv_heads * att.q_per_kv, att.kv_heads, att.head_dim
     h = _rms(g, x, block.input_layernorm.weight, eps, f"{p}.input_layernorm")
-    q = _rope(g, _heads(g, _linear(g, h, att.q_proj, f"{p}.self_attn.q_proj"), nq, hd), cos, sin)
-    k = _rope(g, _heads(g, _linear(g, h, att.k_proj, f"{p}.self_attn.k_proj"), nkv, hd), cos, sin)
-    v = _heads(g, _linear(g, h, att.v_proj, f"{p}.self_attn.v_proj"), nkv, hd)
+    q = _rope(g, _heads(g, _affine(g, h, att.q_proj, f"{p}.self_attn.q_proj"), nq, hd), cos, sin)
+    k = _rope(g, _heads(g, _affine(g, h, att.k_proj, f"{p}.self_attn.k_proj"), nkv, hd), cos, sin)
+    v = _heads(g, _affine(g, h, att.v_proj, f"{p}.self_attn.v_proj"), nkv, hd)
     y = g.node("Attention", [q, k, v], hint=f"{p}.attn", is_causal=1)  # (B, nq, T, hd), GQA by head counts
     y = g.node("Reshape", [g.node("Transpose", [y], perm=[0, 2, 1, 3]), g.const(np.array([0, 0, -1], np.int64))])
     x = g.node("Add", [x, _linear(g, y, att.o_proj, f"{p}.self_attn.o_proj")], hint=f"{p}.resid_attn")
@@ -144,34 +155,48 @@ def _layer(g: _Graph, x: str, block: Any, i: int, cos: str, sin: str, eps: float
     return g.node("Add", [x, _linear(g, hid, mlp.down_proj, f"{p}.mlp.down_proj")], hint=f"{p}.resid_mlp")
 
 
+def _table(g: _Graph, w: torch.Tensor, bits: int, name: str) -> tuple[str, tuple[str, ...] | None]:
+    """One [vocab, hidden] table as initializers: float16 (returns its name, None) or MatMulNBits-packed
+    (returns the B name and (B, scales, zero points))."""
+    if bits >= 16:
+        return g.weight(name + ".weight", _f16(w)), None
+    if bits not in onnx_pack.PACK_BITS:
+        raise OnnxExportError(f"embed_bits={bits} cannot be exported (allowed {onnx_pack.PACK_BITS} or 16)")
+    p = onnx_pack.pack(w, bits)
+    packed = (g.weight(name + ".qweight", p.b), g.weight(name + ".scales", p.scales),
+              g.weight(name + ".qzeros", p.zero_points))
+    return packed[0], packed
+
+
 def _embedding(g: _Graph, ids: str, model: TailorForCausalLM) -> tuple[str, Any]:
-    """Token embedding of `ids` and a function emitting the tied LM head; the table is stored once."""
+    """Token embedding of `ids` and a function emitting the LM head. A tied table is stored once and
+    read by both; an untied model stores its input table and its head, each at the head's bits."""
     head = model.lm_head
-    if model.model.embed_tokens.weight.data_ptr() != head.weight.data_ptr():
-        raise OnnxExportError("lm_head.weight is not tied to model.embed_tokens.weight; the export stores one table")
+    tied = model.model.embed_tokens.weight.data_ptr() == head.weight.data_ptr()
+    if tied != bool(model.config.tie_word_embeddings):
+        raise OnnxExportError(f"lm_head {'is' if tied else 'is not'} tied to the embedding but config.json says "
+                              f"tie_word_embeddings={model.config.tie_word_embeddings}")
     w = head.weight.detach().float().cpu()
     vocab, hidden = w.shape
-    if head.bits >= 16:
-        e = g.weight("model.embed_tokens.weight", _f16(w))
+    bits = int(head.bits)
+    emb_name = "model.embed_tokens" if tied else "model.embed_in"
+    table = w if tied else model.model.embed_tokens.weight.detach().float().cpu()
+    e, packed = _table(g, table, bits, emb_name)
+    if packed is None:
         x = g.node("Cast", [g.node("Gather", [e, ids], hint="embed")], to=TensorProto.FLOAT)
-
-        def lm_head(h: str) -> str:
-            et = g.node("Transpose", [g.node("Cast", [e], to=TensorProto.FLOAT)], perm=[1, 0])  # folded at load
-            return g.node("MatMul", [h, et], out="logits")
-        return x, lm_head
-    if head.bits not in onnx_pack.PACK_BITS:
-        raise OnnxExportError(f"embed_bits={head.bits} cannot be exported (allowed {onnx_pack.PACK_BITS} or 16)")
-    p = onnx_pack.pack(w, head.bits)
-    b = g.weight("model.embed_tokens.qweight", p.b)
-    s = g.weight("model.embed_tokens.scales", p.scales)
-    z = g.weight("model.embed_tokens.qzeros", p.zero_points)
-    rows = g.node("Reshape", [b, g.const(np.array([vocab, -1], np.int64))], hint="embed_rows")  # same bytes
-    x = g.node("GatherBlockQuantized", [rows, ids, s, z], hint="embed", domain=MS, bits=head.bits,
-               block_size=onnx_grid.BLOCK, gather_axis=0, quantize_axis=1)
+    else:
+        rows = g.node("Reshape", [e, g.const(np.array([vocab, -1], np.int64))], hint="embed_rows")  # same bytes
+        x = g.node("GatherBlockQuantized", [rows, ids, packed[1], packed[2]], hint="embed", domain=MS, bits=bits,
+                   block_size=onnx_grid.BLOCK, gather_axis=0, quantize_axis=1)
+    if not tied:
+        e, packed = _table(g, w, bits, "lm_head")
 
     def lm_head(h: str) -> str:
-        return g.node("MatMulNBits", [h, b, s, z], out="logits", domain=MS, K=hidden, N=vocab,
-                      bits=head.bits, block_size=onnx_grid.BLOCK, accuracy_level=g.accuracy_level)
+        if packed is None:
+            et = g.node("Transpose", [g.node("Cast", [e], to=TensorProto.FLOAT)], perm=[1, 0])  # folded at load
+            return g.node("MatMul", [h, et], out="logits")
+        return g.node("MatMulNBits", [h, *packed], out="logits", domain=MS, K=hidden, N=vocab,
+                      bits=bits, block_size=onnx_grid.BLOCK, accuracy_level=g.accuracy_level)
     return x, lm_head
 
 
@@ -186,7 +211,7 @@ def build(model: TailorForCausalLM, tokenizer: Any = None, accuracy_level: int =
                               "(fine-tune with quant_format='onnx' before exporting to ONNX)")
     g = _Graph(accuracy_level)
     x, lm_head = _embedding(g, "input_ids", model)
-    cos, sin = _rotary_tables(g, "input_ids", cfg.head_dim, cfg.rope_theta)
+    cos, sin = _rotary_tables(g, "input_ids", cfg.head_dim, cfg.rope_theta, getattr(cfg, "rope_freq_scaling", None))
     kept = [i for i, b in enumerate(model.model.layers) if b.active]
     for j, i in enumerate(kept):  # dropped (inactive) layers are the identity: renumber the kept ones
         x = _layer(g, x, model.model.layers[i], j, cos, sin, cfg.rms_norm_eps)
@@ -232,14 +257,4 @@ def export(model: TailorForCausalLM, tokenizer: Any, path: Path, accuracy_level:
     finally:
         tmp.unlink(missing_ok=True)
     return {"file_bytes": sum(f.stat().st_size for f in files), "weight_bytes": int(weight_bytes),
-            "sha256": _sha256(files)}
-
-
-def _sha256(files: list[Path]) -> str:
-    """sha256 of the file (of graph file then weight file, when weights had to go outside)."""
-    h = hashlib.sha256()
-    for f in files:
-        with open(f, "rb") as fh:
-            while block := fh.read(1 << 20):
-                h.update(block)
-    return h.hexdigest()
+            "sha256": sha256_files(files)}

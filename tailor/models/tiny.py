@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from tailor.models.llama import TailorConfig, TailorForCausalLM
+from tailor.models.model import TailorConfig, TailorForCausalLM
 
 
 def tiny_config(n_layers: int = 3, vocab: int = 320, **over) -> TailorConfig:
@@ -22,3 +22,28 @@ def tiny_model(seed: int = 0, **over) -> TailorForCausalLM:
             if name.endswith("layernorm.weight") or name.endswith("norm.weight"):
                 p.uniform_(0.5, 1.5)
     return model.eval()
+
+
+def tiny_hf_model(family: str = "llama", seed: int = 0, vocab: int = 320, **over):
+    """A tiny random transformers model of `family` ("llama", "mistral", "qwen2"): the checkpoints users
+    bring, in miniature. Biases (Qwen2) and norms are randomised too, so a dropped one shows in the logits."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    kw = dict(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-6, max_position_embeddings=256,
+              rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, tie_word_embeddings=True,
+              bos_token_id=1, eos_token_id=2)
+    kw.update(over)
+    if kw.get("head_dim") is None:  # a config without head_dim: hidden / heads, as many checkpoints do
+        kw.pop("head_dim", None)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(family, **kw)).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.uniform_(0.5, 1.5)
+            elif name.endswith(".bias"):
+                p.normal_(0, 0.5)
+            elif p.dim() == 2:
+                p.normal_(0, 0.08)
+    return model

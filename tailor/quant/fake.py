@@ -17,10 +17,11 @@ from __future__ import annotations
 
 import torch
 
+from tailor.formats import BACKENDS
 from tailor.quant import gguf_grid
 from tailor.quant.formats import BLOCK, grid
 
-FMT_INDEX = {"gguf": 0, "onnx": 1}
+FMT_INDEX = {name: i for i, name in enumerate(BACKENDS)}  # learned-clip slot per format (append-only)
 CLIP_MIN = 0.5   # clipping more than half a block's range away never helps at >= 2 bits
 CLIP_SLOTS = 9   # gamma[fmt, bits] for bits 0..8 (16-bit matrices are not quantized)
 

@@ -5,17 +5,15 @@ with the tensors written into the real files.
 """
 from __future__ import annotations
 
-from tailor.quant import gguf_grid, onnx_grid
+from tailor.formats import BACKENDS, backend
 
 BLOCK = 32
-_GRIDS = {"gguf": gguf_grid, "onnx": onnx_grid}
-FORMATS = {name: grid.BITS for name, grid in _GRIDS.items()}
+FORMATS = {name: b.bits for name, b in BACKENDS.items()}
 
 
 def grid(fmt: str):
-    if fmt not in _GRIDS:
-        raise ValueError(f"unknown export format {fmt!r} (known: {sorted(_GRIDS)})")
-    return _GRIDS[fmt]
+    """The grid module of format `fmt` (its backend's); ValueError naming the known formats."""
+    return backend(fmt).grid
 
 
 def allowed_bits(fmt: str) -> tuple[int, ...]:

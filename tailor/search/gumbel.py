@@ -15,13 +15,13 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from tailor.arch import MATRICES, LayerConfig, SubnetConfig
+from tailor.arch import MATRICES, LayerConfig, SubnetConfig, fixed_bytes, layer_vector_bytes
 from tailor.distill import kd_loss
 from tailor.elastic.space import SearchSpace
 from tailor.elastic.supernet import linear, set_active
-from tailor.models.llama import TailorForCausalLM
+from tailor.models.model import TailorForCausalLM
 from tailor.quant.fake import FMT_INDEX, fake_quant
-from tailor.quant.formats import embedding_bytes, matrix_bytes, vector_bytes
+from tailor.quant.formats import matrix_bytes
 from tailor.search.sensitivity import ffn_options
 
 
@@ -96,7 +96,9 @@ def search(model: TailorForCausalLM, space: SearchSpace, fmt: str, embed_bits: i
         hooks.append(blk.register_forward_hook(
             lambda mod, a, out, i=i: a[0] + probs["p_keep"][i] * (out - a[0])))
 
-    fixed = embedding_bytes(fmt, embed_bits, arch.vocab, arch.hidden) + vector_bytes(fmt, arch.hidden)
+    fixed = fixed_bytes(arch, fmt, embed_bits)
+    # per kept layer at each KV-width option: norms (+ q/k/v biases, which shrink with the heads)
+    vec = torch.tensor([float(layer_vector_bytes(arch, fmt, kv)) for kv in kvs], device=dev)
 
     # bytes[j][w, b] of matrix j at width option w and bit-width b (the same for every layer)
     sizes = []
@@ -107,7 +109,7 @@ def search(model: TailorForCausalLM, space: SearchSpace, fmt: str, embed_bits: i
 
     def expected_bytes() -> torch.Tensor:
         # E over width of E over bits of bytes(bits, width): the choices are independent
-        layer = torch.full((L,), 2.0 * vector_bytes(fmt, arch.hidden), device=dev)
+        layer = probs["kv"] @ vec  # (L,)
         for j, m in enumerate(MATRICES):
             pw = probs["kv"] if m in ("q", "k", "v", "o") else probs["ffn"]  # (L, W)
             layer = layer + torch.einsum("lw,wb,lb->l", pw, sizes[j], probs["bits"][:, j])

@@ -13,7 +13,6 @@ device's spec-sheet figure (this host is not the device).
 """
 from __future__ import annotations
 
-import importlib
 import tempfile
 import time
 from pathlib import Path
@@ -26,9 +25,9 @@ from scipy.optimize import nnls
 from tailor.arch import SubnetConfig
 from tailor.elastic.space import SearchSpace
 from tailor.elastic.supernet import export_active
+from tailor.formats import backend
 from tailor.models.base import gguf_path
 
-WRITERS = {"gguf": ("tailor.export.gguf", "model.gguf"), "onnx": ("tailor.export.onnx", "model.onnx")}
 
 
 def spread(space: SearchSpace, fmt: str, n: int, candidates: list[SubnetConfig]) -> list[SubnetConfig]:
@@ -42,35 +41,21 @@ def spread(space: SearchSpace, fmt: str, n: int, candidates: list[SubnetConfig])
 
 
 def seconds_per_token(path: Path, fmt: str, tokenizer: Any, n_tokens: int = 32) -> float:
-    """The fastest of several timings: other work on the machine only ever slows a run down, so the
-    minimum is the estimate least disturbed by it."""
-    if fmt == "gguf":
-        from tailor.export import llamacpp
-        return min(1.0 / llamacpp.tokens_per_s(path, tokenizer, n_tokens=n_tokens // 2) for _ in range(3))
-    from tailor.export import ort
-    # The ONNX export has no KV cache: one decode step is one forward of a single token, which streams
-    # every weight once just as a cached step does (attention over a short cache is negligible).
-    sess = ort.session(path)
-    ids = np.array([[tokenizer.bos_token_id or 1]], dtype=np.int64)
-    sess.run(["logits"], {"input_ids": ids})  # warm-up: allocation and weight prepacking
-    times = []
-    for _ in range(n_tokens):
-        t = time.perf_counter()
-        sess.run(["logits"], {"input_ids": ids})
-        times.append(time.perf_counter() - t)
-    return float(np.min(times))
+    """Seconds per decoded token of the file in its format's runtime (the backend's runner)."""
+    return backend(fmt).runner.seconds_per_token(path, tokenizer, n_tokens)
 
 
-def measure(model, cfgs: list[SubnetConfig], fmt: str, tokenizer: Any) -> list[dict]:
-    writer_mod, name = WRITERS[fmt]
-    writer = importlib.import_module(writer_mod)
+def measure(model, cfgs: list[SubnetConfig], fmt: str, tokenizer: Any, gguf_template: Path | None = None) -> list[dict]:
+    """Export each subnet and time it in its runtime. `gguf_template`: the model's tokenizer GGUF."""
+    be = backend(fmt)
+    writer, name = be.writer, be.file_name
     arch_layers = model.config.num_hidden_layers
     rows = []
     with tempfile.TemporaryDirectory(prefix="tailor-latency-") as d:
         for k, cfg in enumerate(cfgs):
             small = export_active(model, cfg, fmt)
             path = Path(d) / f"{k}-{name}"
-            kw = {"template": gguf_path()} if fmt == "gguf" else {}
+            kw = {"template": gguf_template or gguf_path()} if be.needs_tokenizer_file else {}
             info = writer.export(small, tokenizer, path, **kw)
             s = seconds_per_token(path, fmt, tokenizer)
             rows.append({"config_hash": cfg.hash, "weight_bytes": int(info["weight_bytes"]), "layers": len(cfg.kept),
@@ -121,7 +106,7 @@ def cache_key(fmt: str, cfgs: list[SubnetConfig]) -> str:
 
 @torch.no_grad()
 def run(model, space: SearchSpace, fmt: str, tokenizer: Any, n: int, pool: list[SubnetConfig],
-        cache: Path | None = None) -> dict:
+        cache: Path | None = None, gguf_template: Path | None = None) -> dict:
     import json
     import os
 
@@ -130,7 +115,7 @@ def run(model, space: SearchSpace, fmt: str, tokenizer: Any, n: int, pool: list[
     if path is not None and path.is_file():
         rows, cached = json.loads(path.read_text()), True
     else:
-        rows, cached = measure(model, cfgs, fmt, tokenizer), False
+        rows, cached = measure(model, cfgs, fmt, tokenizer, gguf_template), False
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
             path.with_suffix(".tmp").write_text(json.dumps(rows))

@@ -14,9 +14,9 @@ import itertools
 import numpy as np
 from scipy.optimize import Bounds, LinearConstraint, milp
 
-from tailor.arch import LayerConfig, SubnetConfig
+from tailor.arch import LayerConfig, SubnetConfig, fixed_bytes, layer_vector_bytes
 from tailor.elastic.space import SearchSpace
-from tailor.quant.formats import embedding_bytes, matrix_bytes, vector_bytes
+from tailor.quant.formats import matrix_bytes
 from tailor.search.sensitivity import SensTable, _interp, ffn_options
 
 ATTN, MLP = ("q", "k", "v", "o"), ("gate", "up", "down")
@@ -32,7 +32,7 @@ def _variants(table: SensTable, space: SearchSpace, fmt: str, i: int):
             d = dict(zip(ATTN, bits))
             cost = dkv + sum(table.bits[f"{i}:{m}:{b}"] for m, b in d.items() if b != ref.bits[m])
             nb = sum(matrix_bytes(fmt, b, *arch.matrix_shape(m, kv, arch.ffn)) for m, b in d.items())
-            out.append(("attn", kv, d, cost, nb))
+            out.append(("attn", kv, d, cost, nb + layer_vector_bytes(arch, fmt, kv)))  # + norms and biases
     for ffn in ffn_options(space):
         dffn = 0.0 if ffn == ref.ffn else _interp(table.ffn, i, ffn, ref.ffn)
         for bits in itertools.product(space.bits, repeat=len(MLP)):
@@ -47,12 +47,11 @@ def solve(table: SensTable, space: SearchSpace, fmt: str, embed_bits: int, budge
           time_limit: float = 60.0) -> SubnetConfig | None:
     """The subnet of least predicted KL whose bytes fit `budget`; None when nothing fits."""
     arch = space.arch
-    fixed = embedding_bytes(fmt, embed_bits, arch.vocab, arch.hidden) + vector_bytes(fmt, arch.hidden)
-    norms = 2 * vector_bytes(fmt, arch.hidden)
+    fixed = fixed_bytes(arch, fmt, embed_bits)
     cols: list[tuple] = []  # (layer, kind, struct, bits, cost, bytes)
     for i in range(arch.n_layers):
         for kind, struct, bits, cost, nb in _variants(table, space, fmt, i):
-            cols.append((i, kind, struct, bits, cost, nb + (norms if kind == "attn" else 0)))
+            cols.append((i, kind, struct, bits, cost, nb))
         if i in space.droppable:
             cols.append((i, "drop", None, None, table.drop[str(i)], 0))
     n = len(cols)

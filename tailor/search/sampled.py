@@ -20,7 +20,7 @@ from tailor.devices import budget_bytes, cost
 from tailor.distill import kd_loss
 from tailor.elastic.space import SearchSpace
 from tailor.elastic.supernet import set_active
-from tailor.models.llama import TailorForCausalLM
+from tailor.models.model import TailorForCausalLM
 
 if TYPE_CHECKING:  # pydantic stays out of the import path of the GPU benchmarks
     from tailor.config import DeviceProfile

@@ -24,7 +24,7 @@ from tailor.arch import MATRICES, SubnetConfig, round_ffn
 from tailor.distill import kd_loss
 from tailor.elastic.space import SearchSpace
 from tailor.elastic.supernet import set_active
-from tailor.models.llama import TailorForCausalLM, rope_tables
+from tailor.models.model import TailorForCausalLM, rope_tables
 
 FFN_FRACS = (0.25, 0.5, 0.75)
 

@@ -27,7 +27,7 @@ from tailor.arch import MATRICES, BaseArch, LayerConfig, SubnetConfig
 from tailor.eval.ppl import perplexity as torch_perplexity
 from tailor.export import llamacpp
 from tailor.export.gguf import ExportError, export, predicted_file_bytes, rope_permute
-from tailor.models.llama import QLinear, TailorConfig, TailorForCausalLM
+from tailor.models.model import QLinear, TailorConfig, TailorForCausalLM
 from tailor.quant import gguf_grid
 
 pytestmark = pytest.mark.integration

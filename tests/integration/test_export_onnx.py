@@ -17,7 +17,7 @@ import torch
 from tailor.arch import MATRICES, BaseArch, LayerConfig, SubnetConfig
 from tailor.export import ort as ort_rt
 from tailor.export.onnx import INT8_ACTIVATIONS, OnnxExportError, export
-from tailor.models.llama import QLinear, TailorConfig, TailorForCausalLM
+from tailor.models.model import QLinear, TailorConfig, TailorForCausalLM
 
 pytestmark = pytest.mark.integration
 

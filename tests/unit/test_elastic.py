@@ -8,7 +8,7 @@ from tailor.arch import SubnetConfig
 from tailor.elastic import importance
 from tailor.elastic.space import SearchSpace
 from tailor.elastic.supernet import arch_of, export_active, set_active, set_max, subnet_of
-from tailor.models.llama import QLinear, set_runtime_emulation
+from tailor.models.model import QLinear, set_runtime_emulation
 from tailor.models.tiny import tiny_model
 
 IDS = torch.randint(0, 320, (2, 24), generator=torch.Generator().manual_seed(0))

@@ -2,7 +2,7 @@
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from tailor.models.llama import TailorForCausalLM
+from tailor.models.model import TailorForCausalLM
 from tailor.models.tiny import tiny_model
 
 

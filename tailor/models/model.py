@@ -1,14 +1,19 @@
-"""Tailor's Llama: one readable file, per-layer widths, elastic slicing and fake quantization.
+"""Tailor's decoder: one readable file, per-layer widths, elastic slicing and fake quantization.
 
-The same module serves three roles:
+It computes every family behind the model seam (`tailor.models.families`: Llama, Mistral, Qwen2):
+pre-norm RMSNorm blocks, GQA attention with rotate-half RoPE (plain, or llama3-scaled frequencies),
+optional q/k/v biases (Qwen2), a SiLU-gated MLP and a tied or untied LM head. The same module serves
+three roles:
 - the dense model (every layer at full width, 16 bits) — numerically the Hugging Face Llama;
 - the supernet (full-size weights, `set_active(cfg)` slices them in forward, OFA style);
 - the standalone compressed model (physically smaller tensors, per-layer head counts and FFN widths,
   weights fake-quantized on the export grid), saved and loaded with `from_pretrained`.
-Parameter names follow Hugging Face Llama so its state dicts load as they are.
+Parameter names follow Hugging Face Llama / Mistral / Qwen2 (identical there), so their state dicts
+load as they are.
 """
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -29,7 +34,8 @@ class TailorConfig(PretrainedConfig):
                  max_position_embeddings: int = 8192, layer_kv_heads: list[int] | None = None,
                  layer_ffn: list[int] | None = None, layer_bits: list[dict[str, int]] | None = None,
                  embed_bits: int = 16, quant_format: str = "gguf", subnet: dict | None = None,
-                 runtime_emulation: bool = False,
+                 runtime_emulation: bool = False, family: str = "llama", attention_bias: bool = False,
+                 rope_freq_scaling: dict | None = None, source: dict | None = None,
                  tie_word_embeddings: bool = True, bos_token_id: int | None = None,
                  eos_token_id: int | None = None, pad_token_id: int | None = None, **kwargs: Any):
         self.vocab_size = vocab_size
@@ -50,33 +56,22 @@ class TailorConfig(PretrainedConfig):
         self.quant_format = quant_format
         self.subnet = subnet  # the SubnetConfig (as a dict) this model was extracted from, if any
         self.runtime_emulation = runtime_emulation  # inference mimics the device runtime's arithmetic
+        self.family = family  # the model seam's family this model came from (tailor.models.families)
+        self.attention_bias = attention_bias  # q/k/v projections carry biases (Qwen2); o never does
+        # None = plain RoPE; {"rope_type": "llama3", "factor", "low_freq_factor", "high_freq_factor",
+        # "original_max_position_embeddings"} = Llama 3.1's frequency scaling
+        self.rope_freq_scaling = rope_freq_scaling  # not `rope_scaling`: transformers rewrites that key
+        self.source = source  # {"name", "sha256"} of the base model this one descends from
         self.bos_token_id, self.eos_token_id, self.pad_token_id = bos_token_id, eos_token_id, pad_token_id
         super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
-
-    @classmethod
-    def from_llama(cls, cfg: Any) -> "TailorConfig":
-        return cls(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size,
-                   num_attention_heads=cfg.num_attention_heads, num_key_value_heads=cfg.num_key_value_heads,
-                   head_dim=getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads,
-                   intermediate_size=cfg.intermediate_size, num_hidden_layers=cfg.num_hidden_layers,
-                   rms_norm_eps=cfg.rms_norm_eps, rope_theta=_rope_theta(cfg),
-                   max_position_embeddings=cfg.max_position_embeddings,
-                   bos_token_id=cfg.bos_token_id, eos_token_id=cfg.eos_token_id,
-                   pad_token_id=getattr(cfg, "pad_token_id", None))
-
-
-def _rope_theta(cfg: Any) -> float:
-    theta = getattr(cfg, "rope_theta", None)
-    if theta is None:  # transformers 5 keeps it in rope_parameters
-        theta = (getattr(cfg, "rope_parameters", None) or {}).get("rope_theta", 10000.0)
-    return float(theta)
 
 
 class QLinear(nn.Linear):
     """Linear whose weight is sliced to an active prefix and fake-quantized on the export grid."""
 
-    def __init__(self, in_features: int, out_features: int, bits: int = 16, fmt: str = "gguf"):
-        super().__init__(in_features, out_features, bias=False)
+    def __init__(self, in_features: int, out_features: int, bits: int = 16, fmt: str = "gguf", bias: bool = False):
+        # A bias (Qwen2's q/k/v) is sliced with the rows and stays float32: both formats store it so.
+        super().__init__(in_features, out_features, bias=bias)
         self.bits, self.fmt = bits, fmt
         self.active_out, self.active_in = out_features, in_features
         # Learned clipping range per (format, bit-width), a factor on each block's range (1 = none).
@@ -122,6 +117,9 @@ class QLinear(nn.Linear):
     def emulating(self) -> bool:
         return self.runtime_emulation and not torch.is_grad_enabled()
 
+    def active_bias(self) -> torch.Tensor | None:
+        return None if self.bias is None else self.bias[: self.active_out]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x[..., : self.active_in]
         if self.emulating():
@@ -129,8 +127,9 @@ class QLinear(nn.Linear):
             key = self._key(w)
             if self._rt_cache is None or self._rt_cache[0] != key:
                 self._rt_cache = (key, runtime_weight(self.clipped_weight(), self.bits, self.fmt))
-            return runtime_linear(x, self._rt_cache[1], self.bits, self.fmt)
-        return F.linear(x, self.active_weight())
+            y = runtime_linear(x, self._rt_cache[1], self.bits, self.fmt)
+            return y if self.bias is None else y + self.active_bias()
+        return F.linear(x, self.active_weight(), self.active_bias())
 
 
 class RMSNorm(nn.Module):
@@ -146,8 +145,31 @@ class RMSNorm(nn.Module):
         return self.weight * x.to(dtype)
 
 
-def rope_tables(head_dim: int, theta: float, positions: torch.Tensor, dtype: torch.dtype):
-    inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim))
+def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None = None) -> torch.Tensor:
+    """Inverse frequencies (head_dim // 2,) float32 of rotate-half RoPE: theta^(-2i/head_dim), and with
+    `scaling` {"rope_type": "llama3", ...} Llama 3.1's rescaling (Meta's `apply_scaling` in llama-models,
+    also transformers' `_compute_llama3_parameters`): wavelengths longer than
+    original_max_position_embeddings / low_freq_factor are divided by `factor`, shorter than
+    original / high_freq_factor kept, and the band between interpolated smoothly."""
+    inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    if not scaling:
+        return inv
+    if scaling.get("rope_type") != "llama3":
+        raise ValueError(f"rope scaling {scaling.get('rope_type')!r} is not supported (only llama3)")
+    factor, lo, hi = float(scaling["factor"]), float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
+    old_ctx = float(scaling["original_max_position_embeddings"])
+    wavelen = 2 * math.pi / inv
+    scaled = torch.where(wavelen > old_ctx / lo, inv / factor, inv)
+    smooth = (old_ctx / wavelen - lo) / (hi - lo)
+    mid = (1 - smooth) * scaled / factor + smooth * scaled
+    between = (wavelen >= old_ctx / hi) & (wavelen <= old_ctx / lo)
+    return torch.where(between, mid, scaled)
+
+
+def rope_tables(head_dim: int, theta: float, positions: torch.Tensor, dtype: torch.dtype,
+                scaling: dict | None = None):
+    """cos, sin (T, head_dim) for `positions` (T,), rotate-half layout."""
+    inv = rope_inv_freq(head_dim, theta, scaling).to(positions.device)
     freqs = positions.float()[:, None] * inv[None, :]  # (T, hd/2)
     emb = torch.cat([freqs, freqs], dim=-1)  # (T, hd)
     return emb.cos().to(dtype), emb.sin().to(dtype)
@@ -165,9 +187,10 @@ class Attention(nn.Module):
         self.q_per_kv = cfg.num_attention_heads // cfg.num_key_value_heads
         self.kv_heads = kv_heads  # active KV groups; query heads follow their group
         h, q, kv, f = cfg.hidden_size, kv_heads * self.q_per_kv * cfg.head_dim, kv_heads * cfg.head_dim, cfg.quant_format
-        self.q_proj = QLinear(h, q, bits.get("q", 16), f)
-        self.k_proj = QLinear(h, kv, bits.get("k", 16), f)
-        self.v_proj = QLinear(h, kv, bits.get("v", 16), f)
+        b = bool(getattr(cfg, "attention_bias", False))
+        self.q_proj = QLinear(h, q, bits.get("q", 16), f, bias=b)
+        self.k_proj = QLinear(h, kv, bits.get("k", 16), f, bias=b)
+        self.v_proj = QLinear(h, kv, bits.get("v", 16), f, bias=b)
         self.o_proj = QLinear(q, h, bits.get("o", 16), f)
 
     def set_kv(self, kv: int) -> None:
@@ -248,8 +271,28 @@ class TailorForCausalLM(PreTrainedModel, GenerationMixin):
     def get_output_embeddings(self) -> nn.Module:
         return self.lm_head
 
+    @property
+    def tied(self) -> bool:
+        return bool(self.config.tie_word_embeddings)
+
     def tie_weights(self, *args: Any, **kwargs: Any) -> None:
-        self.lm_head.weight = self.model.embed_tokens.weight
+        if self.tied:  # an untied head keeps its own weight: never silently replaced by the embedding
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def input_table(self) -> torch.Tensor | None:
+        """The token-embedding table as the exported file stores it: for an untied model, the input
+        table fake-quantized at the head's bits (plain round-to-nearest, no learned clip); None at 16
+        bits (the lookup reads the float table). Cached while the table is frozen."""
+        head, w = self.lm_head, self.model.embed_tokens.weight
+        if head.bits >= 16:
+            return None
+        if torch.is_grad_enabled() and w.requires_grad:
+            return fake_quant(w, head.bits, head.fmt)
+        key = (w._version, head.bits, head.fmt, w.device, w.dtype)
+        cache = getattr(self, "_table_cache", None)
+        if cache is None or cache[0] != key:
+            cache = self._table_cache = (key, fake_quant(w.detach(), head.bits, head.fmt))
+        return cache[1]
 
     def _init_weights(self, module: nn.Module) -> None:
         if isinstance(module, (nn.Linear, nn.Embedding)):
@@ -260,7 +303,8 @@ class TailorForCausalLM(PreTrainedModel, GenerationMixin):
     def hidden_states(self, input_ids: torch.Tensor, table: torch.Tensor | None = None) -> torch.Tensor:
         x = self.model.embed_tokens(input_ids) if table is None else F.embedding(input_ids, table)  # (B, T, h)
         pos = torch.arange(input_ids.shape[1], device=input_ids.device)
-        cos, sin = rope_tables(self.config.head_dim, self.config.rope_theta, pos, x.dtype)
+        cos, sin = rope_tables(self.config.head_dim, self.config.rope_theta, pos, x.dtype,
+                               getattr(self.config, "rope_freq_scaling", None))
         for block in self.model.layers:
             if block.active:
                 x = block(x, cos, sin)
@@ -270,10 +314,13 @@ class TailorForCausalLM(PreTrainedModel, GenerationMixin):
                 labels: torch.Tensor | None = None, **kwargs: Any) -> CausalLMOutputWithPast:
         # Causal attention over right-padded batches: padding only affects positions after the text,
         # whose logits callers ignore, so attention_mask needs no further handling here.
-        # The tied table is quantized once per forward for both uses, as the exported file stores it once.
-        table = self.lm_head.active_weight()
-        h = self.hidden_states(input_ids, table if self.lm_head.bits < 16 else None)
-        logits = (self.lm_head(h) if self.lm_head.emulating() else F.linear(h, table)).float()  # (B, T, V)
+        if self.tied:  # the tied table is quantized once per forward for both uses, as the file stores it once
+            table = self.lm_head.active_weight()
+            h = self.hidden_states(input_ids, table if self.lm_head.bits < 16 else None)
+            logits = self.lm_head(h) if self.lm_head.emulating() else F.linear(h, table)
+        else:
+            logits = self.lm_head(self.hidden_states(input_ids, self.input_table()))
+        logits = logits.float()  # (B, T, V)
         loss = None
         if labels is not None:
             loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
