@@ -76,6 +76,7 @@ def _read_gguf(src: ModelSource) -> tuple[dict, dict, Any]:
     hf = AutoModelForCausalLM.from_pretrained(src.path.parent, gguf_file=src.path.name, dtype=torch.float32)
     hf_config = hf.config.to_dict()
     hf_config["tie_word_embeddings"] = "output.weight" not in names  # the file decides, not a default
+    hf_config.pop("quantization_config", None)  # transformers marks it GGUF; the tensors are dequantized floats
     state = dict(hf.state_dict())
     if hf_config["tie_word_embeddings"]:
         state.pop("lm_head.weight", None)
