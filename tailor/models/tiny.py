@@ -47,3 +47,24 @@ def tiny_hf_model(family: str = "llama", seed: int = 0, vocab: int = 320, **over
             elif p.dim() == 2:
                 p.normal_(0, 0.08)
     return model
+
+
+def save_tiny_hf_dir(path, family: str = "llama", tokenizer_dir=None, seed: int = 0, **over):
+    """Write a tiny random `family` checkpoint as a Hugging Face directory (config.json, safetensors and,
+    from `tokenizer_dir`, the tokenizer files; the vocabulary then follows the tokenizer's)."""
+    import shutil
+    from pathlib import Path
+
+    from transformers import AutoTokenizer
+
+    path = Path(path)
+    if tokenizer_dir is not None:
+        tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+        over = {"vocab_size": len(tok), "bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id, **over}
+    model = tiny_hf_model(family, seed=seed, **over)
+    model.save_pretrained(path, safe_serialization=True)
+    if tokenizer_dir is not None:
+        for f in Path(tokenizer_dir).iterdir():
+            if f.name.startswith("tokenizer") or f.name in ("special_tokens_map.json", "chat_template.jinja"):
+                shutil.copy(f, path / f.name)
+    return path

@@ -46,7 +46,7 @@ def test_supernet(ws):
     model = load_model_dir(ws["art"] / "supernet" / "model")
     set_max(model)
     assert json.loads((ws["art"] / "supernet" / "space.json").read_text())["drop_order"]
-    base, _ = load_base(2)
+    base, _ = load_base(n_layers=2)
     assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in base.parameters())
 
 

@@ -1,0 +1,112 @@
+"""The base model is an input: built-in names, Hugging Face directories and GGUF files resolve to a
+source with a content hash, the converted base is cached under that hash, and bad sources are refused
+in one line."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from tailor.config import ConfigError, parse_params
+from tailor.models.base import ModelFileError, base_dir, load_base, load_model_dir
+from tailor.models.source import resolve
+from tailor.models.tiny import save_tiny_hf_dir
+
+
+@pytest.fixture(scope="module")
+def tok_dir():
+    from tailor.models.base import base_dir as bd
+
+    return bd(None)  # SmolLM2's converted base: its tokenizer serves the tiny checkpoints
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("TAILOR_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+def test_hf_dir_is_cached_under_its_content(tmp_path, tok_dir, cache):
+    d = save_tiny_hf_dir(tmp_path / "mine", "qwen2", tok_dir, tie_word_embeddings=False, hidden_size=64)
+    src = resolve(str(d))
+    assert src.kind == "hf" and src.name == "mine"
+    first = base_dir(str(d))
+    assert first.name == f"base-{src.key}" and json.loads((first / "source.json").read_text())["sha256"] == src.sha256
+    model = load_model_dir(d)  # what `tailor evaluate --model DIR` does: through the family seam
+    assert not model.config.tie_word_embeddings and model.config.attention_bias
+    # the same path with other contents is another model: a new cache entry, never the stale one
+    save_tiny_hf_dir(d, "qwen2", tok_dir, seed=9, tie_word_embeddings=False, hidden_size=64)
+    assert resolve(str(d)).sha256 != src.sha256
+    second = base_dir(str(d))
+    assert second != first
+    a, b = load_model_dir(first), load_model_dir(second)
+    assert not torch.equal(a.model.embed_tokens.weight, b.model.embed_tokens.weight)
+
+
+def test_tokenizer_gguf_tokenizes_like_the_model(tmp_path, tok_dir, cache):
+    """A Hugging Face directory's BPE tokenizer is written to GGUF so that llama.cpp tokenizes the probe
+    texts exactly as transformers does (the pre-tokenizer found by trying llama.cpp's names)."""
+    from transformers import AutoTokenizer
+
+    from tailor.export.gguf_vocab import PROBES, llama_tokenize, tokenizer_gguf
+
+    d = save_tiny_hf_dir(tmp_path / "m", "llama", tok_dir)
+    path = tokenizer_gguf(base_dir(str(d)))
+    tok = AutoTokenizer.from_pretrained(d)
+    assert llama_tokenize(path) == [tok(t, add_special_tokens=False)["input_ids"] for t in PROBES]
+
+
+def test_untokenizable_vocab_is_refused_at_export_with_the_reason(tmp_path, tok_dir, cache):
+    """A tokenizer llama.cpp cannot reproduce leaves no tokenizer.gguf, only the reason, which GGUF
+    export reports (ONNX export does not need it)."""
+    from tailor.export.gguf_vocab import TokenizerGGUFError, tokenizer_gguf, write_tokenizer_gguf
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tok_dir)
+    out = write_tokenizer_gguf(tmp_path / "tokenizer.gguf", tok, tok_dir, len(tok) - 1)  # one token short
+    assert out.name == "tokenizer.gguf.error" and not (tmp_path / "tokenizer.gguf").exists()
+    with pytest.raises(TokenizerGGUFError, match="model's vocab"):
+        tokenizer_gguf(tmp_path)
+
+
+@pytest.mark.parametrize("spec, words", [
+    ("no-such-model", "no such file or directory, and not a built-in (smollm2-135m, qwen2.5-coder-0.5b)"),
+])
+def test_unknown_source_is_refused(spec, words, cache):
+    with pytest.raises(ModelFileError) as e:
+        resolve(spec)
+    assert words in str(e.value)
+
+
+def test_not_a_model_is_refused(tmp_path, cache):
+    (tmp_path / "notes.gguf").write_text("hello")
+    with pytest.raises(ModelFileError, match="not a GGUF file"):
+        resolve(str(tmp_path / "notes.gguf"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelFileError, match="no config.json"):
+        resolve(str(tmp_path / "empty"))
+
+
+def test_pickled_or_missing_shards_are_refused(tmp_path, tok_dir, cache):
+    d = save_tiny_hf_dir(tmp_path / "p", "llama", tok_dir)
+    (d / "model.safetensors").rename(d / "pytorch_model.bin")
+    with pytest.raises(ModelFileError, match="pickled weights"):
+        base_dir(str(d))
+    d2 = save_tiny_hf_dir(tmp_path / "s", "llama", tok_dir)
+    (d2 / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"x": "model-00002-of-00002.safetensors"}}))
+    with pytest.raises(ModelFileError, match="shard model-00002-of-00002.safetensors"):
+        base_dir(str(d2))
+
+
+def test_model_package_key_is_refused():
+    """`model.package` was accepted and ignored: an unknown key now names itself."""
+    with pytest.raises(ConfigError, match="model.package"):
+        parse_params({"profile": "p", "profiles": {"p": {}}, "model": {"package": "something-else"}})
+
+
+def test_sliced_load_of_a_source(tmp_path, tok_dir, cache):
+    d = save_tiny_hf_dir(tmp_path / "m", "mistral", tok_dir, num_hidden_layers=3, sliding_window=None)
+    model, tok = load_base(str(d), n_layers=2)
+    assert model.config.num_hidden_layers == 2 and model.config.family == "mistral"
+    assert len(tok) == model.config.vocab_size
