@@ -21,7 +21,9 @@ err = Console(stderr=True)
 
 _DEFAULT_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "DVC_NO_ANALYTICS": "1",
                 "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
-                "TOKENIZERS_PARALLELISM": "false"}
+                "TOKENIZERS_PARALLELISM": "false",
+                # the ephemeral API's 20 s start-up limit is too short on a busy 2-core machine (seen here)
+                "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "300"}
 
 
 def _fail(msg: str, code: int = 2) -> None:

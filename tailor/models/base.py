@@ -30,6 +30,8 @@ from tailor.models.model import TailorConfig, TailorForCausalLM
 from tailor.models.source import DEFAULT, ModelSource, cache_dir, resolve
 
 log = logging.getLogger(__name__)
+# Bumped when the conversion changes what it writes: the cache key includes it, so no stale base survives.
+CONVERT_VERSION = 2
 # Tensors some checkpoints carry that are not parameters (recomputed from the config).
 _IGNORED = ("rotary_emb.inv_freq",)
 
@@ -141,7 +143,7 @@ def base_dir(source: str | ModelSource | None = None) -> Path:
     """Directory holding the cached plain base model of `source` (default: the built-in SmolLM2);
     converted on first use, keyed by the source's content hash."""
     src = source if isinstance(source, ModelSource) else resolve(source)
-    dest = cache_dir() / f"base-{src.key}"
+    dest = cache_dir() / f"base-{src.key}-c{CONVERT_VERSION}"
     if not (dest / "source.json").is_file():
         _convert(src, dest)
     return dest
