@@ -1,0 +1,317 @@
+"""llama.cpp's K-quants (Q2_K, Q3_K, Q4_K, Q5_K, Q6_K) and IQ4_NL as a fake-quant grid: torch
+quantizer, dequantizer bit-exact with ggml, block range for learned clipping, runtime emulation.
+
+Sources (llama.cpp as vendored by llama-cpp-python 0.3.36; gguf-py 0.19 `gguf.quants` is the oracle):
+  layouts     ggml/src/ggml-common.h: block_q2_K ... block_q6_K, block_iq4_nl, kvalues_iq4nl, block_q8_K
+  values      ggml/src/ggml-quants.c: dequantize_row_q{2..6}_K, dequantize_row_iq4_nl
+  activations ggml/src/ggml-quants.c quantize_row_q8_K_ref (used as is by ggml-cpu on x86 and ARM; the
+              AVX2 repack variant picks the other sign on ties, which gives the same values d * q)
+
+Values per element, in ggml's order of operations (all float32; d, dmin stored as float16):
+  Q2_K   16 sub-blocks of 16   (d * sc) * q - (dmin * m)      q 0..3,    sc, m 4-bit unsigned
+  Q3_K   16 sub-blocks of 16   (d * sc) * q                   q -4..3,   sc 6-bit signed -32..31
+  Q4_K    8 sub-blocks of 32   (d * sc) * q - (dmin * m)      q 0..15,   sc, m 6-bit unsigned
+  Q5_K    8 sub-blocks of 32   (d * sc) * q - (dmin * m)      q 0..31,   sc, m 6-bit unsigned
+  Q6_K   16 sub-blocks of 16   (d * sc) * q                   q -32..31, sc int8
+  IQ4_NL blocks of 32          d * kvalues_iq4nl[q]           q 0..15 (a 16-entry table, -127..113)
+Every product above is exact in float32 (an fp16 mantissa of 11 bits times integers of at most 6 + 6
+bits needs at most 23), so only the final subtraction rounds: the values do not depend on evaluation
+order or on FMA contraction (torch.compile / Triton may fuse `a * b - c`), and equal ggml's bit for bit.
+
+The quantizer is ours, not llama.cpp's (its per-block iterative searches are sequential C loops):
+deterministic, vectorised over all blocks, with a Python loop only over a few candidate scales.
+  1. Each sub-block gets a float scale (and offset <= 0 for the affine types) by a grid of candidate
+     inverse scales around "range / levels", each refitted by least squares on its codes; the candidate
+     with the smallest squared error wins (llama.cpp's make_qkx2_quants / make_qx_quants idea, with
+     unit weights: we minimise plain RMSE).
+  2. The sub-block scales (and offsets) are quantized to their integer codes against the fp16
+     super-block scale, computed from the fp16 value actually stored.
+  3. The element codes are re-chosen as the nearest level of the stored (dequantized) sub-block scales,
+     so what is stored is the best the stored scales can do. IQ4_NL (one level) scores its candidates
+     after fp16 rounding of d, i.e. on exactly what is stored.
+RMSE against llama.cpp's own quantizer: see tests/unit/test_gguf_kquants.py::test_rmse_vs_llamacpp
+and the module's README numbers in the commit that added it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from gguf import GGMLQuantizationType as T
+
+QK_K = 256
+KVALUES_IQ4NL = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
+
+
+@dataclass(frozen=True)
+class KType:
+    """One ggml block type. `sub` is the sub-block that owns a scale: the block learned clipping uses."""
+
+    name: str
+    qtype: T
+    block: int           # elements per (super-)block along the input dimension
+    block_bytes: int     # sizeof(block_*) in ggml-common.h
+    sub: int             # elements per scale
+    qmin: int            # element code range
+    qmax: int
+    affine: bool         # has a per-sub-block min (x = a * q - b); else symmetric (x = a * q)
+    sc_min: int = 0      # sub-block scale code range (min code range is 0..sc_max when affine)
+    sc_max: int = 0
+    steps: tuple[float, ...] = ()  # candidate level offsets searched per sub-block (step 1)
+
+    @property
+    def bits_per_weight(self) -> float:
+        return 8 * self.block_bytes / self.block
+
+    @property
+    def activation_block(self) -> int:
+        """Block of the activations' quantization in llama.cpp's CPU dot product (Q8_K or Q8_0)."""
+        return QK_K if self.block == QK_K else 32
+
+
+def _steps(lo: float, hi: float, n: int) -> tuple[float, ...]:
+    return tuple(lo + (hi - lo) * i / (n - 1) for i in range(n))
+
+
+TYPES: dict[str, KType] = {t.name: t for t in (
+    KType("Q2_K", T.Q2_K, QK_K, 84, 16, 0, 3, True, 0, 15, _steps(-0.5, 1.0, 16)),
+    KType("Q3_K", T.Q3_K, QK_K, 110, 16, -4, 3, False, -32, 31, _steps(-0.6, 0.6, 13)),
+    KType("Q4_K", T.Q4_K, QK_K, 144, 32, 0, 15, True, 0, 63, _steps(-1.0, 1.0, 21)),
+    KType("Q5_K", T.Q5_K, QK_K, 176, 32, 0, 31, True, 0, 63, _steps(-0.5, 1.0, 16)),
+    KType("Q6_K", T.Q6_K, QK_K, 210, 16, -32, 31, False, -128, 127, _steps(-0.9, 0.9, 19)),
+    KType("IQ4_NL", T.IQ4_NL, 32, 18, 32, 0, 15, False, 0, 0, _steps(-7.0, 7.0, 15)),
+)}
+
+
+def ktype(name: str | T | KType) -> KType:
+    if isinstance(name, KType):
+        return name
+    key = name.name if isinstance(name, T) else str(name).upper()
+    if key not in TYPES:
+        raise ValueError(f"no K-quant/IQ4_NL grid for {name!r} (known: {sorted(TYPES)})")
+    return TYPES[key]
+
+
+def matrix_bytes(name: str | T, rows: int, cols: int) -> int:
+    t = ktype(name)
+    _check_cols(t, cols)
+    return rows * (cols // t.block) * t.block_bytes
+
+
+class KCodes(NamedTuple):
+    """Stored fields of a [rows, cols] weight, nb = cols // block super-blocks per row.
+
+    d: (rows, nb, 1) float16; dmin: (rows, nb, 1) float16 (Q2_K/Q4_K/Q5_K) or None;
+    sc: (rows, nb, block // sub) int16 sub-block scale codes (signed for Q3_K/Q6_K, as ggml uses them,
+    i.e. Q3_K's stored value minus 32), None for IQ4_NL; m: like sc, min codes, or None;
+    q: (rows, nb, block) int16 element codes in the type's range (IQ4_NL: table indices)."""
+
+    type: str
+    d: torch.Tensor
+    dmin: torch.Tensor | None
+    sc: torch.Tensor | None
+    m: torch.Tensor | None
+    q: torch.Tensor
+
+
+def _check_cols(t: KType, cols: int) -> None:
+    if cols % t.block:
+        raise ValueError(f"{t.name} needs columns in whole {t.block}-element blocks, got {cols} columns")
+
+
+def _div(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a / b, 0 where b == 0 (an all-zero block has scale 0 and codes 0)."""
+    nz = b != 0
+    return torch.where(nz, a / torch.where(nz, b, torch.ones_like(b)), torch.zeros_like(a))
+
+
+def _fp16(x: torch.Tensor) -> torch.Tensor:
+    return x.to(torch.float16)
+
+
+# -- step 1: float scale (and offset) per sub-block, grid of candidates + least squares ------------------
+
+def _fit_affine(x: torch.Tensor, t: KType) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (..., n) -> scale a >= 0, offset b <= 0 (..., 1) minimising sum((a * L + b - x)^2) over the
+    candidates L = clamp(round((x - min) * (qmax + s) / range)), min = min(x, 0)."""
+    n = x.shape[-1]
+    lo = x.amin(-1, keepdim=True).clamp(max=0)
+    rng = x.amax(-1, keepdim=True) - lo
+    best_a, best_b = rng / t.qmax, lo  # plain min/max: the fallback when every fit degenerates
+    L = torch.round(_div(x - lo, best_a)).clamp(0, t.qmax)
+    best = ((best_a * L + best_b - x) ** 2).sum(-1, keepdim=True)
+    sx = x.sum(-1, keepdim=True)
+    for s in t.steps:
+        L = torch.round(_div((x - lo) * (t.qmax + s), rng)).clamp(0, t.qmax)
+        sl, sl2, sxl = L.sum(-1, keepdim=True), (L * L).sum(-1, keepdim=True), (x * L).sum(-1, keepdim=True)
+        det = n * sl2 - sl * sl
+        a = _div(n * sxl - sx * sl, det)
+        b = _div(sl2 * sx - sl * sxl, det)
+        pos = b > 0  # the format's offset is -dmin * m <= 0: refit the scale alone
+        a, b = torch.where(pos, _div(sxl, sl2), a), torch.where(pos, torch.zeros_like(b), b)
+        err = ((a * L + b - x) ** 2).sum(-1, keepdim=True)
+        better = (det > 0) & (err < best)
+        best = torch.where(better, err, best)
+        best_a, best_b = torch.where(better, a, best_a), torch.where(better, b, best_b)
+    return best_a.clamp(min=0), best_b.clamp(max=0)
+
+
+def _signed_max(x: torch.Tensor) -> torch.Tensor:
+    """The element of largest |x| with its sign (the first one on ties), (..., 1)."""
+    return torch.gather(x, -1, x.abs().argmax(-1, keepdim=True))
+
+
+def _fit_symmetric(x: torch.Tensor, t: KType) -> torch.Tensor:
+    """x (..., n) -> signed scale a (..., 1) minimising sum((a * L - x)^2), L = clamp(round(x / a_k))
+    for candidates mapping the largest |x| to the extra negative level qmin (- s) or to qmax (+ s)."""
+    mx = _signed_max(x)
+    best_a = _div(mx, torch.full_like(mx, float(t.qmin)))
+    best = ((best_a * torch.round(_div(x, best_a)).clamp(t.qmin, t.qmax) - x) ** 2).sum(-1, keepdim=True)
+    for k in [t.qmin - s for s in t.steps] + [t.qmax + s for s in t.steps]:
+        L = torch.round(_div(x * k, mx)).clamp(t.qmin, t.qmax)
+        a = _div((x * L).sum(-1, keepdim=True), (L * L).sum(-1, keepdim=True))
+        err = ((a * L - x) ** 2).sum(-1, keepdim=True)
+        better = err < best
+        best, best_a = torch.where(better, err, best), torch.where(better, a, best_a)
+    return best_a
+
+
+# -- steps 2 and 3 --------------------------------------------------------------------------------------
+
+def _super_scale(a: torch.Tensor, levels: float) -> torch.Tensor:
+    """fp16 super-block scale d for sub-block scales a (rows, nb, nsub): the largest maps to `levels`
+    (negative levels for signed codes: the signed largest maps to the extra negative code)."""
+    ref = _signed_max(a) if levels < 0 else a.amax(-1, keepdim=True)
+    return _fp16(ref / levels)
+
+
+def _codes_affine(b: torch.Tensor, t: KType) -> KCodes:
+    rows, nb, nsub, sub = b.shape
+    a, off = _fit_affine(b, t)                                    # (rows, nb, nsub, 1)
+    a, off = a.squeeze(-1), (-off).squeeze(-1)                    # (rows, nb, nsub), min >= 0
+    d, dmin = _super_scale(a, t.sc_max), _super_scale(off, t.sc_max)
+    sc = torch.round(_div(a, d.float())).clamp(0, t.sc_max)
+    m = torch.round(_div(off, dmin.float())).clamp(0, t.sc_max)
+    dl, ml = (d.float() * sc).unsqueeze(-1), (dmin.float() * m).unsqueeze(-1)
+    q = torch.round(_div(b + ml, dl)).clamp(0, t.qmax)
+    i16 = torch.int16
+    return KCodes(t.name, d, dmin, sc.to(i16), m.to(i16), q.reshape(rows, nb, nsub * sub).to(i16))
+
+
+def _codes_symmetric(b: torch.Tensor, t: KType) -> KCodes:
+    rows, nb, nsub, sub = b.shape
+    a = _fit_symmetric(b, t).squeeze(-1)                          # (rows, nb, nsub)
+    d = _super_scale(a, float(t.sc_min))
+    sc = torch.round(_div(a, d.float())).clamp(t.sc_min, t.sc_max)
+    dl = (d.float() * sc).unsqueeze(-1)
+    q = torch.round(_div(b, dl)).clamp(t.qmin, t.qmax)
+    i16 = torch.int16
+    return KCodes(t.name, d, None, sc.to(i16), None, q.reshape(rows, nb, nsub * sub).to(i16))
+
+
+def _table(device: torch.device) -> torch.Tensor:
+    return torch.tensor(KVALUES_IQ4NL, dtype=torch.float32, device=device)
+
+
+def _nearest_index(y: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """Index of the table entry nearest to y (the lower one at exact midpoints)."""
+    mids = (table[1:] + table[:-1]) / 2  # exact: integers / 2
+    return torch.bucketize(y.contiguous(), mids)
+
+
+def _codes_iq4nl(b: torch.Tensor, t: KType) -> KCodes:
+    """Blocks b (rows, nb, 32): candidates d = max / (-127 + s) and max / (113 + s), each refitted by
+    least squares, rounded to fp16 and re-assigned, scored on the stored values."""
+    table = _table(b.device)
+    mx = _signed_max(b)
+    best_d = best_q = best = None
+    for k in [table[0].item() + s for s in t.steps] + [table[-1].item() + s for s in t.steps]:
+        v = table[_nearest_index(_div(b * k, mx), table)]
+        d = _fp16(_div((b * v).sum(-1, keepdim=True), (v * v).sum(-1, keepdim=True)))
+        q = _nearest_index(_div(b, d.float()), table)
+        err = ((d.float() * table[q] - b) ** 2).sum(-1, keepdim=True)
+        if best is None:
+            best, best_d, best_q = err, d, q
+            continue
+        better = err < best
+        best = torch.where(better, err, best)
+        best_d, best_q = torch.where(better, d, best_d), torch.where(better, q, best_q)
+    return KCodes(t.name, best_d, None, None, None, best_q.to(torch.int16))
+
+
+def codes(w: torch.Tensor, name: str | T) -> KCodes:
+    """Quantize `w` ([rows, cols], cols a multiple of the type's block) to the type's stored fields."""
+    t = ktype(name)
+    if w.dim() != 2:
+        raise ValueError(f"{t.name} codes expect a [rows, cols] matrix, got shape {tuple(w.shape)}")
+    rows, cols = w.shape
+    _check_cols(t, cols)
+    b = w.detach().float().reshape(rows, cols // t.block, t.block)
+    if t.name == "IQ4_NL":
+        return _codes_iq4nl(b, t)
+    b = b.reshape(rows, cols // t.block, t.block // t.sub, t.sub)
+    return _codes_affine(b, t) if t.affine else _codes_symmetric(b, t)
+
+
+def from_codes(c: KCodes) -> torch.Tensor:
+    """float32 [rows, cols] values of the blocks exactly as ggml's dequantize_row_* computes them."""
+    t = ktype(c.type)
+    rows, nb, n = c.q.shape
+    q = c.q.float()
+    if c.sc is None:  # IQ4_NL: d * kvalues[q]
+        return (c.d.float() * _table(q.device)[c.q.long()]).reshape(rows, nb * n)
+    nsub = n // t.sub
+    q = q.reshape(rows, nb, nsub, t.sub)
+    out = (c.d.float() * c.sc.float()).unsqueeze(-1) * q
+    if c.m is not None:
+        out = out - (c.dmin.float() * c.m.float()).unsqueeze(-1)
+    return out.reshape(rows, nb * n)
+
+
+def dequantized(w: torch.Tensor, name: str | T) -> torch.Tensor:
+    """Values of `w` after a round trip through the type: what llama.cpp reads from `pack(w)`."""
+    return from_codes(codes(w, name))
+
+
+def block_range(b: torch.Tensor, name: str | T) -> tuple[torch.Tensor, torch.Tensor]:
+    """Learned clipping's range of blocks b (..., ktype(name).sub): what the quantizer derives its step
+    from. Symmetric types (Q3_K, Q6_K, IQ4_NL) scale from the largest |x|: [-amax, amax]; affine types
+    (Q2_K, Q4_K, Q5_K) from [min(x, 0), max(x)] (their offset is never positive)."""
+    t = ktype(name)
+    if t.affine:
+        return b.amin(-1, keepdim=True).clamp(max=0), b.amax(-1, keepdim=True)
+    a = b.abs().amax(-1, keepdim=True)
+    return -a, a
+
+
+# -- runtime emulation -------------------------------------------------------------------------------
+
+def q8_k(x: torch.Tensor) -> torch.Tensor:
+    """Activations (..., n) as llama.cpp's quantize_row_q8_K leaves them (n a multiple of 256), as
+    float32 values d * q: iscale = -127 / (signed largest |x|), q = round-half-even(iscale * x) (its
+    nearest_int), q <= 127, d = 1 / iscale."""
+    *lead, n = x.shape
+    b = x.float().reshape(*lead, n // QK_K, QK_K)
+    mx = _signed_max(b)
+    iscale = _div(torch.full_like(mx, -127.0), mx)
+    q = torch.round(b * iscale).clamp(max=127)
+    return (_div(torch.ones_like(iscale), iscale) * q).reshape(*lead, n)
+
+
+def runtime_linear(x: torch.Tensor, w: torch.Tensor | KCodes, name: str | T) -> torch.Tensor:
+    """x @ w.T as llama.cpp's CPU kernels compute it for `w` ([out, in]) stored as `name`, up to float
+    summation order: the activations are rounded to Q8_K blocks of 256 (K-quants: the integer dot
+    products use d_x * q_x exactly) or to Q8_0 blocks of 32 with float16 d (IQ4_NL), the weights are the
+    grid. `w` may be its precomputed `codes(w, name)`."""
+    t = ktype(name)
+    c = w if isinstance(w, KCodes) else codes(w, t.name)
+    if t.name == "IQ4_NL":
+        from tailor.quant.gguf_grid import _activation_blocks
+
+        _, d16, q = _activation_blocks(x)
+        xq = (d16 * q).flatten(-2)
+    else:
+        xq = q8_k(x)
+    return F.linear(xq, from_codes(c))
