@@ -26,9 +26,8 @@ deterministic, vectorised over all blocks, with a Python loop only over a few ca
      unit weights: we minimise plain RMSE).
   2. The sub-block scales (and offsets) are quantized to their integer codes against the fp16
      super-block scale, computed from the fp16 value actually stored.
-  3. The element codes are re-chosen as the nearest level of the stored (dequantized) sub-block scales,
-     so what is stored is the best the stored scales can do. IQ4_NL (one level) scores its candidates
-     after fp16 rounding of d, i.e. on exactly what is stored.
+  3. The element codes are re-chosen as the nearest level of the stored (dequantized) sub-block scales
+     (IQ4_NL: of the fp16 d), so what is stored is the best the stored scales can do.
 RMSE against llama.cpp's own quantizer: see tests/unit/test_gguf_kquants.py::test_rmse_vs_llamacpp
 and the module's README numbers in the commit that added it.
 """
@@ -133,29 +132,38 @@ def _fp16(x: torch.Tensor) -> torch.Tensor:
 
 # -- step 1: float scale (and offset) per sub-block, grid of candidates + least squares ------------------
 
+def _sum(x: torch.Tensor) -> torch.Tensor:
+    return x.sum(-1, keepdim=True)
+
+
 def _fit_affine(x: torch.Tensor, t: KType) -> tuple[torch.Tensor, torch.Tensor]:
     """x (..., n) -> scale a >= 0, offset b <= 0 (..., 1) minimising sum((a * L + b - x)^2) over the
-    candidates L = clamp(round((x - min) * (qmax + s) / range)), min = min(x, 0)."""
+    candidates L = clamp(round((x - min) * (qmax + s) / range)), min = min(x, 0).
+
+    The fits sum in float64 (products of float32 and small integers are exact there), so the choice
+    does not depend on the device's summation order: CPU and GPU pick the same codes."""
     n = x.shape[-1]
     lo = x.amin(-1, keepdim=True).clamp(max=0)
     rng = x.amax(-1, keepdim=True) - lo
-    best_a, best_b = rng / t.qmax, lo  # plain min/max: the fallback when every fit degenerates
-    L = torch.round(_div(x - lo, best_a)).clamp(0, t.qmax)
-    best = ((best_a * L + best_b - x) ** 2).sum(-1, keepdim=True)
-    sx = x.sum(-1, keepdim=True)
+    x64 = x.double()
+    best_a, best_b = (rng / t.qmax).double(), lo.double()  # plain min/max: the fallback for degenerate fits
+    L = torch.round(_div(x - lo, rng / t.qmax)).clamp(0, t.qmax).double()
+    best = _sum((best_a * L + best_b - x64) ** 2)
+    sx, sx2 = _sum(x64), _sum(x64 * x64)
     for s in t.steps:
-        L = torch.round(_div((x - lo) * (t.qmax + s), rng)).clamp(0, t.qmax)
-        sl, sl2, sxl = L.sum(-1, keepdim=True), (L * L).sum(-1, keepdim=True), (x * L).sum(-1, keepdim=True)
+        L = torch.round(_div((x - lo) * (t.qmax + s), rng)).clamp(0, t.qmax).double()
+        sl, sl2, sxl = _sum(L), _sum(L * L), _sum(x64 * L)
         det = n * sl2 - sl * sl
         a = _div(n * sxl - sx * sl, det)
         b = _div(sl2 * sx - sl * sxl, det)
         pos = b > 0  # the format's offset is -dmin * m <= 0: refit the scale alone
         a, b = torch.where(pos, _div(sxl, sl2), a), torch.where(pos, torch.zeros_like(b), b)
-        err = ((a * L + b - x) ** 2).sum(-1, keepdim=True)
+        # sum((a L + b - x)^2) from the sums (no second pass over the elements)
+        err = a * a * sl2 + 2 * a * b * sl + n * b * b - 2 * a * sxl - 2 * b * sx + sx2
         better = (det > 0) & (err < best)
         best = torch.where(better, err, best)
         best_a, best_b = torch.where(better, a, best_a), torch.where(better, b, best_b)
-    return best_a.clamp(min=0), best_b.clamp(max=0)
+    return best_a.float().clamp(min=0), best_b.float().clamp(max=0)
 
 
 def _signed_max(x: torch.Tensor) -> torch.Tensor:
@@ -165,17 +173,22 @@ def _signed_max(x: torch.Tensor) -> torch.Tensor:
 
 def _fit_symmetric(x: torch.Tensor, t: KType) -> torch.Tensor:
     """x (..., n) -> signed scale a (..., 1) minimising sum((a * L - x)^2), L = clamp(round(x / a_k))
-    for candidates mapping the largest |x| to the extra negative level qmin (- s) or to qmax (+ s)."""
+    for candidates mapping the largest |x| to the extra negative level qmin (- s) or to qmax (+ s).
+    Sums in float64, as _fit_affine."""
     mx = _signed_max(x)
-    best_a = _div(mx, torch.full_like(mx, float(t.qmin)))
-    best = ((best_a * torch.round(_div(x, best_a)).clamp(t.qmin, t.qmax) - x) ** 2).sum(-1, keepdim=True)
+    x64 = x.double()
+    a0 = mx / t.qmin
+    best_a = a0.double()
+    best = _sum((best_a * torch.round(_div(x, a0)).clamp(t.qmin, t.qmax).double() - x64) ** 2)
+    sx2 = _sum(x64 * x64)
     for k in [t.qmin - s for s in t.steps] + [t.qmax + s for s in t.steps]:
-        L = torch.round(_div(x * k, mx)).clamp(t.qmin, t.qmax)
-        a = _div((x * L).sum(-1, keepdim=True), (L * L).sum(-1, keepdim=True))
-        err = ((a * L - x) ** 2).sum(-1, keepdim=True)
+        L = torch.round(_div(x * k, mx)).clamp(t.qmin, t.qmax).double()
+        sxl, sl2 = _sum(x64 * L), _sum(L * L)
+        a = _div(sxl, sl2)
+        err = sx2 - a * sxl  # sum((a L - x)^2) at the least-squares a
         better = err < best
         best, best_a = torch.where(better, err, best), torch.where(better, a, best_a)
-    return best_a
+    return best_a.float()
 
 
 # -- steps 2 and 3 --------------------------------------------------------------------------------------
@@ -215,30 +228,41 @@ def _table(device: torch.device) -> torch.Tensor:
     return torch.tensor(KVALUES_IQ4NL, dtype=torch.float32, device=device)
 
 
+_LUT_HALF = 256  # covers 2 * y in [-256, 256], beyond every midpoint of the table
+
+
 def _nearest_index(y: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
-    """Index of the table entry nearest to y (the lower one at exact midpoints)."""
-    mids = (table[1:] + table[:-1]) / 2  # exact: integers / 2
-    return torch.bucketize(y.contiguous(), mids)
+    """Index of the integer table's entry nearest to y (the lower one at exact midpoints), as
+    torch.bucketize(y, midpoints) but ~5x faster on CPU: the midpoints are multiples of 1/2, so
+    j = ceil(2 y) - 1 (y in (j/2, (j+1)/2]) decides every comparison; a lookup table counts them."""
+    mids2 = table[1:] + table[:-1]  # 2 * midpoints, integers
+    j = torch.arange(-_LUT_HALF, _LUT_HALF + 1, device=y.device, dtype=table.dtype)
+    lut = (mids2 <= j.unsqueeze(-1)).sum(-1)  # number of midpoints m/2 with m <= j
+    pos = (torch.ceil(2 * y) - 1).clamp(-_LUT_HALF, _LUT_HALF) + _LUT_HALF
+    return lut[pos.long()]
 
 
 def _codes_iq4nl(b: torch.Tensor, t: KType) -> KCodes:
     """Blocks b (rows, nb, 32): candidates d = max / (-127 + s) and max / (113 + s), each refitted by
-    least squares, rounded to fp16 and re-assigned, scored on the stored values."""
+    least squares; the best is rounded to fp16 and the codes re-assigned to its levels."""
     table = _table(b.device)
     mx = _signed_max(b)
-    best_d = best_q = best = None
+    b64 = b.double()
+    bx2 = _sum(b64 * b64)
+    best_d = best = None
     for k in [table[0].item() + s for s in t.steps] + [table[-1].item() + s for s in t.steps]:
-        v = table[_nearest_index(_div(b * k, mx), table)]
-        d = _fp16(_div((b * v).sum(-1, keepdim=True), (v * v).sum(-1, keepdim=True)))
-        q = _nearest_index(_div(b, d.float()), table)
-        err = ((d.float() * table[q] - b) ** 2).sum(-1, keepdim=True)
+        v = table[_nearest_index(_div(b * k, mx), table)].double()
+        sxv, sv2 = _sum(b64 * v), _sum(v * v)  # float64: device-independent, as _fit_affine
+        d = _div(sxv, sv2)
+        err = bx2 - d * sxv
         if best is None:
-            best, best_d, best_q = err, d, q
+            best, best_d = err, d
             continue
         better = err < best
-        best = torch.where(better, err, best)
-        best_d, best_q = torch.where(better, d, best_d), torch.where(better, q, best_q)
-    return KCodes(t.name, best_d, None, None, None, best_q.to(torch.int16))
+        best, best_d = torch.where(better, err, best), torch.where(better, d, best_d)
+    d = _fp16(best_d.float())
+    q = _nearest_index(_div(b, d.float()), table)  # the levels of the stored scale
+    return KCodes(t.name, d, None, None, None, q.to(torch.int16))
 
 
 def codes(w: torch.Tensor, name: str | T) -> KCodes:

@@ -25,14 +25,15 @@ def edge_weights(seed: int = 0, rows: int = 37, cols: int = 768) -> torch.Tensor
     w[0, :256] = 0.0                                    # all-zero super-block: every scale 0
     w[1, :256] = 1.7                                    # constant positive: offset 0, scale only
     w[2, :256] = -3.25                                  # constant negative: offset only, scale 0
-    w[3, 256:512] = torch.randn(256, generator=g) * 0.01
-    w[3, 300] = 5.0                                     # one outlier in a quiet super-block
+    s2, s3 = (256, cols - 256) if cols >= 512 else (0, 0)  # a later super-block where there is one
+    w[3, s2:s2 + 256] = torch.randn(256, generator=g) * 0.01
+    w[3, s2 + 44] = 5.0                                 # one outlier in a quiet super-block
     w[4, :256] = torch.randn(256, generator=g).abs()   # one-signed blocks
     w[5, :256] = -torch.randn(256, generator=g).abs()
     w[6, :256] = torch.linspace(-1, 1, 256)             # evenly spaced: ties on the grids
     w[7, :32] = 0.0                                     # one zero sub-block among live ones
     w[8, :256] = torch.randn(256, generator=g) * 1e-7  # fp16-subnormal super-block scales
-    w[9, 512:] = torch.where(torch.arange(256) % 2 == 0, -2.0, 2.0)  # |max| tied with both signs
+    w[9, s3:s3 + 256] = torch.where(torch.arange(256) % 2 == 0, -2.0, 2.0)  # |max| tied with both signs
     w[10, :16] = 3.0                                    # a sub-block of 16 alone at a large value
     return w
 
@@ -74,7 +75,7 @@ def test_edge_blocks_quantize_sensibly(name: str) -> None:
     assert torch.equal(q[0, :256], torch.zeros(256))           # zeros stay exactly zero
     for r in (1, 2):                                           # constants within fp16 / scale rounding
         assert (q[r, :256] - w[r, :256]).abs().max() < 0.02 * w[r, 0].abs()
-    assert (q[3, 300] - 5.0).abs() < 0.5                       # the outlier survives
+    assert (q[3, 300] - 5.0).abs() < 0.5                      # the outlier survives
     rms = lambda a: a.pow(2).mean().sqrt()                     # noqa: E731
     assert rms(q[4:7, :256] - w[4:7, :256]) < 0.5 * rms(w[4:7, :256])
 
@@ -265,3 +266,11 @@ def test_pack_codes_is_pack() -> None:
     w = edge_weights(9)
     for name in TYPES:
         assert np.array_equal(pack_codes(kq.codes(w, name)), pack(w, name))
+
+
+def test_iq4_nl_nearest_level_is_bucketize() -> None:
+    table = torch.tensor(kq.KVALUES_IQ4NL, dtype=torch.float32)
+    mids = (table[1:] + table[:-1]) / 2
+    y = torch.cat([torch.randn(10000) * 80, torch.arange(-600, 601) / 4.0, mids, mids.nextafter(mids + 1),
+                   torch.tensor([1e9, -1e9, 0.0, -0.0, 127.0, -127.0])])
+    assert torch.equal(kq._nearest_index(y, table), torch.bucketize(y, mids))
