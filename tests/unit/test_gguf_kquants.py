@@ -225,6 +225,8 @@ def test_q8_k_activations_are_ggmls() -> None:
     x[3, :256] = 0.0
     x[4, :256] = torch.where(torch.arange(256) % 2 == 0, 3.0, -3.0)
     x[5, 10] = -40.0
+    x[2, 256:] = torch.arange(256) % 8 + 0.5  # iscale = -127 / 127 = -1: exact ties, rounded to even
+    x[2, 256] = 127.0
     traits = _traits(int(GGMLQuantizationType.Q8_K))
     xn = np.ascontiguousarray(x.numpy().ravel())
     blocks = np.zeros(xn.size // 256 * 292, dtype=np.uint8)  # sizeof(block_q8_K) = 4 + 256 + 32
