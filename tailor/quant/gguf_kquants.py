@@ -356,7 +356,7 @@ def q8_k(x: torch.Tensor) -> torch.Tensor:
     b = x.float().reshape(*lead, n // QK_K, QK_K)
     mx = _signed_max(b)
     iscale = _div(torch.full_like(mx, -127.0), mx)
-    q = torch.round(b * iscale).clamp(max=127)
+    q = torch.round(b * iscale).clamp(max=127) + 0.0  # an int8 code: no -0.0
     return (_div(torch.ones_like(iscale), iscale) * q).reshape(*lead, n)
 
 
