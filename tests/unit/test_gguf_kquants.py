@@ -250,6 +250,54 @@ def test_runtime_linear_is_the_grid_matmul_up_to_activation_rounding(name: str) 
     assert torch.equal(kq.runtime_linear(x, kq.codes(w, name), name), ours)
 
 
+def _ggml_cpu_dot(packed_rows: np.ndarray, x: np.ndarray, qtype: int) -> np.ndarray:
+    """ggml-cpu's own kernels: quantize each activation row to the type's vec_dot_type (that type's
+    from_float, the variant this CPU runs) and dot it with each packed weight row (vec_dot)."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    lib = ctypes.CDLL(str(Path(llama_cpp.__file__).parent / "lib" / "libggml-cpu.so"))
+    vec_dot_t = ctypes.CFUNCTYPE(None, ctypes.c_int, ctypes.POINTER(ctypes.c_float), ctypes.c_size_t, ctypes.c_void_p,
+                                 ctypes.c_size_t, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    from_float_t = ctypes.CFUNCTYPE(None, ctypes.POINTER(ctypes.c_float), ctypes.c_void_p, ctypes.c_int64)
+
+    class TraitsCpu(ctypes.Structure):  # struct ggml_type_traits_cpu (ggml-cpu.h)
+        _fields_ = [("from_float", from_float_t), ("vec_dot", vec_dot_t), ("vec_dot_type", ctypes.c_int),
+                    ("nrows", ctypes.c_int64)]
+
+    lib.ggml_cpu_init()
+    lib.ggml_get_type_traits_cpu.restype = ctypes.POINTER(TraitsCpu)
+    lib.ggml_get_type_traits_cpu.argtypes = [ctypes.c_int]
+    tr = lib.ggml_get_type_traits_cpu(qtype).contents
+    act = GGMLQuantizationType(tr.vec_dot_type)
+    quantize_act = lib.ggml_get_type_traits_cpu(int(act)).contents.from_float
+    n = x.shape[1]
+    blk, size = {GGMLQuantizationType.Q8_K: (256, 292), GGMLQuantizationType.Q8_0: (32, 34)}[act]
+    out = np.empty((x.shape[0], packed_rows.shape[0]), dtype=np.float32)
+    s = ctypes.c_float()
+    for i, row in enumerate(np.ascontiguousarray(x, dtype=np.float32)):
+        xq = np.zeros(n // blk * size, dtype=np.uint8)
+        quantize_act(_fptr(row), xq.ctypes.data, n)
+        for j, wrow in enumerate(packed_rows):
+            wrow = np.ascontiguousarray(wrow)
+            tr.vec_dot(n, ctypes.byref(s), 0, wrow.ctypes.data, 0, xq.ctypes.data, 0, 1)
+            out[i, j] = s.value
+    return out
+
+
+@pytest.mark.parametrize("name", TYPES)
+def test_runtime_linear_matches_ggml_cpu_kernels(name: str) -> None:
+    """llama.cpp's CPU dot products (activation quantization included) equal runtime_linear up to float
+    summation order, while the plain matmul with the grid differs far more."""
+    g = torch.Generator().manual_seed(12)
+    w, x = torch.randn(8, 1024, generator=g) * 0.05, torch.randn(4, 1024, generator=g)
+    x[1, :300] *= 20.0  # uneven activation blocks
+    theirs = _ggml_cpu_dot(pack(w, name), x.numpy(), int(kq.ktype(name).qtype))
+    ours = kq.runtime_linear(x, w, name).numpy()
+    exact = torch.nn.functional.linear(x, kq.dequantized(w, name)).numpy()
+    scale = (x.abs() @ kq.dequantized(w, name).abs().T).numpy()  # sum |x| |w|: float error's yardstick
+    assert np.abs(theirs - ours).max() <= 5e-7 * scale.max()  # measured 3e-8 .. 7e-8
+    assert np.abs(theirs - exact).max() > 1e-4 * scale.max()  # measured 4e-4 .. 1.5e-3
+
+
 @pytest.mark.parametrize("name", TYPES)
 def test_block_range_fits_the_quantizer(name: str) -> None:
     """Clamping each scale block to its range changes nothing; shrinking it changes the grid."""
