@@ -105,6 +105,7 @@ def test_sizes_and_types(name: str) -> None:
     assert kq.ktype(t.qtype) is t and kq.ktype(name.lower()) is t
     bpw = {"Q2_K": 2.625, "Q3_K": 3.4375, "Q4_K": 4.5, "Q5_K": 5.5, "Q6_K": 6.5625, "IQ4_NL": 4.5}
     assert t.bits_per_weight == bpw[name]
+    assert t.activation_block == (32 if name == "IQ4_NL" else 256)  # Q8_0 / Q8_K (ggml-cpu vec_dot_type)
 
 
 @pytest.mark.parametrize("name", TYPES)
@@ -183,8 +184,10 @@ def rmse_pair(w: torch.Tensor, name: str) -> tuple[float, float]:
     return _rmse(kq.dequantized(w, name).numpy().ravel(), w.numpy().ravel()), _rmse(theirs, w.numpy().ravel())
 
 
-# ours / llama.cpp's RMSE must stay below these on Gaussian and heavy-tailed weights (measured: see report)
-RMSE_BOUND = {"Q2_K": 1.0, "Q3_K": 1.0, "Q4_K": 1.0, "Q5_K": 1.0, "Q6_K": 1.0, "IQ4_NL": 1.0}
+# ours / llama.cpp's RMSE on the Gaussian and Student-t(3) weights below must stay under these. Measured:
+# Q2_K 0.902 0.852, Q3_K 0.952 0.960, Q4_K 0.992 0.993, Q5_K 0.994 0.996, Q6_K 0.953 0.966,
+# IQ4_NL 0.968 0.969 (without the scale refinement Q4_K 0.998, Q5_K 0.998 / 1.000: these bounds catch it).
+RMSE_BOUND = {"Q2_K": 0.92, "Q3_K": 0.97, "Q4_K": 0.995, "Q5_K": 0.997, "Q6_K": 0.975, "IQ4_NL": 0.98}
 
 
 @pytest.mark.parametrize("name", TYPES)
@@ -213,8 +216,8 @@ def test_real_smollm2_ffn_down() -> None:
     for name in TYPES:
         back = gguf_values(pack(w, name), name, w.shape)
         assert np.array_equal(bits_of(back), bits_of(kq.dequantized(w, name)))
-        ours, theirs = rmse_pair(w, name)
-        assert ours <= RMSE_BOUND[name] * theirs, (name, ours, theirs)
+        ours, theirs = rmse_pair(w, name)  # measured ratio 0.89 (Q2_K, IQ4_NL) .. 0.9985 (Q4_K: the
+        assert ours <= theirs, (name, ours, theirs)  # shipped weights are Q4_1 values, on Q4_K's grid)
 
 
 # -- runtime emulation and learned clipping --------------------------------------------------------------
