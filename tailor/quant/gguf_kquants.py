@@ -55,6 +55,8 @@ import torch
 import torch.nn.functional as F
 from gguf import GGMLQuantizationType as T
 
+from tailor.quant.gguf_grid import _activation_blocks
+
 QK_K = 256
 KVALUES_IQ4NL = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
 
@@ -156,7 +158,9 @@ def _fit_affine(x: torch.Tensor, t: KType) -> tuple[torch.Tensor, torch.Tensor]:
     candidates L = clamp(round((x - min) * (qmax + s) / range)), min = min(x, 0).
 
     The fits sum in float64 (products of float32 and small integers are exact there), so the choice
-    does not depend on the device's summation order: CPU and GPU pick the same codes."""
+    should not depend on the device's summation order (float64 rounding differences vanish when the
+    scale goes back to float32, bar exact ties): CPU and GPU should pick the same codes (not yet
+    checked on a GPU)."""
     n = x.shape[-1]
     lo = x.amin(-1, keepdim=True).clamp(max=0)
     rng = x.amax(-1, keepdim=True) - lo
@@ -299,7 +303,7 @@ def _codes_iq4nl(b: torch.Tensor, t: KType) -> KCodes:
     b64 = b.double()
     bx2 = _sum(b64 * b64)
     best_d = best = None
-    for k in [table[0].item() + s for s in t.steps] + [table[-1].item() + s for s in t.steps]:
+    for k in [KVALUES_IQ4NL[0] + s for s in t.steps] + [KVALUES_IQ4NL[-1] + s for s in t.steps]:
         v = table[_nearest_index(_div(b * k, mx), table)].double()
         sxv, sv2 = _sum(b64 * v), _sum(v * v)  # float64: device-independent, as _fit_affine
         d = _div(sxv, sv2)
@@ -380,9 +384,7 @@ def runtime_linear(x: torch.Tensor, w: torch.Tensor | KCodes, name: str | T) -> 
     grid. `w` may be its precomputed `codes(w, name)`."""
     t = ktype(name)
     c = w if isinstance(w, KCodes) else codes(w, t.name)
-    if t.name == "IQ4_NL":
-        from tailor.quant.gguf_grid import _activation_blocks
-
+    if t.name == "IQ4_NL":  # Q8_0 activations, as against Q8_0 / Q4_0 weights
         _, d16, q = _activation_blocks(x)
         xq = (d16 * q).flatten(-2)
     else:
