@@ -150,28 +150,31 @@ def _fp16(x: torch.Tensor) -> torch.Tensor:
 # -- step 1: float scale (and offset) per sub-block, grid of candidates + least squares ------------------
 
 def _sum(x: torch.Tensor) -> torch.Tensor:
-    return x.sum(-1, keepdim=True)
+    """Sum over the last axis (16, 32: a power of two) by a fixed pairwise tree of elementwise adds, so
+    the result does not depend on a device's reduction order: eager CPU and CUDA (IEEE +, *, / in
+    float32) give the same scales and so the same codes. (..., n) -> (..., 1)."""
+    while x.shape[-1] > 1:
+        x = x[..., 0::2] + x[..., 1::2]
+    return x
 
 
 def _fit_affine(x: torch.Tensor, t: KType) -> tuple[torch.Tensor, torch.Tensor]:
     """x (..., n) -> scale a >= 0, offset b <= 0 (..., 1) minimising sum((a * L + b - x)^2) over the
     candidates L = clamp(round((x - min) * (qmax + s) / range)), min = min(x, 0).
 
-    The fits sum in float64 (products of float32 and small integers are exact there), so the choice
-    should not depend on the device's summation order (float64 rounding differences vanish when the
-    scale goes back to float32, bar exact ties): CPU and GPU should pick the same codes (not yet
-    checked on a GPU)."""
+    All sums go through _sum's fixed tree, so the choice is the same on every device (eager)."""
     n = x.shape[-1]
     lo = x.amin(-1, keepdim=True).clamp(max=0)
     rng = x.amax(-1, keepdim=True) - lo
-    x64 = x.double()
-    best_a, best_b = (rng / t.qmax).double(), lo.double()  # plain min/max: the fallback for degenerate fits
-    L = torch.round(_div(x - lo, rng / t.qmax)).clamp(0, t.qmax).double()
-    best = _sum((best_a * L + best_b - x64) ** 2)
-    sx, sx2 = _sum(x64), _sum(x64 * x64)
+    xs = x - lo                                                   # >= 0
+    inv = _div(torch.ones_like(rng), rng)                         # per sub-block: no per-element division
+    best_a, best_b = (rng / t.qmax), lo  # plain min/max: the fallback for degenerate fits
+    L = torch.round(xs * (inv * t.qmax)).clamp(0, t.qmax)
+    best = _sum((best_a * L + best_b - x) ** 2)
+    sx, sx2 = _sum(x), _sum(x * x)
     for s in t.steps:
-        L = torch.round(_div((x - lo) * (t.qmax + s), rng)).clamp(0, t.qmax).double()
-        sl, sl2, sxl = _sum(L), _sum(L * L), _sum(x64 * L)
+        L = torch.round(xs * (inv * (t.qmax + s))).clamp(0, t.qmax)
+        sl, sl2, sxl = _sum(L), _sum(L * L), _sum(x * L)
         det = n * sl2 - sl * sl
         a = _div(n * sxl - sx * sl, det)
         b = _div(sl2 * sx - sl * sxl, det)
@@ -182,7 +185,7 @@ def _fit_affine(x: torch.Tensor, t: KType) -> tuple[torch.Tensor, torch.Tensor]:
         better = (det > 0) & (err < best)
         best = torch.where(better, err, best)
         best_a, best_b = torch.where(better, a, best_a), torch.where(better, b, best_b)
-    return best_a.float().clamp(min=0), best_b.float().clamp(max=0)
+    return best_a.clamp(min=0), best_b.clamp(max=0)
 
 
 def _signed_max(x: torch.Tensor) -> torch.Tensor:
@@ -193,21 +196,20 @@ def _signed_max(x: torch.Tensor) -> torch.Tensor:
 def _fit_symmetric(x: torch.Tensor, t: KType) -> torch.Tensor:
     """x (..., n) -> signed scale a (..., 1) minimising sum((a * L - x)^2), L = clamp(round(x / a_k))
     for candidates mapping the largest |x| to the extra negative level qmin (- s) or to qmax (+ s).
-    Sums in float64, as _fit_affine."""
+    Sums by _sum's fixed tree, as _fit_affine."""
     mx = _signed_max(x)
-    x64 = x.double()
-    a0 = mx / t.qmin
-    best_a = a0.double()
-    best = _sum((best_a * torch.round(_div(x, a0)).clamp(t.qmin, t.qmax).double() - x64) ** 2)
-    sx2 = _sum(x64 * x64)
+    inv = _div(torch.ones_like(mx), mx)
+    best_a = (mx / t.qmin)
+    best = _sum((best_a * torch.round(x * (inv * t.qmin)).clamp(t.qmin, t.qmax) - x) ** 2)
+    sx2 = _sum(x * x)
     for k in [t.qmin - s for s in t.steps] + [t.qmax + s for s in t.steps]:
-        L = torch.round(_div(x * k, mx)).clamp(t.qmin, t.qmax).double()
-        sxl, sl2 = _sum(x64 * L), _sum(L * L)
+        L = torch.round(x * (inv * k)).clamp(t.qmin, t.qmax)
+        sxl, sl2 = _sum(x * L), _sum(L * L)
         a = _div(sxl, sl2)
         err = sx2 - a * sxl  # sum((a L - x)^2) at the least-squares a
         better = err < best
         best, best_a = torch.where(better, err, best), torch.where(better, a, best_a)
-    return best_a.float()
+    return best_a
 
 
 # -- steps 2 and 3 --------------------------------------------------------------------------------------
@@ -221,17 +223,16 @@ def _super_scale(a: torch.Tensor, levels: float) -> torch.Tensor:
 
 def _lsq_given_codes(x: torch.Tensor, L: torch.Tensor, affine: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Least-squares (a, b) of x ~ a * L + b per sub-block for fixed codes L (b = 0 when not affine,
-    b <= 0 when affine), float64 sums; returns (a, b, ok) with ok False where the fit is degenerate."""
-    x64, L = x.double(), L.double()
-    sl2, sxl = _sum(L * L), _sum(x64 * L)
+    b <= 0 when affine) by _sum's fixed tree; returns (a, b, ok) with ok False where the fit is degenerate."""
+    sl2, sxl = _sum(L * L), _sum(x * L)
     if not affine:
-        return _div(sxl, sl2).float(), torch.zeros_like(sxl).float(), sl2 > 0
-    n, sl, sx = x.shape[-1], _sum(L), _sum(x64)
+        return _div(sxl, sl2), torch.zeros_like(sxl), sl2 > 0
+    n, sl, sx = x.shape[-1], _sum(L), _sum(x)
     det = n * sl2 - sl * sl
     a, b = _div(n * sxl - sx * sl, det), _div(sl2 * sx - sl * sxl, det)
     pos = b > 0
     a, b = torch.where(pos, _div(sxl, sl2), a), torch.where(pos, torch.zeros_like(b), b)
-    return a.float(), b.float(), det > 0
+    return a, b, det > 0
 
 
 def _assign(b: torch.Tensor, t: KType, a: torch.Tensor, off: torch.Tensor | None, d: torch.Tensor,
@@ -242,12 +243,12 @@ def _assign(b: torch.Tensor, t: KType, a: torch.Tensor, off: torch.Tensor | None
     dl = (d.float() * sc).unsqueeze(-1)                           # exactly ggml's d * sc
     if off is None:
         m, ml = None, torch.zeros_like(dl)
-        q = torch.round(_div(b, dl)).clamp(t.qmin, t.qmax)
+        q = torch.round(b * _div(torch.ones_like(dl), dl)).clamp(t.qmin, t.qmax)
         v = dl * q
     else:
         m = torch.round(_div(off, dmin.float())).clamp(0, t.sc_max)
         ml = (dmin.float() * m).unsqueeze(-1)
-        q = torch.round(_div(b + ml, dl)).clamp(t.qmin, t.qmax)
+        q = torch.round((b + ml) * _div(torch.ones_like(dl), dl)).clamp(t.qmin, t.qmax)
         v = dl * q - ml
     return sc, m, q, ((v - b) ** 2).sum(-1)
 
@@ -277,6 +278,11 @@ def _codes_superblocks(b: torch.Tensor, t: KType) -> KCodes:
                   q.reshape(rows, nb, nsub * sub).to(i16))
 
 
+def _lookup(table: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """table[idx] via index_select (advanced indexing is ~30x slower on CPU)."""
+    return table.index_select(0, idx.flatten()).reshape(idx.shape)
+
+
 def _table(device: torch.device) -> torch.Tensor:
     return torch.tensor(KVALUES_IQ4NL, dtype=torch.float32, device=device)
 
@@ -292,7 +298,7 @@ def _nearest_index(y: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     j = torch.arange(-_LUT_HALF, _LUT_HALF + 1, device=y.device, dtype=table.dtype)
     lut = (mids2 <= j.unsqueeze(-1)).sum(-1)  # number of midpoints m/2 with m <= j
     pos = (torch.ceil(2 * y) - 1).clamp(-_LUT_HALF, _LUT_HALF) + _LUT_HALF
-    return lut[pos.long()]
+    return _lookup(lut, pos.int())
 
 
 def _codes_iq4nl(b: torch.Tensor, t: KType) -> KCodes:
@@ -300,12 +306,12 @@ def _codes_iq4nl(b: torch.Tensor, t: KType) -> KCodes:
     least squares; the best is rounded to fp16 and the codes re-assigned to its levels."""
     table = _table(b.device)
     mx = _signed_max(b)
-    b64 = b.double()
-    bx2 = _sum(b64 * b64)
+    inv = _div(torch.ones_like(mx), mx)
+    bx2 = _sum(b * b)
     best_d = best = None
     for k in [KVALUES_IQ4NL[0] + s for s in t.steps] + [KVALUES_IQ4NL[-1] + s for s in t.steps]:
-        v = table[_nearest_index(_div(b * k, mx), table)].double()
-        sxv, sv2 = _sum(b64 * v), _sum(v * v)  # float64: device-independent, as _fit_affine
+        v = _lookup(table, _nearest_index(b * (inv * k), table))
+        sxv, sv2 = _sum(b * v), _sum(v * v)
         d = _div(sxv, sv2)
         err = bx2 - d * sxv
         if best is None:
@@ -313,8 +319,8 @@ def _codes_iq4nl(b: torch.Tensor, t: KType) -> KCodes:
             continue
         better = err < best
         best, best_d = torch.where(better, err, best), torch.where(better, d, best_d)
-    d = _fp16(best_d.float())
-    q = _nearest_index(_div(b, d.float()), table)  # the levels of the stored scale
+    d = _fp16(best_d)
+    q = _nearest_index(b * _div(torch.ones_like(best_d), d.float()), table)  # levels of the stored d
     return KCodes(t.name, d, None, None, None, q.to(torch.int16))
 
 
@@ -338,7 +344,7 @@ def from_codes(c: KCodes) -> torch.Tensor:
     rows, nb, n = c.q.shape
     q = c.q.float()
     if c.sc is None:  # IQ4_NL: d * kvalues[q]
-        return (c.d.float() * _table(q.device)[c.q.long()]).reshape(rows, nb * n)
+        return (c.d.float() * _lookup(_table(q.device), c.q.int())).reshape(rows, nb * n)
     nsub = n // t.sub
     q = q.reshape(rows, nb, nsub, t.sub)
     out = (c.d.float() * c.sc.float()).unsqueeze(-1) * q
