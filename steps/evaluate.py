@@ -63,9 +63,9 @@ def main() -> None:
             write_json(rep / "gates.json", out["gates"])
             write_json(rep / "metrics.json", out["metrics"])
             tr.log_metrics(out["metrics"])
-            tr.set_tags({f"gate.{g['name']}": "pass" if g["passed"] else "fail" for g in out["gates"]["gates"]}
+            tr.set_tags({f"gate.{g['name']}": g["verdict"] for g in out["gates"]["gates"]}
                         | {f"gate.{g['name']}.reason": g["reason"][:5000] for g in out["gates"]["gates"]}
-                        | {"gates_passed": out["gates"]["passed"]})
+                        | {"gates_passed": out["gates"]["passed"], "gates_verdict": out["gates"]["verdict"]})
             tr.log_artifact(rep / "slices.json")
 
     main_for("evaluate", stage, per_device=True)

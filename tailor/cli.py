@@ -141,7 +141,7 @@ def evaluate(model: Path = typer.Option(..., help="model directory (safetensors 
     for k, v in metrics.items():
         t.add_row(k, f"{v:.4f}" if isinstance(v, float) else str(v))
     for g in gates["gates"]:
-        t.add_row(f"gate {g['name']}", ("pass: " if g["passed"] else "FAIL: ") + g["reason"])
+        t.add_row(f"gate {g['name']}", f"{g['verdict'].upper()}: {g['reason']}")
     console.print(t)
     if out:
         out.mkdir(parents=True, exist_ok=True)
