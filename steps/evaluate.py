@@ -11,7 +11,7 @@ from steps._common import artifact_dir, main_for, report_dir, write_json
 from tailor import tracking
 from tailor.config import Params
 from tailor.eval.gates import check
-from tailor.eval.harness import SuiteResult, run_suite, suite_options
+from tailor.eval.harness import SuiteResult, run_suite, suite_options, suite_parts, validate_eval_dir
 from tailor.eval.slices import compare
 from tailor.models.base import base_dir, cache_dir, load_base, load_model_dir, load_tokenizer, sha256_file
 from tailor.train import pick_device
@@ -43,6 +43,7 @@ def base_suite(params: Params, eval_dir: Path, dev) -> SuiteResult:
 
 def run(params: Params, device: str, model_dir: Path, eval_dir: Path) -> dict:
     ev = params.evaluate
+    validate_eval_dir(eval_dir, suite_parts(eval_dir, suite_options(ev)["tasks"]))  # before any model loads
     dev = pick_device("auto")
     base = base_suite(params, eval_dir, dev)
     model = load_model_dir(model_dir).to(dev)

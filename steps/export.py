@@ -4,6 +4,7 @@ fake-quantized PyTorch model that evaluate measured."""
 from __future__ import annotations
 
 import importlib
+import math
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -58,7 +59,7 @@ def run(params: Params, device: str, model_dir: Path, eval_dir: Path, out_dir: P
         modelled = hasattr(writer, "predicted_file_bytes")
         predicted_file = writer.predicted_file_bytes(cfg, arch, gguf_path()) if modelled else predicted
         file_rel = (info["file_bytes"] - predicted_file) / predicted_file
-        if modelled and abs(file_rel) > MAX_FILE_REL_DIFF:
+        if modelled and not abs(file_rel) <= MAX_FILE_REL_DIFF:
             raise ParityError(f"{name}: {info['file_bytes']:,} B written, the cost model predicted {predicted_file:,} B "
                               f"({file_rel:+.2%}, more than {MAX_FILE_REL_DIFF:.0%})")
         t0 = time.perf_counter()
@@ -68,7 +69,9 @@ def run(params: Params, device: str, model_dir: Path, eval_dir: Path, out_dir: P
         rel = abs(runtime_ppl - torch_ppl) / torch_ppl
         gen_runtime = runtime.generate(tmp / name, tok, ex.prompt, ex.gen_tokens)
         tps = runtime.tokens_per_s(tmp / name, tok)
-        if rel > ex.max_ppl_rel_diff:
+        if not math.isfinite(runtime_ppl) or not math.isfinite(torch_ppl):  # `nan > bound` is False
+            raise ParityError(f"{name}: perplexity is not finite (runtime {runtime_ppl}, PyTorch {torch_ppl})")
+        if not rel <= ex.max_ppl_rel_diff:
             raise ParityError(f"{name}: runtime perplexity {runtime_ppl:.3f} differs from PyTorch {torch_ppl:.3f} "
                               f"by {rel:.2%} (> export.max_ppl_rel_diff {ex.max_ppl_rel_diff:.0%})")
         (tmp / "subnet.json").write_text(cfg.to_json())

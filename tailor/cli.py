@@ -114,8 +114,9 @@ def evaluate(model: Path = typer.Option(..., help="model directory (safetensors 
     """Evaluation, bias slices and gates of any model directory beside the base model."""
     from transformers import AutoTokenizer
 
+    from tailor.eval.evalsets import EvalDataError
     from tailor.eval.gates import check
-    from tailor.eval.harness import run_suite, suite_options
+    from tailor.eval.harness import NonFiniteScore, run_suite, suite_options, suite_parts, validate_eval_dir
     from tailor.eval.slices import compare
     from tailor.models.base import ModelFileError, load_base, load_model_dir
 
@@ -123,16 +124,18 @@ def evaluate(model: Path = typer.Option(..., help="model directory (safetensors 
         p = load_params(params)
         if not (eval_dir / "wiki.jsonl").is_file():
             raise ConfigError(f"{eval_dir}: no eval sets (run `dvc repro calibrate` first)")
+        # every row of every set the suite reads, before a model is even loaded
+        validate_eval_dir(eval_dir, suite_parts(eval_dir, suite_options(p.evaluate)["tasks"]))
         comp_model = load_model_dir(model)
         base_model, tok = (load_model_dir(base), AutoTokenizer.from_pretrained(base)) if base else load_base(p.model.n_layers)
-    except (ConfigError, ModelFileError) as e:
+    except (ConfigError, ModelFileError, EvalDataError) as e:
         _fail(str(e))
     ev = p.evaluate
     try:
         b = run_suite(base_model, tok, eval_dir, **suite_options(ev))
         c = run_suite(comp_model, AutoTokenizer.from_pretrained(model), eval_dir, **suite_options(ev))
-    except (FileNotFoundError, ValueError) as e:  # a missing/empty eval set, an unknown task
-        _fail(str(e).splitlines()[0])
+    except (EvalDataError, NonFiniteScore) as e:  # a row lm-eval cannot score; a model scoring NaN
+        _fail(str(e))
     metrics, slices = compare(b, c, ev.bootstrap, ev.seed)
     gates = check(metrics, slices, ev.gates)
     t = Table(title=f"{model} vs base")

@@ -90,7 +90,7 @@ def _interval_gate(name: str, row: dict[str, Any] | None, margin: float, lower_i
     out |= {"delta": row["delta"], "ci_low": lo, "ci_high": hi, "n": row["n"], "mde": m,
             "detectable": bool(m <= margin) if not _nan(m, margin) else False}
     ci = f"{row['delta']:+.4g} [{lo:+.4g}, {hi:+.4g}], n={row['n']}"
-    if _nan(row["base"], row["compressed"], row["delta"], lo, hi, margin, value):
+    if _nan(row["base"], row["compressed"], row["delta"], lo, hi, margin):  # value: shown only (NaN at base 0)
         return out | {"verdict": "fail", "passed": False, "reason": f"{what}: NaN in the comparison ({ci})"}
     # worse side: below -margin for accuracy, above +margin for perplexity
     good, bad = (lo >= -margin, hi < -margin) if lower_is_worse else (hi <= margin, lo > margin)

@@ -31,6 +31,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from tailor.models.llama import QLinear, TailorForCausalLM
 from tailor.quant import onnx_grid, onnx_pack
+from tailor.quant.f16 import to_f16
 
 OPSET = 23  # first opset with Attention (GQA, is_causal) and RMSNormalization
 IR_VERSION = 11  # the IR version that introduced opset 23; onnxruntime 1.32 reads it
@@ -75,8 +76,8 @@ class _Graph:
         return name
 
 
-def _f16(w: torch.Tensor) -> np.ndarray:
-    return w.detach().float().cpu().numpy().astype(np.float16)
+def _f16(w: torch.Tensor, name: str = "weight") -> np.ndarray:
+    return to_f16(w.detach().float().cpu(), name).numpy()  # refuses values beyond float16, naming the tensor
 
 
 def _linear(g: _Graph, x: str, lin: QLinear, name: str) -> str:
@@ -84,7 +85,7 @@ def _linear(g: _Graph, x: str, lin: QLinear, name: str) -> str:
     w = lin.weight[: lin.active_out, : lin.active_in].detach().float().cpu()
     n, k = w.shape
     if lin.bits >= 16:
-        wt = g.weight(name + ".weight", _f16(w).T)  # stored [in, out] so MatMul needs no Transpose
+        wt = g.weight(name + ".weight", _f16(w, name + ".weight").T)  # stored [in, out] so MatMul needs no Transpose
         return g.node("MatMul", [x, g.node("Cast", [wt], to=TensorProto.FLOAT)], hint=name)
     if lin.bits not in onnx_pack.PACK_BITS:
         raise OnnxExportError(f"{name}: {lin.bits} bits cannot be exported (MatMulNBits runs {onnx_pack.PACK_BITS}, or 16)")
@@ -152,7 +153,7 @@ def _embedding(g: _Graph, ids: str, model: TailorForCausalLM) -> tuple[str, Any]
     w = head.weight.detach().float().cpu()
     vocab, hidden = w.shape
     if head.bits >= 16:
-        e = g.weight("model.embed_tokens.weight", _f16(w))
+        e = g.weight("model.embed_tokens.weight", _f16(w, "model.embed_tokens.weight"))
         x = g.node("Cast", [g.node("Gather", [e, ids], hint="embed")], to=TensorProto.FLOAT)
 
         def lm_head(h: str) -> str:
