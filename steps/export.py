@@ -30,6 +30,18 @@ class ParityError(ValueError):
     """The runtime does not compute what the evaluated model computed."""
 
 
+def ppl_parity(name: str, runtime_ppl: float, torch_ppl: float, bound: float) -> float:
+    """|runtime - PyTorch| / PyTorch perplexity, or ParityError when above `bound` or not finite.
+    Written as `not rel <= bound`: with NaN (a file holding inf) `rel > bound` is False and would pass."""
+    if not (math.isfinite(runtime_ppl) and math.isfinite(torch_ppl) and torch_ppl > 0):
+        raise ParityError(f"{name}: perplexity is not finite (runtime {runtime_ppl}, PyTorch {torch_ppl})")
+    rel = abs(runtime_ppl - torch_ppl) / torch_ppl
+    if not rel <= bound:
+        raise ParityError(f"{name}: runtime perplexity {runtime_ppl:.3f} differs from PyTorch {torch_ppl:.3f} "
+                          f"by {rel:.2%} (> export.max_ppl_rel_diff {bound:.0%})")
+    return rel
+
+
 def run(params: Params, device: str, model_dir: Path, eval_dir: Path, out_dir: Path) -> dict:
     ex, prof = params.export, params.device(device)
     writer, runtime, name = (importlib.import_module(m) if i < 2 else m for i, m in enumerate(BACKENDS[prof.format]))
@@ -66,14 +78,9 @@ def run(params: Params, device: str, model_dir: Path, eval_dir: Path, out_dir: P
         runtime_ppl = runtime.perplexity(tmp / name, seqs)
         runtime_s = time.perf_counter() - t0
         torch_ppl = perplexity(model, seqs)
-        rel = abs(runtime_ppl - torch_ppl) / torch_ppl
+        rel = ppl_parity(name, runtime_ppl, torch_ppl, ex.max_ppl_rel_diff)
         gen_runtime = runtime.generate(tmp / name, tok, ex.prompt, ex.gen_tokens)
         tps = runtime.tokens_per_s(tmp / name, tok)
-        if not math.isfinite(runtime_ppl) or not math.isfinite(torch_ppl):  # `nan > bound` is False
-            raise ParityError(f"{name}: perplexity is not finite (runtime {runtime_ppl}, PyTorch {torch_ppl})")
-        if not rel <= ex.max_ppl_rel_diff:
-            raise ParityError(f"{name}: runtime perplexity {runtime_ppl:.3f} differs from PyTorch {torch_ppl:.3f} "
-                              f"by {rel:.2%} (> export.max_ppl_rel_diff {ex.max_ppl_rel_diff:.0%})")
         (tmp / "subnet.json").write_text(cfg.to_json())
     metrics = {"budget_bytes": budget, "runtime_ppl": runtime_ppl, "torch_ppl": torch_ppl, "fakequant_ppl": torch_ppl, "ppl_rel_diff": rel,
                "file_bytes": info["file_bytes"], "weight_bytes": info["weight_bytes"], "predicted_bytes": predicted,
