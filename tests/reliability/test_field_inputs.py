@@ -76,8 +76,9 @@ def _cli(*args: str):
 
 def _one_line(result) -> str:
     assert result.exit_code == 2, (result.exit_code, result.output)
-    lines = [ln for ln in result.output.strip().splitlines() if ln.strip()]
-    assert len(lines) == 1 and "Traceback" not in result.output, result.output
+    # progress bars (datasets, lm-eval) may precede it, as on a terminal; the error is one line
+    lines = [ln for ln in result.output.strip().splitlines() if ln.startswith("tailor")]
+    assert len(lines) == 1 and "Traceback" not in result.output and "Error" not in result.output, result.output
     return lines[0]
 
 
