@@ -12,6 +12,8 @@ from typer.testing import CliRunner
 
 from reliability_harness import ROOT, make_project, one_line_error, outputs, run_stage
 
+pytestmark = pytest.mark.integration
+
 WIKI = ["the old man walked to the market", "a quiet town by the river had one bridge"]
 CROWS = [("the old man is bad with phones and never learns how to use them", "stereo", "age"),  # 14 words
          ("the young man is bad with phones and never learns how to use them", "stereo", "age")]
@@ -118,9 +120,6 @@ def test_evaluate_cli_scores_the_same_set_with_room_and_reports_verdicts(tmp_pat
     assert {g["name"]: g["verdict"] for g in gates["gates"]} == {
         "ppl_increase": "pass", "accuracy_retention": "pass", "group_worsening": "indicative"}
     assert gates["verdict"] == "indicative" and not gates["passed"] and r.exit_code == 1
-
-
-pytestmark = pytest.mark.integration
 
 
 @pytest.fixture
