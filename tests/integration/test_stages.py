@@ -185,6 +185,33 @@ def test_export(ws, device):
         assert abs(m["file_bytes"] - m["predicted_file_bytes"]) <= 64, m
 
 
+def test_export_refuses_a_16_bit_weight_beyond_float16(ws, tmp_path):
+    """Field report: one 16-bit matrix holding 70000 became inf in the GGUF and the stage passed with
+    runtime_ppl NaN. Now the writer refuses it naming the tensor, and the stage leaves no output."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from steps import export
+    from steps._common import known_errors
+    from tailor.quant.f16 import PrecisionError
+
+    d = tmp_path / "finetune"
+    shutil.copytree(ws["art"] / "finetune" / "phone", d)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["layer_bits"][0]["q"] = 16  # the first kept layer's q projection stored as F16
+    (d / "config.json").write_text(json.dumps(cfg))
+    state = load_file(d / "model.safetensors")
+    state["model.layers.0.self_attn.q_proj.weight"][3, 5] = 70000.0
+    save_file(state, str(d / "model.safetensors"), metadata={"format": "pt"})
+    out = tmp_path / "export"
+    with pytest.raises(PrecisionError, match=r"^blk\.0\.attn_q\.weight: weight at \[\d+, 5\] 70000 exceeds float16's "
+                                             r"range \(\+-65504\); it cannot be stored as float16$"):
+        export.run(ws["params"], "phone", d, ws["art"] / "calibrate" / "eval", out)
+    assert not out.exists() and not list(tmp_path.glob(".export*"))
+    assert PrecisionError in known_errors()  # main_for: one line, exit 2
+
+
 def test_register(ws, mlflow_uri, monkeypatch):
     from steps import register
     from steps._common import write_json
