@@ -106,7 +106,8 @@ def summary(root: Path, devices: list[str], results: list[dict]) -> tuple[str, l
         rows.append({"device": d, "bits_per_param": se.get("bits_per_param"), "file_bytes": ex.get("file_bytes"),
                      "ppl": ev.get("ppl"), "ppl_base": ev.get("ppl_base"), "piqa": ev.get("piqa"),
                      "piqa_base": ev.get("piqa_base"), "runtime_ppl": ex.get("runtime_ppl"),
-                     "gates_passed": ev.get("gates_passed"), "version": rg.get("version")})
+                     "gates_passed": ev.get("gates_passed"), "gates_verdict": ev.get("gates_verdict"),
+                     "version": rg.get("version")})
     lines = ["# Tailor nightly", "", "| stage | status | seconds |", "|---|---|---|"]
     lines += [f"| {r['target']} | {'skipped' if r['skipped'] else 'ran'} | {r['seconds']} |" for r in results]
     return "\n".join(lines), rows

@@ -52,6 +52,7 @@ def run(params: Params, device: str, model_dir: Path, eval_dir: Path) -> dict:
     metrics, slices = compare(base, comp, ev.bootstrap, ev.seed)
     gates = check(metrics, slices, ev.gates)
     metrics["gates_passed"] = gates["passed"]
+    metrics["gates_verdict"] = gates["verdict"]  # pass / fail / indicative (too few items to tell)
     return {"metrics": metrics, "slices": slices, "gates": gates}
 
 

@@ -73,7 +73,8 @@ def _print_results(rows: list[dict], root: Path) -> None:
     for r in rows:
         t.add_row(r["device"], f"tailor-{r['device']} v{r['version']}", f"{r['bits_per_param']}",
                   f"{(r['file_bytes'] or 0) / 1e6:.1f}", f"{r['ppl']:.2f} ({r['ppl_base']:.2f})",
-                  f"{r['piqa']:.3f} ({r['piqa_base']:.3f})", "pass" if r["gates_passed"] else "FAIL")
+                  f"{r['piqa']:.3f} ({r['piqa_base']:.3f})",
+                  r.get("gates_verdict") or ("pass" if r["gates_passed"] else "FAIL"))
     console.print(t)
     console.print(f"MLflow registry: {root / 'mlflow.db'}  (mlflow ui --backend-store-uri sqlite:///{root / 'mlflow.db'})")
     for r in rows:
