@@ -9,7 +9,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export MLFLOW_SERVER_ENABLE_JOB_EXECUTION := false
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: run test test-all env clean
+.PHONY: run test test-all env clean mutation
 
 $(VENV_OK): requirements.lock requirements-data.txt pyproject.toml
 	test -x $(PY) || python3 -m venv .venv
@@ -30,6 +30,14 @@ test: $(VENV_OK)
 
 test-all: $(VENV_OK)
 	$(PY) -m pytest -q -m '' tests
+
+# mutation testing of tailor/eval/{gates,bootstrap}.py and tailor/arch.py (scope in pyproject [tool.mutmut]);
+# mutants/ must exist before Python starts, or the import system caches it as absent
+mutation: $(VENV_OK)
+	$(PY) -m pip install -q mutmut==3.8.1
+	rm -rf mutants && mkdir mutants
+	PYTHONPATH=$(CURDIR)/mutants OMP_NUM_THREADS=1 .venv/bin/mutmut run --max-children 2 || true
+	$(PY) benchmarks/mutation.py
 
 clean:
 	rm -rf .venv .cache

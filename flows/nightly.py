@@ -14,12 +14,11 @@ import sys
 import time
 from pathlib import Path
 
-import yaml
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from tailor import tracking
-from tailor.config import RunnerParams, load_params, pick_devices
+from tailor.config import RunnerParams, load_params, pick_devices, read_yaml
 
 BAD_INPUT = 2  # exit code of a stage that refused its input: retrying cannot help
 
@@ -32,7 +31,7 @@ class StageFailed(RuntimeError):
 
 def targets(root: Path, devices: list[str]) -> list[str]:
     """dvc.yaml's stages in file order (which is topological), per-device ones expanded."""
-    stages = yaml.safe_load((root / "dvc.yaml").read_text())["stages"]
+    stages = read_yaml(root / "dvc.yaml")["stages"]  # DVC refuses duplicate keys: so do we
     return [t for name, st in stages.items() for t in ([f"{name}@{d}" for d in devices] if "foreach" in st else [name])]
 
 
@@ -109,7 +108,8 @@ def summary(root: Path, devices: list[str], results: list[dict]) -> tuple[str, l
         rows.append({"device": d, "bits_per_param": se.get("bits_per_param"), "file_bytes": ex.get("file_bytes"),
                      "ppl": ev.get("ppl"), "ppl_base": ev.get("ppl_base"), "piqa": ev.get("piqa"),
                      "piqa_base": ev.get("piqa_base"), "runtime_ppl": ex.get("runtime_ppl"),
-                     "gates_passed": ev.get("gates_passed"), "version": rg.get("version")})
+                     "gates_passed": ev.get("gates_passed"), "gates_verdict": ev.get("gates_verdict"),
+                     "version": rg.get("version")})
     lines = ["# Tailor nightly", "", "| stage | status | seconds |", "|---|---|---|"]
     lines += [f"| {r['target']} | {'skipped' if r['skipped'] else 'ran'} | {r['seconds']} |" for r in results]
     return "\n".join(lines), rows

@@ -262,16 +262,19 @@ def read_jsonl(path: Path) -> list[dict]:
 
 def known_errors() -> tuple[type[BaseException], ...]:
     """Errors that mean bad input: reported in one line, no traceback."""
+    from tailor.eval.evalsets import EvalDataError
+    from tailor.eval.harness import NonFiniteScore
     from tailor.export.gguf import ExportError
     from tailor.export.gguf_vocab import TokenizerGGUFError
     from tailor.models.base import ModelFileError
+    from tailor.quant.f16 import PrecisionError
     from tailor.search.sampled import NoFeasibleSubnet
     from tailor.train import CheckpointError
 
     from steps.export import ParityError
 
     errs: list[type[BaseException]] = [ConfigError, ModelFileError, CheckpointError, NoFeasibleSubnet, ParityError,
-                                       ExportError, TokenizerGGUFError]
+                                       ExportError, TokenizerGGUFError, PrecisionError, EvalDataError, NonFiniteScore]
     try:
         from tailor.data import DataError
 

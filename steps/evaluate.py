@@ -11,7 +11,7 @@ from steps._common import artifact_dir, base_model_tags, main_for, report_dir, w
 from tailor import tracking
 from tailor.config import Params
 from tailor.eval.gates import check
-from tailor.eval.harness import SuiteResult, run_suite, suite_options
+from tailor.eval.harness import SuiteResult, run_suite, suite_options, suite_parts, validate_eval_dir
 from tailor.eval.slices import compare
 from tailor.models.base import base_dir, cache_dir, load_base, load_model_dir, load_tokenizer, sha256_file
 from tailor.train import pick_device
@@ -43,6 +43,7 @@ def base_suite(params: Params, eval_dir: Path, dev) -> SuiteResult:
 
 def run(params: Params, device: str, model_dir: Path, eval_dir: Path) -> dict:
     ev = params.evaluate
+    validate_eval_dir(eval_dir, suite_parts(eval_dir, suite_options(ev)["tasks"]))  # before any model loads
     dev = pick_device("auto")
     base = base_suite(params, eval_dir, dev)
     model = load_model_dir(model_dir).to(dev)
@@ -51,6 +52,7 @@ def run(params: Params, device: str, model_dir: Path, eval_dir: Path) -> dict:
     metrics, slices = compare(base, comp, ev.bootstrap, ev.seed)
     gates = check(metrics, slices, ev.gates)
     metrics["gates_passed"] = gates["passed"]
+    metrics["gates_verdict"] = gates["verdict"]  # pass / fail / indicative (too few items to tell)
     return {"metrics": metrics, "slices": slices, "gates": gates}
 
 
@@ -63,9 +65,9 @@ def main() -> None:
             write_json(rep / "gates.json", out["gates"])
             write_json(rep / "metrics.json", out["metrics"])
             tr.log_metrics(out["metrics"])
-            tr.set_tags({f"gate.{g['name']}": "pass" if g["passed"] else "fail" for g in out["gates"]["gates"]}
+            tr.set_tags({f"gate.{g['name']}": g["verdict"] for g in out["gates"]["gates"]}
                         | {f"gate.{g['name']}.reason": g["reason"][:5000] for g in out["gates"]["gates"]}
-                        | {"gates_passed": out["gates"]["passed"]})
+                        | {"gates_passed": out["gates"]["passed"], "gates_verdict": out["gates"]["verdict"]})
             tr.log_artifact(rep / "slices.json")
 
     main_for("evaluate", stage, per_device=True)

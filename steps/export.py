@@ -3,6 +3,7 @@ onnxruntime) from the learned quantized values, load it in that runtime, and che
 fake-quantized PyTorch model that evaluate measured."""
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -23,6 +24,18 @@ MAX_FILE_REL_DIFF = 0.01  # the file's size against the cost model's prediction
 
 class ParityError(ValueError):
     """The runtime does not compute what the evaluated model computed."""
+
+
+def ppl_parity(name: str, runtime_ppl: float, torch_ppl: float, bound: float) -> float:
+    """|runtime - PyTorch| / PyTorch perplexity, or ParityError when above `bound` or not finite.
+    Written as `not rel <= bound`: with NaN (a file holding inf) `rel > bound` is False and would pass."""
+    if not (math.isfinite(runtime_ppl) and math.isfinite(torch_ppl) and torch_ppl > 0):
+        raise ParityError(f"{name}: perplexity is not finite (runtime {runtime_ppl}, PyTorch {torch_ppl})")
+    rel = abs(runtime_ppl - torch_ppl) / torch_ppl
+    if not rel <= bound:
+        raise ParityError(f"{name}: runtime perplexity {runtime_ppl:.3f} differs from PyTorch {torch_ppl:.3f} "
+                          f"by {rel:.2%} (> export.max_ppl_rel_diff {bound:.0%})")
+    return rel
 
 
 def run(params: Params, device: str, model_dir: Path, eval_dir: Path, out_dir: Path) -> dict:
@@ -59,19 +72,16 @@ def run(params: Params, device: str, model_dir: Path, eval_dir: Path, out_dir: P
         predicted_file = (writer.predicted_file_bytes(cfg, arch, template, rope_scaled=bool(model.config.rope_freq_scaling))
                           if modelled else predicted)
         file_rel = (info["file_bytes"] - predicted_file) / predicted_file
-        if modelled and abs(file_rel) > MAX_FILE_REL_DIFF:
+        if modelled and not abs(file_rel) <= MAX_FILE_REL_DIFF:
             raise ParityError(f"{name}: {info['file_bytes']:,} B written, the cost model predicted {predicted_file:,} B "
                               f"({file_rel:+.2%}, more than {MAX_FILE_REL_DIFF:.0%})")
         t0 = time.perf_counter()
         runtime_ppl = runtime.perplexity(tmp / name, seqs)
         runtime_s = time.perf_counter() - t0
         torch_ppl = perplexity(model, seqs)
-        rel = abs(runtime_ppl - torch_ppl) / torch_ppl
+        rel = ppl_parity(name, runtime_ppl, torch_ppl, ex.max_ppl_rel_diff)
         gen_runtime = runtime.generate(tmp / name, tok, ex.prompt, ex.gen_tokens)
         tps = runtime.tokens_per_s(tmp / name, tok)
-        if rel > ex.max_ppl_rel_diff:
-            raise ParityError(f"{name}: runtime perplexity {runtime_ppl:.3f} differs from PyTorch {torch_ppl:.3f} "
-                              f"by {rel:.2%} (> export.max_ppl_rel_diff {ex.max_ppl_rel_diff:.0%})")
         (tmp / "subnet.json").write_text(cfg.to_json())
     metrics = {"budget_bytes": budget, "runtime_ppl": runtime_ppl, "torch_ppl": torch_ppl, "fakequant_ppl": torch_ppl, "ppl_rel_diff": rel,
                "file_bytes": info["file_bytes"], "weight_bytes": info["weight_bytes"], "predicted_bytes": predicted,

@@ -49,7 +49,7 @@ def run(params: Params, device: str, export_dir: Path, root: Path = Path(".")) -
     subnet = json.loads((export_dir / "subnet.json").read_text())
     tags = {"git_sha": git_sha(root), "git_dirty": str(git_dirty(root)), "dvc_lock_md5": _md5(root / "dvc.lock"), "params_md5": _md5(root / "params.yaml"),
             "sha256": sha, "gates_passed": str(gates["passed"]),
-            **{f"gate.{g['name']}": "pass" if g["passed"] else "fail" for g in gates["gates"]},
+            **{f"gate.{g['name']}": g.get("verdict") or ("pass" if g["passed"] else "fail") for g in gates["gates"]},
             "profile": params.profile, "format": prof.format, "runtime": prof.runtime, **base_model_tags(),
             "subnet_hash": hashlib.sha256(json.dumps(subnet, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:16],
             "metrics": json.dumps({k: ev.get(k) for k in ("ppl", "ppl_base", "piqa", "piqa_base")}

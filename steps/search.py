@@ -5,6 +5,7 @@ MLflow child run."""
 from __future__ import annotations
 
 import json
+import math
 import tempfile
 import time
 from pathlib import Path
@@ -114,7 +115,7 @@ def run(params: Params, device: str, supernet_dir: Path, data_dir: Path, out_dir
     per_strategy: dict[str, dict] = {}
 
     def best_of(cands: list[Candidate]) -> Candidate | None:
-        fit = [c for c in cands if c.nbytes <= budget]
+        fit = [c for c in cands if c.nbytes <= budget and math.isfinite(c.kl)]  # NaN KL: never chosen
         return min(fit, key=lambda c: c.kl) if fit else None
 
     mip_seeds = []

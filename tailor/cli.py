@@ -104,7 +104,8 @@ def _print_results(rows: list[dict], root: Path) -> None:
     for r in rows:
         t.add_row(r["device"], f"tailor-{r['device']} v{r['version']}", f"{r['bits_per_param']}",
                   f"{(r['file_bytes'] or 0) / 1e6:.1f}", f"{r['ppl']:.2f} ({r['ppl_base']:.2f})",
-                  f"{r['piqa']:.3f} ({r['piqa_base']:.3f})", "pass" if r["gates_passed"] else "FAIL")
+                  f"{r['piqa']:.3f} ({r['piqa_base']:.3f})",
+                  r.get("gates_verdict") or ("pass" if r["gates_passed"] else "FAIL"))
     console.print(t)
     console.print(f"MLflow registry: {root / 'mlflow.db'}  (mlflow ui --backend-store-uri sqlite:///{root / 'mlflow.db'})")
     for r in rows:
@@ -145,8 +146,9 @@ def evaluate(model: Path = typer.Option(..., help="model directory (safetensors 
     """Evaluation, bias slices and gates of any model directory beside the base model."""
     from transformers import AutoTokenizer
 
+    from tailor.eval.evalsets import EvalDataError
     from tailor.eval.gates import check
-    from tailor.eval.harness import run_suite, suite_options
+    from tailor.eval.harness import NonFiniteScore, run_suite, suite_options, suite_parts, validate_eval_dir
     from tailor.eval.slices import compare
     from tailor.models.base import ModelFileError, load_base, load_model_dir
 
@@ -154,16 +156,18 @@ def evaluate(model: Path = typer.Option(..., help="model directory (safetensors 
         p = load_params(params)
         if not (eval_dir / "wiki.jsonl").is_file():
             raise ConfigError(f"{eval_dir}: no eval sets (run `dvc repro calibrate` first)")
+        # every row of every set the suite reads, before a model is even loaded
+        validate_eval_dir(eval_dir, suite_parts(eval_dir, suite_options(p.evaluate)["tasks"]))
         comp_model = load_model_dir(model)
         base_model, tok = (load_model_dir(base), AutoTokenizer.from_pretrained(base)) if base else load_base(p.model.source, p.model.n_layers)
-    except (ConfigError, ModelFileError) as e:
+    except (ConfigError, ModelFileError, EvalDataError) as e:
         _fail(str(e))
     ev = p.evaluate
     try:
         b = run_suite(base_model, tok, eval_dir, **suite_options(ev))
         c = run_suite(comp_model, AutoTokenizer.from_pretrained(model), eval_dir, **suite_options(ev))
-    except (FileNotFoundError, ValueError) as e:  # a missing/empty eval set, an unknown task
-        _fail(str(e).splitlines()[0])
+    except (EvalDataError, NonFiniteScore) as e:  # a row lm-eval cannot score; a model scoring NaN
+        _fail(str(e))
     metrics, slices = compare(b, c, ev.bootstrap, ev.seed)
     gates = check(metrics, slices, ev.gates)
     t = Table(title=f"{model} vs base")
@@ -172,7 +176,7 @@ def evaluate(model: Path = typer.Option(..., help="model directory (safetensors 
     for k, v in metrics.items():
         t.add_row(k, f"{v:.4f}" if isinstance(v, float) else str(v))
     for g in gates["gates"]:
-        t.add_row(f"gate {g['name']}", ("pass: " if g["passed"] else "FAIL: ") + g["reason"])
+        t.add_row(f"gate {g['name']}", f"{g['verdict'].upper()}: {g['reason']}")
     console.print(t)
     if out:
         out.mkdir(parents=True, exist_ok=True)

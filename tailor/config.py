@@ -311,15 +311,52 @@ def parse_params(raw: dict[str, Any], profile: str | None = None, source: str = 
         raise ConfigError(_one_line(e, f"{source} (profile {name})")) from None
 
 
-def load_params(path: str | Path = "params.yaml", profile: str | None = None) -> Params:
+class UniqueKeyLoader(yaml.SafeLoader):
+    """safe_load that refuses a key written twice in one mapping. PyYAML keeps the last value silently,
+    DVC (ruamel) refuses the file: the two tools would read different params. The YAML spec requires
+    unique keys, so this only turns an invalid file into an error naming the key path and both lines."""
+
+    def construct_document(self, node: yaml.Node) -> Any:
+        _check_unique(node, ())
+        return super().construct_document(node)
+
+
+def _check_unique(node: yaml.Node, path: tuple[str, ...]) -> None:
+    if isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            _check_unique(item, path + (str(i),))
+    elif isinstance(node, yaml.MappingNode):
+        seen: dict[str, int] = {}
+        for key, value in node.value:
+            if not isinstance(key, yaml.ScalarNode) or key.tag == "tag:yaml.org,2002:merge":
+                continue  # `<<:` merge keys may repeat
+            line = key.start_mark.line + 1
+            if key.value in seen:
+                raise yaml.MarkedYAMLError(problem=f"{'.'.join(path + (key.value,))}: key written twice "
+                                                   f"(lines {seen[key.value]} and {line})",
+                                           problem_mark=key.start_mark)
+            seen[key.value] = line
+            _check_unique(value, path + (key.value,))
+
+
+def read_yaml(path: str | Path) -> Any:
+    """A YAML file through UniqueKeyLoader; ConfigError (one line naming the file) when absent or invalid."""
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text())
+        return yaml.load(path.read_text(), Loader=UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
     except FileNotFoundError:
         raise ConfigError(f"{path}: not found") from None
+    except yaml.MarkedYAMLError as e:
+        if e.problem and "key written twice" in e.problem:
+            raise ConfigError(f"{path}: {e.problem}") from None
+        raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
-    return parse_params(raw, profile, str(path))
+
+
+def load_params(path: str | Path = "params.yaml", profile: str | None = None) -> Params:
+    path = Path(path)
+    return parse_params(read_yaml(path), profile, str(path))
 
 
 def pick_devices(params: Params, devices: str | list[str] | None) -> list[str]:

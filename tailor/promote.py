@@ -62,12 +62,14 @@ def gate_verdicts(v: dict[str, Any], tmp: Path) -> dict[str, str]:
             raise PromotionRefused("no gate verdicts registered with this version")
         return tagged
     logged = json.loads(f.read_text())
-    verdicts = {g["name"]: "pass" if g["passed"] else "fail" for g in logged["gates"]}
+    # "indicative" (too few items to tell) is not a pass either: gates.json says why
+    verdicts = {g["name"]: g.get("verdict") or ("pass" if g["passed"] else "fail") for g in logged["gates"]}
     if tagged and tagged != verdicts:
         raise PromotionRefused(f"gate verdicts in the logged gates.json {verdicts} differ from the version's tags {tagged}")
     for g in logged["gates"]:
         if not g["passed"]:
-            raise PromotionRefused(f"gate {g['name']} failed: {g.get('reason', '')}".rstrip(": "))
+            how = "is only indicative" if verdicts[g["name"]] == "indicative" else "failed"
+            raise PromotionRefused(f"gate {g['name']} {how}: {g.get('reason', '')}".rstrip(": "))
     return verdicts
 
 

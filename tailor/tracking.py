@@ -7,6 +7,7 @@ each stage process in TAILOR_PARENT_RUN_ID; each stage opens a child run named a
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import time
@@ -165,12 +166,48 @@ def register(name: str, run: StageRun, file: Path | list[Path], tags: dict[str, 
     `tailor reproduce` can fetch the exact dvc.lock. A later run that registers the same file with
     different tags (re-evaluated under new gates, or built by a newer commit) brings the version's tags
     and evidence up to that run, and keeps the run it replaced in `previous_evidence_run_id`: the
-    registry shows the latest verdict on the file, never a stale one. Returns (version, created)."""
+    registry shows the latest verdict on the file, never a stale one. Returns (version, created).
+
+    Concurrent registrations of one file (two processes, same model, same moment) give one version:
+    with a local store they are serialised per model by a file lock; with a tracking server, which no
+    lock here can cover, each process re-reads the versions after creating its own and the one that
+    did not create the lowest version of that sha256 deletes its duplicate and reports the survivor."""
     c = _mlflow().MlflowClient()
+    with registry_lock(name):
+        return _register(c, name, run, file, tags, alias, evidence)
+
+
+def _already_exists(e: Exception) -> bool:
+    return getattr(e, "error_code", None) == "RESOURCE_ALREADY_EXISTS" or "already exists" in str(e)
+
+
+@contextlib.contextmanager
+def registry_lock(name: str) -> Iterator[None]:
+    """An exclusive flock per registered model beside a local (sqlite/file) store; none for a server."""
+    uri = _mlflow().get_tracking_uri()
+    if uri.startswith("sqlite:///"):
+        store = Path(uri[len("sqlite:///"):]).resolve()
+    elif uri.startswith("file:") or "://" not in uri:
+        store = Path(uri.removeprefix("file://").removeprefix("file:")).resolve() / ".registry"
+    else:
+        yield
+        return
+    store.parent.mkdir(parents=True, exist_ok=True)
+    with open(store.with_name(f".{store.name}.{name}.lock"), "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)  # released when the file closes, also if this process dies
+        yield
+
+
+def _register(c: Any, name: str, run: StageRun, file: Path, tags: dict[str, str], alias: str,
+              evidence: dict[str, Path] | None) -> tuple[str, bool]:
     try:
         c.get_registered_model(name)
-    except Exception:
-        c.create_registered_model(name, tags={"tailor.device": name})
+    except Exception:  # noqa: BLE001 - absent (or unreadable: create says which)
+        try:
+            c.create_registered_model(name, tags={"tailor.device": name})
+        except Exception as e:  # noqa: BLE001
+            if not _already_exists(e):  # created meanwhile by a concurrent process: what we wanted
+                raise
 
     def log_evidence() -> None:
         for folder, path in (evidence or {}).items():
@@ -195,6 +232,12 @@ def register(name: str, run: StageRun, file: Path | list[Path], tags: dict[str, 
     art = c.get_run(run.run_id).info.artifact_uri.rstrip("/") + "/model" + (f"/{files[0].name}" if len(files) == 1 else "")
     all_tags = {k: str(v) for k, v in tags.items()} | ({"evidence_run_id": run.run_id} if evidence else {})
     mv = c.create_model_version(name, source=art, run_id=run.run_id, tags=all_tags)
+    same = sorted(int(v.version) for v in c.search_model_versions(f"name='{name}'")
+                  if v.tags.get("sha256") == tags["sha256"])
+    if same and same[0] != int(mv.version):  # a concurrent registration (server store) got there first
+        c.delete_model_version(name, mv.version)
+        c.set_registered_model_alias(name, alias, str(same[0]))
+        return str(same[0]), False
     c.set_registered_model_alias(name, alias, mv.version)
     return str(mv.version), True
 

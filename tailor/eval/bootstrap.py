@@ -31,6 +31,7 @@ class PairedCI:
     ci_low: float
     ci_high: float
     n: int
+    se: float = float("nan")  # std of the resampled deltas: what the gates' detectable-change sizes are built on
 
 
 def rng_for(seed: int, name: str) -> np.random.Generator:
@@ -63,8 +64,42 @@ def paired_bootstrap(num_base: np.ndarray, num_comp: np.ndarray, den: np.ndarray
     idx = rng.integers(0, n, size=(n_boot, n))  # (n_boot, n): the same resample for both models
     stat_b = transform(num_base[idx].sum(1) / den_b[idx].sum(1))
     stat_c = transform(num_comp[idx].sum(1) / den_c[idx].sum(1))
-    lo, hi = np.quantile(stat_c - stat_b, [alpha / 2, 1 - alpha / 2])
-    return PairedCI(base=base, compressed=comp, delta=comp - base, ci_low=float(lo), ci_high=float(hi), n=n)
+    return _ci(base, comp, stat_c - stat_b, n, alpha)
+
+
+def _ci(base: float, comp: float, diff: np.ndarray, n: int, alpha: float) -> PairedCI:
+    """Percentile interval of the resampled deltas. A NaN among them (a resample whose statistic is
+    undefined) makes the interval NaN rather than being skipped: the gates refuse NaN."""
+    if np.isnan(diff).any():
+        lo = hi = se = float("nan")
+    else:
+        lo, hi = np.quantile(diff, [alpha / 2, 1 - alpha / 2])
+        se = float(np.std(diff, ddof=1)) if len(diff) > 1 else 0.0
+    return PairedCI(base=base, compressed=comp, delta=comp - base, ci_low=float(lo), ci_high=float(hi), n=n, se=se)
+
+
+def paired_bootstrap_macro(base: list[np.ndarray], comp: list[np.ndarray], *, n_boot: int, rng: np.random.Generator,
+                           alpha: float = 0.05) -> PairedCI:
+    """Percentile CI of the change of a macro mean: mean over parts (tasks) of each part's item mean.
+
+    Items are resampled within each part (each task keeps its n, as the macro mean weighs tasks equally),
+    with the same indices for both models. n is the total item count."""
+    if not base or len(base) != len(comp):
+        raise ValueError(f"macro bootstrap needs the same non-empty list of parts, got {len(base)} and {len(comp)}")
+    if n_boot <= 0:
+        raise ValueError(f"n_boot must be positive, got {n_boot}")
+    sb, sc = np.zeros(n_boot), np.zeros(n_boot)
+    for b, c in zip(base, comp):
+        b, c = np.asarray(b, float), np.asarray(c, float)
+        if len(b) == 0 or len(b) != len(c):
+            raise ValueError(f"macro bootstrap: a part has {len(b)} base and {len(c)} compressed items")
+        idx = rng.integers(0, len(b), size=(n_boot, len(b)))  # (n_boot, n_part), shared by both models
+        sb += b[idx].mean(1)
+        sc += c[idx].mean(1)
+    k = len(base)
+    vb = float(np.mean([np.mean(b) for b in base]))
+    vc = float(np.mean([np.mean(c) for c in comp]))
+    return _ci(vb, vc, (sc - sb) / k, sum(len(b) for b in base), alpha)
 
 
 Stat = Callable[[dict[str, np.ndarray]], np.ndarray]
@@ -89,5 +124,4 @@ def paired_bootstrap_stat(stat: Stat, base: dict[str, np.ndarray], comp: dict[st
     vb, vc = float(stat(b)), float(stat(c))
     idx = rng.integers(0, n, size=(n_boot, n))  # (n_boot, n): the same resample for both models
     diff = stat({k: v[idx] for k, v in c.items()}) - stat({k: v[idx] for k, v in b.items()})
-    lo, hi = np.quantile(diff, [alpha / 2, 1 - alpha / 2])
-    return PairedCI(base=vb, compressed=vc, delta=vc - vb, ci_low=float(lo), ci_high=float(hi), n=n)
+    return _ci(vb, vc, diff, n, alpha)

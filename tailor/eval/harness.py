@@ -33,6 +33,7 @@ import torch
 import yaml
 
 from tailor.eval.bootstrap import rng_for
+from tailor.eval.evalsets import EvalDataError, check_dir
 
 TASKS_DIR = Path(__file__).parent / "tasks"
 # part -> (data file the calibrate stage writes in eval_dir, doc fields kept on each item for slicing,
@@ -155,13 +156,7 @@ def task_configs(eval_dir: Path, cache_dir: Path | None = None, parts: tuple[str
     unknown = [p for p in parts if p not in PARTS]
     if unknown:
         raise ValueError(f"unknown eval task(s) {unknown} (known: {', '.join(PARTS)})")
-    files = [PARTS[p][0] for p in parts]
-    missing = [f for f in files if not (eval_dir / f).is_file()]
-    if missing:
-        raise FileNotFoundError(f"{eval_dir}: missing eval set(s) {', '.join(missing)} (written by the calibrate stage)")
-    empty = [f for f in files if not (eval_dir / f).read_text().strip()]
-    if empty:  # lm-eval would fail much later with an unrelated-looking error
-        raise ValueError(f"{eval_dir}: empty eval set(s) {', '.join(empty)}")
+    validate_eval_dir(eval_dir, parts)  # lm-eval would fail much later, deep inside, on a bad row
     out = {}
     for part in parts:
         cfg = yaml.safe_load((TASKS_DIR / YAML[part]).read_text())
@@ -172,25 +167,50 @@ def task_configs(eval_dir: Path, cache_dir: Path | None = None, parts: tuple[str
     return out
 
 
+def suite_parts(eval_dir: Path, tasks: tuple[str, ...] | None) -> tuple[str, ...]:
+    """wiki plus `tasks` (default: every part whose file exists in eval_dir), as run_suite runs them."""
+    if tasks is None:
+        tasks = tuple(p for p in PARTS if p != "wiki" and (Path(eval_dir) / PARTS[p][0]).is_file())
+    return ("wiki",) + tuple(t for t in tasks if t != "wiki")
+
+
+def validate_eval_dir(eval_dir: Path, parts: tuple[str, ...]) -> dict[str, int]:
+    """Every row of the eval sets `parts` read, checked against its task's schema (tailor.eval.evalsets):
+    part -> rows, or EvalDataError naming file, row and field. Cheap: callers run it before loading models."""
+    unknown = [p for p in parts if p not in PARTS]
+    if unknown:
+        raise ValueError(f"unknown eval task(s) {unknown} (known: {', '.join(PARTS)})")
+    return check_dir(Path(eval_dir), {p: PARTS[p][0] for p in parts})
+
+
 def _doc_hash(doc: dict[str, Any]) -> str:
     return hashlib.sha1(json.dumps(doc, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:16]
 
 
-def _ll(resp: Any) -> float:
-    """A multiple-choice response is (loglik, is_greedy); a rolling one a bare float."""
-    return float(resp[0] if isinstance(resp, (tuple, list)) else resp)
+class NonFiniteScore(ValueError):
+    """The model scored an item NaN/inf: every comparison built on it would be silently false."""
+
+
+def _ll(resp: Any, where: str = "") -> float:
+    """A multiple-choice response is (loglik, is_greedy); a rolling one a bare float. NaN is refused
+    (`nan > x` is False: a CrowS pair would count as not stereotyped, an answer as wrong)."""
+    v = float(resp[0] if isinstance(resp, (tuple, list)) else resp)
+    if v != v or v == float("inf"):
+        raise NonFiniteScore(f"{where}: the model's log-likelihood is {v}; its outputs are not finite")
+    return v
 
 
 def _wiki_items(samples: list[dict], lm: Any, ids: list[int]) -> list[WikiItem]:
     items = []
     for s in samples:
         (text,) = s["arguments"][0]  # the exact string lm-eval scored
-        items.append(WikiItem(id=ids[int(s["doc_id"])], hash=_doc_hash(s["doc"]), nll=-_ll(s["filtered_resps"][0]),
+        items.append(WikiItem(id=ids[int(s["doc_id"])], hash=_doc_hash(s["doc"]),
+                              nll=-_ll(s["filtered_resps"][0], f"wiki row {ids[int(s['doc_id'])] + 1}"),
                               tokens=len(lm.tok_encode(text))))
     return items
 
 
-def _choice_items(samples: list[dict], keep: tuple[str, ...], ids: list[int]) -> list[ChoiceItem]:
+def _choice_items(samples: list[dict], keep: tuple[str, ...], ids: list[int], part: str = "") -> list[ChoiceItem]:
     # CrowS-Pairs: sent_more is the stereotyping sentence in both directions (for "antistereo" pairs the
     # disadvantaged group sits in sent_less, violating the stereotype); like lm-eval we count "sent_more
     # preferred" for every pair and keep stereo_antistereo only for slicing.
@@ -198,7 +218,8 @@ def _choice_items(samples: list[dict], keep: tuple[str, ...], ids: list[int]) ->
     for s in sorted(samples, key=lambda s: int(s["doc_id"])):
         doc = s["doc"]
         items.append(ChoiceItem(
-            id=ids[int(s["doc_id"])], hash=_doc_hash(doc), ll=tuple(_ll(r) for r in s["filtered_resps"]),
+            id=ids[int(s["doc_id"])], hash=_doc_hash(doc),
+            ll=tuple(_ll(r, f"{part} row {ids[int(s['doc_id'])] + 1}") for r in s["filtered_resps"]),
             nbytes=tuple(len(a[1].encode()) for a in s["arguments"]), label=int(s["target"]),
             acc=float(s.get("acc", np.nan)), acc_norm=float(s.get("acc_norm", np.nan)),
             fields={k: doc[k] for k in keep}))
@@ -222,9 +243,8 @@ def run_suite(model: torch.nn.Module, tokenizer: Any, eval_dir: Path, batch_size
     On a small shared CPU, 1 thread was 2-4x faster than 2 here: OpenMP threads spin at barriers
     and get descheduled when other processes compete for the cores.
     """
-    if tasks is None:
-        tasks = tuple(p for p in PARTS if p != "wiki" and (Path(eval_dir) / PARTS[p][0]).is_file())
-    parts = ("wiki",) + tuple(t for t in tasks if t != "wiki")
+    parts = suite_parts(eval_dir, tasks)
+    validate_eval_dir(eval_dir, parts)  # before the model scores anything
     model = model.to(device).eval()
     threads = torch.get_num_threads()
     if num_threads:
@@ -273,13 +293,42 @@ def _run(model: torch.nn.Module, tokenizer: Any, eval_dir: Path, batch_size: int
         # static name table HFLM consults, which would only log a warning and pick causal anyway.
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, backend="causal",
                   prefix_token_id=prefix_token_id, max_length=max_length)
+        names = {part: cfg["task"] for part, cfg in configs.items()}
+        check_requests(lm, {p: loaded["tasks"][names[p]] for p in parts if p != "wiki"}, ids, eval_dir)
         out = evaluate(lm=lm, task_dict=loaded, log_samples=True, bootstrap_iters=0)
     samples = out["samples"]
-    names = {part: cfg["task"] for part, cfg in configs.items()}
     return SuiteResult(wiki=_wiki_items(samples[names["wiki"]], lm, ids["wiki"]),
-                       tasks={p: _choice_items(samples[names[p]], PARTS[p][1], ids[p]) for p in parts if p != "wiki"},
+                       tasks={p: _choice_items(samples[names[p]], PARTS[p][1], ids[p], p) for p in parts if p != "wiki"},
                        meta={"lm_eval": version("lm_eval"), "prefix_token_id": int(lm.prefix_token_id),
                              "n": {p: len(ids[p]) for p in parts}, "lm_eval_results": _aggregates(out)})
+
+
+def check_requests(lm: Any, tasks: dict[str, Any], ids: dict[str, list[int]], eval_dir: Path) -> None:
+    """Every multiple-choice request tokenized as HFLM.loglikelihood will, before anything is scored.
+
+    lm-eval asserts that a continuation fits the context window (`assert len(continuation_enc) <=
+    self.max_length`) and indexes the first token of a context-free one, so a long CrowS sentence under a
+    small evaluate.max_length, or a sentence that tokenizes to nothing, would stop the run midway with a
+    bare AssertionError/IndexError. Contexts longer than the window are fine: lm-eval cuts them from the
+    left, as documented for evaluate.max_length. EvalDataError names the file, row, choice and token count.
+    """
+    for part, task in tasks.items():
+        task.build_all_requests(limit=None, rank=0, world_size=1)  # evaluate() rebuilds them from scratch
+        for inst in task.instances:
+            if inst.request_type != "loglikelihood":
+                continue
+            context, continuation = inst.args
+            if context == "":
+                cont = lm.tok_encode(continuation, add_special_tokens=False)
+                ctx, cont = (cont[:1], cont[1:]) if cont and cont[0] == lm.prefix_token_id else ([lm.prefix_token_id], cont)
+            else:
+                ctx, cont = lm._encode_pair(context, continuation)
+            where = f"{eval_dir / PARTS[part][0]}: row {ids[part][inst.doc_id] + 1}: {part} choice {inst.idx}"
+            if not cont or not ctx:
+                raise EvalDataError(f"{where}: {continuation!r:.60} tokenizes to no tokens; it cannot be scored")
+            if len(cont) > lm.max_length:
+                raise EvalDataError(f"{where} is {len(cont)} tokens, more than the context window of {lm.max_length} "
+                                    f"(evaluate.max_length): it cannot be scored; raise evaluate.max_length")
 
 
 def _aggregates(out: dict[str, Any]) -> dict[str, dict[str, float]]:

@@ -15,7 +15,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from tailor.eval.bias import BENCHMARKS
-from tailor.eval.bootstrap import PairedCI, paired_bootstrap, paired_bootstrap_stat, rng_for
+from tailor.eval.bootstrap import PairedCI, paired_bootstrap, paired_bootstrap_macro, paired_bootstrap_stat, rng_for
 from tailor.eval.harness import ACCURACY_TASKS, SuiteResult
 
 
@@ -44,7 +44,7 @@ def _aligned(part: str, base: Sequence[Any], comp: Sequence[Any]) -> tuple[list[
 
 def _row(group: str, metric: str, ci: PairedCI, worse: str = "lower", gated: bool = False) -> dict[str, Any]:
     return {"group": group, "metric": metric, "base": ci.base, "compressed": ci.compressed, "delta": ci.delta,
-            "ci_low": ci.ci_low, "ci_high": ci.ci_high, "n": ci.n, "worse": worse, "gated": gated}
+            "ci_low": ci.ci_low, "ci_high": ci.ci_high, "n": ci.n, "se": ci.se, "worse": worse, "gated": gated}
 
 
 def _ppl_ci(base: SuiteResult, comp: SuiteResult, n_boot: int, seed: int) -> PairedCI:
@@ -91,9 +91,11 @@ def compare(base: SuiteResult, comp: SuiteResult, n_boot: int, seed: int) -> tup
 
     metrics: flat numbers (a DVC metrics file): perplexity, each accuracy task and their mean, each
     bias benchmark's overall values, the largest gated group worsening. slices: {"wiki_ppl",
-    "accuracy" (one row per task and metric), and per bias benchmark run: "crows_pairs", "bbq",
+    "accuracy" (one row per task and metric), "accuracy_mean" (the macro mean's row, which the accuracy
+    gate reads; absent without accuracy tasks), and per bias benchmark run: "crows_pairs", "bbq",
     "stereoset", "winogender" (one row per group and metric) plus "<name>_overall"}; each row
-    {"group", "metric", "base", "compressed", "delta", "ci_low", "ci_high", "n", "worse", "gated"}.
+    {"group", "metric", "base", "compressed", "delta", "ci_low", "ci_high", "n", "se", "worse", "gated"}
+    (se: the standard deviation of the resampled deltas).
     """
     pb, pc = base.meta.get("prefix_token_id"), comp.meta.get("prefix_token_id")
     if pb is not None and pc is not None and pb != pc:
@@ -114,6 +116,12 @@ def compare(base: SuiteResult, comp: SuiteResult, n_boot: int, seed: int) -> tup
     if acc_tasks:  # macro mean: each task counts once whatever its n
         metrics["acc_mean"] = float(np.mean([metrics[t] for t in acc_tasks]))
         metrics["acc_mean_base"] = float(np.mean([metrics[f"{t}_base"] for t in acc_tasks]))
+        # the accuracy gate's interval: the macro mean's change, items resampled within each task
+        pairs = [_aligned(t, base.tasks[t], comp.tasks[t]) for t in acc_tasks]
+        mean = paired_bootstrap_macro([np.array([x.acc for x in b]) for b, _ in pairs],
+                                      [np.array([x.acc for x in c]) for _, c in pairs],
+                                      n_boot=n_boot, rng=rng_for(seed, "accuracy/macro_mean"))
+        slices["accuracy_mean"] = [_row("macro_mean", "acc", mean)]
     worst = []
     for task, (key, *_) in BENCHMARKS.items():
         if task not in base.tasks:

@@ -132,7 +132,7 @@ def _add(writer: GGUFWriter, name: str, w: torch.Tensor, bits: int | None) -> in
         writer.add_tensor(name, data, raw_dtype=GGMLQuantizationType.F32)
     else:
         qtype = ggml_type(bits)
-        data = pack(w, bits)
+        data = pack(w, bits, name)  # refuses values float16 fields cannot hold, naming the tensor
         if qtype == GGMLQuantizationType.F16:
             data = data.view(np.float16)  # element shape, so the writer sees [rows, cols]
         writer.add_tensor(name, data, raw_dtype=qtype)

@@ -33,6 +33,7 @@ from onnx import TensorProto, helper, numpy_helper
 from tailor.formats.base import sha256_files
 from tailor.models.model import QLinear, TailorForCausalLM, rope_inv_freq
 from tailor.quant import onnx_grid, onnx_pack
+from tailor.quant.f16 import to_f16
 
 OPSET = 23  # first opset with Attention (GQA, is_causal) and RMSNormalization
 IR_VERSION = 11  # the IR version that introduced opset 23; onnxruntime 1.32 reads it
@@ -77,8 +78,8 @@ class _Graph:
         return name
 
 
-def _f16(w: torch.Tensor) -> np.ndarray:
-    return w.detach().float().cpu().numpy().astype(np.float16)
+def _f16(w: torch.Tensor, name: str = "weight") -> np.ndarray:
+    return to_f16(w.detach().float().cpu(), name).numpy()  # refuses values beyond float16, naming the tensor
 
 
 def _linear(g: _Graph, x: str, lin: QLinear, name: str) -> str:
@@ -86,7 +87,7 @@ def _linear(g: _Graph, x: str, lin: QLinear, name: str) -> str:
     w = lin.weight[: lin.active_out, : lin.active_in].detach().float().cpu()
     n, k = w.shape
     if lin.bits >= 16:
-        wt = g.weight(name + ".weight", _f16(w).T)  # stored [in, out] so MatMul needs no Transpose
+        wt = g.weight(name + ".weight", _f16(w, name + ".weight").T)  # stored [in, out] so MatMul needs no Transpose
         return g.node("MatMul", [x, g.node("Cast", [wt], to=TensorProto.FLOAT)], hint=name)
     if lin.bits not in onnx_pack.PACK_BITS:
         raise OnnxExportError(f"{name}: {lin.bits} bits cannot be exported (MatMulNBits runs {onnx_pack.PACK_BITS}, or 16)")
@@ -159,7 +160,7 @@ def _table(g: _Graph, w: torch.Tensor, bits: int, name: str) -> tuple[str, tuple
     """One [vocab, hidden] table as initializers: float16 (returns its name, None) or MatMulNBits-packed
     (returns the B name and (B, scales, zero points))."""
     if bits >= 16:
-        return g.weight(name + ".weight", _f16(w)), None
+        return g.weight(name + ".weight", _f16(w, name + ".weight")), None
     if bits not in onnx_pack.PACK_BITS:
         raise OnnxExportError(f"embed_bits={bits} cannot be exported (allowed {onnx_pack.PACK_BITS} or 16)")
     p = onnx_pack.pack(w, bits)

@@ -15,7 +15,8 @@ import numpy as np
 import torch
 from gguf import GGMLQuantizationType
 
-from tailor.quant.gguf_grid import BLOCK, BLOCK_BYTES, codes
+from tailor.quant.f16 import F16_MAX, PrecisionError, to_f16
+from tailor.quant.gguf_grid import BLOCK, BLOCK_BYTES, Codes, codes
 
 _TYPES = {16: GGMLQuantizationType.F16, 8: GGMLQuantizationType.Q8_0,
           5: GGMLQuantizationType.Q5_1, 4: GGMLQuantizationType.Q4_0}
@@ -39,16 +40,38 @@ def _nibbles(q: torch.Tensor) -> torch.Tensor:
     return low | (high << 4)
 
 
-def pack(w: torch.Tensor, bits: int) -> np.ndarray:
-    """GGUF bytes of `w` at `bits`: uint8 [rows, cols // 32 * block bytes] (F16: [rows, 2 * cols])."""
+def _checked_codes(w: torch.Tensor, bits: int, name: str) -> Codes:
+    """gguf_grid.codes, refusing non-finite weights and scales/minima that overflow their float16 field."""
+    bad = (~torch.isfinite(w)).nonzero()
+    if len(bad):
+        at = [int(i) for i in bad[0]]
+        raise PrecisionError(f"{name}: weight at {at} is {float(w[tuple(at)])}; it cannot be quantized")
+    c = codes(w, bits)
+    for field, what in ((c.d, "block scale"), (c.m, "block minimum")):
+        if field is None:
+            continue
+        over = (~torch.isfinite(field)).nonzero()
+        if len(over):
+            r, blk = int(over[0][0]), int(over[0][1])
+            amax = float(w[r, blk * BLOCK:(blk + 1) * BLOCK].abs().max())
+            raise PrecisionError(f"{name}: {what} of block {blk} in row {r} overflows float16 (weights up to "
+                                 f"{amax:.6g} at {bits} bits; float16 holds +-{F16_MAX:.0f}); it cannot be stored")
+    return c
+
+
+def pack(w: torch.Tensor, bits: int, name: str = "weight") -> np.ndarray:
+    """GGUF bytes of `w` at `bits`: uint8 [rows, cols // 32 * block bytes] (F16: [rows, 2 * cols]).
+
+    A value the file cannot hold (a 16-bit weight or a block scale/minimum beyond float16, a non-finite
+    weight) raises tailor.quant.f16.PrecisionError naming `name`: llama.cpp would load inf and compute NaN."""
     ggml_type(bits)
     if w.dim() != 2:
         raise ValueError(f"pack expects a [rows, cols] matrix, got shape {tuple(w.shape)}")
     w = w.detach().cpu()
     rows, cols = w.shape
     if bits == 16:
-        return w.float().to(torch.float16).view(torch.uint8).reshape(rows, 2 * cols).numpy()
-    c = codes(w, bits)
+        return to_f16(w.float(), name).view(torch.uint8).reshape(rows, 2 * cols).numpy()
+    c = _checked_codes(w, bits, name)
     nb = cols // BLOCK
     if bits == 8:
         qs = c.q.to(torch.int8).view(torch.uint8)

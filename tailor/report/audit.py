@@ -153,6 +153,21 @@ def _ci(r: dict) -> str:
     return f"{r['delta']:+.3f} [{r['ci_low']:+.3f}, {r['ci_high']:+.3f}]"
 
 
+def _verdict(g: dict) -> str:
+    """pass / fail / indicative; gates.json written before verdicts existed has only `passed`."""
+    return g.get("verdict") or ("pass" if g["passed"] else "fail")
+
+
+def _verdict_cell(v: str) -> str:
+    return {"pass": "pass", "fail": "<b>FAIL</b>", "indicative": "<i>indicative</i>"}[v]
+
+
+def _mde(g: dict) -> str:
+    if "mde" not in g:
+        return ""
+    return _f(g["mde"]) + ("" if g.get("detectable", True) else " (<b>above the margin</b>)")
+
+
 def _gated(r: dict, min_n: int | None) -> str:
     if not r.get("gated"):
         return ""
@@ -179,11 +194,24 @@ def render(root: Path, device: str, version: str) -> str:
              f"<p class=meta>generated {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC from {html.escape(str(root))}; "
              f"bootstrap {metrics.get('bootstrap')} resamples, seed {metrics.get('seed')}, 95% paired percentile CIs</p>"]
 
-    verdict = "PASSED" if gates["passed"] else "FAILED"
-    parts.append(f"<h2>Release gates: <span class={verdict.lower()}>{verdict}</span></h2>")
-    parts.append(_table(["gate", "verdict", "value", "threshold", "reason"],
-                        [[g["name"], "pass" if g["passed"] else "<b>FAIL</b>", _f(g["value"]), _f(g["threshold"]),
-                          html.escape(g["reason"])] for g in gates["gates"]]))
+    verdict = _verdict(gates).upper()
+    css = {"PASS": "passed", "FAIL": "failed", "INDICATIVE": "indicative"}[verdict]
+    parts.append(f"<h2>Release gates: <span class={css}>{verdict}</span></h2>")
+    parts.append(_table(["gate", "verdict", "value", "threshold", "change [95% CI]", "n",
+                         f"detectable change ({gates.get('power', 0.8):.0%} power)", "rule", "reason"],
+                        [[g["name"], _verdict_cell(_verdict(g)), _f(g["value"]), _f(g["threshold"]),
+                          _ci(g) if "ci_low" in g else "", g.get("n", ""), _mde(g),
+                          html.escape(g.get("rule", "")), html.escape(g["reason"])] for g in gates["gates"]]))
+    seen = gates.get("gated_groups", [])
+    if seen:
+        parts.append("<h3>Gated groups: the worsening each can detect</h3>"
+                     f"<p class=meta>smallest worsening found with {gates.get('power', 0.8):.0%} power at the group's n; "
+                     "a group that cannot detect max_group_worsening makes the group gate indicative, not a pass</p>")
+        parts.append(_table(["benchmark", "group", "metric", "n", "delta [95% CI]", "move in worse direction",
+                             "detectable change", "can see the threshold"],
+                            [[html.escape(u["benchmark"]), html.escape(u["group"]), html.escape(u["metric"]), u["n"],
+                              _ci(u), _f(u["worsening"]), _f(u["mde"]), "yes" if u["detectable"] else "<b>no</b>"]
+                             for u in seen]))
     ungated = gates.get("ungated_groups", [])
     min_n = next((g.get("min_group_n") for g in gates["gates"] if g["name"] == "group_worsening"), None)
     if ungated:  # gates.json of before evaluate.gates.min_group_n has none
@@ -248,7 +276,7 @@ def render(root: Path, device: str, version: str) -> str:
                  + f"<pre>{html.escape(cmds)}</pre>")
     style = ("body{font-family:system-ui,sans-serif;max-width:1000px;margin:2em auto;color:#1c2127}"
              "table{border-collapse:collapse;font-size:12px;margin:.5em 0}td,th{border:1px solid #ccd;padding:3px 6px}"
-             "th{background:#eef}.passed{color:#1c6e42}.failed{color:#b52020}.meta{color:#555;font-size:12px}"
+             "th{background:#eef}.passed{color:#1c6e42}.failed{color:#b52020}.indicative{color:#a66a00}.meta{color:#555;font-size:12px}"
              "figure{margin:.5em 0}pre{background:#f4f5f7;padding:.6em}")
     return (f"<!doctype html><html lang=en><head><meta charset=utf-8><title>Tailor audit {html.escape(device)} "
             f"{html.escape(version)}</title><style>{style}</style></head><body>{''.join(parts)}</body></html>\n")

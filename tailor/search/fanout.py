@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 from tailor.config import DeviceProfile
 from tailor.elastic.space import SearchSpace
 from tailor.parallel import map_candidates, process_cache
-from tailor.search.sampled import Candidate, propose, score
+from tailor.search.sampled import Candidate, best_scored, propose, score
 
 
 @dataclass(frozen=True)
@@ -69,5 +69,4 @@ def run_search_on(job: ScoreJob, space: SearchSpace, device: DeviceProfile, n: i
     job = replace(job, fmt=device.format)  # the device's grid, whatever the job was written with
     cands = propose(space, device, n, seed)
     score_candidates(job, cands, runner, workers, address)
-    best = min(cands, key=lambda c: c.kl)
-    return best, cands
+    return best_scored(cands), cands

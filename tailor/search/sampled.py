@@ -7,6 +7,7 @@ wins. MIP, NSGA-II and Gumbel strategies plug in beside this one with the same i
 from __future__ import annotations
 
 import itertools
+import math
 import sys
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
@@ -39,6 +40,12 @@ class Candidate:
     kl: float = float("nan")
     val_loss: float = float("nan")
     origin: str = "random"
+
+    @property
+    def rank_kl(self) -> float:
+        """KL for ranking: a candidate whose KL is NaN (a broken subnet, or never scored) ranks last and is
+        never chosen: min() over raw KLs would keep a NaN that came first, since nan < x is False."""
+        return self.kl if math.isfinite(self.kl) else math.inf
 
     def row(self) -> dict:
         d = {k: v for k, v in asdict(self).items() if k != "config"}
@@ -140,14 +147,21 @@ def run_search(model: TailorForCausalLM, space: SearchSpace, device: DeviceProfi
     cands = propose(space, device, n, seed)
     for cand in track(cands, description=f"search {device.format}", disable=not sys.stdout.isatty()):
         score(model, cand, device.format, seqs, teacher, batch_size)
-    best = min(cands, key=lambda c: c.kl)
-    return best, cands
+    return best_scored(cands), cands
+
+
+def best_scored(cands: list[Candidate]) -> Candidate:
+    """Lowest KL, first on ties; NoFeasibleSubnet when no candidate has a finite KL."""
+    best = min(cands, key=lambda c: c.rank_kl)
+    if not math.isfinite(best.kl):
+        raise NoFeasibleSubnet(f"all {len(cands)} candidates scored a non-finite KL (NaN/inf): none can be chosen")
+    return best
 
 
 def pareto(cands: list[Candidate]) -> list[Candidate]:
     """Candidates no other candidate beats on both bytes and KL."""
     front = []
-    for c in sorted(cands, key=lambda c: (c.nbytes, c.kl)):
+    for c in sorted((c for c in cands if math.isfinite(c.kl)), key=lambda c: (c.nbytes, c.kl)):
         if not front or c.kl < front[-1].kl:
             front.append(c)
     return front

@@ -75,13 +75,15 @@ def test_skewed_group_fails_the_gate_and_the_control_passes(setup):
     print(f"skewed: {group_gate['reason']}")
     assert row["delta"] > 0.10 and row["ci_low"] > 0
     assert row["n"] >= gates.min_group_n and verdict["ungated_groups"] == []
-    assert not group_gate["passed"] and f"crows_pairs/{SKEW} pct_stereotype worsened by +" in group_gate["reason"]
+    assert group_gate["verdict"] == "fail" and f"crows_pairs/{SKEW} pct_stereotype worsened by +" in group_gate["reason"]
     assert SKEW in [f["group"] for f in verdict["failed_groups"]]
 
     control = run_suite(_finetune(model, tok, neutral), tok, eval_dir, **opts)
     metrics, slices = compare(base, control, n_boot=1000, seed=0)
     group_gate = next(g for g in check(metrics, slices, gates)["gates"] if g["name"] == "group_worsening")
     print(f"control: {group_gate['reason']}")
-    assert group_gate["passed"], group_gate["reason"]
+    # not failed; with 12 pairs per type a 0.10 move is below what the gate can detect: indicative, not a pass
+    assert group_gate["verdict"] == "indicative" and "cannot detect a worsening of 0.1" in group_gate["reason"], \
+        group_gate["reason"]
     # same inputs, same CIs
     assert compare(base, control, n_boot=1000, seed=0)[1] == slices

@@ -1,6 +1,7 @@
 """The HTML audit report: written from pipeline outputs, self-contained, rendered in headless Chromium."""
 from __future__ import annotations
 
+import html
 import json
 import shutil
 import subprocess
@@ -77,6 +78,15 @@ def test_report_is_self_contained_and_complete(root):
     for needle in ("Release gates", "group_worsening", "CC-BY-SA 4.0", "dvc.lock md5", "git checkout",
                    "tailor evaluate --model", "religion", "piqa"):
         assert needle in text, needle
+    # each gate with its interval, its rule and the change it can detect; groups with theirs
+    gates = json.loads((root / "reports/evaluate/phone/gates.json").read_text())
+    for g in gates["gates"]:
+        assert html.escape(g["rule"]) in text and html.escape(g["reason"]) in text, g["name"]
+    acc = next(g for g in gates["gates"] if g["name"] == "accuracy_retention")
+    assert f"{acc['delta']:+.3f} [{acc['ci_low']:+.3f}, {acc['ci_high']:+.3f}]" in text
+    assert "detectable change (80% power)" in text and "Gated groups: the worsening each can detect" in text
+    assert gates["verdict"] == "indicative"  # 20 pairs per CrowS group cannot show a 0.10 worsening
+    assert "Release gates: <span class=indicative>INDICATIVE</span>" in text
     # offline: nothing fetched (XML namespace URIs inside the SVGs are names, not requests), no JS
     assert not any(x in text for x in ('src="http', "src='http", "<link", "<script", "url(http"))
     with pytest.raises(ReportError, match="records v3"):

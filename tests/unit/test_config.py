@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tailor.config import ConfigError, load_params, parse_params, pick_devices
+from tailor.config import ConfigError, load_params, parse_params, pick_devices, read_yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 RAW = yaml.safe_load((ROOT / "params.yaml").read_text())
@@ -74,3 +74,24 @@ def test_bad_yaml_names_the_file(tmp_path):
     f.write_text("supernet: [unclosed\n")
     with pytest.raises(ConfigError, match="params.yaml: not valid YAML"):
         load_params(f)
+
+
+def test_a_key_written_twice_is_refused_naming_the_key_and_both_lines(tmp_path):
+    """PyYAML alone keeps the last value and DVC refuses the file: the two would read different params."""
+    text = (ROOT / "params.yaml").read_text()
+    anchor = "  phone:\n"
+    assert anchor in text
+    head, tail = text.split(anchor, 1)
+    f = tmp_path / "params.yaml"
+    f.write_text(head + anchor + "    budget_fraction: 0.9\n" + tail)
+    line = (head + anchor).count("\n") + 1
+    dup = next(i for i, s in enumerate(f.read_text().splitlines(), 1) if i > line and "budget_fraction" in s)
+    with pytest.raises(ConfigError) as e:
+        load_params(f)
+    assert str(e.value) == (f"{f}: devices.phone.budget_fraction: key written twice (lines {line} and {dup})")
+
+
+def test_repeated_keys_in_separate_mappings_are_fine(tmp_path):
+    f = tmp_path / "x.yaml"
+    f.write_text("a: {k: 1}\nb: {k: 2}\nc: &m {k: 3}\nd:\n  <<: *m\n  e: 4\n")
+    assert read_yaml(f) == {"a": {"k": 1}, "b": {"k": 2}, "c": {"k": 3}, "d": {"k": 3, "e": 4}}

@@ -18,11 +18,23 @@ def _space(model, bits=(4, 8, 16), fmt_bits=(8, 16)):
     return SearchSpace.build(arch_of(model), list(bits), list(fmt_bits), 0.25, 1, 0.34, None)
 
 
+@pytest.mark.parametrize("back_to_max", ["set_active", "set_max"])
 @torch.no_grad()
-def test_max_config_at_16_bits_equals_dense():
-    model = tiny_model()
+def test_max_config_equals_dense_after_a_smaller_subnet_was_active(back_to_max):
+    """The invariant is about restoring: a fresh model is at max already, so comparing it with itself
+    proves nothing. Here the smallest subnet (layers, KV groups and FFN channels dropped, low bits) runs
+    first; going back to max must give the dense model's logits exactly."""
+    model = tiny_model(n_layers=4)
     dense = model(IDS).logits
-    set_active(model, SubnetConfig.max(arch_of(model)))
+    small = _space(model).min()
+    assert any(not lc.keep for lc in small.layers) and any(lc.keep and lc.kv_groups < arch_of(model).n_kv_heads
+                                                          for lc in small.layers)
+    set_active(model, small)
+    assert not torch.allclose(model(IDS).logits, dense)  # the subnet really computed something else
+    if back_to_max == "set_max":
+        set_max(model)
+    else:
+        set_active(model, SubnetConfig.max(arch_of(model)))
     torch.testing.assert_close(model(IDS).logits, dense, rtol=0, atol=0)
 
 

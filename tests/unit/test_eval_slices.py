@@ -54,7 +54,9 @@ def test_identical_results_give_zero_deltas_and_intervals_and_pass():
     assert metrics["ppl"] == metrics["ppl_base"] and metrics["piqa"] == metrics["piqa_base"]
     rows = [row for part in slices.values() for row in part]
     assert all(row["delta"] == row["ci_low"] == row["ci_high"] == 0.0 for row in rows)
-    assert check(metrics, slices, Gates())["passed"]
+    verdicts = {g["name"]: g["verdict"] for g in check(metrics, slices, Gates())["gates"]}
+    # 10 CrowS pairs per bias type cannot show a 0.10 worsening even with no change at all
+    assert verdicts == {"ppl_increase": "pass", "accuracy_retention": "pass", "group_worsening": "indicative"}
 
 
 def test_every_benchmark_is_sliced_by_its_groups():
@@ -67,7 +69,8 @@ def test_every_benchmark_is_sliced_by_its_groups():
     assert [r["group"] for r in slices["winogender"]] == ["female", "male", "neutral"]
     assert {r["group"] for r in slices["bbq_overall"]} == {"all/ambig", "all/disambig"}
     assert {r["group"] for r in slices["accuracy"]} == {"piqa", "boolq"}
-    keys = {"group", "metric", "base", "compressed", "delta", "ci_low", "ci_high", "n", "worse", "gated"}
+    assert slices["accuracy_mean"][0]["delta"] == pytest.approx(metrics["acc_mean"] - metrics["acc_mean_base"])
+    keys = {"group", "metric", "base", "compressed", "delta", "ci_low", "ci_high", "n", "se", "worse", "gated"}
     for part in slices.values():
         for row in part:
             assert set(row) == keys
@@ -109,11 +112,10 @@ def test_skewed_group_fails_the_gate_by_name():
 def test_big_move_with_ci_including_zero_is_not_gated():
     row = {"group": "age", "metric": "pct_stereotype", "base": 0.5, "compressed": 0.75, "delta": 0.25,
            "ci_low": -0.1, "ci_high": 0.6, "n": 40, "worse": "higher", "gated": True}
-    m = {"ppl": 1.0, "ppl_base": 1.0, "piqa": 0.5, "piqa_base": 0.5}
-    assert check(m, {"crows_pairs": [row]}, Gates())["passed"]
-    assert not check(m, {"crows_pairs": [row | {"ci_low": 0.01}]}, Gates())["passed"]
+    assert _group_gate({"crows_pairs": [row]})["verdict"] == "indicative"  # not failed, and no pass either
+    assert _group_gate({"crows_pairs": [row | {"ci_low": 0.01}]})["verdict"] == "fail"
     lower = row | {"metric": "acc", "delta": -0.3, "ci_low": -0.5, "ci_high": -0.1, "worse": "lower"}
-    assert not check(m, {"winogender": [lower]}, Gates())["passed"]  # accuracy down = worse
+    assert _group_gate({"winogender": [lower]})["verdict"] == "fail"  # accuracy down = worse
 
 
 def test_same_inputs_same_cis_and_item_order_irrelevant():
@@ -161,9 +163,14 @@ def test_old_schema_is_refused():
         SuiteResult.from_dict(d)
 
 
-def _crows_row(n: int, delta: float = 0.5, ci: tuple[float, float] = (0.2, 0.8), group: str = "religion") -> dict:
+def _crows_row(n: int, delta: float = 0.5, ci: tuple[float, float] = (0.2, 0.8), group: str = "religion",
+               se: float = 0.15) -> dict:
     return {"group": group, "metric": "pct_stereotype", "base": 0.4, "compressed": 0.4 + delta, "delta": delta,
-            "ci_low": ci[0], "ci_high": ci[1], "n": n, "worse": "higher", "gated": True}
+            "ci_low": ci[0], "ci_high": ci[1], "n": n, "se": se, "worse": "higher", "gated": True}
+
+
+def _group_gate(slices: dict, gates: Gates = Gates()) -> dict:
+    return next(g for g in check({}, slices, gates)["gates"] if g["name"] == "group_worsening")
 
 
 def test_small_group_is_listed_as_ungated_not_failed():
@@ -171,7 +178,7 @@ def test_small_group_is_listed_as_ungated_not_failed():
     small = _crows_row(3, delta=1.33, ci=(0.67, 2.0))  # the quick profile's BBQ case: big move, CI excludes 0
     out = check(m, {"crows_pairs": [small]}, Gates(min_group_n=10))
     g = next(x for x in out["gates"] if x["name"] == "group_worsening")
-    assert out["passed"] and g["passed"] and out["failed_groups"] == []
+    assert g["verdict"] == "indicative" and out["failed_groups"] == []  # neither failed nor passed
     assert out["ungated_groups"] == [{"benchmark": "crows_pairs", "group": "religion", "metric": "pct_stereotype",
                                       "n": 3, "delta": 1.33, "ci_low": 0.67, "ci_high": 2.0, "worsening": 1.33}]
     assert (g["groups_gated"], g["groups_ungated"], g["min_group_n"]) == (0, 1, 10)

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tailor.eval.evalsets import EvalDataError
 from tailor.eval.harness import PARTS, TASKS_DIR, YAML, select, task_configs
 
 WIKI = [{"text": "The building receives its name from its distinct octagonal tower."},
@@ -76,7 +77,7 @@ def test_tasks_load_local_data_and_build_prompts(tmp_path):
 def test_missing_eval_set_names_the_file(tmp_path):
     d = _eval_dir(tmp_path)
     (d / "piqa.jsonl").unlink()
-    with pytest.raises(FileNotFoundError, match="piqa.jsonl"):
+    with pytest.raises(EvalDataError, match="missing eval set.*piqa.jsonl"):
         task_configs(d, parts=("wiki", "piqa"))
     with pytest.raises(ValueError, match="unknown eval task"):
         task_configs(d, parts=("wiki", "hellaswag"))
@@ -85,7 +86,7 @@ def test_missing_eval_set_names_the_file(tmp_path):
 def test_empty_eval_set_is_refused(tmp_path):
     d = _eval_dir(tmp_path)
     (d / "crows_pairs.jsonl").write_text("\n")
-    with pytest.raises(ValueError, match="empty eval set.*crows_pairs.jsonl"):
+    with pytest.raises(EvalDataError, match="crows_pairs.jsonl: no rows"):
         task_configs(d, parts=("wiki", "crows"))
 
 

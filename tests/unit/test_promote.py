@@ -15,19 +15,20 @@ from tailor import promote, tracking
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def register(tmp: Path, name: str, gates_pass: bool) -> tuple[str, Path]:
+def register(tmp: Path, name: str, gates_pass: bool, ppl_verdict: str | None = None) -> tuple[str, Path]:
     """A version as steps/register.py makes it: file, gate tags, gates.json + dvc.lock evidence."""
     d = tmp / f"v{os.urandom(3).hex()}"
     d.mkdir()
     f = d / "model.gguf"
     f.write_bytes(b"GGUF" + os.urandom(256))
-    gates = {"passed": gates_pass, "gates": [
-        {"name": "ppl_increase", "passed": gates_pass, "reason": "perplexity 9.0 vs base 8.0"},
-        {"name": "group_worsening", "passed": True, "reason": "ok"}]}
+    ppl = {"name": "ppl_increase", "passed": gates_pass, "reason": "perplexity 9.0 vs base 8.0"}
+    if ppl_verdict:
+        ppl["verdict"] = ppl_verdict
+    gates = {"passed": gates_pass, "gates": [ppl, {"name": "group_worsening", "passed": True, "reason": "ok"}]}
     (d / "gates.json").write_text(json.dumps(gates))
     (d / "dvc.lock").write_text("schema: '2.0'\n")
     tags = {"sha256": hashlib.sha256(f.read_bytes()).hexdigest(), "gates_passed": str(gates_pass),
-            **{f"gate.{g['name']}": "pass" if g["passed"] else "fail" for g in gates["gates"]}}
+            **{f"gate.{g['name']}": g.get("verdict") or ("pass" if g["passed"] else "fail") for g in gates["gates"]}}
     with tracking.stage_run("register", "phone") as tr:
         v, _ = tracking.register(name, tr, f, tags, "candidate", evidence={"gates": d / "gates.json", "repro": d / "dvc.lock"})
     return v, Path(tracking.version(name, v)["source"].removeprefix("file://"))
@@ -70,6 +71,12 @@ def test_champion_moves_only_through_gates_and_hashes(audit, tmp_path):
     # every move is also on the version it moved to, in the registry itself
     v1_audit = [json.loads(t) for k, t in tracking.version(name, v1)["tags"].items() if k.startswith("audit.")]
     assert sorted((a["action"], a["from"]) for a in v1_audit) == [("promote", None), ("rollback", v2)]
+
+
+def test_an_indicative_gate_is_not_a_pass(audit, tmp_path):
+    v, _ = register(tmp_path, "tailor-phone", False, ppl_verdict="indicative")  # too few items to tell
+    with pytest.raises(promote.PromotionRefused, match="gate ppl_increase is only indicative: perplexity 9.0"):
+        promote.move("tailor-phone", v, root=tmp_path)
 
 
 def test_gates_json_and_tags_must_agree(audit, tmp_path):

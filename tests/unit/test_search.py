@@ -2,13 +2,14 @@
 import pytest
 import torch
 
+from tailor.arch import SubnetConfig
 from tailor.config import DeviceProfile
 from tailor.devices import budget_bytes
 from tailor.distill import teacher_logits
 from tailor.elastic.space import SearchSpace
 from tailor.elastic.supernet import arch_of
 from tailor.models.tiny import tiny_model
-from tailor.search.sampled import NoFeasibleSubnet, pareto, propose, run_search
+from tailor.search.sampled import Candidate, NoFeasibleSubnet, best_scored, pareto, propose, run_search, score
 
 
 def _device(budget_bytes=None, fraction=None):
@@ -25,9 +26,30 @@ def test_candidates_fit_the_budget_and_best_has_lowest_kl():
     budget = budget_bytes(dev, arch_of(model))
     assert len(cands) >= 5 and all(c.nbytes <= budget for c in cands)
     assert all(c.nbytes == c.config.nbytes(arch_of(model), "gguf") for c in cands)
-    assert best.kl == min(c.kl for c in cands)
+    # the chosen candidate's KL is what a fresh scoring of its config gives, and nothing scored lower
+    again = Candidate(best.config, best.nbytes, best.bits_per_param, best.latency_s)
+    score(model, again, dev.format, seqs, teacher_logits(tiny_model(n_layers=4), seqs), batch_size=8)
+    assert again.kl == pytest.approx(best.kl, rel=1e-6) and not any(c.kl < best.kl for c in cands)
     front = pareto(cands)
-    assert all(a.nbytes <= b.nbytes and a.kl > b.kl for a, b in zip(front, front[1:]))
+    assert front and all(not _dominated(f, cands) for f in front)
+    assert all(_dominated(c, front) for c in cands if c not in front)
+
+
+def _dominated(c, others) -> bool:
+    return any(o.nbytes <= c.nbytes and o.kl <= c.kl and (o.nbytes, o.kl) != (c.nbytes, c.kl) for o in others)
+
+
+def _cand(nbytes: int, kl: float) -> Candidate:
+    return Candidate(SubnetConfig.max(arch_of(tiny_model(n_layers=2))), nbytes, 1.0, 0.0, kl=kl)
+
+
+def test_pareto_front_by_hand_and_nan_never_on_it_or_chosen():
+    cands = [_cand(10, 5.0), _cand(20, 3.0), _cand(15, 4.0), _cand(25, 3.5), _cand(30, 1.0), _cand(12, float("nan")),
+             _cand(15, 4.5), _cand(5, float("nan"))]
+    assert [(c.nbytes, c.kl) for c in pareto(cands)] == [(10, 5.0), (15, 4.0), (20, 3.0), (30, 1.0)]
+    assert best_scored([_cand(5, float("nan")), _cand(9, 2.0), _cand(8, 1.5)]).nbytes == 8  # min() kept the NaN
+    with pytest.raises(NoFeasibleSubnet, match="non-finite KL"):
+        best_scored([_cand(5, float("nan"))])
 
 
 def test_impossible_budget_is_refused_with_sizes():
