@@ -300,11 +300,31 @@ class TailorForCausalLM(PreTrainedModel, GenerationMixin):
         elif isinstance(module, RMSNorm):
             nn.init.ones_(module.weight)
 
+    def tables(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(input table for `hidden_states`, head weight for `head`), each as the exported file stores
+        it, or None where the plain module serves. Tied: the fake-quantized table once for both uses (the
+        file stores it once); untied: the input table (`input_table`) and the head's own weight."""
+        if not self.tied:
+            return self.input_table(), None
+        if self.lm_head.bits >= 16:
+            return None, None
+        table = self.lm_head.active_weight()
+        return table, table
+
+    def head(self, h: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (B, T, V) of final hidden states `h`: `weight` from `tables()` saves re-quantizing it."""
+        if weight is None or self.lm_head.emulating():
+            return self.lm_head(h)
+        return F.linear(h, weight)
+
+    def rope(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin (T, head_dim) of this model's RoPE (its base and scaling) at `positions` (T,)."""
+        c = self.config
+        return rope_tables(c.head_dim, c.rope_theta, positions, dtype, getattr(c, "rope_freq_scaling", None))
+
     def hidden_states(self, input_ids: torch.Tensor, table: torch.Tensor | None = None) -> torch.Tensor:
         x = self.model.embed_tokens(input_ids) if table is None else F.embedding(input_ids, table)  # (B, T, h)
-        pos = torch.arange(input_ids.shape[1], device=input_ids.device)
-        cos, sin = rope_tables(self.config.head_dim, self.config.rope_theta, pos, x.dtype,
-                               getattr(self.config, "rope_freq_scaling", None))
+        cos, sin = self.rope(torch.arange(input_ids.shape[1], device=input_ids.device), x.dtype)
         for block in self.model.layers:
             if block.active:
                 x = block(x, cos, sin)
@@ -314,13 +334,8 @@ class TailorForCausalLM(PreTrainedModel, GenerationMixin):
                 labels: torch.Tensor | None = None, **kwargs: Any) -> CausalLMOutputWithPast:
         # Causal attention over right-padded batches: padding only affects positions after the text,
         # whose logits callers ignore, so attention_mask needs no further handling here.
-        if self.tied:  # the tied table is quantized once per forward for both uses, as the file stores it once
-            table = self.lm_head.active_weight()
-            h = self.hidden_states(input_ids, table if self.lm_head.bits < 16 else None)
-            logits = self.lm_head(h) if self.lm_head.emulating() else F.linear(h, table)
-        else:
-            logits = self.lm_head(self.hidden_states(input_ids, self.input_table()))
-        logits = logits.float()  # (B, T, V)
+        table, head = self.tables()
+        logits = self.head(self.hidden_states(input_ids, table), head).float()  # (B, T, V)
         loss = None
         if labels is not None:
             loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),

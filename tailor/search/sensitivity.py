@@ -24,7 +24,7 @@ from tailor.arch import MATRICES, SubnetConfig, round_ffn
 from tailor.distill import kd_loss
 from tailor.elastic.space import SearchSpace
 from tailor.elastic.supernet import set_active
-from tailor.models.model import TailorForCausalLM, rope_tables
+from tailor.models.model import TailorForCausalLM
 
 FFN_FRACS = (0.25, 0.5, 0.75)
 
@@ -118,14 +118,14 @@ def measure(model: TailorForCausalLM, space: SearchSpace, fmt: str, embed_bits: 
     dev = next(model.parameters()).device
     batches = [seqs[i: i + batch_size].to(dev).long() for i in range(0, len(seqs), batch_size)]
     set_active(model, ref, fmt)
-    table_w = model.lm_head.active_weight()
+    table, head = model.tables()  # the tables as the file stores them (tied or untied)
     pos = torch.arange(seqs.shape[1], device=dev)
-    cos, sin = rope_tables(model.config.head_dim, model.config.rope_theta, pos, table_w.dtype)
+    cos, sin = model.rope(pos, model.lm_head.weight.dtype)
     layers = model.model.layers
     # inputs[b][i] = hidden state entering layer i under the reference subnet
     inputs = []
     for ids in batches:
-        x = F.embedding(ids, table_w) if model.lm_head.bits < 16 else model.model.embed_tokens(ids)
+        x = model.model.embed_tokens(ids) if table is None else F.embedding(ids, table)
         xs = [x]
         for blk in layers:
             x = blk(x, cos, sin)
@@ -139,7 +139,7 @@ def measure(model: TailorForCausalLM, space: SearchSpace, fmt: str, embed_bits: 
             for blk in layers[i:]:
                 if blk.active:
                     x = blk(x, cos, sin)
-            logits = F.linear(model.model.norm(x), table_w).float()
+            logits = model.head(model.model.norm(x), head).float()
             tot += float(kd_loss(logits, teacher[b].to(dev))) * ids.numel()
             n += ids.numel()
         return tot / n
