@@ -75,9 +75,12 @@ def run(params: Params, data_dir: Path, out_dir: Path, ckpt_dir: Path) -> dict:
 
     spec = TrainSpec(sp.steps, sp.batch_size, sp.lr, sp.kd_temperature, sp.seed, ckpt_every=max(1, sp.steps // 4),
                      amp=sp.amp, compile=sp.compile, parallel=sp.parallel,  # not in the fingerprint: resumes across it
-                     fingerprint=f"supernet:{json.dumps(sp.model_dump(exclude={'parallel', 'nproc'}), sort_keys=True)}:{formats}:{params.model.n_layers}:"
+                     kd_chunk=sp.kd_chunk, checkpointing=sp.checkpointing,
+                     fingerprint=f"supernet:{json.dumps(sp.model_dump(exclude={'parallel', 'nproc', 'checkpointing'}), sort_keys=True)}:{formats}:{params.model.n_layers}:"
                                  f"{sha256_file(data_dir / 'train.safetensors')[:16]}")
-    result = train_kd(model, teacher, train, spec, sandwich, checkpoint_dir(ckpt_dir, spec.fingerprint), desc="supernet")
+    ckpt = checkpoint_dir(ckpt_dir, spec.fingerprint)
+    blocks = blockwise_phase(model, teacher, train, spec, spaces, sp, ckpt / "blocks", device) if sp.mode == "blockwise" else []
+    result = train_kd(model, teacher, train, spec, sandwich, ckpt, desc="supernet")
     set_max(model)
     after = val_losses(model, spaces, val)
     clip = clip_summary(model)
@@ -91,10 +94,35 @@ def run(params: Params, data_dir: Path, out_dir: Path, ckpt_dir: Path) -> dict:
     improved = {k: round(before[k] - after[k], 4) for k in after}
     metrics = {"val_loss_before": before, "val_loss_after": after, "val_loss_drop": improved,
                "learned_clip": clip, "formats": formats, "steps": sp.steps,
+               "mode": sp.mode, "block_loss": [[round(r.curve[0]["loss"], 5), round(r.curve[-1]["loss"], 5)] if r.curve else None
+                                                for r in blocks],
                "resumed_from": result.resumed_from, "tokens": result.tokens, "train_seconds": round(result.seconds, 2),
                "tokens_per_s": round(result.tokens / result.seconds, 1) if result.seconds else 0.0,
                "device": str(device)}
     return {"metrics": metrics, "curve": result.curve}
+
+
+def blockwise_phase(model, teacher, train: torch.Tensor, spec: TrainSpec, spaces: dict[str, SearchSpace], sp,
+                    work: Path, device: torch.device) -> list:
+    """`supernet.mode: blockwise`: every block's elastic choices against the teacher block
+    (tailor.elastic.blockwise), blocks split over the torchrun processes; each then loads the others'."""
+    import torch.distributed as dist
+
+    from tailor.elastic.blockwise import BlockSpec, load_trained, teacher_inputs, train_blocks
+
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
+    bspec = BlockSpec(sp.block_steps, sp.batch_size, sp.block_lr, sp.seed, ckpt_every=max(1, sp.block_steps // 4),
+                      amp=sp.amp, fingerprint=spec.fingerprint)
+    if world > 1:  # one process writes the teacher's activations, the others wait for them
+        if rank == 0:
+            teacher_inputs(teacher, train, work / "acts", device, sp.batch_size)
+        dist.barrier()
+    out = train_blocks(model, teacher, train, bspec, spaces, sp.n_random, work, device,
+                       blocks=list(range(rank, len(model.model.layers), world)), act_batch=sp.batch_size)
+    if world > 1:
+        dist.barrier()
+        load_trained(model, work, bspec)
+    return out
 
 
 def clip_summary(model) -> dict[str, float]:
