@@ -49,7 +49,23 @@ S = 2048
 ROWS = {
     "tiny": [dict(shape="tiny", mode="end_to_end", batch=2, seq=64, kd_chunk=0),
              dict(shape="tiny", mode="end_to_end", batch=2, seq=64, kd_chunk=48, checkpointing=True),
-             dict(shape="tiny", mode="blockwise", batch=2, seq=64)],
+             dict(shape="tiny", mode="blockwise", batch=2, seq=64, profile=True),
+             dict(shape="tiny", mode="kd_check", tokens=96),
+             dict(shape="tiny", mode="pipeline", layers=2, seqs=4, seq=32, batch=2, block_steps=3)],
+    "h200-3": [  # third call: the blockwise pipeline itself on the GPU, chunked-vs-plain loss there, a repeat
+        dict(shape="llama-3.2-1b", mode="kd_check", tokens=8192),
+        dict(shape="llama-3.1-8b", mode="pipeline", layers=2, seqs=16, seq=S, batch=8, block_steps=4),
+        dict(shape="llama-3.2-1b", mode="end_to_end", batch=16, seq=S, kd_chunk=4096, compile=True),
+        dict(shape="llama-3.2-1b", mode="end_to_end", batch=16, seq=S, kd_chunk=4096, compile=True),
+    ],
+    "h200-2": [  # second call: every row compiled (--compile), larger batches
+        dict(shape="llama-3.2-1b", mode="end_to_end", batch=8, seq=S, kd_chunk=4096, profile=True),
+        dict(shape="llama-3.2-1b", mode="end_to_end", batch=16, seq=S, kd_chunk=4096),
+        dict(shape="llama-3.2-1b", mode="blockwise", batch=64, seq=S),
+        dict(shape="llama-3.2-1b", mode="blockwise", batch=128, seq=S, profile=True),
+        dict(shape="llama-3.1-8b", mode="blockwise", batch=64, seq=S, profile=True),
+        dict(shape="llama-3.1-8b", mode="end_to_end", batch=16, seq=S, kd_chunk=4096, checkpointing=True, layers=4),
+    ],
     "h200": [
         dict(shape="llama-3.2-1b", mode="end_to_end", batch=8, seq=S, kd_chunk=0),  # today's path, for memory
         dict(shape="llama-3.2-1b", mode="end_to_end", batch=8, seq=S, kd_chunk=4096),
@@ -85,19 +101,19 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
-def _profile(fn, device) -> dict:
-    """Where GPU time goes over `fn()`: matmul / attention / other kernels, and the GPU's idle share."""
-    from torch.profiler import ProfilerActivity, profile
+def _profile(fn, device, step_s: float) -> dict:
+    """Where GPU time goes in one training step: matmul / attention / other kernels, and the kernels'
+    total over the step's measured time. `fn(tick)` runs the step and calls `tick()` as it starts (the
+    setup before it, e.g. moving a block's activations to the GPU, is left out)."""
+    from torch.profiler import ProfilerActivity, profile, schedule
 
     if device.type != "cuda":
         return {}
     _sync(device)
-    t0 = time.perf_counter()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        fn()
+    with profile(activities=[ProfilerActivity.CUDA], schedule=schedule(wait=1, warmup=0, active=1)) as prof:
+        fn(prof.step)
         _sync(device)
-    wall = (time.perf_counter() - t0) * 1e6
-    cats: dict[str, float] = {"matmul": 0.0, "attention": 0.0, "other": 0.0}
+    cats: dict[str, float] = {"matmul": 0.0, "attention": 0.0, "memcpy": 0.0, "other": 0.0}
     other: dict[str, float] = {}
     for e in prof.key_averages():
         t = e.self_device_time_total
@@ -108,12 +124,14 @@ def _profile(fn, device) -> dict:
             cats["matmul"] += t
         elif any(k in n for k in ("flash", "fmha", "attention", "sdpa")):
             cats["attention"] += t
+        elif "memcpy" in n:
+            cats["memcpy"] += t
         else:
             cats["other"] += t
             other[e.key[:90]] = other.get(e.key[:90], 0.0) + t
     busy = sum(cats.values())
     return {"kernel_share": {k: round(v / busy, 3) for k, v in cats.items()},
-            "gpu_busy_of_wall": round(busy / wall, 3),
+            "kernel_time_of_step": round(busy / 1e6 / step_s, 3),
             "top_other_kernels": [[k, round(v / busy, 3)] for k, v in sorted(other.items(), key=lambda kv: -kv[1])[:8]]}
 
 
@@ -156,7 +174,13 @@ def bench_end_to_end(row: dict, device, steps: int, warmup: int) -> dict:
     if row.get("profile"):
         spec1 = TrainSpec(steps=1, batch_size=b, lr=1e-5, temperature=1.0, seed=1, compile=spec.compile,
                           kd_chunk=spec.kd_chunk, checkpointing=spec.checkpointing)
-        out["profile"] = _profile(lambda: train_kd(student, teacher, data, spec1, sandwich), device)
+
+        def run(tick):
+            def ticking(step, gen):
+                tick()
+                return sandwich(step, gen)
+            train_kd(student, teacher, data, spec1, ticking)
+        out["profile"] = _profile(run, device, out["step_s"])
     return out
 
 
@@ -225,8 +249,75 @@ def bench_blockwise(row: dict, device, steps: int, warmup: int) -> dict:
            "block_params": sum(p.numel() for p in student.parameters())}
     if row.get("profile"):
         spec1 = BlockSpec(steps=1, batch_size=b, lr=1e-5, seed=1, ckpt_every=10**9)
-        out["profile"] = _profile(lambda: train_block(student, x, y, cos, sin, spec1, inner, device=device), device)
+
+        def run(tick):
+            def ticking(step, gen):
+                tick()
+                return inner(step, gen)
+            train_block(student, x, y, cos, sin, spec1, ticking, device=device)
+        out["profile"] = _profile(run, device, secs_train / n)
     return out
+
+
+def bench_pipeline(row: dict, device, steps: int, warmup: int) -> dict:
+    """`train_blocks` itself on the device: a model of the shape's width with `layers` layers kept on the
+    CPU (fp32 student, bf16 teacher), teacher pass to disk, each block trained on the GPU in turn with
+    checkpoints, then a second call that finds every block done (resume)."""
+    import copy
+    import tempfile
+
+    from tailor.elastic.blockwise import load_trained, train_blocks
+
+    cfg = config(row["shape"], row["layers"])
+    torch.manual_seed(0)
+    student = TailorForCausalLM(cfg)
+    teacher = copy.deepcopy(student).to(torch.bfloat16).requires_grad_(False)
+    spaces = spaces_for(arch_of(student))
+    data = torch.randint(0, cfg.vocab_size, (row["seqs"], row["seq"]), generator=torch.Generator().manual_seed(0))
+    spec = BlockSpec(steps=row["block_steps"], batch_size=row["batch"], lr=1e-5, seed=0, ckpt_every=2)
+    with tempfile.TemporaryDirectory() as work:
+        t0 = time.perf_counter()
+        res = train_blocks(student, teacher, data, spec, spaces, 2, Path(work), device, act_batch=row["batch"])
+        first = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        again = train_blocks(student, teacher, data, spec, spaces, 2, Path(work), device, act_batch=row["batch"])
+        second = time.perf_counter() - t0
+        fresh = TailorForCausalLM(cfg)
+        missing = load_trained(fresh, Path(work), spec)
+        same = all(torch.equal(a, b) for a, b in zip(fresh.model.layers.state_dict().values(),
+                                                      student.model.layers.state_dict().values()))
+    on_gpu = [n for n, p in student.named_parameters() if p.device.type != "cpu"]
+    return {"first_call_s": first, "resumed_call_s": second, "blocks_resumed_at": [r.resumed_from for r in again],
+            "block_loss_first_last": [[r.curve[0]["loss"], r.curve[-1]["loss"]] for r in res],
+            "unfinished_after": missing, "reloaded_equal": same, "student_params_left_on_gpu": len(on_gpu)}
+
+
+def bench_kd_check(row: dict, device, steps: int, warmup: int) -> dict:
+    """Chunked vs plain KD loss on the device under bf16 autocast, at the shape's hidden size and vocabulary."""
+    from tailor.distill import chunked_kd_loss, kd_loss
+
+    cfg = config(row["shape"])
+    g = torch.Generator(device=device).manual_seed(0)
+    n, h, v = row["tokens"], cfg.hidden_size, cfg.vocab_size
+    hid = torch.randn(n, h, device=device, generator=g).requires_grad_(True)
+    w = (0.02 * torch.randn(v, h, device=device, generator=g)).requires_grad_(True)
+    t = torch.randn(n, v, device=device, generator=g).to(torch.bfloat16)
+    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    out = {}
+    for name, fn in (("plain", lambda: kd_loss(torch.nn.functional.linear(hid, w), t)),
+                     ("chunked", lambda: chunked_kd_loss(hid, w, t, chunk=4096))):
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+            base = torch.cuda.memory_allocated(device)
+        with amp:
+            loss = fn()
+        gh, gw = torch.autograd.grad(loss, (hid, w))
+        out[name] = (loss.float(), gh.float(), gw.float())
+        if device.type == "cuda":
+            out[f"{name}_extra_peak_gb"] = round((torch.cuda.max_memory_allocated(device) - base) / 2**30, 2)
+    (lp, hp, wp), (lc, hc, wc) = out.pop("plain"), out.pop("chunked")
+    rel = lambda a, b: float((a - b).norm() / b.norm())  # noqa: E731
+    return {**out, "loss_rel_diff": rel(lc, lp), "grad_hidden_rel_diff": rel(hc, hp), "grad_weight_rel_diff": rel(wc, wp)}
 
 
 def main() -> None:
@@ -258,10 +349,11 @@ def main() -> None:
             torch.cuda.reset_peak_memory_stats(device)
         t0 = time.perf_counter()
         try:
-            fn = bench_end_to_end if row["mode"] == "end_to_end" else bench_blockwise
+            fn = {"end_to_end": bench_end_to_end, "blockwise": bench_blockwise, "pipeline": bench_pipeline,
+                  "kd_check": bench_kd_check}[row["mode"]]
             r = fn(row, device, steps, warmup)
-            r = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()}
-            if peak:
+            r = {k: (float(f"{v:.5g}") if isinstance(v, float) else v) for k, v in r.items()}
+            if peak and "model_tflops_per_s" in r:
                 r["mfu"] = round(r["model_tflops_per_s"] * 1e12 / peak, 4)
                 r["hfu"] = round(r["hw_tflops_per_s"] * 1e12 / peak, 4)
         except torch.OutOfMemoryError as e:

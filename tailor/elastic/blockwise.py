@@ -115,8 +115,9 @@ def teacher_inputs(teacher: TailorForCausalLM, data: torch.Tensor, root: Path, d
             x = load_file(files[i + 1])["x"]
             continue
         block.to(device)
+        wdt = next(block.parameters()).dtype  # the teacher's own precision (a bf16 teacher needs no fp32 copy)
         with _amp(device, True):
-            x = torch.cat([block(x[j: j + batch_size].to(device).float(), cos, sin).to(dtype).cpu()
+            x = torch.cat([block(x[j: j + batch_size].to(device, wdt), cos.to(wdt), sin.to(wdt)).to(dtype).cpu()
                            for j in range(0, len(x), batch_size)])
         block.to(home)
         save_state({"x": x}, files[i + 1])
@@ -188,7 +189,8 @@ def train_block(block: Block, x: torch.Tensor, y: torch.Tensor, cos: torch.Tenso
     named = [(n, p) for n, p in block.named_parameters() if p.requires_grad]
     groups = [{"params": [p for n, p in named if not n.endswith("qclip")]},
               {"params": [p for n, p in named if n.endswith("qclip")], "lr": spec.clip_lr, "weight_decay": 0.0}]
-    opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=spec.lr, weight_decay=spec.weight_decay)
+    opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=spec.lr, weight_decay=spec.weight_decay,
+                            fused=True if device.type == "cuda" else None)
     if opt_state is not None:
         opt.load_state_dict(opt_state)
     order = torch.randperm(len(x), generator=torch.Generator().manual_seed(spec.seed * 100_003 + index))
