@@ -53,12 +53,28 @@ def test_through_the_model_with_a_quantized_trained_table():
             torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5, msg=name)
 
 
-def test_activation_checkpointing_keeps_gradients():
+def _saved_bytes_and_grads(model, ids):
+    """Bytes autograd keeps for backward (weights excluded) and the parameters' gradients."""
+    params = {p.data_ptr() for p in model.parameters()}
+    kept = []
+
+    def pack(t):
+        if t.data_ptr() not in params:
+            kept.append(t.numel() * t.element_size())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = model(ids).logits.square().mean()
+    return sum(kept), torch.autograd.grad(loss, list(model.parameters()), allow_unused=True)
+
+
+def test_activation_checkpointing_keeps_gradients_and_saves_less():
     model = tiny_model(seed=1, n_layers=3).train()
     ids = torch.randint(0, 320, (2, 9), generator=torch.Generator().manual_seed(2))
-    ref = torch.autograd.grad(model(ids).logits.square().mean(), list(model.parameters()), allow_unused=True)
+    full, ref = _saved_bytes_and_grads(model, ids)
     model.activation_checkpointing = True
-    got = torch.autograd.grad(model(ids).logits.square().mean(), list(model.parameters()), allow_unused=True)
+    lean, got = _saved_bytes_and_grads(model, ids)
+    assert lean < 0.5 * full  # only each block's input is kept
     for a, b in zip(ref, got):
         assert (a is None) == (b is None)
         if a is not None:
