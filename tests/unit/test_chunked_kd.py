@@ -85,12 +85,16 @@ def _train(**over):
     student, teacher = tiny_model(seed=1, n_layers=3), tiny_model(seed=2, n_layers=3)
     space = SearchSpace.build(arch_of(student), [4, 8, 16], [8, 16], 0.25, 1, 0.25, None)
 
+    seen = []
+
     def sandwich(step, gen):
+        seen.append(student.activation_checkpointing)
         return [lambda c=c: set_active(student, c, "gguf") for c in (space.max(), space.min(), space.sample(gen))]
 
     data = torch.randint(0, 320, (8, 10), generator=torch.Generator().manual_seed(0))
     spec = TrainSpec(steps=3, batch_size=4, lr=1e-3, temperature=1.0, seed=0, **over)
     res = train_kd(student, teacher, data, spec, sandwich)
+    assert seen == [spec.checkpointing] * 3  # the switch is on while training
     return student, res
 
 
