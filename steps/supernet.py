@@ -105,21 +105,20 @@ def run(params: Params, data_dir: Path, out_dir: Path, ckpt_dir: Path) -> dict:
 def blockwise_phase(model, teacher, train: torch.Tensor, spec: TrainSpec, spaces: dict[str, SearchSpace], sp,
                     work: Path, device: torch.device) -> list:
     """`supernet.mode: blockwise`: every block's elastic choices against the teacher block
-    (tailor.elastic.blockwise), blocks split over the torchrun processes; each then loads the others'."""
+    (tailor.elastic.blockwise), blocks split over the torchrun processes in contiguous shares, each
+    process walking its own teacher activations; each then loads the others' blocks."""
     import torch.distributed as dist
 
-    from tailor.elastic.blockwise import BlockSpec, load_trained, teacher_inputs, train_blocks
+    from tailor.elastic.blockwise import BlockSpec, load_trained, train_blocks
 
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
     bspec = BlockSpec(sp.block_steps, sp.batch_size, sp.block_lr, sp.seed, ckpt_every=max(1, sp.block_steps // 4),
                       amp=sp.amp, fingerprint=spec.fingerprint)
-    if world > 1:  # one process writes the teacher's activations, the others wait for them
-        if rank == 0:
-            teacher_inputs(teacher, train, work / "acts", device, sp.batch_size)
-        dist.barrier()
-    out = train_blocks(model, teacher, train, bspec, spaces, sp.n_random, work, device,
-                       blocks=list(range(rank, len(model.model.layers), world)), act_batch=sp.batch_size)
-    if world > 1:
+    n = len(model.model.layers)
+    mine = list(range(rank * n // world, (rank + 1) * n // world))  # contiguous: the teacher walks only so far
+    out = train_blocks(model, teacher, train, bspec, spaces, sp.n_random, work, device, blocks=mine,
+                       act_batch=sp.batch_size, acts_dir=work / f"acts-{rank}")
+    if world > 1:  # every process ends with every block
         dist.barrier()
         load_trained(model, work, bspec)
     return out

@@ -10,10 +10,11 @@ block's choices (max, the min of one export grid, random ones: KV groups, FFN wi
 on each grid) and sums their losses, as the end-to-end sandwich does for whole subnets.
 
 Pipeline (`train_blocks`):
-1. `teacher_inputs`: the teacher runs over the data one block at a time (embedding, then block i on the
-   device, the rest on the CPU) and stores every block's input hidden states (N, T, H) on disk, one
-   safetensors file per block (`x-000.safetensors` ... `x-L.safetensors`, the last the final block's
-   output). Written atomically; a rerun skips the files already there.
+1. `TeacherActs`: the teacher runs over the data one block at a time (embedding, then block i on the
+   device, the rest on the CPU) and stores block i's input hidden states (N, T, H) on disk
+   (`x-007.safetensors`, written atomically), walking forward only as far as the blocks being trained
+   need and deleting x_i once block i is done: two layers on disk at a time, and a rerun restarts the
+   walk from the newest file left.
 2. `train_block(i)`: block i of the student (the importance-ordered supernet, initialised as the
    teacher) moves to the device with its AdamW state, learns x_i -> x_{i+1}, and moves back. Its loss is
    ||f(x) - y||^2 / ||y - x||^2 over the batch: the error relative to what the teacher block adds to the
@@ -90,38 +91,78 @@ def _act_file(root: Path, i: int) -> Path:
 
 
 @torch.no_grad()
-def teacher_inputs(teacher: TailorForCausalLM, data: torch.Tensor, root: Path, device: torch.device,
-                   batch_size: int = 8, dtype: torch.dtype | None = None) -> list[Path]:
-    """Every block's input hidden states over `data` ((N, T) ids), one file per block, plus the last
-    block's output: L + 1 files of (N, T, H) in `dtype` (bf16 on CUDA, float32 on CPU by default).
-    One teacher block is on `device` at a time; files already written (a resumed run) are kept."""
-    root.mkdir(parents=True, exist_ok=True)
-    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    layers = teacher.model.layers
-    files = [_act_file(root, i) for i in range(len(layers) + 1)]
-    if all(f.is_file() for f in files):
-        return files
-    cfg = teacher.config
+def _embed(teacher: TailorForCausalLM, data: torch.Tensor, device: torch.device, batch_size: int,
+           dtype: torch.dtype) -> torch.Tensor:
     home = next(teacher.parameters()).device
     emb = teacher.model.embed_tokens.to(device)
     x = torch.cat([emb(data[i: i + batch_size].to(device).long()).to(dtype).cpu()
                    for i in range(0, len(data), batch_size)])  # (N, T, H)
     emb.to(home)
-    if not files[0].is_file():
-        save_state({"x": x}, files[0])
-    cos, sin = rope_tables(cfg.head_dim, cfg.rope_theta, torch.arange(data.shape[1], device=device), torch.float32)
-    for i, block in enumerate(layers):
-        if files[i + 1].is_file():
-            x = load_file(files[i + 1])["x"]
-            continue
-        block.to(device)
-        wdt = next(block.parameters()).dtype  # the teacher's own precision (a bf16 teacher needs no fp32 copy)
-        with _amp(device, True):
-            x = torch.cat([block(x[j: j + batch_size].to(device, wdt), cos.to(wdt), sin.to(wdt)).to(dtype).cpu()
-                           for j in range(0, len(x), batch_size)])
-        block.to(home)
-        save_state({"x": x}, files[i + 1])
-    return files
+    return x
+
+
+@torch.no_grad()
+def _teacher_block(teacher: TailorForCausalLM, i: int, x: torch.Tensor, device: torch.device, batch_size: int,
+                   dtype: torch.dtype) -> torch.Tensor:
+    """Teacher block i over `x` ((N, T, H) on the CPU), the block on `device` only meanwhile."""
+    cfg = teacher.config
+    block = teacher.model.layers[i]
+    home = next(block.parameters()).device
+    block.to(device)
+    wdt = next(block.parameters()).dtype  # the teacher's own precision (a bf16 teacher needs no fp32 copy)
+    cos, sin = rope_tables(cfg.head_dim, cfg.rope_theta, torch.arange(x.shape[1], device=device), wdt)
+    with _amp(device, True):
+        y = torch.cat([block(x[j: j + batch_size].to(device, wdt), cos, sin).to(dtype).cpu()
+                       for j in range(0, len(x), batch_size)])
+    block.to(home)
+    return y
+
+
+def _default_dtype(device: torch.device) -> torch.dtype:
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+class TeacherActs:
+    """The teacher's hidden states at each block's input, x_0 (embeddings) ... x_L (last block's output),
+    each (N, T, H) in one safetensors file under `root`, made on demand by walking the teacher forward
+    from the nearest file below (or the embeddings). `drop(i)` deletes x_i once nothing needs it, so a
+    run walking up the blocks keeps two layers of activations on disk, not L + 1."""
+
+    def __init__(self, teacher: TailorForCausalLM, data: torch.Tensor, root: Path, device: torch.device,
+                 batch_size: int = 8, dtype: torch.dtype | None = None):
+        self.teacher, self.data, self.root, self.device, self.batch_size = teacher, data, Path(root), device, batch_size
+        self.dtype = dtype or _default_dtype(device)
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def path(self, i: int) -> Path:
+        return _act_file(self.root, i)
+
+    def get(self, i: int) -> torch.Tensor:
+        if self.path(i).is_file():
+            return load_file(self.path(i))["x"]
+        below = [j for j in range(i) if self.path(j).is_file()]
+        j = below[-1] if below else 0
+        x = load_file(self.path(j))["x"] if below else _embed(self.teacher, self.data, self.device, self.batch_size,
+                                                               self.dtype)
+        if not below:
+            save_state({"x": x}, self.path(0))
+        for k in range(j, i):
+            x = _teacher_block(self.teacher, k, x, self.device, self.batch_size, self.dtype)
+            save_state({"x": x}, self.path(k + 1))  # written atomically: a rerun starts from here
+        return x
+
+    def drop(self, i: int) -> None:
+        self.path(i).unlink(missing_ok=True)
+
+
+def teacher_inputs(teacher: TailorForCausalLM, data: torch.Tensor, root: Path, device: torch.device,
+                   batch_size: int = 8, dtype: torch.dtype | None = None) -> list[Path]:
+    """Every block's input hidden states over `data` ((N, T) ids), one file per block, plus the last
+    block's output: L + 1 files of (N, T, H) in `dtype` (bf16 on CUDA, float32 on CPU by default).
+    One teacher block is on `device` at a time; files already written (a resumed run) are kept."""
+    acts = TeacherActs(teacher, data, root, device, batch_size, dtype)
+    acts.get(len(teacher.model.layers))
+    return [acts.path(i) for i in range(len(teacher.model.layers) + 1)]
 
 
 def _amp(device: torch.device, on: bool):
@@ -233,22 +274,33 @@ def train_block(block: Block, x: torch.Tensor, y: torch.Tensor, cos: torch.Tenso
 
 def train_blocks(student: TailorForCausalLM, teacher: TailorForCausalLM, data: torch.Tensor, spec: BlockSpec,
                  spaces: dict[str, SearchSpace], n_random: int, work: Path, device: torch.device | str = "cpu",
-                 blocks: list[int] | None = None, act_batch: int = 8,
-                 progress: Callable[[BlockResult], None] | None = None) -> list[BlockResult]:
-    """Blockwise supernet training of `student` (trained in place; kept on the CPU for large models) against `teacher` over
-    `data` ((N, T) ids): teacher inputs into `work/acts`, then each block in `blocks` (default all; give
-    each process its share) from `work/block-XXX` checkpoints. Returns one BlockResult per block."""
+                 blocks: list[int] | None = None, act_batch: int = 8, keep_acts: bool = False,
+                 acts_dir: Path | None = None, progress: Callable[[BlockResult], None] | None = None
+                 ) -> list[BlockResult]:
+    """Blockwise supernet training of `student` (trained in place; kept on the CPU for large models)
+    against `teacher` over `data` ((N, T) ids): blocks in `blocks` (default all; give each process a
+    contiguous share) in increasing order, each from its `work/block-XXX` checkpoints, the teacher walked
+    forward alongside into `work/acts` (x_i dropped once block i is done unless `keep_acts`).
+    Disk: two layers of activations, N x T x hidden x 2 bytes each on CUDA (bf16). CPU memory: the same.
+    Returns one BlockResult per block."""
     device = torch.device(device)
     work = Path(work)
-    files = teacher_inputs(teacher, data, work / "acts", device, act_batch)
+    acts = TeacherActs(teacher, data, acts_dir or work / "acts", device, act_batch)  # one per process
     cfg = student.config
     cos, sin = rope_tables(cfg.head_dim, cfg.rope_theta, torch.arange(data.shape[1]), torch.float32)
     results = []
-    for i in (range(len(student.model.layers)) if blocks is None else blocks):
-        x, y = load_file(files[i])["x"], load_file(files[i + 1])["x"]
-        res = train_block(student.model.layers[i], x, y, cos, sin, spec, block_sandwich(spaces, i, n_random),
-                          work / f"block-{i:03d}", index=i, device=device)
+    for i in sorted(range(len(student.model.layers)) if blocks is None else blocks):
+        ckpt = work / f"block-{i:03d}"
+        latest = _latest(ckpt)
+        if latest is not None and json.loads((latest / "meta.json").read_text()).get("step") == spec.steps:
+            x = y = torch.empty(0, data.shape[1], cfg.hidden_size)  # done: only its weights are loaded
+        else:
+            x, y = acts.get(i), acts.get(i + 1)
+        res = train_block(student.model.layers[i], x, y, cos, sin, spec, block_sandwich(spaces, i, n_random), ckpt,
+                          index=i, device=device)
         results.append(res)
+        if not keep_acts:
+            acts.drop(i)
         if progress:
             progress(res)
     for block in student.model.layers:

@@ -100,3 +100,17 @@ def test_resume_mid_block_gives_the_uninterrupted_result(tmp_path):
     fresh = tiny_model(seed=2, n_layers=2)
     assert load_trained(fresh, tmp_path / "part", spec) == [1]
     torch.testing.assert_close(fresh.model.layers[0].state_dict(), resumed.model.layers[0].state_dict())
+
+
+def test_walk_keeps_two_layers_of_activations_and_restarts_from_the_newest(tmp_path):
+    teacher = tiny_model(seed=2, n_layers=3)
+    student = copy.deepcopy(teacher)
+    spec = BlockSpec(steps=2, batch_size=4, lr=1e-3, seed=0)
+    left = []
+    train_blocks(student, teacher, DATA, spec, _spaces(student), 1, tmp_path,
+                 progress=lambda r: left.append(sorted(p.name for p in (tmp_path / "acts").iterdir())))
+    assert left == [["x-001.safetensors"], ["x-002.safetensors"], ["x-003.safetensors"]]
+    # a process whose share starts at block 2 walks the teacher there itself, from its own files
+    other = copy.deepcopy(teacher)
+    train_blocks(other, teacher, DATA, spec, _spaces(other), 1, tmp_path / "other", blocks=[2])
+    torch.testing.assert_close(other.model.layers[2].state_dict(), student.model.layers[2].state_dict())
