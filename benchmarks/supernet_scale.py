@@ -1,12 +1,12 @@
 """Supernet training at real shapes (random weights): Llama-3.2-1B and Llama-3.1-8B, end to end (the
 sandwich over whole subnets, chunked KD loss, activation checkpointing) and blockwise (one block's
-sandwich against the teacher block, tailor.elastic.blockwise). Writes the key "scale" of
-reports/bench/supernet.json.
+sandwich against the teacher block, tailor.elastic.blockwise).
 
 Both modes run the library's own training code: `tailor.train.train_kd` end to end, and
 `tailor.elastic.blockwise.train_block` for one block (every block of a shape has the same shape, so
 one block's step is each block's step; the teacher block's forward, which the teacher pass does once per
-token, is timed beside it and added).
+token, is timed beside it and added). Each run writes its rows to --out; the rows of the H200 calls are
+merged under "scale" in reports/bench/supernet.json (with the call each came from).
 
 FLOPs are counted from the subnets the sandwich really drew, per pass: 2 x tokens x (sum of the active
 weight matrices) per kept layer, causal attention 2 x tokens x seq x heads x head_dim (QK^T and PV, half
