@@ -59,7 +59,8 @@ def run(params: Params, data_dir: Path, out_dir: Path, ckpt_dir: Path) -> dict:
     sp = params.supernet
     device = pick_device(sp.device)
     torch.manual_seed(sp.seed)
-    model, tok = load_base(params.model.n_layers, device=device)
+    # blockwise: the model waits on the CPU and one block at a time goes to the device
+    model, tok = load_base(params.model.n_layers, device="cpu" if sp.mode == "blockwise" else device)
     teacher = copy.deepcopy(model).requires_grad_(False)
     calib, train, val = (load_shard(data_dir / f"{s}.safetensors") for s in ("calib", "train", "val"))
     val = val[: sp.val_seqs]
@@ -79,7 +80,12 @@ def run(params: Params, data_dir: Path, out_dir: Path, ckpt_dir: Path) -> dict:
                      fingerprint=f"supernet:{json.dumps(sp.model_dump(exclude={'parallel', 'nproc', 'checkpointing'}), sort_keys=True)}:{formats}:{params.model.n_layers}:"
                                  f"{sha256_file(data_dir / 'train.safetensors')[:16]}")
     ckpt = checkpoint_dir(ckpt_dir, spec.fingerprint)
-    blocks = blockwise_phase(model, teacher, train, spec, spaces, sp, ckpt / "blocks", device) if sp.mode == "blockwise" else []
+    blocks = []
+    if sp.mode == "blockwise":
+        blocks = blockwise_phase(model, teacher, train, spec, spaces, sp, ckpt / "blocks", device)
+        if sp.steps:  # the end-to-end phase trains the whole model on the device
+            model.to(device)
+            teacher.to(device)
     result = train_kd(model, teacher, train, spec, sandwich, ckpt, desc="supernet")
     set_max(model)
     after = val_losses(model, spaces, val)
