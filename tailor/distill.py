@@ -95,8 +95,9 @@ def chunked_kd_loss(hidden: torch.Tensor, weight: torch.Tensor, teacher: torch.T
     hidden: (N, H) or (B, T, H) student final hidden states; weight: (V, H) student head (the tied,
     possibly fake-quantized table). teacher: the teacher's logits (N, V) in any float dtype (bf16 keeps
     2 bytes per token and vocabulary entry), or, with `teacher_weight` (V, H_t), the teacher's final
-    hidden states (N, H_t), its head applied a chunk at a time. `chunk` tokens are live at once: peak
-    extra memory ~ 5 x 4 x chunk x V bytes (1 GB for 2048 tokens of a 128k vocabulary)."""
+    hidden states (N, H_t), its head applied a chunk at a time. `chunk` tokens are live at once: a few
+    fp32 (chunk, V) temporaries whatever the batch (13 GB measured on an H200 for chunks of 4096 tokens of
+    a 128k vocabulary, eager, against 22 GB for the plain loss at only 8192 tokens, growing with them)."""
     h = hidden.reshape(-1, hidden.shape[-1])
     t = teacher.reshape(h.shape[0], -1)
     return _ChunkedKD.apply(h, weight, t, teacher_weight, float(temperature), int(chunk))
