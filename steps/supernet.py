@@ -59,7 +59,8 @@ def run(params: Params, data_dir: Path, out_dir: Path, ckpt_dir: Path) -> dict:
     sp = params.supernet
     device = pick_device(sp.device)
     torch.manual_seed(sp.seed)
-    model, tok = load_base(params.model.source, params.model.n_layers, device=device)
+    # blockwise: the model waits on the CPU and one block at a time goes to the device
+    model, tok = load_base(params.model.source, params.model.n_layers, device="cpu" if sp.mode == "blockwise" else device)
     teacher = copy.deepcopy(model).requires_grad_(False)
     calib, train, val = (load_shard(data_dir / f"{s}.safetensors") for s in ("calib", "train", "val"))
     val = val[: sp.val_seqs]
@@ -75,9 +76,17 @@ def run(params: Params, data_dir: Path, out_dir: Path, ckpt_dir: Path) -> dict:
 
     spec = TrainSpec(sp.steps, sp.batch_size, sp.lr, sp.kd_temperature, sp.seed, ckpt_every=max(1, sp.steps // 4),
                      amp=sp.amp, compile=sp.compile, parallel=sp.parallel,  # not in the fingerprint: resumes across it
-                     fingerprint=f"supernet:{json.dumps(sp.model_dump(exclude={'parallel', 'nproc'}), sort_keys=True)}:{formats}:{params.model.n_layers}:"
+                     kd_chunk=sp.kd_chunk, checkpointing=sp.checkpointing,
+                     fingerprint=f"supernet:{json.dumps(sp.model_dump(exclude={'parallel', 'nproc', 'checkpointing'}), sort_keys=True)}:{formats}:{params.model.n_layers}:"
                                  f"{sha256_file(data_dir / 'train.safetensors')[:16]}")
-    result = train_kd(model, teacher, train, spec, sandwich, checkpoint_dir(ckpt_dir, spec.fingerprint), desc="supernet")
+    ckpt = checkpoint_dir(ckpt_dir, spec.fingerprint)
+    blocks = []
+    if sp.mode == "blockwise":
+        blocks = blockwise_phase(model, teacher, train, spec, spaces, sp, ckpt / "blocks", device)
+        if sp.steps:  # the end-to-end phase trains the whole model on the device
+            model.to(device)
+            teacher.to(device)
+    result = train_kd(model, teacher, train, spec, sandwich, ckpt, desc="supernet")
     set_max(model)
     after = val_losses(model, spaces, val)
     clip = clip_summary(model)
@@ -91,10 +100,34 @@ def run(params: Params, data_dir: Path, out_dir: Path, ckpt_dir: Path) -> dict:
     improved = {k: round(before[k] - after[k], 4) for k in after}
     metrics = {"val_loss_before": before, "val_loss_after": after, "val_loss_drop": improved,
                "learned_clip": clip, "formats": formats, "steps": sp.steps,
+               "mode": sp.mode, "block_loss": [[round(r.curve[0]["loss"], 5), round(r.curve[-1]["loss"], 5)] if r.curve else None
+                                                for r in blocks],
                "resumed_from": result.resumed_from, "tokens": result.tokens, "train_seconds": round(result.seconds, 2),
                "tokens_per_s": round(result.tokens / result.seconds, 1) if result.seconds else 0.0,
                "device": str(device)}
     return {"metrics": metrics, "curve": result.curve}
+
+
+def blockwise_phase(model, teacher, train: torch.Tensor, spec: TrainSpec, spaces: dict[str, SearchSpace], sp,
+                    work: Path, device: torch.device) -> list:
+    """`supernet.mode: blockwise`: every block's elastic choices against the teacher block
+    (tailor.elastic.blockwise), blocks split over the torchrun processes in contiguous shares, each
+    process walking its own teacher activations; each then loads the others' blocks."""
+    import torch.distributed as dist
+
+    from tailor.elastic.blockwise import BlockSpec, load_trained, train_blocks
+
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
+    bspec = BlockSpec(sp.block_steps, sp.batch_size, sp.block_lr, sp.seed, ckpt_every=max(1, sp.block_steps // 4),
+                      amp=sp.amp, fingerprint=spec.fingerprint)
+    n = len(model.model.layers)
+    mine = list(range(rank * n // world, (rank + 1) * n // world))  # contiguous: the teacher walks only so far
+    out = train_blocks(model, teacher, train, bspec, spaces, sp.n_random, work, device, blocks=mine,
+                       act_batch=sp.batch_size, acts_dir=work / f"acts-{rank}")
+    if world > 1:  # every process ends with every block
+        dist.barrier()
+        load_trained(model, work, bspec)
+    return out
 
 
 def clip_summary(model) -> dict[str, float]:

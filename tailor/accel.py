@@ -9,5 +9,10 @@ def enable_compile() -> None:
     """torch.compile the paths made of many small kernels: the per-matrix quantizer and the KD loss.
     The decoder blocks stay eager: elastic widths and per-matrix bit-widths would recompile them for
     nearly every sampled subnet."""
+    import torch._dynamo
+
+    # One quantizer graph per (grid, bit-width) and a few shape regimes: Dynamo's default limit of 8
+    # graphs per function was hit at 1B (both grids' 6 bit-widths), leaving the rest eager.
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     fake.enable_compile()
     distill.enable_compile()

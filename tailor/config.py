@@ -78,6 +78,15 @@ class SupernetParams(Strict):
     compile: bool = Field(False, description="torch.compile the decoder blocks on CUDA")
     parallel: Parallel = Field("ddp", description=PARALLEL_DOC)
     nproc: int = Field(1, gt=0, description=NPROC_DOC)
+    mode: Literal["end_to_end", "blockwise"] = Field(
+        "end_to_end", description="end_to_end: the sandwich over whole subnets, KD on logits; blockwise: each "
+                                  "block's choices against the teacher block's output from its input "
+                                  "(tailor.elastic.blockwise), then `steps` end-to-end steps (0 = none)")
+    block_steps: int = Field(100, gt=0, description="blockwise: optimizer steps per block (batch_size sequences each)")
+    block_lr: float = Field(1e-4, gt=0, description="blockwise: lr of the block phase")
+    kd_chunk: int = Field(0, ge=0, description="tokens per chunk of the chunked KD loss; 0 = the plain loss over "
+                                               "whole-batch fp32 [tokens, vocab] logits")
+    checkpointing: bool = Field(False, description="activation checkpointing of every decoder block (end to end)")
 
     @model_validator(mode="after")
     def _check_formats(self) -> "SupernetParams":

@@ -23,7 +23,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from safetensors.torch import load_file
 
 from tailor import fsdp as tfsdp
-from tailor.distill import kd_loss
+from tailor.distill import HeadInputs, chunked_kd_loss, kd_loss, teacher_logits_chunked
 from tailor.accel import enable_compile
 from tailor.models.base import save_state
 from tailor.models.model import TailorForCausalLM
@@ -53,6 +53,10 @@ class TrainSpec:
     parallel: str = "ddp"  # under torchrun: "ddp" (replicated) or "fsdp" (FSDP2-sharded, tailor.fsdp)
     schedule: str = "constant"  # lr over the steps: "constant", or "cosine" (linear warm-up, then cosine to 10%)
     warmup_steps: int = 0
+    # Memory at 1B+: tokens per chunk of the chunked KD loss (0 = the plain loss over whole-batch fp32
+    # logits), and activation checkpointing of every decoder block (recompute in backward).
+    kd_chunk: int = 0
+    checkpointing: bool = False
 
 
 def lr_factor(spec: TrainSpec, step: int) -> float:
@@ -178,13 +182,18 @@ def train_kd(student: TailorForCausalLM, teacher: torch.nn.Module, data: torch.T
     lr_factor(spec, 0)  # an unknown schedule stops here, before any work
     start, curve, opt_state = _load_ckpt(ckpt_dir, student, gen, spec) if ckpt_dir else (0, [], None)
     fsdp = world > 1 and spec.parallel == "fsdp"
+    if fsdp and spec.kd_chunk:
+        raise ValueError("kd_chunk: the chunked KD loss runs in one process or under DDP, not under fsdp")
+    student.activation_checkpointing = spec.checkpointing
     # FSDP trains a sharded copy (tailor.fsdp); the student waits on the CPU, off the GPU's memory.
     model = tfsdp.shard_copy(student.to("cpu"), device, world) if fsdp else student
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     params = [p for _, p in named]
     groups = [{"params": [p for n, p in named if not n.endswith("qclip")]},
               {"params": [p for n, p in named if n.endswith("qclip")], "lr": spec.clip_lr, "weight_decay": 0.0}]
-    opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=spec.lr, weight_decay=spec.weight_decay)
+    # fused: one kernel for every parameter's update on CUDA (not under FSDP's sharded DTensors)
+    opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=spec.lr, weight_decay=spec.weight_decay,
+                            fused=True if device.type == "cuda" and not fsdp else None)
     base_lrs = [g["lr"] for g in opt.param_groups]
     if opt_state is not None:
         if fsdp:
@@ -211,8 +220,12 @@ def train_kd(student: TailorForCausalLM, teacher: torch.nn.Module, data: torch.T
     # subnets once per step (no_sync for all but the last backward).
     if world > 1 and spec.batch_size % world:
         raise ValueError(f"batch_size {spec.batch_size} does not split over {world} ranks")
-    net = (torch.nn.parallel.DistributedDataParallel(student, device_ids=[device] if on_gpu else None,
-                                                     find_unused_parameters=True) if world > 1 and not fsdp else model)
+    # The chunked loss needs the final hidden states and the head, not logits: DDP wraps a module whose
+    # forward returns those, so its gradient hooks still see the forward.
+    inner = HeadInputs(student) if spec.kd_chunk else student
+    net = (torch.nn.parallel.DistributedDataParallel(inner, device_ids=[device] if on_gpu else None,
+                                                     find_unused_parameters=True) if world > 1 and not fsdp
+           else HeadInputs(model) if spec.kd_chunk else model)
     t0 = time.perf_counter()
     with Progress(TextColumn(f"[bold]{desc}"), BarColumn(), TextColumn("{task.completed}/{task.total} loss {task.fields[loss]}"),
                   TimeRemainingColumn(), transient=False, disable=not os.isatty(1)) as bar:
@@ -221,10 +234,10 @@ def train_kd(student: TailorForCausalLM, teacher: torch.nn.Module, data: torch.T
             ts = time.perf_counter()
             idx = torch.arange(step * spec.batch_size, (step + 1) * spec.batch_size) % len(data)
             ids = data[order[idx]][rank::world].to(device).long()
-            with torch.no_grad(), amp():
-                t_logits = teacher(ids).logits
+            with torch.no_grad(), amp():  # bf16 (N, V) when chunked: never fp32 logits of the whole batch
+                t_logits = teacher_logits_chunked(teacher, ids, spec.kd_chunk) if spec.kd_chunk else teacher(ids).logits
             opt.zero_grad(set_to_none=True)
-            total = 0.0
+            total = torch.zeros((), device=device)  # summed on the device: one host sync per step
             switches = activate(step, gen)
             for k, switch in enumerate(switches):
                 switch()
@@ -234,13 +247,16 @@ def train_kd(student: TailorForCausalLM, teacher: torch.nn.Module, data: torch.T
                 # block the last subnet drops would otherwise keep its unreduced gradient.
                 sync = world == 1 or fsdp or k == len(switches) - 1
                 with amp(), (contextlib.nullcontext() if sync else net.no_sync()):
-                    loss = kd_loss(net(ids).logits, t_logits, spec.temperature)
+                    if spec.kd_chunk:
+                        loss = chunked_kd_loss(*net(ids), t_logits, temperature=spec.temperature, chunk=spec.kd_chunk)
+                    else:
+                        loss = kd_loss(net(ids).logits, t_logits, spec.temperature)
                     loss.backward()
-                total += loss.item()
+                total += loss.detach()
             if world > 1:  # the logged loss is the global batch's, as on one process
-                t = torch.tensor(total, device=device)
-                dist.all_reduce(t)
-                total = float(t) / world
+                dist.all_reduce(total)
+                total /= world
+            total = float(total)
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             for g, lr in zip(opt.param_groups, base_lrs):
                 g["lr"] = lr * lr_factor(spec, step)
@@ -262,6 +278,7 @@ def train_kd(student: TailorForCausalLM, teacher: torch.nn.Module, data: torch.T
         student.load_state_dict(tfsdp.full_state(model), strict=False)
         student.tie_weights()
         student.to(device)
+    student.activation_checkpointing = False
     student.eval()
     result.seconds = time.perf_counter() - t0
     return result

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from tailor.arch import MATRICES, BaseArch, SubnetConfig
+from tailor.arch import MATRICES, BaseArch, LayerConfig, SubnetConfig
 from tailor.formats import backend
 from tailor.models.model import Block, QLinear, TailorConfig, TailorForCausalLM
 
@@ -30,13 +30,18 @@ def set_active(model: TailorForCausalLM, cfg: SubnetConfig, fmt: str = "gguf") -
     """Make the supernet compute the subnet `cfg`, fake-quantized on export format `fmt`'s grid."""
     cfg.validate(arch_of(model))
     for block, lc in zip(model.model.layers, cfg.layers):
-        block.active = lc.keep
-        block.self_attn.set_kv(lc.kv_groups)
-        block.mlp.set_ffn(lc.ffn)
-        for m in MATRICES:
-            q = linear(block, m)
-            q.bits, q.fmt = lc.bits[m], fmt
+        set_block_active(block, lc, fmt)
     model.lm_head.bits, model.lm_head.fmt = cfg.embed_bits, fmt
+
+
+def set_block_active(block: Block, lc: LayerConfig, fmt: str = "gguf") -> None:
+    """One decoder block's share of `set_active`: kept or skipped, KV groups, FFN width, bits per matrix."""
+    block.active = lc.keep
+    block.self_attn.set_kv(lc.kv_groups)
+    block.mlp.set_ffn(lc.ffn)
+    for m in MATRICES:
+        q = linear(block, m)
+        q.bits, q.fmt = lc.bits[m], fmt
 
 
 def set_max(model: TailorForCausalLM) -> None:

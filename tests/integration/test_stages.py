@@ -51,6 +51,24 @@ def test_supernet(ws):
     assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in base.parameters())
 
 
+def test_supernet_blockwise(ws, tmp_path):
+    """`supernet.mode: blockwise`: every block trained against the teacher block (tailor.elastic.blockwise),
+    then the short end-to-end phase; the output is the same kind of supernet the search reads."""
+    from steps import supernet
+    from tailor.models.base import load_model_dir
+
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw["profiles"]["test"]["model"]["n_layers"] = 2
+    raw["supernet"].update(mode="blockwise", block_steps=3, block_lr=1e-4)
+    params = parse_params(raw, "test")
+    out = supernet.run(params, ws["art"] / "calibrate", tmp_path / "supernet", tmp_path / "ckpt")
+    m = out["metrics"]
+    assert m["mode"] == "blockwise" and len(m["block_loss"]) == 2
+    assert len(out["curve"]) == params.supernet.steps  # the end-to-end phase after the blocks
+    assert all(b.active for b in load_model_dir(tmp_path / "supernet" / "model").model.layers)
+    assert (tmp_path / "supernet" / "space.json").is_file()
+
+
 def test_supernet_stage_under_torchrun(ws, tmp_path):
     """`supernet.nproc: 2`: the stage starts itself under torchrun (2 CPU processes, gloo), trains data
     parallel, and rank 0 alone writes the outputs; at the same global batch its loss curve is the

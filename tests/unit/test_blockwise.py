@@ -1,0 +1,116 @@
+"""Blockwise supernet training (EfficientQAT Block-AP / Puzzle BLD): the teacher pass stores what the
+teacher computes, a trained block reproduces its teacher block better than before, and a block killed
+mid-training resumes to exactly the uninterrupted result."""
+
+import copy
+
+import pytest
+import torch
+
+from tailor.elastic.blockwise import (BlockSpec, block_sandwich, load_trained, rel_mse, teacher_inputs, train_block,
+                                      train_blocks)
+from tailor.elastic.space import SearchSpace
+from tailor.elastic.supernet import arch_of, set_block_active
+from tailor.models.model import rope_tables
+from tailor.models.tiny import tiny_model
+from safetensors.torch import load_file
+
+DATA = torch.randint(0, 320, (16, 12), generator=torch.Generator().manual_seed(0))
+
+
+def _spaces(model):
+    arch = arch_of(model)
+    return {"gguf": SearchSpace.build(arch, [4, 8, 16], [8, 16], 0.25, 1, 0.25, None),
+            "onnx": SearchSpace.build(arch, [2, 4, 8, 16], [8, 16], 0.25, 1, 0.25, None)}
+
+
+def _rope(model, seq):
+    return rope_tables(model.config.head_dim, model.config.rope_theta, torch.arange(seq), torch.float32)
+
+
+def test_teacher_pass_stores_each_blocks_input(tmp_path):
+    teacher = tiny_model(seed=2, n_layers=3)
+    files = teacher_inputs(teacher, DATA, tmp_path, torch.device("cpu"), batch_size=5)
+    assert len(files) == 4
+    x = [load_file(f)["x"] for f in files]
+    assert x[0].shape == (16, 12, 64)
+    cos, sin = _rope(teacher, 12)
+    with torch.no_grad():
+        torch.testing.assert_close(x[2], teacher.model.layers[1](x[1], cos, sin))
+        torch.testing.assert_close(teacher.model.norm(x[3]), teacher.hidden_states(DATA))
+
+
+@torch.no_grad()
+def _block_error(block, x, y, cos, sin, lc, fmt):
+    set_block_active(block, lc, fmt)
+    return float(rel_mse(block(x, cos, sin), y, x))
+
+
+def test_trained_block_reproduces_its_teacher_block_better(tmp_path):
+    teacher = tiny_model(seed=2, n_layers=2)
+    student = copy.deepcopy(teacher)
+    spaces = _spaces(student)
+    spec = BlockSpec(steps=30, batch_size=4, lr=2e-3, seed=0, ckpt_every=100)
+    files = teacher_inputs(teacher, DATA, tmp_path / "acts", torch.device("cpu"))
+    x, y = load_file(files[1])["x"], load_file(files[2])["x"]
+    cos, sin = _rope(student, 12)
+    block = student.model.layers[1]
+    lo = {f: s.min().layers[1] for f, s in spaces.items()}
+    before = {f: _block_error(block, x, y, cos, sin, lc, f) for f, lc in lo.items()}
+    res = train_blocks(student, teacher, DATA, spec, spaces, n_random=1, work=tmp_path)
+    assert [r.block for r in res] == [0, 1]
+    after = {f: _block_error(block, x, y, cos, sin, lc, f) for f, lc in lo.items()}
+    for f in lo:  # each grid's smallest config of this block: 2/4 bits, a quarter of the FFN, one KV group
+        assert after[f] < 0.7 * before[f], (f, before[f], after[f])
+    assert res[1].curve[-1]["loss"] < res[1].curve[0]["loss"]
+    assert all(b.active for b in student.model.layers)
+
+
+class Killed(Exception):
+    pass
+
+
+def _train(tmp, kill_at=None):
+    teacher = tiny_model(seed=2, n_layers=2)
+    student = copy.deepcopy(teacher)
+    files = teacher_inputs(teacher, DATA, tmp / "acts", torch.device("cpu"))
+    x, y = load_file(files[0])["x"], load_file(files[1])["x"]
+    cos, sin = _rope(student, 12)
+
+    def on_step(step, loss):
+        if step == kill_at:
+            raise Killed
+
+    spec = BlockSpec(steps=6, batch_size=4, lr=2e-3, seed=0, ckpt_every=2, fingerprint="a")
+    res = train_block(student.model.layers[0], x, y, cos, sin, spec, block_sandwich(_spaces(student), 0, 2),
+                      tmp / "block-000", index=0, on_step=on_step)
+    return student, res, spec
+
+
+def test_resume_mid_block_gives_the_uninterrupted_result(tmp_path):
+    full, res_full, _ = _train(tmp_path / "full")
+    with pytest.raises(Killed):
+        _train(tmp_path / "part", kill_at=3)  # step 3 done, its checkpoint not yet written (every 2)
+    resumed, res, spec = _train(tmp_path / "part")
+    assert res.resumed_from == 2
+    for (k, a), (_, b) in zip(full.state_dict().items(), resumed.state_dict().items()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=k)
+    assert [p["loss"] for p in res.curve] == pytest.approx([p["loss"] for p in res_full.curve])
+    # another process picks the finished block up from its checkpoint
+    fresh = tiny_model(seed=2, n_layers=2)
+    assert load_trained(fresh, tmp_path / "part", spec) == [1]
+    torch.testing.assert_close(fresh.model.layers[0].state_dict(), resumed.model.layers[0].state_dict())
+
+
+def test_walk_keeps_two_layers_of_activations_and_restarts_from_the_newest(tmp_path):
+    teacher = tiny_model(seed=2, n_layers=3)
+    student = copy.deepcopy(teacher)
+    spec = BlockSpec(steps=2, batch_size=4, lr=1e-3, seed=0)
+    left = []
+    train_blocks(student, teacher, DATA, spec, _spaces(student), 1, tmp_path,
+                 progress=lambda r: left.append(sorted(p.name for p in (tmp_path / "acts").iterdir())))
+    assert left == [["x-001.safetensors"], ["x-002.safetensors"], ["x-003.safetensors"]]
+    # a process whose share starts at block 2 walks the teacher there itself, from its own files
+    other = copy.deepcopy(teacher)
+    train_blocks(other, teacher, DATA, spec, _spaces(other), 1, tmp_path / "other", blocks=[2])
+    torch.testing.assert_close(other.model.layers[2].state_dict(), student.model.layers[2].state_dict())
