@@ -5,7 +5,7 @@
 #
 # Usage: scripts/build_llama_tools.sh [OUT_DIR]        (default .cache/llama-tools)
 #   OUT_DIR/bin/llama-{quantize,imatrix,perplexity}     the tools (statically linked against ggml/llama)
-#   OUT_DIR/VERSION                                     llama-cpp-python version and vendored commit
+#   OUT_DIR/VERSION                                     llama-cpp-python version and the sdist's sha256
 # Environment:
 #   PYTHON      interpreter whose pip downloads the sdist (default .venv/bin/python, else python3)
 #   JOBS        parallel compile jobs (default 2)
@@ -15,7 +15,7 @@
 # usual index configuration), unpack, configure vendor/llama.cpp with tools on and everything else off
 # (no server, tests, examples, network), build only the three targets, copy them out. GGML_NATIVE is
 # off by default, like llama-cpp-python's own build here (-march=x86-64), so the tools run on any
-# x86-64 host; on 2 cores the build takes ~10-15 minutes. Re-running rebuilds from a fresh temp dir.
+# x86-64 host; on 2 shared cores the build took ~40 minutes (nice). Re-running rebuilds from scratch.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -61,7 +61,7 @@ for t in llama-quantize llama-imatrix llama-perplexity; do
 done
 {
   echo "llama-cpp-python==$VERSION"
-  sed -n 's/.*LLAMA_BUILD_COMMIT.*"\(.*\)".*/commit \1/p' "$WORK/build/common/build-info.cpp" 2>/dev/null || true
+  echo "sdist sha256 $(sha256sum "$SDIST" | cut -d' ' -f1)"
 } >"$OUT/VERSION"
 "$OUT/bin/llama-quantize" --help >/dev/null 2>&1 || true  # prints usage and exits non-zero by design
 echo "build_llama_tools: built $(ls "$OUT/bin" | tr '\n' ' ')"
