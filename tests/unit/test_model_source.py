@@ -110,3 +110,34 @@ def test_sliced_load_of_a_source(tmp_path, tok_dir, cache):
     model, tok = load_base(str(d), n_layers=2)
     assert model.config.num_hidden_layers == 2 and model.config.family == "mistral"
     assert len(tok) == model.config.vocab_size
+
+
+def test_gguf_file_of_another_model_is_a_source(tmp_path, tok_dir, cache):
+    """A GGUF file is a way in: a tiny untied-free Llama written by our own GGUF writer (`llama`
+    architecture, F16) comes back through transformers' GGUF reader and the family seam with the same
+    logits, its tokenizer metadata copied into the base's tokenizer.gguf."""
+    from transformers import AutoTokenizer
+
+    from tailor.arch import BaseArch, SubnetConfig
+    from tailor.elastic.supernet import export_active
+    from tailor.export import gguf as gguf_writer
+    from tailor.export.gguf_vocab import tokenizer_gguf
+    from tailor.models.base import build_model, gguf_path
+    from tailor.models.model import set_runtime_emulation
+    from tailor.models.tiny import tiny_hf_model
+
+    tok = AutoTokenizer.from_pretrained(tok_dir)
+    hf = tiny_hf_model("llama", seed=4, vocab=len(tok), rope_parameters={"rope_type": "default", "rope_theta": 31337.0})
+    dense = build_model(hf.config.to_dict(), hf.state_dict(), "tiny")
+    small = export_active(dense, SubnetConfig.max(BaseArch.from_hf(dense.config)), "gguf")  # F16, all layers
+    set_runtime_emulation(small, False)
+    path = tmp_path / "tiny-llama.gguf"
+    gguf_writer.export(small, tok, path, template=gguf_path(), arch="llama")
+    src = resolve(str(path))
+    assert (src.kind, src.name) == ("gguf", "tiny-llama")
+    model, _ = load_base(str(path))
+    assert model.config.rope_theta == 31337.0 and model.config.tie_word_embeddings
+    ids = torch.randint(0, len(tok), (1, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, small(ids).logits, rtol=1e-4, atol=1e-4)
+    assert tokenizer_gguf(base_dir(str(path))).is_file()
