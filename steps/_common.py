@@ -252,7 +252,7 @@ def read_jsonl(path: Path) -> list[dict]:
 
 def known_errors() -> tuple[type[BaseException], ...]:
     """Errors that mean bad input: reported in one line, no traceback."""
-    from tailor.eval.evalsets import EvalDataError
+    from tailor.eval.schema import EvalDataError
     from tailor.eval.harness import NonFiniteScore
     from tailor.models.base import ModelFileError
     from tailor.quant.f16 import PrecisionError
