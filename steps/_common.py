@@ -263,6 +263,13 @@ def known_errors() -> tuple[type[BaseException], ...]:
 
     errs: list[type[BaseException]] = [ConfigError, ModelFileError, CheckpointError, NoFeasibleSubnet, ParityError,
                                        PrecisionError, EvalDataError, NonFiniteScore]
+    try:  # the writers' refusals (a template without a tokenizer, columns not in whole blocks) are bad input too
+        from tailor.export.gguf import ExportError
+        from tailor.export.onnx import OnnxExportError
+
+        errs += [ExportError, OnnxExportError]
+    except ImportError:
+        pass
     try:
         from tailor.data import DataError
 

@@ -24,6 +24,7 @@ from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, GGUFWriter
 from tailor.arch import MATRICES, BaseArch, SubnetConfig
 from tailor.models.base import gguf_path, sha256_file
 from tailor.models.llama import QLinear, TailorForCausalLM
+from tailor.quant.f16 import PrecisionError
 from tailor.quant.formats import matrix_bytes
 from tailor.quant.gguf_pack import ggml_type, pack
 
@@ -229,6 +230,8 @@ def export(model: TailorForCausalLM, tokenizer: Any, path: Path, template: Path 
         for name, w, bits in _tensors(model, blocks, q_per_kv, head_dim):
             try:
                 nbytes += _add(writer, name, w, bits)
+            except PrecisionError:  # names the tensor itself; the temp path would only confuse
+                raise
             except ValueError as e:  # e.g. columns not in whole blocks: say which file and tensor
                 raise ExportError(f"{path}: tensor {name}: {e}") from None
 
