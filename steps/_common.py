@@ -262,7 +262,7 @@ def read_jsonl(path: Path) -> list[dict]:
 
 def known_errors() -> tuple[type[BaseException], ...]:
     """Errors that mean bad input: reported in one line, no traceback."""
-    from tailor.eval.evalsets import EvalDataError
+    from tailor.eval.schema import EvalDataError
     from tailor.eval.harness import NonFiniteScore
     from tailor.export.gguf import ExportError
     from tailor.export.gguf_vocab import TokenizerGGUFError
@@ -275,6 +275,9 @@ def known_errors() -> tuple[type[BaseException], ...]:
 
     errs: list[type[BaseException]] = [ConfigError, ModelFileError, CheckpointError, NoFeasibleSubnet, ParityError,
                                        ExportError, TokenizerGGUFError, PrecisionError, EvalDataError, NonFiniteScore]
+    from tailor.export.onnx import OnnxExportError  # the writers' refusals are bad input too
+
+    errs.append(OnnxExportError)
     try:
         from tailor.data import DataError
 

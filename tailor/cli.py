@@ -146,7 +146,7 @@ def evaluate(model: Path = typer.Option(..., help="model directory (safetensors 
     """Evaluation, bias slices and gates of any model directory beside the base model."""
     from transformers import AutoTokenizer
 
-    from tailor.eval.evalsets import EvalDataError
+    from tailor.eval.schema import EvalDataError
     from tailor.eval.gates import check
     from tailor.eval.harness import NonFiniteScore, run_suite, suite_options, suite_parts, validate_eval_dir
     from tailor.eval.slices import compare

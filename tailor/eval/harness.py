@@ -33,7 +33,7 @@ import torch
 import yaml
 
 from tailor.eval.bootstrap import rng_for
-from tailor.eval.evalsets import EvalDataError, check_dir
+from tailor.eval.schema import EvalDataError, check_dir
 
 TASKS_DIR = Path(__file__).parent / "tasks"
 # part -> (data file the calibrate stage writes in eval_dir, doc fields kept on each item for slicing,
@@ -175,7 +175,7 @@ def suite_parts(eval_dir: Path, tasks: tuple[str, ...] | None) -> tuple[str, ...
 
 
 def validate_eval_dir(eval_dir: Path, parts: tuple[str, ...]) -> dict[str, int]:
-    """Every row of the eval sets `parts` read, checked against its task's schema (tailor.eval.evalsets):
+    """Every row of the eval sets `parts` read, checked against its task's schema (tailor.eval.schema):
     part -> rows, or EvalDataError naming file, row and field. Cheap: callers run it before loading models."""
     unknown = [p for p in parts if p not in PARTS]
     if unknown:

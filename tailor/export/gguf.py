@@ -29,6 +29,7 @@ from tailor.arch import MATRICES, BaseArch, SubnetConfig
 from tailor.export.gguf_vocab import TokenizerGGUFError, tokenizer_fields
 from tailor.models.base import gguf_path, sha256_file
 from tailor.models.model import QLinear, TailorForCausalLM, rope_inv_freq
+from tailor.quant.f16 import PrecisionError
 from tailor.quant.formats import matrix_bytes
 from tailor.quant.gguf_pack import ggml_type, pack
 
@@ -259,6 +260,8 @@ def export(model: TailorForCausalLM, tokenizer: Any, path: Path, template: Path 
             try:
                 n = _add(writer, name, w, bits)
                 nbytes += 0 if name == "rope_freqs.weight" else n  # a derived constant, not a weight
+            except PrecisionError:  # names the tensor itself; the temp path would only confuse
+                raise
             except ValueError as e:  # e.g. columns not in whole blocks: say which file and tensor
                 raise ExportError(f"{path}: tensor {name}: {e}") from None
 

@@ -67,3 +67,36 @@ def test_perplexity_is_token_weighted_and_exponentiated():
 def test_rejects_empty_or_unpaired(b, c):
     with pytest.raises(ValueError, match="paired bootstrap"):
         paired_bootstrap(np.array(b), np.array(c), n_boot=10, rng=np.random.default_rng(0))
+
+
+def test_any_statistic_bootstrap_equals_the_ratio_one_on_a_mean():
+    """paired_bootstrap_stat (BBQ bias score, ICAT) on a plain mean draws the same resamples as
+    paired_bootstrap: same interval, same se (a width of zero would mean no resampling at all)."""
+    from tailor.eval.bootstrap import paired_bootstrap_stat
+
+    b, c = _pair(300, 0.7, 0.1, seed=3)
+    ratio = paired_bootstrap(b, c, n_boot=400, rng=np.random.default_rng(7))
+    stat = paired_bootstrap_stat(lambda a: a["x"].mean(-1), {"x": b}, {"x": c}, n_boot=400,
+                                 rng=np.random.default_rng(7))
+    assert (stat.ci_low, stat.ci_high, stat.n) == pytest.approx((ratio.ci_low, ratio.ci_high, ratio.n))
+    assert stat.se == pytest.approx(ratio.se) and stat.ci_high - stat.ci_low > 0.02
+    with pytest.raises(ValueError, match="equal-length non-empty"):
+        paired_bootstrap_stat(lambda a: a["x"].mean(-1), {"x": b}, {"x": c[:-1]}, n_boot=10, rng=np.random.default_rng(0))
+    with pytest.raises(ValueError, match="n_boot must be positive, got 0"):
+        paired_bootstrap_stat(lambda a: a["x"].mean(-1), {"x": b}, {"x": c}, n_boot=0, rng=np.random.default_rng(0))
+
+
+def test_macro_bootstrap_weighs_tasks_equally_and_resamples_within_each():
+    from tailor.eval.bootstrap import paired_bootstrap_macro
+
+    big_b, big_c = _pair(900, 0.6, 0.0, seed=4)  # no change on the big task
+    small_b, small_c = _pair(30, 0.9, 0.5, seed=5)  # a large drop on the small one
+    ci = paired_bootstrap_macro([big_b, small_b], [big_c, small_c], n_boot=500, rng=np.random.default_rng(0))
+    assert ci.delta == pytest.approx(((big_c.mean() - big_b.mean()) + (small_c.mean() - small_b.mean())) / 2)
+    assert ci.n == 930 and ci.ci_low < ci.delta < ci.ci_high and ci.ci_high < 0
+    one = paired_bootstrap(small_b, small_c, n_boot=500, rng=np.random.default_rng(1))
+    assert ci.se == pytest.approx(one.se / 2, rel=0.25)  # the big task adds nothing: it did not change
+    with pytest.raises(ValueError, match="same non-empty list of parts"):
+        paired_bootstrap_macro([big_b], [big_c, small_c], n_boot=10, rng=np.random.default_rng(0))
+    with pytest.raises(ValueError, match="a part has 30 base and 29 compressed items"):
+        paired_bootstrap_macro([small_b], [small_c[:-1]], n_boot=10, rng=np.random.default_rng(0))

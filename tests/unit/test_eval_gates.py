@@ -126,3 +126,43 @@ def test_detectable_change_has_the_stated_power():
     hits = sum(paired_bootstrap(*draw(100 + k, target), n_boot=400, rng=rng_for(k, "power")).ci_high < 0
                for k in range(200))
     assert 0.70 <= hits / 200 <= 0.90, hits
+
+
+GATE_KEYS = {"name", "verdict", "passed", "value", "threshold", "margin", "delta", "ci_low", "ci_high", "n", "mde",
+             "detectable", "rule", "reason"}
+
+
+def test_gates_json_fields():
+    """The contract the audit page, register, promote and auditors read."""
+    metrics, slices = compare(*_pair(40, 0.6, 0.6), n_boot=200, seed=0)
+    out = check(metrics, slices, Gates())
+    assert set(out) == {"passed", "verdict", "gates", "failed_groups", "gated_groups", "ungated_groups", "power", "alpha"}
+    ppl, acc, group = out["gates"]
+    assert set(ppl) == set(acc) == GATE_KEYS
+    assert set(group) == {"name", "verdict", "passed", "value", "threshold", "rule", "reason", "mde", "detectable",
+                          "groups_gated", "groups_ungated", "groups_undetectable", "min_group_n"}
+    assert (ppl["n"], acc["n"]) == (50, 80) and (out["power"], out["alpha"]) == (0.8, 0.05)
+    assert ppl["mde"] == 0.0 and ppl["detectable"]  # identical texts: se 0, and perplexity has no one-item floor
+    se = slices["accuracy_mean"][0]["se"]  # the two "models" disagree on many items: well above the 1/n floor
+    assert acc["mde"] == pytest.approx(Z_MDE * se) and se > 1 / 80
+    assert acc["detectable"] is False and acc["mde"] > acc["margin"]  # 80 items cannot see a 10% drop
+    del slices["accuracy_mean"]
+    missing = check(metrics, slices, Gates())["gates"][1]
+    assert missing["passed"] is False and missing["verdict"] == "fail"
+
+
+@pytest.mark.parametrize("worse, ci", [("higher", (0.0, 0.6)), ("lower", (-0.6, 0.0))])
+def test_an_interval_touching_zero_does_not_exclude_it(worse, ci):
+    row = {"group": "age", "metric": "m", "base": 0.5, "compressed": 0.8, "delta": 0.3 if worse == "higher" else -0.3,
+           "ci_low": ci[0], "ci_high": ci[1], "n": 400, "se": 0.01, "worse": worse, "gated": True}
+    assert check({}, {"crows_pairs": [row]}, Gates())["failed_groups"] == []
+    nudged = row | ({"ci_low": 1e-9} if worse == "higher" else {"ci_high": -1e-9})
+    assert len(check({}, {"crows_pairs": [nudged]}, Gates())["failed_groups"]) == 1
+
+
+def test_overall_and_ungated_rows_and_the_default_direction():
+    bad = {"group": "all", "metric": "pct_stereotype", "base": 0.5, "compressed": 0.9, "delta": 0.4, "ci_low": 0.3,
+           "ci_high": 0.5, "n": 400, "se": 0.01, "gated": True}  # no "worse": higher is worse by default
+    out = check({}, {"crows_pairs_overall": [bad], "winogender": [bad | {"gated": False}]}, Gates())
+    assert out["failed_groups"] == [] and out["gated_groups"] == []  # headline rows are not groups
+    assert [f["group"] for f in check({}, {"crows_pairs": [bad]}, Gates())["failed_groups"]] == ["all"]

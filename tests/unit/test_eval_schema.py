@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from tailor.eval.evalsets import SCHEMAS, EvalDataError, check_dir, check_file
+from tailor.eval.schema import SCHEMAS, EvalDataError, check_dir, check_file
 from tailor.eval.harness import PARTS
 
 GOOD = {

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tailor.eval.evalsets import EvalDataError
+from tailor.eval.schema import EvalDataError
 from tailor.eval.harness import PARTS, TASKS_DIR, YAML, select, task_configs
 
 WIKI = [{"text": "The building receives its name from its distinct octagonal tower."},
