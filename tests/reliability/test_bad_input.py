@@ -131,7 +131,7 @@ PARAM_CASES = {
     "negative_budget": (lambda r: r["devices"]["phone"].update(budget_fraction=-0.5), "search", "phone",
                         "bad.yaml: devices.phone: Value error, budget_fraction must be in (0, 1], got -0.5"),
     "unknown_format": (lambda r: r["devices"]["laptop"].update(format="tflite"), "search", "laptop",
-                       "bad.yaml: devices.laptop.format: Input should be 'gguf' or 'onnx' (got 'tflite')"),
+                       "bad.yaml: devices.laptop.format: Value error, unknown format 'tflite' (known: gguf, onnx) (got 'tflite')"),
     "unknown_device": (lambda r: None, "search", "watch", "devices: unknown device 'watch' (known: phone, laptop)"),
 }
 
