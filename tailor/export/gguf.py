@@ -23,7 +23,7 @@ from typing import Any, Iterator
 
 import numpy as np
 import torch
-from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, GGUFWriter
+from gguf import GGMLQuantizationType, GGUFValueType, GGUFWriter
 
 from tailor.arch import MATRICES, BaseArch, SubnetConfig
 from tailor.export.gguf_vocab import TokenizerGGUFError, tokenizer_fields

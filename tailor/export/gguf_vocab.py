@@ -18,8 +18,6 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 PROBES = (
     "Hello world! The quick brown fox jumps over the lazy dog.",
     "  two  spaces,\ttabs\nand newlines\n\n  indented   ",
@@ -73,7 +71,8 @@ def _write(path: Path, fields: list[tuple[str, Any, Any, Any]]) -> None:
 
 
 def _bpe_fields(tok: Any, tok_dir: Path, vocab_size: int, pre: str) -> list[tuple[str, Any, Any, Any]]:
-    """tokenizer.ggml.* fields of a byte-level BPE Hugging Face tokenizer, via a scratch GGUFWriter."""
+    """tokenizer.ggml.* fields of a byte-level BPE Hugging Face tokenizer with pre-tokenizer `pre`, via a
+    scratch GGUFWriter (`_with_pre` swaps the pre-tokenizer without rebuilding the vocabulary)."""
     import gguf
 
     rev = {i: t for t, i in tok.get_vocab().items()}
@@ -106,6 +105,10 @@ def _bpe_fields(tok: Any, tok_dir: Path, vocab_size: int, pre: str) -> list[tupl
         w.write_kv_data_to_file()
         w.close()
         return _fields_of(Path(d) / "t.gguf")
+
+
+def _with_pre(fields: list[tuple[str, Any, Any, Any]], pre: str) -> list[tuple[str, Any, Any, Any]]:
+    return [(k, pre if k == "tokenizer.ggml.pre" else v, t, sub) for k, v, t, sub in fields]
 
 
 def llama_tokenize(gguf_file: Path, texts: tuple[str, ...] = PROBES) -> list[list[int]]:
@@ -152,7 +155,8 @@ def write_tokenizer_gguf(path: Path, tok: Any, tok_dir: Path, vocab_size: int, s
         if source_gguf is not None:
             candidates = [_fields_of(source_gguf)]
         else:
-            candidates = (_bpe_fields(tok, tok_dir, vocab_size, pre) for pre in PRE_CANDIDATES)
+            base = _bpe_fields(tok, tok_dir, vocab_size, PRE_CANDIDATES[0])  # the vocabulary is built once
+            candidates = (_with_pre(base, pre) for pre in PRE_CANDIDATES)
         for fields in candidates:
             n = len(next(v for k, v, *_ in fields if k == "tokenizer.ggml.tokens"))
             if n != vocab_size:
@@ -182,7 +186,3 @@ def tokenizer_gguf(model_dir: Path) -> Path:
         return path
     err = path.with_name(path.name + ".error")
     raise TokenizerGGUFError(err.read_text().strip() if err.is_file() else f"{path}: missing")
-
-
-def token_count(fields: tuple) -> int:
-    return int(np.asarray(len(next(v for k, v, *_ in fields if k == "tokenizer.ggml.tokens"))))

@@ -27,7 +27,7 @@ from tailor.arch import BaseArch
 from tailor.hashing import sha256_file  # noqa: F401 (re-exported)
 from tailor.models.families import ModelFileError, family_of, tailor_config_kwargs
 from tailor.models.model import TailorConfig, TailorForCausalLM
-from tailor.models.source import DEFAULT, ModelSource, cache_dir, resolve
+from tailor.models.source import ModelSource, cache_dir, resolve
 
 log = logging.getLogger(__name__)
 # Bumped when the conversion changes what it writes: the cache key includes it, so no stale base survives.

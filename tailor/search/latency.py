@@ -14,7 +14,6 @@ device's spec-sheet figure (this host is not the device).
 from __future__ import annotations
 
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
