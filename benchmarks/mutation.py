@@ -39,13 +39,15 @@ def summarise(mutants: Path) -> dict:
     """Per-file counts and kill rates, the totals, and the surviving mutants' names."""
     files, survivors = {}, []
     for meta in sorted(mutants.rglob("*.py.meta")):
-        codes = json.loads(meta.read_text())["exit_code_by_key"]
+        data = json.loads(meta.read_text())
+        codes = data["exit_code_by_key"]
         if not codes:  # a file with nothing to mutate (an empty __init__.py)
             continue
         counts = Counter(STATUS.get(c, "suspicious") for c in codes.values())
         checked = sum(v for k, v in counts.items() if k not in NOT_COUNTED)
         rel = meta.relative_to(mutants).as_posix().removesuffix(".meta")
-        files[rel] = dict(sorted(counts.items())) | {"total": len(codes),
+        seconds = sum(d or 0 for d in data.get("durations_by_key", {}).values())  # the mutants' test runs
+        files[rel] = dict(sorted(counts.items())) | {"total": len(codes), "test_seconds": round(seconds, 1),
                                                       "kill_rate": _rate(counts["killed"], checked)}
         survivors += [k for k, c in codes.items() if STATUS.get(c, "suspicious") in SURVIVING]
     killed = sum(f.get("killed", 0) for f in files.values())
