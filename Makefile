@@ -31,12 +31,13 @@ test: $(VENV_OK)
 test-all: $(VENV_OK)
 	$(PY) -m pytest -q -m '' tests
 
-# mutation testing of tailor/eval/{gates,bootstrap}.py and tailor/arch.py (scope in pyproject [tool.mutmut]);
-# mutants/ must exist before Python starts, or the import system caches it as absent
+# mutation testing of issue 21's core (scope in pyproject [tool.mutmut]; hours with 2 children here, minutes
+# on 32 cores through benchmarks/run_mutation_device.sh); mutants/ must exist before Python starts, or the
+# import system caches it as absent
 mutation: $(VENV_OK)
 	$(PY) -m pip install -q mutmut==3.8.1
 	rm -rf mutants && mkdir mutants
-	PYTHONPATH=$(CURDIR)/mutants OMP_NUM_THREADS=1 .venv/bin/mutmut run --max-children 2 || true
+	PYTHONPATH=$(CURDIR)/mutants OMP_NUM_THREADS=1 PYTEST_DISABLE_PLUGIN_AUTOLOAD=1 .venv/bin/mutmut run --max-children 2 || true
 	$(PY) benchmarks/mutation.py
 
 clean:
