@@ -94,16 +94,19 @@ def sha256_bytes(chunks) -> str:
 
 
 # ---- the base model, rebuilt from its GGUF bit for bit -------------------------------------------------
+def rope_unpermute(w, n_heads: int):
+    """q/k rows from ggml's adjacent RoPE pairs back to Hugging Face's rotate-half order: the inverse of
+    tailor.export.gguf.rope_permute (what the converted base holds)."""
+    rows, cols = w.shape
+    return w.reshape(n_heads, rows // n_heads // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
+
+
 def state_from_gguf(path: Path, n_heads: int, n_kv: int) -> dict:
     """The converted base's weights from the source GGUF: gguf-py dequantizes each tensor (as the
     conversion's transformers loader does) and q/k rows go back from ggml's RoPE order."""
     import numpy as np
     import torch
     from gguf import GGUFReader, quants
-
-    def unpermute(w: torch.Tensor, n: int) -> torch.Tensor:  # inverse of tailor.export.gguf.rope_permute
-        rows, cols = w.shape
-        return w.reshape(n, rows // n // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
 
     state = {}
     for t in GGUFReader(path).tensors:
@@ -116,7 +119,7 @@ def state_from_gguf(path: Path, n_heads: int, n_kv: int) -> dict:
         else:
             _, i, kind, _ = t.name.split(".")
             key = f"model.layers.{i}.{_GGUF_NAMES[kind]}.weight"
-            w = unpermute(w, n_heads) if kind == "attn_q" else unpermute(w, n_kv) if kind == "attn_k" else w
+            w = rope_unpermute(w, n_heads) if kind == "attn_q" else rope_unpermute(w, n_kv) if kind == "attn_k" else w
         state[key] = w.contiguous()
     return state
 
@@ -324,6 +327,30 @@ def middle(space):
                               for i in range(arch.n_layers)), embed_bits=max(space.embed_bits))
 
 
+def seq_kls(model, seqs, teacher: list, batch_size: int = 8) -> list[float]:
+    """Per-sequence mean per-token KL(base || model) (tailor.distill.mean_kl's measure, one value per
+    sequence, so that two models' values pair up in a bootstrap; their mean is mean_kl's)."""
+    import torch
+
+    from tailor.distill import kd_loss
+
+    out = []
+    dev = next(model.parameters()).device
+    with torch.no_grad():
+        for j, i in enumerate(range(0, len(seqs), batch_size)):
+            ids = seqs[i: i + batch_size].to(dev).long()
+            logits, t = model(ids).logits, teacher[j].to(dev)  # (B, T, V)
+            out += [float(kd_loss(logits[b], t[b])) for b in range(len(ids))]
+    return out
+
+
+def doc_nlls(model, seqs, device) -> list[float]:
+    """Summed next-token NLL of each held-out sentence (tailor.eval.ppl.seq_nll): ppl = exp(sum / tokens)."""
+    from tailor.eval.ppl import seq_nll
+
+    return [seq_nll(model, s, device)[0] for s in seqs]
+
+
 class OutOfTime(Exception):
     """A training phase ran past its safety deadline (the plan misjudged the speed): stopped there."""
 
@@ -395,25 +422,26 @@ class Run:
                         data={"train": list(self.train.shape), "search_val": list(self.search_val.shape),
                               "heldout": list(self.heldout.shape)},
                         n_layers=len(model.model.layers))
-        self.res["phases"]["before"] = {"val_kl": self.val_kls()}
+        self.res["phases"]["before"] = {"val_kl": self.val_kls("before")}
         self.mark("setup")
 
-    def val_kls(self) -> dict[str, float]:
+    def val_kls(self, phase: str) -> dict[str, float]:
         """Held-out KL to the base of each format's min and middle subnet ("min", "mid" for the first
-        format, "min_<fmt>", "mid_<fmt>" for the others) and of the max subnet."""
-        from tailor.distill import mean_kl
+        format, "min_<fmt>", "mid_<fmt>" for the others) and of the max subnet; the per-sequence values
+        go to res["per_seq"][phase] for the paired intervals."""
         from tailor.elastic.supernet import set_active, set_max
 
         first = next(iter(self.spaces))
-        out = {}
+        per = {}
         for fmt, space in self.spaces.items():
             sfx = "" if fmt == first else f"_{fmt}"
             for name, cfg in ((f"min{sfx}", space.min()), (f"mid{sfx}", middle(space))):
                 set_active(self.model, cfg, fmt)
-                out[name] = mean_kl(self.model, self.heldout, self.t_held)
+                per[name] = seq_kls(self.model, self.heldout, self.t_held)
         set_max(self.model)
-        out["max"] = mean_kl(self.model, self.heldout, self.t_held)
-        return out
+        per["max"] = seq_kls(self.model, self.heldout, self.t_held)
+        self.res.setdefault("per_seq", {})[phase] = {k: [round(x, 7) for x in v] for k, v in per.items()}
+        return {k: sum(v) / len(v) for k, v in per.items()}
 
     # -- probes and the plan -----------------------------------------------------------------------------
     def train_spec(self, steps: int, lr: float | None = None):
@@ -493,9 +521,17 @@ class Run:
         return out
 
     def acts_root(self) -> Path:
+        if getattr(self, "_acts_root", None) is None:
+            self._acts_root = self._pick_acts_root()
+        return self._acts_root
+
+    def _pick_acts_root(self) -> Path:
+        """Where the teacher activations and block checkpoints go: /dev/shm (memory) on the GPU machine when
+        it has room for three layers of activations and the checkpoints, else the work directory."""
         shm = Path("/dev/shm")
-        return (shm / f"bwq-{self.mode}") if self.dev.type == "cuda" and shm.is_dir() and os.access(shm, os.W_OK) \
-            else self.args.work
+        need = 3 * self.train.numel() * self.model.config.hidden_size * 2 + 2**31
+        ok = self.dev.type == "cuda" and shm.is_dir() and os.access(shm, os.W_OK) and shutil.disk_usage(shm).free > need
+        return shm / f"bwq-{self.mode}" if ok else self.args.work
 
     def plan(self, probes: dict[str, dict]) -> dict:
         """The same step counts in both processes, from both probes: the supernet phase gets 45% and the
@@ -594,8 +630,6 @@ class Run:
 
     # -- search, fine-tune, export -----------------------------------------------------------------------
     def search(self) -> dict:
-        import math
-
         from tailor.devices import budget_bytes, cost
         from tailor.elastic.space import SearchSpace
         from tailor.elastic.supernet import arch_of, set_max
@@ -643,13 +677,12 @@ class Run:
                 "score_s": round(time.time() - t_score, 1), "config": cfg.to_dict()}
 
     def finetune(self, steps: int, budget_s: float) -> dict:
-        from tailor.distill import mean_kl
         from tailor.elastic.supernet import bake_clip_, export_active, round16_
         from tailor.train import train_kd
 
         fmt = self.params.device("phone").format
         student = export_active(self.model, self.chosen.config, fmt).to(self.dev)
-        kl_before = mean_kl(student, self.heldout, self.t_held)
+        kl_before = seq_kls(student, self.heldout, self.t_held)
         box = {"steps": 0}
         t = time.time()
         try:
@@ -663,10 +696,13 @@ class Run:
         round16_(student)
         self.student = student
         spec = self.ft_spec(steps)
+        kl_after = seq_kls(student, self.heldout, self.t_held)
+        self.res.setdefault("per_seq", {})["phone"] = {"before_ft": [round(x, 7) for x in kl_before],
+                                                       "after_ft": [round(x, 7) for x in kl_after]}
         return {"steps": done, "planned_steps": steps, "lr": spec.lr, "schedule": spec.schedule,
                 "warmup_steps": spec.warmup_steps, "batch_size": spec.batch_size,
                 "tokens": done * spec.batch_size * self.train.shape[1], "seconds": round(time.time() - t, 1),
-                "heldout_kl_before": kl_before, "heldout_kl": mean_kl(student, self.heldout, self.t_held),
+                "heldout_kl_before": sum(kl_before) / len(kl_before), "heldout_kl": sum(kl_after) / len(kl_after),
                 "loss_first_last": [round(curve[0]["loss"], 5), round(curve[-1]["loss"], 5)] if curve else None,
                 "stopped_early": done < steps}
 
@@ -676,7 +712,6 @@ class Run:
         from dataclasses import replace
 
         from tailor.arch import BaseArch
-        from tailor.eval.ppl import perplexity
         from tailor.export import gguf
         from tailor.export.gguf_vocab import tokenizer_gguf
 
@@ -697,8 +732,11 @@ class Run:
         out["file_holds_model_grid"] = file_holds_grid(path, student)
         out["grid_check_s"] = round(time.time() - t, 1)
         dev = self.dev
-        out["torch_ppl"] = perplexity(student.to(dev), seqs, dev)
-        out["base_torch_ppl"] = perplexity(self.teacher, seqs, dev)
+        nll, base_nll = doc_nlls(student.to(dev), seqs, dev), doc_nlls(self.teacher, seqs, dev)
+        out["torch_ppl"], out["base_torch_ppl"] = (math.exp(sum(x) / out["ppl_tokens"]) for x in (nll, base_nll))
+        self.res.setdefault("per_seq", {})["ppl"] = {"nll": [round(x, 5) for x in nll],
+                                                     "base_nll": [round(x, 5) for x in base_nll],
+                                                     "tokens": [len(x) - 1 for x in seqs]}
         try:
             from tailor.export import llamacpp
 
@@ -723,11 +761,11 @@ class Run:
         else:
             share = plan["block_steps"] / plan["supernet_steps"]
             self.res["phases"]["blocks"] = self.blocks(plan["block_steps"])
-            self.res["phases"]["blocks"]["val_kl"] = self.val_kls()
+            self.res["phases"]["blocks"]["val_kl"] = self.val_kls("blocks")
             self.mark("blocks")
             self.res["phases"]["train"] = self.e2e(plan["e2e_phase_steps"], (1 - share) * sup_budget)
             self.res["phases"]["train"]["student_tokens"] += self.res["phases"]["blocks"]["student_tokens"]
-        self.res["phases"]["train"]["val_kl"] = self.val_kls()
+        self.res["phases"]["train"]["val_kl"] = self.val_kls("train")
         self.mark("supernet")
         self.res["search"] = self.search()
         self.mark("search")
@@ -843,11 +881,21 @@ def combine(src: Path, to: Path) -> None:
         z = get(b, "phases", "blocks", "val_kl", k)
         diff[k] = {"e2e": x, "blockwise_after_blocks": z, "blockwise": y,
                    "blockwise_minus_e2e": None if x is None or y is None else y - x,
-                   "blockwise_over_e2e": None if not x or y is None else y / x}
+                   "blockwise_over_e2e": None if not x or y is None else y / x,
+                   "ci_blockwise_minus_e2e": paired(get(e, "per_seq", "train", k), get(b, "per_seq", "train", k), f"kl:{k}"),
+                   "ci_after_blocks_minus_e2e": paired(get(e, "per_seq", "train", k), get(b, "per_seq", "blocks", k),
+                                                       f"kl-blocks:{k}")}
     fx, fy = get(e, "finetune", "heldout_kl"), get(b, "finetune", "heldout_kl")
     px, py = get(e, "export", "llamacpp_ppl"), get(b, "export", "llamacpp_ppl")
     summary = {"val_kl": diff,
-               "phone_heldout_kl": {"e2e": fx, "blockwise": fy, "blockwise_over_e2e": fy / fx if fx and fy else None},
+               "phone_heldout_kl": {"e2e": fx, "blockwise": fy, "blockwise_over_e2e": fy / fx if fx and fy else None,
+                                    "ci_blockwise_minus_e2e": paired(get(e, "per_seq", "phone", "after_ft"),
+                                                                     get(b, "per_seq", "phone", "after_ft"), "phone"),
+                                    "ci_before_ft_blockwise_minus_e2e": paired(
+                                        get(e, "per_seq", "phone", "before_ft"), get(b, "per_seq", "phone", "before_ft"),
+                                        "phone-before")},
+               "phone_ppl_torch_ci_blockwise_minus_e2e": paired(get(e, "per_seq", "ppl", "nll"), get(b, "per_seq", "ppl", "nll"),
+                                                                "ppl", get(e, "per_seq", "ppl", "tokens")),
                "phone_gguf_ppl_llamacpp": {"e2e": px, "blockwise": py, "blockwise_over_e2e": py / px if px and py else None},
                "phone_ppl_torch": {"e2e": get(e, "export", "torch_ppl"), "blockwise": get(b, "export", "torch_ppl")},
                "plan": get(e, "plan") or get(b, "plan")}
@@ -863,9 +911,43 @@ def combine(src: Path, to: Path) -> None:
           f"{profile_steps(plan, 'supernet')} ({_f(plan.get('supernet_fraction_of_profile'))} of it; blockwise: "
           f"{plan.get('block_steps', '?')} steps per block + {plan.get('e2e_phase_steps', '?')} end-to-end), fine-tune "
           f"{plan.get('finetune_steps', '?')} steps ({_f(plan.get('finetune_fraction_of_profile'))} of the profile's). "
-          "KL: held-out validation sequences, to the base model.", "", table(rows), ""]
+          "KL: held-out validation sequences, to the base model.", "", table(rows), "", ci_table(summary), ""]
     (to / "blockwise_quality.md").write_text("\n".join(md))
     log(f"combine: {to / 'blockwise_quality.json'}, {to / 'blockwise_quality.md'}")
+
+
+def paired(a, b, name: str, tokens=None) -> dict | None:
+    """95% paired bootstrap interval of mean(b) - mean(a) over the same held-out items (tailor.eval.bootstrap),
+    or of exp(sum NLL / tokens) (perplexity) when `tokens` is given; None when either side is missing."""
+    import numpy as np
+
+    from tailor.eval.bootstrap import paired_bootstrap, rng_for
+
+    if not a or not b or len(a) != len(b):
+        return None
+    r = paired_bootstrap(np.array(a), np.array(b), None if tokens is None else np.array(tokens), n_boot=2000,
+                         rng=rng_for(0, name), transform=np.exp if tokens is not None else (lambda x: x))
+    return {"e2e": r.base, "blockwise": r.compressed, "delta": r.delta, "ci95": [r.ci_low, r.ci_high], "n": r.n}
+
+
+def ci_table(summary: dict) -> str:
+    lines = ["| held-out KL | e2e | blockwise | blockwise - e2e (95% CI) | blockwise after block phase - e2e (95% CI) |",
+             "|---|---|---|---|---|"]
+
+    def cell(c):
+        return "-" if not c else f"{c['delta']:+.4f} [{c['ci95'][0]:+.4f}, {c['ci95'][1]:+.4f}]"
+
+    for k, v in summary["val_kl"].items():
+        lines.append(f"| {k} subnet | {_f(v['e2e'])} | {_f(v['blockwise'])} | {cell(v['ci_blockwise_minus_e2e'])} | "
+                     f"{cell(v['ci_after_blocks_minus_e2e'])} |")
+    ph = summary["phone_heldout_kl"]
+    lines.append(f"| phone subnet, searched, before fine-tune | - | - | {cell(ph['ci_before_ft_blockwise_minus_e2e'])} | - |")
+    lines.append(f"| phone subnet, fine-tuned | {_f(ph['e2e'])} | {_f(ph['blockwise'])} | {cell(ph['ci_blockwise_minus_e2e'])} | - |")
+    c = summary["phone_ppl_torch_ci_blockwise_minus_e2e"]
+    if c:
+        lines.append(f"| phone perplexity (torch = file's grid) | {c['e2e']:.3f} | {c['blockwise']:.3f} | "
+                     f"{c['delta']:+.3f} [{c['ci95'][0]:+.3f}, {c['ci95'][1]:+.3f}] | - |")
+    return "\n".join(lines)
 
 
 def profile_steps(plan: dict, what: str):
