@@ -36,7 +36,7 @@ def test_plan_is_the_same_in_both_processes_and_tokens_are_equal():
     assert p["block_steps"] == round(0.8 * p["supernet_steps"])
     # the slower of the two modes fixes the count: blockwise, with its activations walk, fits its share
     left = 400 - 15
-    bw_s = 30 * 2.0 + p["block_steps"] * 30 * 0.02 + p["e2e_phase_steps"] * 0.6
+    bw_s = 1.5 * 30 * 2.0 + p["block_steps"] * 30 * 0.02 + p["e2e_phase_steps"] * 0.6
     assert bw_s <= 0.45 * left + 1e-6 and p["supernet_steps"] * 0.6 <= 0.45 * left
     assert p["finetune_steps"] * 0.3 <= 0.20 * left and p["limited_by"] == "time"
 
@@ -94,5 +94,8 @@ def test_combine_writes_the_report(tmp_path):
     s = out["summary"]
     assert s["val_kl"]["mid"]["ci_blockwise_minus_e2e"]["delta"] == pytest.approx(0.05)
     assert s["phone_heldout_kl"]["ci_blockwise_minus_e2e"]["delta"] == pytest.approx(0.05)
+    # block phase 0.2 vs e2e's 0.115: the end-to-end phase took blockwise to 0.165, 0.035 of the 0.085 gap closed
+    assert s["gap_closed"]["by_e2e_phase"]["mid"] == pytest.approx(1 - 0.05 / 0.085)
+    assert s["same_start"] == {"importance": True, "val_kl_before": True}
     md = (tmp_path / "rep" / "blockwise_quality.md").read_text()
     assert "after block phase" in md and "+0.0500 [+0.0500, +0.0500]" in md and "of the full profile's 2000" in md
