@@ -64,6 +64,9 @@ WHEELS = ("annotated_types", "diskcache", "gguf", "pydantic-", "pydantic_core", 
 SPLIT_AT = 49_000_000  # GGUF bytes in call 1's half (each call ~51 MiB + the working tree)
 HELDOUT = 128  # held-out validation sequences (after the search's own) for every reported KL
 E2E_SHARE = 0.2  # blockwise: share of the student tokens spent in the end-to-end phase
+# shares of the time left after the probes: supernet training, fine-tuning; the rest (0.40) is evaluation,
+# search (sensitivity table + MIP), export and perplexity
+SUP_SHARE, FT_SHARE = 0.42, 0.18
 _LLAMA_PY = ("__init__.py", "_ctypes_extensions.py", "_ggml.py", "_internals.py", "_logger.py", "_utils.py",
              "llama.py", "llama_cache.py", "llama_chat_format.py", "llama_cpp.py", "llama_grammar.py",
              "llama_speculative.py", "llama_tokenizer.py", "llama_types.py", "llava_cpp.py", "mtmd_cpp.py",
@@ -125,7 +128,8 @@ def state_from_gguf(path: Path, n_heads: int, n_kv: int) -> dict:
 
 
 def state_sha(state: dict) -> str:
-    return sha256_bytes(f"{k}:{tuple(v.shape)}:".encode() + v.contiguous().numpy().tobytes() for k, v in sorted(state.items()))
+    return sha256_bytes(f"{k}:{tuple(v.shape)}:".encode() + v.contiguous().numpy().tobytes()
+                        for k, v in sorted(state.items()))
 
 
 # ---- here: the two carry folders -----------------------------------------------------------------------
@@ -192,8 +196,9 @@ def pack(dest: Path, calib: Path, wheels: list[Path]) -> None:
         tar.add(dest / "b" / "wiki_ids.json", "data/wiki_ids.json")
     (dest / "b" / "wiki_ids.json").unlink()
     manifest = {"gguf_sha256": hashlib.sha256(blob).hexdigest(), "gguf_bytes": len(blob), "split_at": SPLIT_AT,
-                "state_sha256": full_sha, "base_dir": base.name, "data_sha256": {
-                    f: hashlib.sha256((calib / f).read_bytes()).hexdigest() for f in ("train.safetensors", "val.safetensors")}}
+                "state_sha256": full_sha, "base_dir": base.name,
+                "data_sha256": {f: hashlib.sha256((calib / f).read_bytes()).hexdigest()
+                                for f in ("train.safetensors", "val.safetensors")}}
     write_json(dest / "b" / "manifest.json", manifest)
     for part in ("a", "b"):
         size = sum(f.stat().st_size for f in (dest / part).rglob("*") if f.is_file())
@@ -544,15 +549,15 @@ class Run:
         return shm / f"bwq-{self.mode}" if ok else self.args.work
 
     def plan(self, probes: dict[str, dict]) -> dict:
-        """The same step counts in both processes, from both probes: the supernet phase gets 45% and the
-        fine-tune 20% of the time left, the rest is search, evaluation and export."""
+        """The same step counts in both processes, from both probes: the supernet phase gets SUP_SHARE and the
+        fine-tune FT_SHARE of the time left, the rest is search, evaluation and export."""
         p = self.params
         now = max(v["t_done"] for v in probes.values())  # the same clock in both processes
         left = self.deadline - now - 15
         L = self.res["n_layers"]  # the walk per layer loads x_i twice and moves x, y to the GPU: 1.5x the probe's
         t_e2e = max(v["t_e2e"] for v in probes.values())
         t_ft = max(v["t_ft"] for v in probes.values())
-        sup, fts = 0.45 * left, 0.20 * left
+        sup, fts = SUP_SHARE * left, FT_SHARE * left
         by_time = [sup / t_e2e]
         bw = probes.get("blockwise")
         if bw:
@@ -631,7 +636,8 @@ class Run:
         shutil.rmtree(work, ignore_errors=True)
         shutil.rmtree(self.acts_dir, ignore_errors=True)
         L = len(self.model.model.layers)
-        tokens = steps * sp.batch_size * self.train.shape[1] * (2 + sp.n_random)  # per block; a block step is 1/L of a model step
+        # a block step is 1/L of a whole-model step: L blocks of `steps` steps = `steps` model steps of tokens
+        tokens = steps * sp.batch_size * self.train.shape[1] * (2 + sp.n_random)
         self.model.to(self.dev)
         self.teacher.to(self.dev)
         return {"block_steps": steps, "student_tokens": tokens, "block_tokens": tokens * L,
@@ -770,7 +776,7 @@ class Run:
         plan = self.plan(probes)
         self.res["plan"] = plan
         self.mark("plan")
-        sup_budget = 0.45 * plan["left_s"]
+        sup_budget = SUP_SHARE * plan["left_s"]
         if self.mode == "e2e":
             self.res["phases"]["train"] = self.e2e(plan["supernet_steps"], sup_budget)
         else:
@@ -784,7 +790,7 @@ class Run:
         self.mark("supernet")
         self.res["search"] = self.search()
         self.mark("search")
-        self.res["finetune"] = self.finetune(plan["finetune_steps"], 0.20 * plan["left_s"])
+        self.res["finetune"] = self.finetune(plan["finetune_steps"], FT_SHARE * plan["left_s"])
         self.mark("finetune")
         self.res["export"] = self.export()
         self.mark("export")
@@ -818,7 +824,8 @@ def file_holds_grid(path: Path, model) -> bool:
 
     cfg = model.config
     qpk = cfg.num_attention_heads // cfg.num_key_value_heads
-    if not torch.equal(stored("token_embd.weight"), gguf_grid.dequantized(model.model.embed_tokens.weight, model.lm_head.bits)):
+    table = gguf_grid.dequantized(model.model.embed_tokens.weight, model.lm_head.bits)
+    if not torch.equal(stored("token_embd.weight"), table):
         return False
     names = {"q": "attn_q", "k": "attn_k", "v": "attn_v", "o": "attn_output", "gate": "ffn_gate", "up": "ffn_up",
              "down": "ffn_down"}

@@ -7,7 +7,8 @@ import time
 import pytest
 import torch
 
-from benchmarks.blockwise_quality import MODES, Run, combine, paired, profile_params, rope_unpermute, seq_kls
+from benchmarks.blockwise_quality import (FT_SHARE, MODES, SUP_SHARE, Run, combine, paired, profile_params, rope_unpermute,
+                                          seq_kls)
 from tailor.distill import mean_kl, teacher_logits
 from tailor.export.gguf import rope_permute
 from tailor.models.tiny import tiny_model
@@ -37,8 +38,8 @@ def test_plan_is_the_same_in_both_processes_and_tokens_are_equal():
     # the slower of the two modes fixes the count: blockwise, with its activations walk, fits its share
     left = 400 - 15
     bw_s = 1.5 * 30 * 2.0 + p["block_steps"] * 30 * 0.02 + p["e2e_phase_steps"] * 0.6
-    assert bw_s <= 0.45 * left + 1e-6 and p["supernet_steps"] * 0.6 <= 0.45 * left
-    assert p["finetune_steps"] * 0.3 <= 0.20 * left and p["limited_by"] == "time"
+    assert bw_s <= SUP_SHARE * left + 1e-6 and p["supernet_steps"] * 0.6 <= SUP_SHARE * left
+    assert p["finetune_steps"] * 0.3 <= FT_SHARE * left and p["limited_by"] == "time"
 
 
 def test_plan_caps_at_the_full_profile():
