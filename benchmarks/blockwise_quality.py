@@ -29,7 +29,7 @@ working tree), so it travels in two halves, two calls back to back (the machine 
     # device call 1 (carry .bwq/a): half the GGUF, wheels, llama-cpp-python -> /tmp/bwq; ~15 s
     python3 benchmarks/blockwise_quality.py stage --src .bwq/a
     # device call 2 at once (carry .bwq/b): rebuild the base bit for bit, both modes, one per GPU
-    python3 benchmarks/blockwise_quality.py launch --src .bwq/b --out $OUT --budget-s 420
+    python3 benchmarks/blockwise_quality.py launch --src .bwq/b --out $OUT --budget-s 400
     # here: reports/bench/blockwise_quality.json + .md from the returned files
     python benchmarks/blockwise_quality.py combine --from /work/.device/...
 
@@ -1012,8 +1012,8 @@ def main() -> None:
     a.add_argument("--dest", type=Path, default=Path("/tmp/bwq"))
     a.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "/tmp/bwq/out")))
     a.add_argument("--profile", choices=("full", "tiny"), default="full")
-    a.add_argument("--budget-s", type=float, default=420.0, help="seconds from launch to the modes' planned end")
-    a.add_argument("--grace-s", type=float, default=60.0, help="then killed this much later")
+    a.add_argument("--budget-s", type=float, default=400.0, help="seconds from launch to the modes' planned end")
+    a.add_argument("--grace-s", type=float, default=45.0, help="then killed this much later")
     a.add_argument("--base", type=Path, default=None, help="a base model directory instead of the rebuilt one")
     a.add_argument("--data", type=Path, default=None, help="a calibrate output instead of the carried one")
     a = sub.add_parser("run", help="one mode (launch starts these)")
