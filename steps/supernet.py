@@ -22,9 +22,10 @@ from tailor.models.base import load_base, sha256_file
 from tailor.train import TrainSpec, checkpoint_dir, pick_device, train_kd
 
 
-def space_for(params: Params, model, drop_order: list[int], bits: list[int]) -> SearchSpace:
+def space_for(params: Params, model, drop_order: list[int], bits: list) -> SearchSpace:
     sp = params.supernet
-    embed = [b for b in bits if b >= 8] or [max(bits)]
+    widths = [b for b in bits if isinstance(b, int)]  # the table trains at bit-widths (type names: matrices)
+    embed = [b for b in widths if b >= 8] or [max(widths)]
     return SearchSpace.build(arch_of(model), bits, embed, sp.min_ffn_frac, sp.min_kv_groups, sp.max_drop_frac,
                              drop_order)
 
@@ -32,11 +33,13 @@ def space_for(params: Params, model, drop_order: list[int], bits: list[int]) -> 
 def middle(space: SearchSpace) -> SubnetConfig:
     """A fixed subnet halfway between min and max, to watch the inside of the space train."""
     arch = space.arch
-    bits = sorted(space.bits)[len(space.bits) // 2]
+    bits = {m: c[len(c) // 2] for m, c in ((m, space.choices_for(m)) for m in MATRICES)}
     ffn = round_ffn((arch.ffn + space.min_ffn) / 2, arch.ffn)
+    if ffn not in space.ffn_widths():  # a space of K-quants moves in steps of 256
+        ffn = min(space.ffn_widths(), key=lambda w: (abs(w - ffn), w))
     kv = (arch.n_kv_heads + space.min_kv + 1) // 2
     drop = set(space.drop_order[: space.max_drop // 2])
-    return SubnetConfig(tuple(LayerConfig(i not in drop, kv, ffn, {m: bits for m in MATRICES})
+    return SubnetConfig(tuple(LayerConfig(i not in drop, kv, ffn, dict(bits))
                               for i in range(arch.n_layers)), embed_bits=max(space.embed_bits))
 
 
