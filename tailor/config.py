@@ -8,6 +8,7 @@ profile is the top-level `profile` key.
 from __future__ import annotations
 
 import copy
+import re
 import warnings
 from pathlib import Path
 from typing import Any, Literal
@@ -323,9 +324,11 @@ class Params(Strict):
 def _merge(base: dict, over: dict, where: str) -> dict:
     out = copy.deepcopy(base)
     for k, v in over.items():
-        if k not in out:
+        # A profile may set any field of an existing device (e.g. allowed_types instead of allowed_bits):
+        # DeviceProfile names a field that does not exist. Elsewhere a key must exist in the base section.
+        if k not in out and not re.fullmatch(r"profiles\.[^.]+\.devices\.[^.]+", where):
             raise ConfigError(f"{where}.{k}: unknown key (no such key in the base section)")
-        out[k] = _merge(out[k], v, f"{where}.{k}") if isinstance(v, dict) and isinstance(out[k], dict) else v
+        out[k] = _merge(out[k], v, f"{where}.{k}") if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
 
 

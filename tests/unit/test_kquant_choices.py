@@ -230,3 +230,25 @@ def test_supernet_trains_a_k_subnet() -> None:
     before = copy.deepcopy(model.model.layers[0].mlp.down_proj.weight)
     torch.optim.SGD(model.parameters(), lr=1.0).step()
     assert not torch.equal(before, down.weight)
+
+
+def test_the_quick_k_profile_puts_the_phone_on_k_quants() -> None:
+    p = load_params("params.yaml", "quick-k")
+    assert p.device("phone").choices == K_CHOICES and "gumbel" not in p.search.strategies
+    assert p.device("laptop") == load_params("params.yaml").device("laptop")
+    raw = _raw()
+    raw["profiles"]["quick-k"]["devices"]["phone"]["allowed_typs"] = ["Q4_K"]  # a profile's typo is named
+    with pytest.raises(ConfigError, match=r"devices.phone.allowed_typs: unknown key"):
+        parse_params(raw, "quick-k")
+    raw = _raw()
+    raw["profiles"]["quick-k"]["devices"]["tablet"] = {"allowed_bits": [4]}  # no new devices through a profile
+    with pytest.raises(ConfigError, match=r"profiles.quick-k.devices.tablet: unknown key"):
+        parse_params(raw, "quick-k")
+
+
+def test_plots_take_named_types(tmp_path) -> None:
+    from tailor.search import plots
+
+    sp = k_space()
+    plots.heatmap_png(sp.sample(torch.Generator().manual_seed(1)), SMOL, tmp_path / "bits.png")
+    assert (tmp_path / "bits.png").stat().st_size > 0
