@@ -134,14 +134,15 @@ def blockwise_phase(model, teacher, train: torch.Tensor, spec: TrainSpec, spaces
 
 
 def clip_summary(model) -> dict[str, float]:
-    """Mean learned clipping factor per format and bit-width (1.0 = the plain quantizer's range)."""
+    """Mean learned clipping factor per format and choice (1.0 = the plain quantizer's range)."""
     from tailor.models.model import QLinear
-    from tailor.quant.fake import FMT_INDEX
+    from tailor.quant.fake import FMT_INDEX, clip_slot, learns_clip
+    from tailor.quant.formats import choices
 
     g = torch.stack([m.qclip.detach().float().cpu() for m in model.modules()
                      if isinstance(m, QLinear) and m is not model.lm_head])
-    return {f"{f}:{b}": round(float(g[:, i, b].mean()), 4) for f, i in FMT_INDEX.items() for b in (2, 3, 4, 5, 8)
-            if (g[:, i, b] != 1).any()}
+    return {f"{f}:{b}": round(float(g[:, i, clip_slot(f, b)].mean()), 4) for f, i in FMT_INDEX.items()
+            for b in choices(f) if learns_clip(b) and (g[:, i, clip_slot(f, b)] != 1).any()}
 
 
 def main() -> None:

@@ -23,7 +23,8 @@ from torch.utils.checkpoint import checkpoint
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from tailor.quant.fake import CLIP_SLOTS, FMT_INDEX, clipped, fake_quant, learns_clip, runtime_linear, runtime_weight
+from tailor.quant.fake import (CLIP_SLOTS, FMT_INDEX, clip_slot, clipped, fake_quant, learns_clip, runtime_linear,
+                               runtime_weight)
 
 
 class TailorConfig(PretrainedConfig):
@@ -85,7 +86,7 @@ class QLinear(nn.Linear):
 
     def gamma(self) -> torch.Tensor | None:
         """The learned clipping factor of the current format and bit-width (None at 16 bits)."""
-        return self.qclip[FMT_INDEX[self.fmt], self.bits] if learns_clip(self.bits) else None
+        return self.qclip[FMT_INDEX[self.fmt], clip_slot(self.fmt, self.bits)] if learns_clip(self.bits) else None
 
     def _key(self, w: torch.Tensor) -> tuple:
         return (self.weight._version, self.qclip._version, self.active_out, self.active_in, self.bits, self.fmt,

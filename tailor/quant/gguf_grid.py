@@ -151,6 +151,10 @@ KTYPES = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL")
 CHOICES = BITS + KTYPES
 NAMES: dict[str, int | str] = {"Q4_0": 4, "Q5_1": 5, "Q8_0": 8, "F16": 16, **{k: k for k in KTYPES}}
 TYPE_OF_BITS = {4: "Q4_0", 5: "Q5_1", 8: "Q8_0", 16: "F16"}
+# Learned clipping slot of each named type in the GGUF row of a matrix's clip table (tailor.quant.fake:
+# nine slots, indexed by bit-width; GGUF's widths 4, 5 and 8 use theirs, the named types the six others,
+# so the table keeps its shape and a checkpoint trained before named types loads unchanged).
+CLIP_SLOT = {"Q4_K": 0, "Q5_K": 1, "Q2_K": 2, "Q3_K": 3, "Q6_K": 6, "IQ4_NL": 7}
 
 
 def _kq():
@@ -176,3 +180,13 @@ def bits_per_weight(choice: int | str) -> float:
 def codes_of(w: torch.Tensor, choice: int | str):
     """Stored fields of `w` at `choice` (`Codes`, or `gguf_kquants.KCodes` for a named type)."""
     return _kq().codes(w, choice) if isinstance(choice, str) else codes(w, choice)
+
+
+def clip_block(choice: int | str) -> int:
+    """Elements that share one range (learned clipping's block): a named type's sub-block (16 or 32)."""
+    return _kq().ktype(choice).sub if isinstance(choice, str) else BLOCK
+
+
+def block_range(b: torch.Tensor, choice: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The range a named type's quantizer derives its sub-block scale from (`gguf_kquants.block_range`)."""
+    return _kq().block_range(b, choice)

@@ -25,7 +25,7 @@ from tailor.distill import kd_loss
 from tailor.elastic.space import SearchSpace
 from tailor.elastic.supernet import linear, set_active
 from tailor.models.model import TailorForCausalLM
-from tailor.quant.fake import FMT_INDEX, fake_quant, learns_clip
+from tailor.quant.fake import FMT_INDEX, clip_slot, fake_quant, learns_clip
 from tailor.quant.formats import matrix_bytes
 from tailor.search.sensitivity import ffn_options
 
@@ -80,7 +80,7 @@ def search(model: TailorForCausalLM, space: SearchSpace, fmt: str, embed_bits: i
     def mixed_weight(i: int, j: int, q):  # Gumbel mix of the matrix's quantized versions
         if (i, j) not in quantized:
             with torch.no_grad():
-                quantized[(i, j)] = [fake_quant(q.weight, b, fmt, q.qclip[FMT_INDEX[fmt], b] if learns_clip(b) else None)
+                quantized[(i, j)] = [fake_quant(q.weight, b, fmt, q.qclip[FMT_INDEX[fmt], clip_slot(fmt, b)] if learns_clip(b) else None)
                                      for b in bits]
         return sum(probs["bits"][i, j, k] * wq for k, wq in enumerate(quantized[(i, j)]))
 

@@ -208,10 +208,34 @@ def test_nsga_genomes_are_always_eligible() -> None:
 @pytest.mark.parametrize("name", ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL"])
 def test_fake_quant_is_the_k_grid_with_straight_through_gradient(name: str) -> None:
     w = (torch.randn(8, 512, generator=torch.Generator().manual_seed(0)) * 0.05).requires_grad_(True)
-    out = fake_quant(w, name, "gguf", gamma=torch.tensor(0.7))  # no learned clipping for named types yet
+    out = fake_quant(w, name, "gguf")
     assert torch.equal(out.detach(), kq.dequantized(w.detach(), name))
     out.sum().backward()
     assert torch.equal(w.grad, torch.ones_like(w))
+
+
+@pytest.mark.parametrize("name", ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL"])
+def test_learned_clipping_of_named_types_is_what_export_packs(name: str) -> None:
+    """Each sub-block's range shrinks by gamma; the forward is the grid of the clamped weight (what
+    `clipped` bakes and gguf_kpack packs), gamma gets a gradient, and its slot is the type's own."""
+    from tailor.quant import gguf_grid
+    from tailor.quant.fake import clip_slot, clipped
+    from tailor.quant.gguf_kpack import pack
+    from gguf import quants
+
+    w = (torch.randn(8, 512, generator=torch.Generator().manual_seed(1)) * 0.05).requires_grad_(True)
+    gamma = torch.tensor(0.8, requires_grad=True)
+    out = fake_quant(w, name, "gguf", gamma)
+    baked = clipped(w.detach(), gamma.detach(), "gguf", name)
+    assert not torch.equal(baked, w.detach())  # the clamp bites
+    assert torch.equal(out.detach(), kq.dequantized(baked, name))
+    file_values = quants.dequantize(pack(baked, name), kq.ktype(name).qtype).reshape(w.shape)
+    assert torch.equal(torch.from_numpy(file_values.copy()), out.detach())
+    (out ** 2).sum().backward()
+    assert gamma.grad is not None and gamma.grad != 0
+    assert clip_slot("gguf", name) == gguf_grid.CLIP_SLOT[name] and clip_slot("gguf", 4) == 4
+    slots = [clip_slot("gguf", c) for c in gguf_grid.CHOICES if c != 16]
+    assert len(set(slots)) == len(slots) and max(slots) < 9  # one slot each, in the table's nine
 
 
 def test_supernet_trains_a_k_subnet() -> None:
