@@ -27,7 +27,7 @@ from tailor.quant.formats import BLOCK, Choice, grid
 
 FMT_INDEX = {name: i for i, name in enumerate(BACKENDS)}  # learned-clip slot per format (append-only)
 CLIP_MIN = 0.5   # clipping more than half a block's range away never helps at >= 2 bits
-CLIP_SLOTS = 9   # gamma[fmt, bits] for bits 0..8 (16-bit matrices are not quantized)
+CLIP_SLOTS = 9   # gamma[fmt, slot]: bit-widths 0..8 at their own index, named types at clip_slot (16: none)
 
 
 def clip_slot(fmt: str, bits: Choice) -> int:
