@@ -77,7 +77,7 @@ class LayerConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return {"keep": self.keep, "kv_groups": self.kv_groups, "ffn": self.ffn,
-                "bits": {m: _dump(self.bits[m]) for m in MATRICES}}
+                "bits": {m: dump_choice(self.bits[m]) for m in MATRICES}}
 
 
 def _show(cs: Iterable[Choice]) -> list[Choice]:
@@ -85,7 +85,7 @@ def _show(cs: Iterable[Choice]) -> list[Choice]:
     return sorted(cs, key=lambda c: (isinstance(c, str), c if isinstance(c, int) else 0, str(c)))
 
 
-def _dump(c: Choice) -> Choice:
+def dump_choice(c: Choice) -> Choice:
     """A choice as JSON holds it: ints stay ints (configs from before named types hash the same)."""
     return c if isinstance(c, str) else int(c)
 

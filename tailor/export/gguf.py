@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from gguf import GGMLQuantizationType, GGUFValueType, GGUFWriter
 
-from tailor.arch import MATRICES, BaseArch, SubnetConfig, _dump
+from tailor.arch import MATRICES, BaseArch, SubnetConfig, dump_choice
 from tailor.export.gguf_vocab import TokenizerGGUFError, tokenizer_fields
 from tailor.models.base import gguf_path, sha256_file
 from tailor.models.model import QLinear, TailorForCausalLM, rope_inv_freq
@@ -81,7 +81,7 @@ def _check_tokenizer(tokenizer: Any, fields: dict[str, Any], vocab: int, templat
 
 
 def _matrix(m: QLinear) -> tuple[torch.Tensor, int | str]:
-    return m.weight.detach()[: m.active_out, : m.active_in].float().cpu(), _dump(m.bits)
+    return m.weight.detach()[: m.active_out, : m.active_in].float().cpu(), dump_choice(m.bits)
 
 
 def _tensors(model: TailorForCausalLM, blocks: list, q_per_kv: int, head_dim: int
@@ -93,7 +93,7 @@ def _tensors(model: TailorForCausalLM, blocks: list, q_per_kv: int, head_dim: in
         # output.weight llama.cpp builds the output projection from token_embd.
         yield "token_embd.weight", *_matrix(model.lm_head)
     else:  # the input table at the head's bits, plain round-to-nearest (TailorForCausalLM.input_table)
-        yield "token_embd.weight", model.model.embed_tokens.weight.detach().float().cpu(), _dump(model.lm_head.bits)
+        yield "token_embd.weight", model.model.embed_tokens.weight.detach().float().cpu(), dump_choice(model.lm_head.bits)
         yield "output.weight", *_matrix(model.lm_head)
     yield "output_norm.weight", model.model.norm.weight, None
     factors = _rope_factors(cfg)

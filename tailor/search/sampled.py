@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from rich.progress import track
 
-from tailor.arch import FFN_STEP, MATRICES, SubnetConfig
+from tailor.arch import FFN_STEP, MATRICES, LayerConfig, SubnetConfig
 from tailor.devices import budget_bytes, cost
 from tailor.distill import kd_loss
 from tailor.elastic.space import SearchSpace
@@ -77,7 +77,7 @@ def _fitted(space: SearchSpace, cfg: SubnetConfig, bits) -> SubnetConfig:
     rank = space.bits.index(bits)
     per = {m: next((c for c in space.choices_for(m) if space.bits.index(c) >= rank), space.choices_for(m)[-1])
            for m in MATRICES}
-    layers = tuple(lc.__class__(lc.keep, lc.kv_groups, min(widths, key=lambda w: (abs(w - lc.ffn), w)), dict(per))
+    layers = tuple(LayerConfig(lc.keep, lc.kv_groups, min(widths, key=lambda w: (abs(w - lc.ffn), w)), dict(per))
                    for lc in cfg.layers)
     return SubnetConfig(layers, embed_bits=cfg.embed_bits)
 
