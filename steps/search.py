@@ -28,9 +28,10 @@ from tailor.train import pick_device
 def device_space(params: Params, device: str, model, meta: dict) -> SearchSpace:
     prof = params.device(device)
     trained = meta["formats"].get(prof.format, [])
-    bits = [b for b in trained if b in prof.allowed_bits]
+    bits = [b for b in trained if b in prof.choices]
     if not bits:
-        raise ConfigError(f"devices.{device}.allowed_bits: none of {prof.allowed_bits} was trained by the supernet "
+        key = "allowed_types" if prof.allowed_types is not None else "allowed_bits"
+        raise ConfigError(f"devices.{device}.{key}: none of {list(prof.choices)} was trained by the supernet "
                           f"on the {prof.format} grid (supernet.formats: {meta['formats']})")
     return SearchSpace.build(arch_of(model), bits, [prof.embed_bits], meta["min_ffn_frac"], meta["min_kv_groups"],
                              meta["max_drop_frac"], meta["drop_order"])

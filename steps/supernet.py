@@ -22,9 +22,10 @@ from tailor.models.base import load_base, sha256_file
 from tailor.train import TrainSpec, checkpoint_dir, pick_device, train_kd
 
 
-def space_for(params: Params, model, drop_order: list[int], bits: list[int]) -> SearchSpace:
+def space_for(params: Params, model, drop_order: list[int], bits: list) -> SearchSpace:
     sp = params.supernet
-    embed = [b for b in bits if b >= 8] or [max(bits)]
+    widths = [b for b in bits if isinstance(b, int)]  # the table trains at bit-widths (type names: matrices)
+    embed = [b for b in widths if b >= 8] or [max(widths)]
     return SearchSpace.build(arch_of(model), bits, embed, sp.min_ffn_frac, sp.min_kv_groups, sp.max_drop_frac,
                              drop_order)
 
@@ -32,11 +33,13 @@ def space_for(params: Params, model, drop_order: list[int], bits: list[int]) -> 
 def middle(space: SearchSpace) -> SubnetConfig:
     """A fixed subnet halfway between min and max, to watch the inside of the space train."""
     arch = space.arch
-    bits = sorted(space.bits)[len(space.bits) // 2]
+    bits = {m: c[len(c) // 2] for m, c in ((m, space.choices_for(m)) for m in MATRICES)}
     ffn = round_ffn((arch.ffn + space.min_ffn) / 2, arch.ffn)
+    if ffn not in space.ffn_widths():  # a space of K-quants moves in steps of 256
+        ffn = min(space.ffn_widths(), key=lambda w: (abs(w - ffn), w))
     kv = (arch.n_kv_heads + space.min_kv + 1) // 2
     drop = set(space.drop_order[: space.max_drop // 2])
-    return SubnetConfig(tuple(LayerConfig(i not in drop, kv, ffn, {m: bits for m in MATRICES})
+    return SubnetConfig(tuple(LayerConfig(i not in drop, kv, ffn, dict(bits))
                               for i in range(arch.n_layers)), embed_bits=max(space.embed_bits))
 
 
@@ -131,14 +134,15 @@ def blockwise_phase(model, teacher, train: torch.Tensor, spec: TrainSpec, spaces
 
 
 def clip_summary(model) -> dict[str, float]:
-    """Mean learned clipping factor per format and bit-width (1.0 = the plain quantizer's range)."""
+    """Mean learned clipping factor per format and choice (1.0 = the plain quantizer's range)."""
     from tailor.models.model import QLinear
-    from tailor.quant.fake import FMT_INDEX
+    from tailor.quant.fake import FMT_INDEX, clip_slot, learns_clip
+    from tailor.quant.formats import choices
 
     g = torch.stack([m.qclip.detach().float().cpu() for m in model.modules()
                      if isinstance(m, QLinear) and m is not model.lm_head])
-    return {f"{f}:{b}": round(float(g[:, i, b].mean()), 4) for f, i in FMT_INDEX.items() for b in (2, 3, 4, 5, 8)
-            if (g[:, i, b] != 1).any()}
+    return {f"{f}:{b}": round(float(g[:, i, clip_slot(f, b)].mean()), 4) for f, i in FMT_INDEX.items()
+            for b in choices(f) if learns_clip(b) and (g[:, i, clip_slot(f, b)] != 1).any()}
 
 
 def main() -> None:

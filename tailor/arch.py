@@ -1,7 +1,8 @@
 """SubnetConfig: the one architecture object every stage hands to the next.
 
 Per decoder layer it says whether the layer is kept, how many KV groups survive (query heads follow
-their group so GQA stays valid), how wide the FFN is, and how many bits each weight matrix gets.
+their group so GQA stays valid), how wide the FFN is, and each weight matrix's quantization choice: a
+bit-width (the format's type of that width) or a type name such as "Q4_K" (`tailor.quant.formats.Choice`).
 It round-trips through dicts and JSON, hashes stably, and (with `tailor.quant.formats`) computes the
 exact bytes of the file the device runtime loads.
 """
@@ -10,7 +11,9 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass, field, replace
-from typing import Any, Iterable
+from typing import Any, Iterable, Union
+
+Choice = Union[int, str]  # = tailor.quant.formats.Choice (this module imports no grid at load time)
 
 SCHEMA_VERSION = 1
 MATRICES = ("q", "k", "v", "o", "gate", "up", "down")
@@ -70,11 +73,21 @@ class LayerConfig:
     keep: bool
     kv_groups: int
     ffn: int
-    bits: dict[str, int] = field(default_factory=dict)
+    bits: dict[str, Choice] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {"keep": self.keep, "kv_groups": self.kv_groups, "ffn": self.ffn,
-                "bits": {m: int(self.bits[m]) for m in MATRICES}}
+                "bits": {m: dump_choice(self.bits[m]) for m in MATRICES}}
+
+
+def _show(cs: Iterable[Choice]) -> list[Choice]:
+    """Choices for a message: bit-widths in order, then type names."""
+    return sorted(cs, key=lambda c: (isinstance(c, str), c if isinstance(c, int) else 0, str(c)))
+
+
+def dump_choice(c: Choice) -> Choice:
+    """A choice as JSON holds it: ints stay ints (configs from before named types hash the same)."""
+    return c if isinstance(c, str) else int(c)
 
 
 @dataclass(frozen=True)
@@ -85,12 +98,12 @@ class SubnetConfig:
 
     # ---- construction -------------------------------------------------------------------------
     @classmethod
-    def max(cls, arch: BaseArch, bits: int = 16, embed_bits: int = 16) -> "SubnetConfig":
+    def max(cls, arch: BaseArch, bits: Choice = 16, embed_bits: int = 16) -> "SubnetConfig":
         layer = LayerConfig(True, arch.n_kv_heads, arch.ffn, {m: bits for m in MATRICES})
         return cls(tuple(layer for _ in range(arch.n_layers)), embed_bits=embed_bits)
 
     @classmethod
-    def uniform(cls, arch: BaseArch, bits: int, embed_bits: int = 8, ffn_frac: float = 1.0,
+    def uniform(cls, arch: BaseArch, bits: Choice, embed_bits: int = 8, ffn_frac: float = 1.0,
                 kv_groups: int | None = None, drop: Iterable[int] = ()) -> "SubnetConfig":
         ffn = round_ffn(arch.ffn * ffn_frac, arch.ffn)
         kv = arch.n_kv_heads if kv_groups is None else kv_groups
@@ -113,13 +126,14 @@ class SubnetConfig:
         version = d.get("version")
         if version != SCHEMA_VERSION:
             raise ValueError(f"SubnetConfig version {version!r} is not supported (expected {SCHEMA_VERSION})")
+        from tailor.quant.formats import parse_choice
         layers = []
         for i, ld in enumerate(d["layers"]):
             missing = [m for m in MATRICES if m not in ld.get("bits", {})]
             if missing:
                 raise ValueError(f"SubnetConfig layers[{i}].bits lacks {missing}")
             layers.append(LayerConfig(bool(ld["keep"]), int(ld["kv_groups"]), int(ld["ffn"]),
-                                      {m: int(ld["bits"][m]) for m in MATRICES}))
+                                      {m: parse_choice(ld["bits"][m]) for m in MATRICES}))
         return cls(tuple(layers), embed_bits=int(d["embed_bits"]), version=version)
 
     def to_json(self) -> str:
@@ -139,15 +153,19 @@ class SubnetConfig:
     def kept(self) -> list[int]:
         return [i for i, lc in enumerate(self.layers) if lc.keep]
 
-    def validate(self, arch: BaseArch, allowed_bits: Iterable[int] | None = None) -> None:
-        """Raise ValueError naming the first field that cannot be built on `arch`."""
+    def validate(self, arch: BaseArch, allowed_bits: Iterable[Choice] | None = None) -> None:
+        """Raise ValueError naming the first field that cannot be built on `arch`: also a matrix whose
+        columns are not whole blocks of its type (a K-quant's 256: `ffn_down` at an FFN width that is not
+        a multiple of 256 cannot be Q4_K; llama.cpp would store another type)."""
+        from tailor.quant.formats import block_of
+
         if len(self.layers) != arch.n_layers:
             raise ValueError(f"SubnetConfig has {len(self.layers)} layers, base has {arch.n_layers}")
         if not self.kept:
             raise ValueError("SubnetConfig drops every layer")
         allowed = set(allowed_bits) if allowed_bits is not None else None
         if allowed is not None and self.embed_bits not in allowed:
-            raise ValueError(f"SubnetConfig embed_bits={self.embed_bits} not in allowed {sorted(allowed)}")
+            raise ValueError(f"SubnetConfig embed_bits={self.embed_bits} not in allowed {_show(allowed)}")
         for i, lc in enumerate(self.layers):
             if not 1 <= lc.kv_groups <= arch.n_kv_heads:
                 raise ValueError(f"SubnetConfig layers[{i}].kv_groups={lc.kv_groups} outside 1..{arch.n_kv_heads}")
@@ -155,7 +173,11 @@ class SubnetConfig:
                 raise ValueError(f"SubnetConfig layers[{i}].ffn={lc.ffn} must be a multiple of {FFN_STEP} in 64..{arch.ffn}")
             for m, b in lc.bits.items():
                 if allowed is not None and b not in allowed:
-                    raise ValueError(f"SubnetConfig layers[{i}].bits.{m}={b} not in allowed {sorted(allowed)}")
+                    raise ValueError(f"SubnetConfig layers[{i}].bits.{m}={b} not in allowed {_show(allowed)}")
+                cols = arch.matrix_shape(m, lc.kv_groups, lc.ffn)[1]
+                if cols % block_of(b):
+                    raise ValueError(f"SubnetConfig layers[{i}].bits.{m}={b}: {b} needs the input dimension in whole "
+                                     f"{block_of(b)}s, {m} has {cols} columns at kv_groups={lc.kv_groups}, ffn={lc.ffn}")
 
     def param_count(self, arch: BaseArch) -> int:
         """Parameters the exported model holds (a tied embedding counted once; norms and biases included)."""

@@ -8,6 +8,7 @@ profile is the top-level `profile` key.
 from __future__ import annotations
 
 import copy
+import re
 import warnings
 from pathlib import Path
 from typing import Any, Literal
@@ -16,7 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from tailor.formats import backend
-from tailor.quant.formats import FORMATS
+from tailor.quant.formats import FORMATS, Choice, block_of, choices, parse_choice, sort_choices, type_names
 
 STAGES = ("calibrate", "supernet", "search", "finetune", "evaluate", "export", "register")
 DEVICE_STAGES = ("search", "finetune", "evaluate", "export", "register")
@@ -66,8 +67,9 @@ class SupernetParams(Strict):
     lr: float = Field(2e-5, gt=0)
     n_random: int = Field(2, ge=0, description="random subnets per step besides max and min (sandwich rule)")
     kd_temperature: float = Field(1.0, gt=0)
-    formats: dict[str, list[int]] | None = Field(
-        None, description="export grids and bit-widths the supernet trains; null = every device's format and bits")
+    formats: dict[str, list[int | str]] | None = Field(
+        None, description="export grids and the bit-widths or type names (GGUF: Q4_K, IQ4_NL ...) the supernet "
+                          "trains; null = every device's format and allowed bits / types")
     min_ffn_frac: float = Field(0.25, gt=0, le=1)
     min_kv_groups: int = Field(1, gt=0)
     max_drop_frac: float = Field(0.25, ge=0, lt=1, description="most layers a subnet may drop")
@@ -93,10 +95,17 @@ class SupernetParams(Strict):
         for f, bits in (self.formats or {}).items():
             if f not in FORMATS:
                 raise ValueError(f"formats.{f}: unknown format (known: {', '.join(FORMATS)})")
-            bad = [b for b in bits if b not in FORMATS[f]]
+            bad = [b for b in bits if _choice_or_none(b) not in choices(f)]
             if bad:
-                raise ValueError(f"formats.{f}: bits {bad} not available in {f} (has {list(FORMATS[f])})")
+                raise ValueError(f"formats.{f}: bits {bad} not available in {f} (has {list(choices(f))})")
         return self
+
+
+def _choice_or_none(v: Choice) -> Choice | None:
+    try:
+        return parse_choice(v)
+    except ValueError:
+        return None
 
 
 class FairnessParams(Strict):
@@ -195,7 +204,11 @@ class DeviceProfile(Strict):
     budget_fraction: float | None = Field(None, description="budget as a fraction of the base model's bf16 bytes")
     bandwidth_gbs: float = Field(gt=0, description="memory bandwidth, GB/s (spec sheet)")
     compute_tflops: float = Field(gt=0, description="peak compute, TFLOP/s (spec sheet)")
-    allowed_bits: list[int]
+    allowed_bits: list[int] | None = Field(None, description="bit-widths each matrix may take (the format's "
+                                                            "type of each width; GGUF 4 = Q4_0, 5 = Q5_1, 8 = Q8_0)")
+    allowed_types: list[str] | None = Field(None, description="instead of allowed_bits: the format's type names "
+                                            "(GGUF: Q2_K Q3_K Q4_K Q5_K Q6_K IQ4_NL Q4_0 Q5_1 Q8_0 F16); a K-quant "
+                                            "only where a matrix's input dimension is whole 256s")
     embed_bits: int = 8
 
     @field_validator("format")
@@ -216,10 +229,27 @@ class DeviceProfile(Strict):
         expected = backend(self.format).runtime
         if self.runtime != expected:
             raise ValueError(f"format {self.format} runs in {expected}, not {self.runtime}")
-        bad = [b for b in [*self.allowed_bits, self.embed_bits] if b not in FORMATS[self.format]]
+        if (self.allowed_bits is None) == (self.allowed_types is None):
+            raise ValueError("set exactly one of allowed_bits, allowed_types")
+        if self.allowed_types is not None:
+            names = type_names(self.format)
+            bad_t = [t for t in self.allowed_types if t not in names]
+            if bad_t:
+                raise ValueError(f"allowed_types: {bad_t} not types of {self.format} "
+                                 f"(has {', '.join(names) if names else 'none: name allowed_bits'})")
+        bad = [b for b in [*(self.allowed_bits or []), self.embed_bits] if b not in FORMATS[self.format]]
         if bad:
             raise ValueError(f"bits {bad} not available in {self.format} (has {list(FORMATS[self.format])})")
         return self
+
+    @property
+    def choices(self) -> tuple[Choice, ...]:
+        """What each matrix may take, fewest bits first: the allowed bit-widths, or the allowed types as
+        choices (Q8_0 -> 8, Q4_K -> 'Q4_K'; tailor.quant.formats.parse_choice)."""
+        if self.allowed_types is not None:
+            names = type_names(self.format)
+            return sort_choices(names[t] for t in self.allowed_types)
+        return sort_choices(self.allowed_bits)
 
     def budget(self, base_bf16_bytes: int) -> int:
         return self.budget_bytes if self.budget_bytes is not None else int(self.budget_fraction * base_bf16_bytes)
@@ -265,14 +295,25 @@ class Params(Strict):
     schedule: Schedule = Schedule()
     runner: RunnerParams = RunnerParams()
 
-    def supernet_formats(self) -> dict[str, list[int]]:
-        """Grid -> bit-widths the supernet trains: one supernet serves every device's format."""
+    def supernet_formats(self) -> dict[str, list[Choice]]:
+        """Grid -> choices (bit-widths, type names) the supernet trains: one supernet serves every device's
+        format. Fewest bits first (plain bit-widths: ascending, as always)."""
         if self.supernet.formats is not None:
-            return {f: sorted(set(b) | {16}) for f, b in self.supernet.formats.items()}
-        out: dict[str, set[int]] = {}
+            return {f: list(sort_choices({parse_choice(x) for x in b} | {16})) for f, b in self.supernet.formats.items()}
+        out: dict[str, set[Choice]] = {}
         for d in self.devices.values():
-            out.setdefault(d.format, {16}).update(d.allowed_bits)
-        return {f: sorted(b) for f, b in sorted(out.items())}
+            out.setdefault(d.format, {16}).update(d.choices)
+        return {f: list(sort_choices(b)) for f, b in sorted(out.items())}
+
+    @model_validator(mode="after")
+    def _gumbel_fits(self) -> "Params":
+        if "gumbel" in self.search.strategies:
+            for name, d in self.devices.items():
+                wide = [c for c in d.choices if block_of(c) > 32]
+                if wide:
+                    raise ValueError(f"search.strategies: gumbel cannot search devices.{name}'s {wide} (256-element "
+                                     "super-blocks fit only some matrices); use mip and nsga for it")
+        return self
 
     def device(self, name: str) -> DeviceProfile:
         if name not in self.devices:
@@ -283,9 +324,11 @@ class Params(Strict):
 def _merge(base: dict, over: dict, where: str) -> dict:
     out = copy.deepcopy(base)
     for k, v in over.items():
-        if k not in out:
+        # A profile may set any field of an existing device (e.g. allowed_types instead of allowed_bits):
+        # DeviceProfile names a field that does not exist. Elsewhere a key must exist in the base section.
+        if k not in out and not re.fullmatch(r"profiles\.[^.]+\.devices\.[^.]+", where):
             raise ConfigError(f"{where}.{k}: unknown key (no such key in the base section)")
-        out[k] = _merge(out[k], v, f"{where}.{k}") if isinstance(v, dict) and isinstance(out[k], dict) else v
+        out[k] = _merge(out[k], v, f"{where}.{k}") if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
 
 

@@ -106,9 +106,9 @@ def round16_(model: TailorForCausalLM) -> None:
     """Round 16-bit matrices to float16 values: both export formats store them as F16, so the
     PyTorch model computes with exactly the numbers the device will."""
     for mod in model.modules():
-        if isinstance(mod, QLinear) and mod.bits >= 16:
+        if isinstance(mod, QLinear) and mod.bits == 16:
             mod.weight.copy_(mod.weight.half().float())
-    if not model.config.tie_word_embeddings and model.lm_head.bits >= 16:  # an untied input table too
+    if not model.config.tie_word_embeddings and model.lm_head.bits == 16:  # an untied input table too
         emb = model.model.embed_tokens.weight
         emb.copy_(emb.half().float())
 

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from gguf import GGMLQuantizationType, GGUFValueType, GGUFWriter
 
-from tailor.arch import MATRICES, BaseArch, SubnetConfig
+from tailor.arch import MATRICES, BaseArch, SubnetConfig, dump_choice
 from tailor.export.gguf_vocab import TokenizerGGUFError, tokenizer_fields
 from tailor.models.base import gguf_path, sha256_file
 from tailor.models.model import QLinear, TailorForCausalLM, rope_inv_freq
@@ -80,8 +80,8 @@ def _check_tokenizer(tokenizer: Any, fields: dict[str, Any], vocab: int, templat
             raise ExportError(f"{template}: tokenizer.ggml.{key}={theirs}, the model's tokenizer has {ours}")
 
 
-def _matrix(m: QLinear) -> tuple[torch.Tensor, int]:
-    return m.weight.detach()[: m.active_out, : m.active_in].float().cpu(), int(m.bits)
+def _matrix(m: QLinear) -> tuple[torch.Tensor, int | str]:
+    return m.weight.detach()[: m.active_out, : m.active_in].float().cpu(), dump_choice(m.bits)
 
 
 def _tensors(model: TailorForCausalLM, blocks: list, q_per_kv: int, head_dim: int
@@ -93,7 +93,7 @@ def _tensors(model: TailorForCausalLM, blocks: list, q_per_kv: int, head_dim: in
         # output.weight llama.cpp builds the output projection from token_embd.
         yield "token_embd.weight", *_matrix(model.lm_head)
     else:  # the input table at the head's bits, plain round-to-nearest (TailorForCausalLM.input_table)
-        yield "token_embd.weight", model.model.embed_tokens.weight.detach().float().cpu(), int(model.lm_head.bits)
+        yield "token_embd.weight", model.model.embed_tokens.weight.detach().float().cpu(), dump_choice(model.lm_head.bits)
         yield "output.weight", *_matrix(model.lm_head)
     yield "output_norm.weight", model.model.norm.weight, None
     factors = _rope_factors(cfg)
@@ -126,7 +126,7 @@ def _rope_factors(cfg: Any) -> torch.Tensor | None:
     return base / rope_inv_freq(cfg.head_dim, float(cfg.rope_theta), scaling)
 
 
-def _add(writer: GGUFWriter, name: str, w: torch.Tensor, bits: int | None) -> int:
+def _add(writer: GGUFWriter, name: str, w: torch.Tensor, bits: int | str | None) -> int:
     """Add one tensor (bits None = float32 vector); return its data bytes."""
     if bits is None:
         data = w.detach().float().cpu().numpy().astype(np.float32)

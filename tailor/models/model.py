@@ -23,7 +23,8 @@ from torch.utils.checkpoint import checkpoint
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from tailor.quant.fake import CLIP_SLOTS, FMT_INDEX, clipped, fake_quant, runtime_linear, runtime_weight
+from tailor.quant.fake import (CLIP_SLOTS, FMT_INDEX, clip_slot, clipped, fake_quant, learns_clip, runtime_linear,
+                               runtime_weight)
 
 
 class TailorConfig(PretrainedConfig):
@@ -85,7 +86,7 @@ class QLinear(nn.Linear):
 
     def gamma(self) -> torch.Tensor | None:
         """The learned clipping factor of the current format and bit-width (None at 16 bits)."""
-        return None if self.bits >= 16 else self.qclip[FMT_INDEX[self.fmt], self.bits]
+        return self.qclip[FMT_INDEX[self.fmt], clip_slot(self.fmt, self.bits)] if learns_clip(self.bits) else None
 
     def _key(self, w: torch.Tensor) -> tuple:
         return (self.weight._version, self.qclip._version, self.active_out, self.active_in, self.bits, self.fmt,
@@ -93,25 +94,26 @@ class QLinear(nn.Linear):
 
     def active_weight(self) -> torch.Tensor:
         w = self.weight[: self.active_out, : self.active_in]
-        if self.bits >= 16:
+        if self.bits == 16:
             return w
         if torch.is_grad_enabled() and (w.requires_grad or self.qclip.requires_grad):
             return fake_quant(w, self.bits, self.fmt, self.gamma())
         # Inference: quantizing every call is wasted work, so cache until weight, clip or slice changes.
         key = self._key(w)
         if self._cache is None or self._cache[0] != key:
-            self._cache = (key, fake_quant(w.detach(), self.bits, self.fmt, self.gamma().detach()))
+            g = self.gamma()
+            self._cache = (key, fake_quant(w.detach(), self.bits, self.fmt, None if g is None else g.detach()))
         return self._cache[1]
 
     def clipped_weight(self) -> torch.Tensor:
         """The active weight clamped to its learned range: the float values export quantizes."""
         w = self.weight[: self.active_out, : self.active_in].detach()
-        return w if self.bits >= 16 else clipped(w, self.gamma(), self.fmt, self.bits)
+        return w if self.bits == 16 else clipped(w, self.gamma(), self.fmt, self.bits)
 
     @torch.no_grad()
     def bake_clip_(self) -> None:
         """Write the learned clipping into the weight and reset it: same quantized values, no state."""
-        if self.bits < 16:
+        if learns_clip(self.bits):
             self.weight[: self.active_out, : self.active_in] = self.clipped_weight()
         self.qclip.fill_(1.0)
 
@@ -285,7 +287,7 @@ class TailorForCausalLM(PreTrainedModel, GenerationMixin):
         table fake-quantized at the head's bits (plain round-to-nearest, no learned clip); None at 16
         bits (the lookup reads the float table). Cached while the table is frozen."""
         head, w = self.lm_head, self.model.embed_tokens.weight
-        if head.bits >= 16:
+        if head.bits == 16:
             return None
         if torch.is_grad_enabled() and w.requires_grad:
             return fake_quant(w, head.bits, head.fmt)
@@ -307,7 +309,7 @@ class TailorForCausalLM(PreTrainedModel, GenerationMixin):
         file stores it once); untied: the input table (`input_table`) and the head's own weight."""
         if not self.tied:
             return self.input_table(), None
-        if self.lm_head.bits >= 16:
+        if self.lm_head.bits == 16:
             return None, None
         table = self.lm_head.active_weight()
         return table, table

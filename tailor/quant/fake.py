@@ -12,6 +12,10 @@ shrunk range and then quantized by the unchanged reference quantizer, so the cli
 back into the matrix ("baked"), quantizes to exactly the same values in the exporter and the runtime:
 export stays exact. Gamma's gradient is LSQ's with the codes held fixed: the block's dequantized
 values scale with its range, d wq / d gamma = (wq - centre) / gamma.
+
+Named types (GGUF's K-quants and IQ4_NL, `tailor.quant.gguf_kquants`): the same estimator on their
+bit-exact grid, the range clipped per sub-block (16 or 32 elements: what owns a scale) as their
+quantizer reads it (`gguf_kquants.block_range`), in the slot `gguf_grid.CLIP_SLOT` gives them.
 """
 from __future__ import annotations
 
@@ -19,14 +23,26 @@ import torch
 
 from tailor.formats import BACKENDS
 from tailor.quant import gguf_grid
-from tailor.quant.formats import BLOCK, grid
+from tailor.quant.formats import BLOCK, Choice, grid
 
 FMT_INDEX = {name: i for i, name in enumerate(BACKENDS)}  # learned-clip slot per format (append-only)
 CLIP_MIN = 0.5   # clipping more than half a block's range away never helps at >= 2 bits
-CLIP_SLOTS = 9   # gamma[fmt, bits] for bits 0..8 (16-bit matrices are not quantized)
+CLIP_SLOTS = 9   # gamma[fmt, slot]: bit-widths 0..8 at their own index, named types at clip_slot (16: none)
 
 
-def _block_range(b: torch.Tensor, fmt: str, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+def clip_slot(fmt: str, bits: Choice) -> int:
+    """Column of `bits` in a matrix's clip table row for `fmt` (a bit-width: itself; a named type: its
+    grid's CLIP_SLOT)."""
+    return bits if isinstance(bits, int) else grid(fmt).CLIP_SLOT[bits]
+
+
+def _clip_block(fmt: str, bits: Choice) -> int:
+    return grid(fmt).clip_block(bits) if isinstance(bits, str) else BLOCK
+
+
+def _block_range(b: torch.Tensor, fmt: str, bits: Choice) -> tuple[torch.Tensor, torch.Tensor]:
+    if isinstance(bits, str):
+        return grid(fmt).block_range(b, bits)
     if fmt == "gguf" and bits in (8, 4):  # Q8_0 / Q4_0 are symmetric: d = absmax / 127 or signed max / -8
         a = b.abs().amax(-1, keepdim=True)
         return -a, a
@@ -36,10 +52,11 @@ def _block_range(b: torch.Tensor, fmt: str, bits: int) -> tuple[torch.Tensor, to
     return lo, hi
 
 
-def _clip(w: torch.Tensor, gamma: torch.Tensor, fmt: str, bits: int):
+def _clip(w: torch.Tensor, gamma: torch.Tensor, fmt: str, bits: Choice):
     """(clamped blocks, block centre, shape) — clamp differentiable in w, gamma detached."""
     rows, cols = w.shape
-    b = w.reshape(rows, cols // BLOCK, BLOCK)
+    blk = _clip_block(fmt, bits)
+    b = w.reshape(rows, cols // blk, blk)
     lo, hi = _block_range(b.detach(), fmt, bits)
     c = torch.zeros_like(lo).clamp(lo, hi)  # 0, or the nearer end for a one-signed block
     g = gamma.detach().clamp(CLIP_MIN, 1.0).to(w.dtype)
@@ -47,15 +64,21 @@ def _clip(w: torch.Tensor, gamma: torch.Tensor, fmt: str, bits: int):
 
 
 @torch.no_grad()
-def clipped(w: torch.Tensor, gamma: torch.Tensor | float | None, fmt: str, bits: int) -> torch.Tensor:
+def clipped(w: torch.Tensor, gamma: torch.Tensor | float | None, fmt: str, bits: Choice) -> torch.Tensor:
     """The weight clamped to its learned range: what export packs (quantizing it is the identity on
     the clamp, so it can be baked into the matrix)."""
-    if bits >= 16 or gamma is None or float(gamma) >= 1.0:
+    if not learns_clip(bits) or gamma is None or float(gamma) >= 1.0:
         return w
-    if w.shape[-1] % BLOCK:
-        raise ValueError(f"{fmt}: {w.shape[-1]} columns are not whole {BLOCK}-element blocks")
+    blk = _clip_block(fmt, bits)
+    if w.shape[-1] % blk:
+        raise ValueError(f"{fmt}: {w.shape[-1]} columns are not whole {blk}-element blocks")
     gamma = torch.as_tensor(gamma, device=w.device)
     return _clip(w, gamma, fmt, bits)[0].reshape(w.shape)
+
+
+def learns_clip(bits: Choice) -> bool:
+    """Whether a choice has a learned clipping slot: every quantized one (not 16)."""
+    return bits != 16
 
 
 _compiled = None  # torch.compile'd _fake_quant, set by enable_compile() (GPU training)
@@ -69,19 +92,19 @@ def enable_compile() -> None:
         _compiled = torch.compile(_fake_quant, dynamic=True)
 
 
-def fake_quant(w: torch.Tensor, bits: int, fmt: str, gamma: torch.Tensor | None = None) -> torch.Tensor:
+def fake_quant(w: torch.Tensor, bits: Choice, fmt: str, gamma: torch.Tensor | None = None) -> torch.Tensor:
     """Quantize-dequantize `w` ([out, in]) on format `fmt`'s grid after learned clipping; straight-through
     gradient for `w` inside the clipping range, LSQ gradient for `gamma`.
 
     At 16 bits the weight passes unchanged (the supernet's max config must equal the dense model)."""
-    if bits >= 16:
+    if bits == 16:
         return w
     if _compiled is not None and w.is_cuda:
         return _compiled(w, bits, fmt, gamma)
     return _fake_quant(w, bits, fmt, gamma)
 
 
-def _fake_quant(w: torch.Tensor, bits: int, fmt: str, gamma: torch.Tensor | None) -> torch.Tensor:
+def _fake_quant(w: torch.Tensor, bits: Choice, fmt: str, gamma: torch.Tensor | None) -> torch.Tensor:
     if gamma is None:
         wq = grid(fmt).dequantized(w.detach(), bits).to(w.dtype)
         return wq + (w - w.detach())  # exactly wq forward (w + (wq - w) is an ulp off), identity gradient
@@ -93,14 +116,14 @@ def _fake_quant(w: torch.Tensor, bits: int, fmt: str, gamma: torch.Tensor | None
     return out.reshape(w.shape)
 
 
-def runtime_weight(w: torch.Tensor, bits: int, fmt: str):
+def runtime_weight(w: torch.Tensor, bits: Choice, fmt: str):
     """What `runtime_linear` needs of a weight, precomputed once (block codes for GGUF)."""
-    if fmt == "gguf" and bits < 16:
-        return gguf_grid.codes(w, bits)
+    if fmt == "gguf" and bits != 16:
+        return gguf_grid.codes_of(w, bits)
     return grid(fmt).dequantized(w, bits)
 
 
-def runtime_linear(x: torch.Tensor, w, bits: int, fmt: str) -> torch.Tensor:
+def runtime_linear(x: torch.Tensor, w, bits: Choice, fmt: str) -> torch.Tensor:
     """x @ w.T as the device runtime computes it (inference only). llama.cpp's CPU kernels also round
     the activations (Q8_0/Q8_1 blocks, float16); onnxruntime's MatMulNBits computes in float32."""
     if fmt == "gguf":

@@ -1,11 +1,13 @@
-"""GGUF block formats: 16 -> F16, 8 -> Q8_0, 5 -> Q5_1, 4 -> Q4_0; norms F32.
+"""GGUF block formats: 16 -> F16, 8 -> Q8_0, 5 -> Q5_1, 4 -> Q4_0; norms F32; and, chosen by name, the
+K-quants Q2_K ... Q6_K and IQ4_NL (`tailor.quant.gguf_kquants`, see "Named types" below).
 
 4 bits is Q4_0, not the more accurate Q4_1 (the shipped base file's type): llama.cpp repacks Q4_0 into
 interleaved blocks with its fastest CPU kernels (AVX2 on x86, dotprod / i8mm on ARM phones), and it is
 10% smaller. Measured in llama.cpp on this 2-core x86 host, one thread: uniform Q4_0 decodes 115-136
 tokens/s, Q4_1 83-89, Q4_K_M 87 (see README, decode). QAT with learned clipping wins back the accuracy.
 
-K-quants (2/3 bits) need 256-wide super-blocks, which SmolLM2's 576-wide rows do not divide into.
+K-quants need 256-wide super-blocks along the input dimension: SmolLM2's 576-wide rows do not divide
+into them, its 1536-wide `ffn_down` rows do (`eligible`).
 The rounding here reproduces gguf-py's reference quantizers (`gguf.quants`, themselves bit-exact with
 ggml's `quantize_row_*_ref`) bit for bit, so `dequantized` is exactly what llama.cpp reads back from the
 blocks that `tailor.quant.gguf_pack` writes: both go through `codes`.
@@ -22,11 +24,15 @@ BLOCK = 32
 BLOCK_BYTES = {8: 34, 5: 24, 4: 18}  # Q8_0, Q5_1, Q4_0
 
 
-def matrix_bytes(bits: int, rows: int, cols: int) -> int:
+def matrix_bytes(bits: int | str, rows: int, cols: int) -> int:
+    """Bytes of a [rows, cols] matrix as llama.cpp stores it (a named type: `gguf_kquants.matrix_bytes`,
+    which refuses columns that are not whole blocks of the type)."""
+    if isinstance(bits, str):
+        return _kq().matrix_bytes(bits, rows, cols)
     return 2 * rows * cols if bits == 16 else rows * (cols // BLOCK) * BLOCK_BYTES[bits]
 
 
-def embedding_bytes(bits: int, vocab: int, hidden: int) -> int:
+def embedding_bytes(bits: int | str, vocab: int, hidden: int) -> int:
     return matrix_bytes(bits, vocab, hidden)
 
 
@@ -91,8 +97,10 @@ def from_codes(c: Codes) -> torch.Tensor:
     return out.reshape(rows, nb * BLOCK)
 
 
-def dequantized(w: torch.Tensor, bits: int) -> torch.Tensor:
+def dequantized(w: torch.Tensor, bits: int | str) -> torch.Tensor:
     """Values of `w` ([rows, cols], blocks along cols) after a round trip through the GGUF type."""
+    if isinstance(bits, str):
+        return _kq().dequantized(w, bits)
     if bits == 16:
         return w.detach().float().to(torch.float16).float()
     return from_codes(codes(w, bits))
@@ -117,7 +125,10 @@ def runtime_linear(x: torch.Tensor, w: torch.Tensor | Codes, bits: int) -> torch
     cache) and the probabilities to float16. Measured on SmolLM2 variants (29 layers, 20 sentences):
     weight-only fake quantization differs from llama.cpp by -0.15% (Q8_0) to +4.1% (mixed 4/5/8/16-bit)
     perplexity; with this in every matmul -1.1% / -0.7%; adding float16 attention -0.03% / +0.8%.
-    `w` may be its precomputed `codes(w, bits)` (quantizing a large table every call is slow)."""
+    `w` may be its precomputed `codes(w, bits)` (quantizing a large table every call is slow).
+    A named type computes as `gguf_kquants.runtime_linear` (Q8_K / Q8_0 activations)."""
+    if isinstance(bits, str):
+        return _kq().runtime_linear(x, w, bits)
     if bits == 16:
         return F.linear(x.to(torch.float16).float(), dequantized(w, 16))
     c = w if isinstance(w, Codes) else codes(w, bits)
@@ -129,3 +140,53 @@ def runtime_linear(x: torch.Tensor, w: torch.Tensor | Codes, bits: int) -> torch
     sums = q.sum(-1, keepdim=True)
     ds = ((d * sums).to(torch.float16).float() - d16 * sums).squeeze(-1)  # (..., nb)
     return y + ds @ c.m.float().squeeze(-1).T
+
+
+# ---- Named types -------------------------------------------------------------------------------------
+# A matrix's choice is its bit-width (the four types above, as the `phone` profile has always named them)
+# or, for llama.cpp's K-quants and IQ4_NL, the type's name. Device profiles may name every type
+# (`allowed_types`); NAMES maps each name to its choice, so Q4_0 / Q5_1 / Q8_0 / F16 keep their integer
+# form and a config written before named types existed reads (and hashes) the same.
+KTYPES = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL")
+CHOICES = BITS + KTYPES
+NAMES: dict[str, int | str] = {"Q4_0": 4, "Q5_1": 5, "Q8_0": 8, "F16": 16, **{k: k for k in KTYPES}}
+TYPE_OF_BITS = {4: "Q4_0", 5: "Q5_1", 8: "Q8_0", 16: "F16"}
+# Learned clipping slot of each named type in the GGUF row of a matrix's clip table (tailor.quant.fake:
+# nine slots, indexed by bit-width; GGUF's widths 4, 5 and 8 use theirs, the named types the six others,
+# so the table keeps its shape and a checkpoint trained before named types loads unchanged).
+CLIP_SLOT = {"Q4_K": 0, "Q5_K": 1, "Q2_K": 2, "Q3_K": 3, "Q6_K": 6, "IQ4_NL": 7}
+
+
+def _kq():
+    from tailor.quant import gguf_kquants  # imports this module: resolved at call time
+    return gguf_kquants
+
+
+def block(choice: int | str) -> int:
+    """Elements per block along the input dimension: a matrix takes the type only if its columns are
+    whole blocks (Q2_K ... Q6_K: 256; IQ4_NL and the 32-blocks: 32; F16: 1)."""
+    if isinstance(choice, str):
+        return _kq().ktype(choice).block
+    return 1 if choice == 16 else BLOCK
+
+
+def bits_per_weight(choice: int | str) -> float:
+    """Stored bits per weight, block scales included (Q4_0 4.5, Q2_K 2.625, F16 16)."""
+    if isinstance(choice, str):
+        return _kq().ktype(choice).bits_per_weight
+    return 16.0 if choice == 16 else 8 * BLOCK_BYTES[choice] / BLOCK
+
+
+def codes_of(w: torch.Tensor, choice: int | str):
+    """Stored fields of `w` at `choice` (`Codes`, or `gguf_kquants.KCodes` for a named type)."""
+    return _kq().codes(w, choice) if isinstance(choice, str) else codes(w, choice)
+
+
+def clip_block(choice: int | str) -> int:
+    """Elements that share one range (learned clipping's block): a named type's sub-block (16 or 32)."""
+    return _kq().ktype(choice).sub if isinstance(choice, str) else BLOCK
+
+
+def block_range(b: torch.Tensor, choice: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The range a named type's quantizer derives its sub-block scale from (`gguf_kquants.block_range`)."""
+    return _kq().block_range(b, choice)

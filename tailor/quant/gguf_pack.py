@@ -16,13 +16,19 @@ import torch
 from gguf import GGMLQuantizationType
 
 from tailor.quant.f16 import F16_MAX, PrecisionError, to_f16
+from tailor.quant import gguf_kpack
 from tailor.quant.gguf_grid import BLOCK, BLOCK_BYTES, Codes, codes
+from tailor.quant.gguf_kquants import codes as kcodes
+from tailor.quant.gguf_kquants import ktype
 
 _TYPES = {16: GGMLQuantizationType.F16, 8: GGMLQuantizationType.Q8_0,
           5: GGMLQuantizationType.Q5_1, 4: GGMLQuantizationType.Q4_0}
 
 
-def ggml_type(bits: int) -> GGMLQuantizationType:
+def ggml_type(bits: int | str) -> GGMLQuantizationType:
+    """The ggml type of a choice: a bit-width (above) or a named K-quant / IQ4_NL type."""
+    if isinstance(bits, str):
+        return ktype(bits).qtype
     if bits not in _TYPES:
         raise ValueError(f"GGUF export has no type for {bits} bits (allowed {sorted(_TYPES)})")
     return _TYPES[bits]
@@ -59,8 +65,24 @@ def _checked_codes(w: torch.Tensor, bits: int, name: str) -> Codes:
     return c
 
 
-def pack(w: torch.Tensor, bits: int, name: str = "weight") -> np.ndarray:
-    """GGUF bytes of `w` at `bits`: uint8 [rows, cols // 32 * block bytes] (F16: [rows, 2 * cols]).
+def _checked_kcodes(w: torch.Tensor, t: str, name: str):
+    """gguf_kquants.codes, refusing non-finite weights and super-block scales beyond float16."""
+    bad = (~torch.isfinite(w)).nonzero()
+    if len(bad):
+        at = [int(i) for i in bad[0]]
+        raise PrecisionError(f"{name}: weight at {at} is {float(w[tuple(at)])}; it cannot be quantized")
+    c = kcodes(w, t)
+    for field in (c.d, c.dmin):
+        if field is not None and not bool(torch.isfinite(field).all()):
+            raise PrecisionError(f"{name}: a {t} super-block scale overflows float16 (weights up to "
+                                 f"{float(w.abs().max()):.6g}); it cannot be stored")
+    return c
+
+
+def pack(w: torch.Tensor, bits: int | str, name: str = "weight") -> np.ndarray:
+    """GGUF bytes of `w` at `bits`: uint8 [rows, cols // 32 * block bytes] (F16: [rows, 2 * cols]);
+    a named type (K-quants, IQ4_NL): `gguf_kpack.pack_codes` of `gguf_kquants.codes`, [rows, cols //
+    block * block bytes], the very codes the fake quantizer dequantized.
 
     A value the file cannot hold (a 16-bit weight or a block scale/minimum beyond float16, a non-finite
     weight) raises tailor.quant.f16.PrecisionError naming `name`: llama.cpp would load inf and compute NaN."""
@@ -69,6 +91,8 @@ def pack(w: torch.Tensor, bits: int, name: str = "weight") -> np.ndarray:
         raise ValueError(f"pack expects a [rows, cols] matrix, got shape {tuple(w.shape)}")
     w = w.detach().cpu()
     rows, cols = w.shape
+    if isinstance(bits, str):
+        return gguf_kpack.pack_codes(_checked_kcodes(w, bits, name))
     if bits == 16:
         return to_f16(w.float(), name).view(torch.uint8).reshape(rows, 2 * cols).numpy()
     c = _checked_codes(w, bits, name)

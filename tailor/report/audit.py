@@ -123,10 +123,11 @@ def bits_heatmap(root: Path, device: str) -> str | None:
     import numpy as np
 
     from tailor.arch import MATRICES, SubnetConfig
+    from tailor.quant.formats import bits_per_weight
 
     cfg = SubnetConfig.from_dict(_json(path))
     plt = _plt()
-    bits = np.array([[lc.bits[m] if lc.keep else np.nan for m in MATRICES] for lc in cfg.layers], float)
+    bits = np.array([[bits_per_weight(lc.bits[m]) if lc.keep else np.nan for m in MATRICES] for lc in cfg.layers], float)
     fig, ax = plt.subplots(figsize=(7.5, 2.6))
     im = ax.imshow(bits.T, aspect="auto", cmap="viridis", vmin=2, vmax=16)
     ax.set_yticks(range(len(MATRICES)), list(MATRICES), fontsize=7)

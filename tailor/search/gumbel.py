@@ -7,6 +7,11 @@ weighted sum of its fake-quantized versions; KV groups and FFN channels are soft
 (P(width >= channel)); a dropped layer's residual branch is scaled by P(keep). The expected bytes
 are exact in expectation (each matrix's bytes are affine in its bit choice for a fixed width, and
 widths and bits are independent). After training, the argmax subnet is repaired to fit the budget.
+
+Choices that fit only some matrices or widths (GGUF's 256-block K-quants on a model whose rows are not
+whole 256s) are refused: the mixture gives every matrix the same choices at every width. Costly too: the
+mixture keeps one quantized copy per choice per matrix (at 0.5B and four bit-widths it already passed
+21 GB). Search such devices with MIP and NSGA-II (config validation says so before any stage runs).
 """
 from __future__ import annotations
 
@@ -15,12 +20,12 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from tailor.arch import MATRICES, LayerConfig, SubnetConfig, fixed_bytes, layer_vector_bytes
+from tailor.arch import FFN_STEP, MATRICES, LayerConfig, SubnetConfig, fixed_bytes, layer_vector_bytes
 from tailor.distill import kd_loss
 from tailor.elastic.space import SearchSpace
 from tailor.elastic.supernet import linear, set_active
 from tailor.models.model import TailorForCausalLM
-from tailor.quant.fake import FMT_INDEX, fake_quant
+from tailor.quant.fake import FMT_INDEX, clip_slot, fake_quant, learns_clip
 from tailor.quant.formats import matrix_bytes
 from tailor.search.sensitivity import ffn_options
 
@@ -41,6 +46,11 @@ def search(model: TailorForCausalLM, space: SearchSpace, fmt: str, embed_bits: i
     set_active(model, SubnetConfig.max(arch, bits=16, embed_bits=embed_bits), fmt)
     model.requires_grad_(False)
     bits = list(space.bits)
+    narrow = {m: [b for b in bits if b not in space.choices_for(m)] for m in MATRICES}
+    if any(narrow.values()) or space.ffn_step != FFN_STEP:
+        raise ValueError(f"gumbel: choices {sorted({b for v in narrow.values() for b in v} or set(bits), key=str)} "
+                         "do not fit every matrix at every width (K-quants need whole 256s); "
+                         "search this device with strategies mip and nsga")
     ffns = ffn_options(space)
     kvs = list(range(space.min_kv, arch.n_kv_heads + 1))
     L = arch.n_layers
@@ -70,7 +80,7 @@ def search(model: TailorForCausalLM, space: SearchSpace, fmt: str, embed_bits: i
     def mixed_weight(i: int, j: int, q):  # Gumbel mix of the matrix's quantized versions
         if (i, j) not in quantized:
             with torch.no_grad():
-                quantized[(i, j)] = [fake_quant(q.weight, b, fmt, None if b >= 16 else q.qclip[FMT_INDEX[fmt], b])
+                quantized[(i, j)] = [fake_quant(q.weight, b, fmt, q.qclip[FMT_INDEX[fmt], clip_slot(fmt, b)] if learns_clip(b) else None)
                                      for b in bits]
         return sum(probs["bits"][i, j, k] * wq for k, wq in enumerate(quantized[(i, j)]))
 

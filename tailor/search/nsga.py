@@ -1,8 +1,9 @@
 """Strategy (b): NSGA-II (Optuna's sampler) over quality x bytes x latency, every trial scored on the
 supernet, the population seeded with the MIP's solutions (AMQ's recipe, with structure in the genome).
 
-The genome is per layer: kept (droppable layers only), KV groups, FFN width (steps of 64) and one
-bit-width per matrix. Over-budget genomes are infeasible through Optuna's constraints (bytes - budget,
+The genome is per layer: kept (droppable layers only), KV groups, FFN width (the space's grid: steps of 64,
+of 256 with K-quants) and one choice per matrix among those that fit it at every width
+(`SearchSpace.choices_for`), so every genome is a valid subnet and Optuna's categories never change. Over-budget genomes are infeasible through Optuna's constraints (bytes - budget,
 dropped layers - cap), which NSGA-II ranks below every feasible one.
 """
 from __future__ import annotations
@@ -12,19 +13,20 @@ from typing import Callable
 
 import optuna
 
-from tailor.arch import FFN_STEP, MATRICES, LayerConfig, SubnetConfig
+from tailor.arch import MATRICES, LayerConfig, SubnetConfig
 from tailor.elastic.space import SearchSpace
 
 
 def _genome(space: SearchSpace, trial: optuna.Trial, embed_bits: int) -> SubnetConfig:
     arch = space.arch
-    ffns = list(range(space.min_ffn, arch.ffn + 1, FFN_STEP))
+    ffns = space.ffn_widths()
+    per_matrix = {m: list(space.choices_for(m)) for m in MATRICES}
     layers = []
     for i in range(arch.n_layers):
         keep = bool(trial.suggest_categorical(f"keep{i}", [1, 0])) if i in space.droppable else True
         kv = trial.suggest_categorical(f"kv{i}", list(range(space.min_kv, arch.n_kv_heads + 1)))
         ffn = trial.suggest_categorical(f"ffn{i}", ffns)
-        bits = {m: trial.suggest_categorical(f"b{i}{m}", list(space.bits)) for m in MATRICES}
+        bits = {m: trial.suggest_categorical(f"b{i}{m}", per_matrix[m]) for m in MATRICES}
         layers.append(LayerConfig(keep, kv, ffn, bits))
     return SubnetConfig(tuple(layers), embed_bits=embed_bits)
 

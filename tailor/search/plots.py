@@ -12,6 +12,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from tailor.arch import MATRICES, BaseArch, SubnetConfig  # noqa: E402
+from tailor.quant.formats import bits_per_weight  # noqa: E402
 
 COLORS = {"mip": "tab:blue", "nsga": "tab:orange", "gumbel": "tab:green", "sampled": "tab:gray"}
 
@@ -50,7 +51,7 @@ def heatmap_png(cfg: SubnetConfig, arch: BaseArch, path: Path) -> None:
         if not lc.keep:
             continue
         for j, m in enumerate(MATRICES):
-            grid[j, i] = lc.bits[m]
+            grid[j, i] = bits_per_weight(lc.bits[m])  # a named type (Q4_K) at its stored bits per weight
         grid[len(MATRICES), i] = 16 * lc.kv_groups / arch.n_kv_heads
         grid[len(MATRICES) + 1, i] = 16 * lc.ffn / arch.ffn
     fig, ax = plt.subplots(figsize=(max(6, L * 0.28), 3.2))

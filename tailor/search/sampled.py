@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from rich.progress import track
 
-from tailor.arch import FFN_STEP, SubnetConfig
+from tailor.arch import FFN_STEP, MATRICES, LayerConfig, SubnetConfig
 from tailor.devices import budget_bytes, cost
 from tailor.distill import kd_loss
 from tailor.elastic.space import SearchSpace
@@ -63,9 +63,23 @@ def seeds(space: SearchSpace) -> list[SubnetConfig]:
     for bits, frac, n_drop, kv in itertools.product(space.bits, fracs, drops, kvs):
         cfg = SubnetConfig.uniform(arch, bits, embed_bits=max(space.embed_bits), ffn_frac=frac, kv_groups=kv,
                                    drop=space.drop_order[:n_drop])
+        if space.ffn_step != FFN_STEP or any(bits not in space.choices_for(m) for m in MATRICES):
+            cfg = _fitted(space, cfg, bits)
         if space.contains(cfg):
             out.append(cfg)
     return out
+
+
+def _fitted(space: SearchSpace, cfg: SubnetConfig, bits) -> SubnetConfig:
+    """A uniform seed in a space with types that fit only some matrices (K-quants): widths on the space's
+    FFN grid, and each matrix `bits` where it fits, else the next larger choice that does (else its largest)."""
+    widths = space.ffn_widths()
+    rank = space.bits.index(bits)
+    per = {m: next((c for c in space.choices_for(m) if space.bits.index(c) >= rank), space.choices_for(m)[-1])
+           for m in MATRICES}
+    layers = tuple(LayerConfig(lc.keep, lc.kv_groups, min(widths, key=lambda w: (abs(w - lc.ffn), w)), dict(per))
+                   for lc in cfg.layers)
+    return SubnetConfig(layers, embed_bits=cfg.embed_bits)
 
 
 def propose(space: SearchSpace, device: DeviceProfile, n: int, seed: int) -> list[Candidate]:
@@ -101,25 +115,25 @@ def propose(space: SearchSpace, device: DeviceProfile, n: int, seed: int) -> lis
 
 
 def shrink_to_fit(cfg: SubnetConfig, space: SearchSpace, device: DeviceProfile, gen: torch.Generator) -> SubnetConfig:
-    """Random shrinking moves (one matrix a bit-width lower, an FFN 64 narrower, a KV group fewer) until
+    """Random shrinking moves (one matrix a choice lower, an FFN one step narrower, a KV group fewer) until
     `cfg` fits the budget: random samples mostly overshoot a tight budget, and the repaired ones land
     just under it, where the best subnets are."""
     arch = space.arch
-    lower = {b: max((x for x in space.bits if x < b), default=None) for b in space.bits}
+    lower = {m: dict(zip(c[1:], c[:-1])) for m, c in ((m, space.choices_for(m)) for m in MATRICES)}
     while not cost(cfg, arch, device).fits:
         moves = []
         for i in cfg.kept:
             lc = cfg.layers[i]
-            moves += [(i, "bits", m) for m in lc.bits if lower.get(lc.bits[m]) is not None]
+            moves += [(i, "bits", m) for m in lc.bits if lower[m].get(lc.bits[m]) is not None]
             moves += [(i, "ffn", None)] * (lc.ffn > space.min_ffn) + [(i, "kv", None)] * (lc.kv_groups > space.min_kv)
         if not moves:
             break
         i, kind, m = moves[int(torch.randint(len(moves), (1,), generator=gen))]
         lc = cfg.layers[i]
         if kind == "bits":
-            cfg = cfg.with_layer(i, bits={**lc.bits, m: lower[lc.bits[m]]})
+            cfg = cfg.with_layer(i, bits={**lc.bits, m: lower[m][lc.bits[m]]})
         elif kind == "ffn":
-            cfg = cfg.with_layer(i, ffn=lc.ffn - FFN_STEP)
+            cfg = cfg.with_layer(i, ffn=max(space.min_ffn, lc.ffn - space.ffn_step))
         else:
             cfg = cfg.with_layer(i, kv_groups=lc.kv_groups - 1)
     return cfg

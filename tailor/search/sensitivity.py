@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from rich.progress import track
 
-from tailor.arch import MATRICES, SubnetConfig, round_ffn
+from tailor.arch import FFN_STEP, MATRICES, LayerConfig, SubnetConfig, round_ffn
 from tailor.distill import kd_loss
 from tailor.elastic.space import SearchSpace
 from tailor.elastic.supernet import set_active
@@ -30,9 +30,13 @@ FFN_FRACS = (0.25, 0.5, 0.75)
 
 
 def ffn_options(space: SearchSpace) -> list[int]:
-    """FFN widths measured (and offered to the MIP), widest first."""
+    """FFN widths measured (and offered to the MIP), widest first: on the space's width grid (steps of 256
+    in a space with K-quants, so `ffn_down` keeps them)."""
     arch = space.arch
     opts = {arch.ffn} | {round_ffn(arch.ffn * f, arch.ffn) for f in FFN_FRACS}
+    widths = space.ffn_widths()
+    if space.ffn_step != FFN_STEP:
+        opts = {min(widths, key=lambda w: (abs(w - o), w)) for o in opts}
     return sorted((w for w in opts if w >= space.min_ffn), reverse=True)
 
 
@@ -82,8 +86,10 @@ def _interp(table: dict[str, float], layer: int, width: int, full: int) -> float
 
 
 def reference(space: SearchSpace, embed_bits: int) -> SubnetConfig:
-    """The widest subnet at the highest bit-width the device allows, the device's embedding."""
-    return SubnetConfig.max(space.arch, bits=max(space.bits), embed_bits=embed_bits)
+    """The widest subnet, each matrix at the highest choice the device allows for it, the device's embedding."""
+    arch, top = space.arch, {m: space.choices_for(m)[-1] for m in MATRICES}
+    return SubnetConfig(tuple(LayerConfig(True, arch.n_kv_heads, arch.ffn, dict(top)) for _ in range(arch.n_layers)),
+                        embed_bits=embed_bits)
 
 
 def cache_key(weights_sha: str, fmt: str, space: SearchSpace, embed_bits: int, seqs: torch.Tensor) -> str:
@@ -150,7 +156,7 @@ def measure(model: TailorForCausalLM, space: SearchSpace, fmt: str, embed_bits: 
     kvs = list(range(space.min_kv, space.arch.n_kv_heads))
     jobs = [(i, "drop", None) for i in space.droppable]
     for i in range(space.arch.n_layers):
-        jobs += [(i, "bits", (m, b)) for m in MATRICES for b in space.bits if b != ref.layers[i].bits[m]]
+        jobs += [(i, "bits", (m, b)) for m in MATRICES for b in space.choices_for(m) if b != ref.layers[i].bits[m]]
         jobs += [(i, "kv", g) for g in kvs] + [(i, "ffn", w) for w in ffns]
     jobs = jobs[:max_jobs] if max_jobs else jobs
     for i, kind, opt in track(jobs, description=f"sensitivity {fmt}", disable=not sys.stdout.isatty()):
