@@ -17,7 +17,9 @@ import yaml
 from tailor.config import parse_params
 
 ROOT = Path(__file__).resolve().parents[2]
-pytestmark = pytest.mark.integration
+# slow: ~6 min alone (17 min on a shared machine); the K-quant export path stays in `make test` through
+# test_export_gguf_ktypes.py and the search through tests/unit/test_kquant_choices.py
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 K_TYPES = ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL", "Q8_0", "F16"]
 
 
