@@ -88,6 +88,19 @@ def test_importance_permutation_keeps_outputs():
     assert sorted(imp.drop_order()) == [0, 1, 2]
 
 
+@torch.no_grad()
+def test_a_block_that_barely_changes_its_input_is_dropped_first():
+    """ShortGPT's rule: the last block, scaled to add almost nothing to the residual stream, is the least
+    important; the order covers every layer once, least important first."""
+    model = tiny_model(n_layers=4)
+    for lin in (model.model.layers[3].self_attn.o_proj, model.model.layers[3].mlp.down_proj):
+        lin.weight.mul_(1e-3)
+    imp = importance.measure(model, [IDS])
+    order = imp.drop_order()
+    assert order[0] == 3 and sorted(order) == [0, 1, 2, 3]
+    assert [imp.block[i] for i in order] == sorted(imp.block)
+
+
 def test_min_subnet_is_smaller_than_max():
     model = tiny_model(n_layers=6)
     space = _space(model)
