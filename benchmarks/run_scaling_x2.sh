@@ -74,19 +74,16 @@ row() {
 after() { cleanup; collect --quiet; }
 
 if [ "$PROFILE" = tiny ]; then  # the same rows at a toy shape on the CPU: checks the script, not the numbers
-  S1="--shape tiny --seq 64"; S8="--shape tiny --seq 64"; B1=2; B8=1; L8=4; SEQS=8; BB=2; BS=3; FAN="--seq 64 --candidates 6"
+  S1="--shape tiny --seq 64"; S8="--shape tiny --seq 64"; B1=2; T1=3; B8=1; L8=4; SEQS=8; BB=2; BS=3; FAN="--seq 64 --candidates 6"
 else
-  S1="--shape llama-3.2-1b --seq 2048"; S8="--shape llama-3.1-8b --seq 2048"; B1=8; B8=2; L8=4; SEQS=32; BB=8; BS=16
+  S1="--shape llama-3.2-1b --seq 2048"; S8="--shape llama-3.1-8b --seq 2048"; B1=8; T1=6; B8=2; L8=4; SEQS=32; BB=8; BS=16
   FAN="--seq 512 --candidates 32"
 fi
 
-# 1. the 1B step on one GPU, the two loss paths side by side (one per GPU, at once): chunked KD (DDP's
-#    baseline) and the plain loss (FSDP's: train_kd runs the plain loss under FSDP)
-CUDA_VISIBLE_DEVICES=0 row 1b-w1-chunk 110 60 e2e $S1 --per-gpu-batch $B1 --kd-chunk 4096 --nproc 1 &
-CUDA_VISIBLE_DEVICES=1 row 1b-w1-plain 110 60 e2e $S1 --per-gpu-batch $B1 --kd-chunk 0 --nproc 1 &
-wait; after
+# 1. the 1B step on one GPU (chunked KD loss): DDP's baseline
+row 1b-w1-chunk 110 60 e2e $S1 --per-gpu-batch $B1 --kd-chunk 4096 --nproc 1 --profile --steps $T1; after
 # 2. 1B under DDP on 2 GPUs, same per-GPU batch
-row 1b-ddp-w2 110 60 e2e $S1 --per-gpu-batch $B1 --kd-chunk 4096 --parallel ddp --nproc 2 --profile; after
+row 1b-ddp-w2 110 60 e2e $S1 --per-gpu-batch $B1 --kd-chunk 4096 --parallel ddp --nproc 2 --profile --steps $T1; after
 # 3. the whole 8B student under FSDP2 over 2 GPUs (one GPU cannot hold its 128 GB of training state)
 row 8b-fsdp-w2 210 120 e2e $S8 --per-gpu-batch $B8 --parallel fsdp --checkpointing --nproc 2 --profile --steps 3; after
 # 4-5. blockwise at the 8B width: 4 blocks on 1 GPU, then 2 per GPU
@@ -97,8 +94,10 @@ rm -rf /tmp/scaling-x2-work/bw2; after
 # 6. search candidates of the 1B shape through the Dask runner: 1 worker, then one per GPU
 row 1b-fanout 160 80 fanout $S1 $FAN --val-seqs 8 --workers 1,2 --work /tmp/scaling-x2-work/fan
 rm -rf /tmp/scaling-x2-work/fan; after
-# 7. 1B under FSDP2 on 2 GPUs (last: DDP is the 1B path; this says what sharding costs there)
-row 1b-fsdp-w2 110 60 e2e $S1 --per-gpu-batch $B1 --parallel fsdp --nproc 2 --profile; after
+# 7-8. 1B under FSDP2 against one GPU on the plain KD loss (train_kd's loss under FSDP); last: DDP is the
+#      1B path, this says what sharding costs there
+row 1b-w1-plain 100 50 e2e $S1 --per-gpu-batch $B1 --kd-chunk 0 --nproc 1 --profile --steps $T1; after
+row 1b-fsdp-w2 110 50 e2e $S1 --per-gpu-batch $B1 --parallel fsdp --nproc 2 --profile --steps $T1; after
 
 echo "== summary ($(( $(date +%s) - START ))s of ${BUDGET}s)"
 collect

@@ -253,7 +253,7 @@ def fanout(a) -> None:
     with torch.device(device):
         model = TailorForCausalLM(cfg)
     space = spaces_for(arch_of(model))["gguf"]
-    model.save_pretrained(root / "model", safe_serialization=True)
+    model.save_pretrained(root / "model", safe_serialization=True, max_shard_size="200GB")  # one file, as the stage's
     del model
     if cuda:
         torch.cuda.empty_cache()
@@ -290,8 +290,9 @@ def fanout(a) -> None:
             t2 = time.perf_counter()
             fan.score_candidates(job, timed, "dask", w, cluster.scheduler_address)
             steady_s = time.perf_counter() - t2
-            with Client(cluster.scheduler_address) as client:
-                devices = sorted(client.run(worker_device, job.device).values())
+            with Client(cluster.scheduler_address) as client:  # where each worker's tasks ran (a task per worker)
+                devices = sorted(client.gather([client.submit(worker_device, job.device, workers=[w_], pure=False)
+                                                for w_ in client.scheduler_info()["workers"]]))
         run = {"workers": w, "cold_s": cold_s, "steady_s": steady_s, "candidates_per_s": a.candidates / steady_s,
                "candidates_per_s_per_worker": a.candidates / steady_s / w, "worker_devices": devices,
                "kl_first": timed[0].kl}

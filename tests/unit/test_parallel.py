@@ -81,12 +81,14 @@ def test_worker_device_spreads_local_workers_over_the_gpus(monkeypatch, asked, g
 
 
 def test_local_cluster_workers_have_slots_zero_to_n():
-    """What `worker_device` relies on: a LocalCluster names its workers 0..n-1 (ints); outside a worker
-    there is no slot."""
+    """What `worker_device` relies on: in a task on a LocalCluster's worker i (as map_candidates runs
+    them) the slot is i, 0..n-1; outside a worker there is none."""
     pytest.importorskip("dask.distributed")
     from dask.distributed import Client, LocalCluster
 
     assert parallel.worker_slot() is None
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
                       silence_logs=40) as cluster, Client(cluster) as client:
-        assert sorted(client.run(parallel.worker_slot).values()) == [0, 1]
+        addrs = list(client.scheduler_info()["workers"])
+        slots = client.gather([client.submit(parallel.worker_slot, workers=[a], pure=False) for a in addrs])
+        assert sorted(slots) == [0, 1]
