@@ -25,8 +25,9 @@ rm -rf "$ROWS" /tmp/scaling-x2-work
 mkdir -p "$ROWS" /tmp/scaling-x2-work
 : > "$ROWS/status"
 
-if ! $PY -c "import dask.distributed" 2>/dev/null && ls .whl/*.whl >/dev/null 2>&1; then  # the Dask runner's wheels
-  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+WHEELS=${WHEELS:-.whl}  # the Dask runner's wheels (dask, distributed and the five of theirs the image lacks)
+if ! $PY -c "import dask.distributed" 2>/dev/null && ls "$WHEELS"/*.whl >/dev/null 2>&1; then
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$WHEELS"/*.whl \
     && export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
 fi
 export PYTHONPATH=$PWD:${PYTHONPATH:-}

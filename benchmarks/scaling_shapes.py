@@ -153,6 +153,8 @@ def e2e(a) -> None:
     def sandwich(step, gen):
         _sync(device)
         now = time.perf_counter()
+        if cuda and step == 1:  # peak memory of the training steps, not of building the models
+            torch.cuda.reset_peak_memory_stats(device)
         if a.profile and cuda and step == 1:  # the second step: warm, and outside the timed ones
             prof_box["prof"] = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA])
             prof_box["prof"].start()
