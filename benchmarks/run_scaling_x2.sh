@@ -25,10 +25,17 @@ rm -rf "$ROWS" /tmp/scaling-x2-work
 mkdir -p "$ROWS" /tmp/scaling-x2-work
 : > "$ROWS/status"
 
-WHEELS=${WHEELS:-.whl}  # the Dask runner's wheels (dask, distributed and the five of theirs the image lacks)
-if ! $PY -c "import dask.distributed" 2>/dev/null && ls "$WHEELS"/*.whl >/dev/null 2>&1; then
-  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$WHEELS"/*.whl \
-    && export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
+# The Dask runner's wheels: dask, distributed and the five of theirs the image lacks; only these (the folder
+# may hold other work's wheels), the first of each name
+WHEELS=${WHEELS:-.whl}
+if ! $PY -c "import dask.distributed" 2>/dev/null; then
+  whl=()
+  for n in dask distributed partd locket tblib tornado zict; do
+    f=$(ls "$WHEELS"/$n-[0-9]*.whl 2>/dev/null | head -n 1)
+    [ -n "$f" ] && whl+=("$f")
+  done
+  [ ${#whl[@]} -gt 0 ] && $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site "${whl[@]}" && export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
 fi
 export PYTHONPATH=$PWD:${PYTHONPATH:-}
 $PY -c "import torch, sys; print('torch', torch.__version__, 'python', sys.version.split()[0], 'gpus', torch.cuda.device_count())"
