@@ -5,7 +5,7 @@
 # the tails of the rows' logs in $OUT/log.txt, and a compact summary printed at the end.
 #
 #   bash benchmarks/run_scaling_x2.sh                  # on the device: OUT is set, .whl carried
-#   PROFILE=tiny PY=.venv/bin/python OUT=/tmp/o bash benchmarks/run_scaling_x2.sh   # CPU dry run (gloo)
+#   PROFILE=tiny SLOW=4 BUDGET=3000 PY=.venv/bin/python OUT=/tmp/o bash benchmarks/run_scaling_x2.sh  # CPU dry run
 #
 # Afterwards, here: python benchmarks/scaling_rows.py combine <files_at>/rows.json   (or scaling_shapes.py --combine)
 set -u
@@ -16,6 +16,7 @@ export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:Tr
 export SCALING_X2_MARK=$$  # every process a row starts carries it: leftovers are found by it, and only they
 PROFILE=${PROFILE:-x2}
 BUDGET=${BUDGET:-525}       # seconds for the whole call (the device allows 600 a command)
+SLOW=${SLOW:-1}             # rows' time limits x SLOW (a CPU dry run on a busy machine)
 PY=${PY:-python3}
 OUT=${OUT:-/tmp/scaling-x2-out}
 ROWS=/tmp/scaling-x2-rows
@@ -62,7 +63,7 @@ collect() { $PY benchmarks/scaling_rows.py collect "$ROWS" --status "$ROWS/statu
 
 # row NAME MAX_S MIN_S SUBCOMMAND ARGS...: run one row under min(MAX_S, what the budget has left)
 row() {
-  local name=$1 max=$2 min=$3 t s rc
+  local name=$1 max=$(( $2 * SLOW )) min=$(( $3 * SLOW )) t s rc
   shift 3
   t=$(( $(left) - 20 ))  # room for the last collect
   [ "$t" -gt "$max" ] && t=$max
