@@ -113,14 +113,23 @@ def _profile(fn, device, step_s: float) -> dict:
     with profile(activities=[ProfilerActivity.CUDA], schedule=schedule(wait=1, warmup=0, active=1)) as prof:
         fn(prof.step)
         _sync(device)
-    cats: dict[str, float] = {"matmul": 0.0, "attention": 0.0, "memcpy": 0.0, "other": 0.0}
+    return kernel_summary(prof.key_averages(), step_s)
+
+
+def kernel_summary(events, step_s: float) -> dict:
+    """GPU kernel time of profiled events (`prof.key_averages()`) by kind: matmul, attention, comm (NCCL
+    collectives, which run on their own stream and may overlap compute), memcpy, other; and the kernels'
+    total over `step_s`, the wall time the profile covered."""
+    cats: dict[str, float] = {"matmul": 0.0, "attention": 0.0, "comm": 0.0, "memcpy": 0.0, "other": 0.0}
     other: dict[str, float] = {}
-    for e in prof.key_averages():
+    for e in events:
         t = e.self_device_time_total
         if t <= 0:
             continue
         n = e.key.lower()
-        if any(k in n for k in ("gemm", "cutlass", "xmma", "nvjet", "matmul", "cublas")):
+        if "nccl" in n:
+            cats["comm"] += t
+        elif any(k in n for k in ("gemm", "cutlass", "xmma", "nvjet", "matmul", "cublas")):
             cats["matmul"] += t
         elif any(k in n for k in ("flash", "fmha", "attention", "sdpa")):
             cats["attention"] += t
@@ -129,9 +138,10 @@ def _profile(fn, device, step_s: float) -> dict:
         else:
             cats["other"] += t
             other[e.key[:90]] = other.get(e.key[:90], 0.0) + t
-    busy = sum(cats.values())
+    busy = sum(cats.values()) or 1.0
     return {"kernel_share": {k: round(v / busy, 3) for k, v in cats.items()},
             "kernel_time_of_step": round(busy / 1e6 / step_s, 3),
+            "comm_kernel_s": round(cats["comm"] / 1e6, 4),
             "top_other_kernels": [[k, round(v / busy, 3)] for k, v in sorted(other.items(), key=lambda kv: -kv[1])[:8]]}
 
 
@@ -160,13 +170,7 @@ def bench_end_to_end(row: dict, device, steps: int, warmup: int) -> dict:
     timed = res.curve[warmup:]
     secs = sum(b * seq * len(drawn[p["step"] - 1]) / p["tokens_per_s"] for p in timed)
     tokens = b * seq
-    model_flops = recompute = 0.0
-    for cfgs in drawn[warmup:]:
-        model_flops += sum(layer_flops(arch, lc, tokens, seq) for lc in SpaceMax(arch)) + 2.0 * tokens * arch.hidden * arch.vocab
-        for c in cfgs:
-            body = sum(layer_flops(arch, lc, tokens, seq) for lc in c.layers if lc.keep)
-            model_flops += 3 * body + 2 * (2.0 * tokens * arch.hidden * arch.vocab)
-            recompute += body if spec.checkpointing else 0.0
+    model_flops, recompute = sandwich_flops(arch, drawn[warmup:], tokens, seq, spec.checkpointing)
     out = {"student_tokens_per_s": sum(tokens * len(c) for c in drawn[warmup:]) / secs,
            "model_tflops_per_s": model_flops / secs / 1e12, "hw_tflops_per_s": (model_flops + recompute) / secs / 1e12,
            "step_s": secs / len(timed), "loss_last": timed[-1]["loss"],
@@ -182,6 +186,22 @@ def bench_end_to_end(row: dict, device, steps: int, warmup: int) -> dict:
             train_kd(student, teacher, data, spec1, ticking)
         out["profile"] = _profile(run, device, out["step_s"])
     return out
+
+
+def sandwich_flops(arch: BaseArch, drawn: list[list], tokens: int, seq: int, checkpointing: bool) -> tuple[float, float]:
+    """(model FLOPs, recomputed FLOPs) of end-to-end steps that drew the subnets `drawn` (one list of
+    SubnetConfigs per step), each over `tokens` tokens in sequences of `seq`: the teacher's forward once
+    per step, each subnet's pass 3x its forward (the frozen head 2x), activation checkpointing's
+    recomputed forward of the body apart (HFU counts it, MFU does not)."""
+    head = 2.0 * tokens * arch.hidden * arch.vocab
+    model_flops = recompute = 0.0
+    for cfgs in drawn:
+        model_flops += sum(layer_flops(arch, lc, tokens, seq) for lc in SpaceMax(arch)) + head
+        for c in cfgs:
+            body = sum(layer_flops(arch, lc, tokens, seq) for lc in c.layers if lc.keep)
+            model_flops += 3 * body + 2 * head
+            recompute += body if checkpointing else 0.0
+    return model_flops, recompute
 
 
 def SpaceMax(arch: BaseArch):

@@ -111,7 +111,10 @@ def run(params: Params, device: str, supernet_dir: Path, data_dir: Path, out_dir
     fan = None
     if fan_dir is not None:  # workers read these files: a shared filesystem when `runner.address` is remote
         inputs = fanout.write_inputs(Path(fan_dir.name) / "inputs.safetensors", val.cpu(), [t.cpu() for t in teacher])
-        fan = (fanout.ScoreJob(str(supernet_dir / "model"), str(inputs), prof.format), params.runner)
+        # a local cluster scores where this stage runs (on a GPU machine, one worker per GPU); a remote
+        # cluster's machines may have none, so its workers score on their CPUs
+        where = str(dev) if params.runner.address is None else "cpu"
+        fan = (fanout.ScoreJob(str(supernet_dir / "model"), str(inputs), prof.format, device=where), params.runner)
     scorer = Scorer(model, space, prof, val, teacher, overhead, fan)
     per_strategy: dict[str, dict] = {}
 

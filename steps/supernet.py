@@ -116,21 +116,11 @@ def blockwise_phase(model, teacher, train: torch.Tensor, spec: TrainSpec, spaces
     """`supernet.mode: blockwise`: every block's elastic choices against the teacher block
     (tailor.elastic.blockwise), blocks split over the torchrun processes in contiguous shares, each
     process walking its own teacher activations; each then loads the others' blocks."""
-    import torch.distributed as dist
+    from tailor.elastic.blockwise import BlockSpec, train_blocks_shared
 
-    from tailor.elastic.blockwise import BlockSpec, load_trained, train_blocks
-
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
     bspec = BlockSpec(sp.block_steps, sp.batch_size, sp.block_lr, sp.seed, ckpt_every=max(1, sp.block_steps // 4),
                       amp=sp.amp, fingerprint=spec.fingerprint)
-    n = len(model.model.layers)
-    mine = list(range(rank * n // world, (rank + 1) * n // world))  # contiguous: the teacher walks only so far
-    out = train_blocks(model, teacher, train, bspec, spaces, sp.n_random, work, device, blocks=mine,
-                       act_batch=sp.batch_size, acts_dir=work / f"acts-{rank}")
-    if world > 1:  # every process ends with every block
-        dist.barrier()
-        load_trained(model, work, bspec)
-    return out
+    return train_blocks_shared(model, teacher, train, bspec, spaces, sp.n_random, work, device, act_batch=sp.batch_size)
 
 
 def clip_summary(model) -> dict[str, float]:

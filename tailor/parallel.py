@@ -39,6 +39,30 @@ def clear_cache() -> None:
     _cache.clear()
 
 
+def worker_slot() -> int | None:
+    """This process's worker number in a Dask LocalCluster (its workers are named 0, 1, ...); None
+    outside a Dask worker or on a worker named otherwise (e.g. a remote cluster's)."""
+    try:
+        from dask.distributed import get_worker
+        name = get_worker().name
+    except (ImportError, ValueError):
+        return None
+    return name if isinstance(name, int) else None
+
+
+def worker_device(device: str) -> str:
+    """The device a job asked as `device` runs on in this process: plain "cuda" in worker i of a local
+    cluster on a machine of G GPUs is `cuda:{i mod G}`, so one worker per GPU spreads over all of them
+    (without this every worker would share GPU 0). Anything else (cpu, an explicit cuda:N, a worker
+    that is not a numbered local one, such as one dask-cuda pins with CUDA_VISIBLE_DEVICES) is kept."""
+    if device != "cuda":
+        return device
+    import torch
+
+    gpus, slot = torch.cuda.device_count(), worker_slot()
+    return f"cuda:{slot % gpus}" if gpus > 1 and slot is not None else device
+
+
 def map_candidates(fn: Callable[[T], R], items: Sequence[T], runner: str = "local", workers: int = 2,
                    address: str | None = None) -> list[R]:
     """`[fn(x) for x in items]`, run by `runner`: 'local' (this process, in order) or 'dask'.

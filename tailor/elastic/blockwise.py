@@ -19,7 +19,8 @@ Pipeline (`train_blocks`):
    teacher) moves to the device with its AdamW state, learns x_i -> x_{i+1}, and moves back. Its loss is
    ||f(x) - y||^2 / ||y - x||^2 over the batch: the error relative to what the teacher block adds to the
    residual stream (1.0 = as bad as skipping the block, which is what elastic depth does).
-   Blocks share nothing, so a list of them splits over processes or GPUs (`blocks=`).
+   Blocks share nothing, so a list of them splits over processes or GPUs (`blocks=`; under torchrun
+   `train_blocks_shared` gives each rank its contiguous share and every rank ends with every block).
 3. Resumable per block: `<ckpt>/block-007/step-000040/` (weights, AdamW and sampler state) written whole
    then renamed; a block whose newest checkpoint is its last step is done and only loaded.
 Elastic depth needs no training here (a skipped block is the identity); search scores it as before.
@@ -319,3 +320,34 @@ def load_trained(student: TailorForCausalLM, work: Path, spec: BlockSpec) -> lis
         if latest is None or _load(latest, block, spec)[0] != spec.steps:
             missing.append(i)
     return missing
+
+
+def block_share(n_blocks: int, rank: int, world: int) -> list[int]:
+    """The blocks rank `rank` of `world` trains: a contiguous share, sizes differing by at most one.
+    Contiguous, not strided: each process walks the teacher forward from the embeddings to its last
+    block, so the lowest shares stop early (strided shares would make every rank walk nearly all of it);
+    the highest rank walks the whole teacher either way, which bounds the speed-up (docs/scale.md)."""
+    return list(range(rank * n_blocks // world, (rank + 1) * n_blocks // world))
+
+
+def train_blocks_shared(student: TailorForCausalLM, teacher: TailorForCausalLM, data: torch.Tensor,
+                        spec: BlockSpec, spaces: dict[str, SearchSpace], n_random: int, work: Path,
+                        device: torch.device | str = "cpu", act_batch: int = 8,
+                        progress: Callable[[BlockResult], None] | None = None) -> list[BlockResult]:
+    """`train_blocks` over the processes of torch.distributed (one when it is not initialised): each rank
+    trains its `block_share` with its own teacher walk (`work/acts-<rank>`), checkpoints go to the shared
+    `work/block-XXX`, and after a barrier every rank loads the blocks the others trained, so each ends
+    with the whole trained student. `work` must be one filesystem for all ranks. Returns this rank's results."""
+    import torch.distributed as dist
+
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
+    work = Path(work)
+    mine = block_share(len(student.model.layers), rank, world)
+    out = train_blocks(student, teacher, data, spec, spaces, n_random, work, device, blocks=mine,
+                       act_batch=act_batch, acts_dir=work / f"acts-{rank}", progress=progress)
+    if world > 1:
+        dist.barrier()
+        missing = load_trained(student, work, spec)
+        if missing:
+            raise BlockCheckpointError(f"{work}: blocks {missing} unfinished after every rank's share")
+    return out

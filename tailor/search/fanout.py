@@ -8,14 +8,17 @@ import functools
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from tailor.config import DeviceProfile
 from tailor.elastic.space import SearchSpace
-from tailor.parallel import map_candidates, process_cache
+from tailor.parallel import map_candidates, process_cache, worker_device
 from tailor.search.sampled import Candidate, best_scored, propose, score
+
+if TYPE_CHECKING:  # pydantic stays out of the workers' import path (the GPU machines lack it)
+    from tailor.config import DeviceProfile
 
 
 @dataclass(frozen=True)
@@ -25,7 +28,7 @@ class ScoreJob:
     inputs: str           # safetensors written by `write_inputs`: val sequences + teacher logits
     fmt: str              # the device's format: its quantization grid
     batch_size: int = 8
-    device: str = "cpu"
+    device: str = "cpu"   # "cuda": each local worker takes its own GPU (tailor.parallel.worker_device)
 
 
 def write_inputs(path: Path, seqs: torch.Tensor, teacher: list[torch.Tensor]) -> Path:
@@ -41,7 +44,7 @@ def write_inputs(path: Path, seqs: torch.Tensor, teacher: list[torch.Tensor]) ->
 def _load(job: ScoreJob):
     from tailor.models.base import load_model_dir
 
-    model = load_model_dir(Path(job.model_dir)).to(job.device)
+    model = load_model_dir(Path(job.model_dir)).to(worker_device(job.device))
     data = load_file(job.inputs)
     teacher = [data[f"teacher.{j}"] for j in range(sum(k.startswith("teacher.") for k in data))]
     return model, data["seqs"], teacher

@@ -3,12 +3,13 @@ teacher computes, a trained block reproduces its teacher block better than befor
 mid-training resumes to exactly the uninterrupted result."""
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
 
-from tailor.elastic.blockwise import (BlockSpec, block_sandwich, load_trained, rel_mse, teacher_inputs, train_block,
-                                      train_blocks)
+from tailor.elastic.blockwise import (BlockSpec, block_sandwich, block_share, load_trained, rel_mse, teacher_inputs,
+                                      train_block, train_blocks, train_blocks_shared)
 from tailor.elastic.space import SearchSpace
 from tailor.elastic.supernet import arch_of, set_block_active
 from tailor.models.model import rope_tables
@@ -114,3 +115,53 @@ def test_walk_keeps_two_layers_of_activations_and_restarts_from_the_newest(tmp_p
     other = copy.deepcopy(teacher)
     train_blocks(other, teacher, DATA, spec, _spaces(other), 1, tmp_path / "other", blocks=[2])
     torch.testing.assert_close(other.model.layers[2].state_dict(), student.model.layers[2].state_dict())
+
+
+@pytest.mark.parametrize("n, world", [(3, 2), (4, 2), (5, 3), (2, 4), (32, 8)])
+def test_block_shares_cover_every_block_once_in_contiguous_runs(n, world):
+    shares = [block_share(n, r, world) for r in range(world)]
+    assert sum(shares, []) == list(range(n))  # in order: each share a contiguous run
+    assert max(map(len, shares)) - min(map(len, shares)) <= 1
+
+
+def _shared_rank(rank: int, port: int, work: str, out: dict) -> None:
+    import os
+
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        teacher = tiny_model(seed=2, n_layers=3)
+        student = copy.deepcopy(teacher)
+        res = train_blocks_shared(student, teacher, DATA, SHARED_SPEC, _spaces(student), 1, Path(work))
+        out[rank] = ([r.block for r in res], {k: v.clone() for k, v in student.state_dict().items()})
+    finally:
+        dist.destroy_process_group()
+
+
+SHARED_SPEC = BlockSpec(steps=3, batch_size=4, lr=2e-3, seed=0, ckpt_every=2)
+
+
+def test_blocks_split_over_two_ranks_train_as_one_process(tmp_path):
+    """Two gloo ranks share the blocks (rank 0: block 0, rank 1: blocks 1-2, each walking its own teacher
+    activations) and each ends with every block exactly as one process trains them all."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    teacher = tiny_model(seed=2, n_layers=3)
+    single = copy.deepcopy(teacher)
+    train_blocks(single, teacher, DATA, SHARED_SPEC, _spaces(single), 1, tmp_path / "one")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with mp.Manager() as m:
+        out = m.dict()
+        mp.spawn(_shared_rank, args=(port, str(tmp_path / "two"), out), nprocs=2, join=True)
+        got = {r: (v[0], dict(v[1])) for r, v in out.items()}
+    assert got[0][0] == [0] and got[1][0] == [1, 2]
+    for rank in (0, 1):
+        for k, v in single.state_dict().items():
+            torch.testing.assert_close(got[rank][1][k], v, rtol=0, atol=0, msg=f"rank {rank}: {k}")

@@ -22,7 +22,7 @@ DATA = torch.randint(0, 320, (16, 12), generator=torch.Generator().manual_seed(0
 SPEC = TrainSpec(steps=3, batch_size=4, lr=1e-3, temperature=1.0, seed=0, ckpt_every=10**6, parallel="fsdp")
 
 
-def _train(steps: int = 3, ckpt: Path | None = None) -> tuple[list[float], dict]:
+def _train(steps: int = 3, ckpt: Path | None = None, over: dict | None = None) -> tuple[list[float], dict]:
     torch.manual_seed(0)
     # 3 layers, max_drop 0.5: the min subnet drops a block, so a sharded group sits out a forward
     student, teacher = tiny_model(n_layers=3), tiny_model(seed=1, n_layers=3)
@@ -33,7 +33,7 @@ def _train(steps: int = 3, ckpt: Path | None = None) -> tuple[list[float], dict]
     def sandwich(step, gen):
         return [lambda c=c, f=f: set_active(student, c, f) for c, f in sandwich_configs(spaces, step, 1, gen)]
 
-    res = train_kd(student, teacher, DATA, dataclasses.replace(SPEC, steps=steps), sandwich, ckpt)
+    res = train_kd(student, teacher, DATA, dataclasses.replace(SPEC, steps=steps, **(over or {})), sandwich, ckpt)
     return [p["loss"] for p in res.curve], {k: v.detach().clone() for k, v in student.state_dict().items()}
 
 
@@ -92,6 +92,33 @@ def test_one_process_checkpoint_resumes_under_fsdp(runs):
     curve, state = runs["resumed"]
     assert curve == pytest.approx(runs["single"][0], rel=1e-4, abs=1e-5)
     _close(runs["single"][1], state, rtol=1e-4, atol=1e-5)
+
+
+def _ckpt_rank(rank: int, port: int, out: dict) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        got = _train(2, over={"checkpointing": True})
+        if rank == 0:
+            out["got"] = got
+    finally:
+        dist.destroy_process_group()
+
+
+def test_fsdp_with_activation_checkpointing_matches_one_process():
+    """The 8B shape's end-to-end path (FSDP2 shards, every block recomputed in backward: the recompute
+    runs inside the sharded block's own hooks) trains as one process without checkpointing does."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with mp.Manager() as m:
+        out = m.dict()
+        mp.spawn(_ckpt_rank, args=(port, out), nprocs=2, join=True)
+        curve2, state2 = out["got"][0], dict(out["got"][1])
+    curve1, state1 = _train(2)
+    assert curve2 == pytest.approx(curve1, rel=1e-4, abs=1e-5)
+    _close(state1, state2, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("section", ["supernet", "finetune"])

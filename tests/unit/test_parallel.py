@@ -65,3 +65,30 @@ def test_runner_defaults_to_local_and_bad_values_name_the_key():
     for section, msg in cases:
         with pytest.raises(ConfigError, match="^params.yaml: " + msg.replace("(", r"\(").replace(")", r"\)")):
             parse_params({**raw, "runner": section})
+
+
+@pytest.mark.parametrize("asked, gpus, slot, runs_on", [
+    ("cuda", 2, 0, "cuda:0"), ("cuda", 2, 1, "cuda:1"), ("cuda", 2, 3, "cuda:1"),  # worker i -> GPU i mod G
+    ("cuda", 1, 1, "cuda"),          # one GPU: every worker shares it
+    ("cuda", 2, None, "cuda"),       # not a numbered local worker (this process, a remote cluster's)
+    ("cuda:0", 2, 1, "cuda:0"), ("cpu", 2, 1, "cpu")])  # an explicit device is kept
+def test_worker_device_spreads_local_workers_over_the_gpus(monkeypatch, asked, gpus, slot, runs_on):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    monkeypatch.setattr(parallel, "worker_slot", lambda: slot)
+    assert parallel.worker_device(asked) == runs_on
+
+
+def test_local_cluster_workers_have_slots_zero_to_n():
+    """What `worker_device` relies on: in a task on a LocalCluster's worker i (as map_candidates runs
+    them) the slot is i, 0..n-1; outside a worker there is none."""
+    pytest.importorskip("dask.distributed")
+    from dask.distributed import Client, LocalCluster
+
+    assert parallel.worker_slot() is None
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
+                      silence_logs=40) as cluster, Client(cluster) as client:
+        addrs = list(client.scheduler_info()["workers"])
+        slots = client.gather([client.submit(parallel.worker_slot, workers=[a], pure=False) for a in addrs])
+        assert sorted(slots) == [0, 1]
