@@ -48,6 +48,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import tarfile
 import time
 from pathlib import Path
@@ -326,19 +327,6 @@ def profile_params(name: str):
     return parse_params(raw, "full")
 
 
-def middle(space):
-    """As steps/supernet.middle: a fixed subnet halfway between min and max (the supernet's report)."""
-    from tailor.arch import MATRICES, LayerConfig, SubnetConfig, round_ffn
-
-    arch = space.arch
-    bits = sorted(space.bits)[len(space.bits) // 2]
-    ffn = round_ffn((arch.ffn + space.min_ffn) / 2, arch.ffn)
-    kv = (arch.n_kv_heads + space.min_kv + 1) // 2
-    drop = set(space.drop_order[: space.max_drop // 2])
-    return SubnetConfig(tuple(LayerConfig(i not in drop, kv, ffn, {m: bits for m in MATRICES})
-                              for i in range(arch.n_layers)), embed_bits=max(space.embed_bits))
-
-
 def seq_kls(model, seqs, teacher: list, batch_size: int = 8) -> list[float]:
     """Per-sequence mean per-token KL(base || model) (tailor.distill.mean_kl's measure, one value per
     sequence, so that two models' values pair up in a bootstrap; their mean is mean_kl's)."""
@@ -450,7 +438,7 @@ class Run:
         per = {}
         for fmt, space in self.spaces.items():
             sfx = "" if fmt == first else f"_{fmt}"
-            for name, cfg in ((f"min{sfx}", space.min()), (f"mid{sfx}", middle(space))):
+            for name, cfg in ((f"min{sfx}", space.min()), (f"mid{sfx}", space.middle())):
                 set_active(self.model, cfg, fmt)
                 per[name] = seq_kls(self.model, self.heldout, self.t_held)
         set_max(self.model)
@@ -1006,11 +994,11 @@ def main() -> None:
     a.add_argument("--wheels", type=Path, default=ROOT / ".whl")
     a = sub.add_parser("stage", help="device call 1: copy .bwq/a to --dest, install the wheels")
     a.add_argument("--src", type=Path, default=Path(".bwq/a"))
-    a.add_argument("--dest", type=Path, default=Path("/tmp/bwq"))
+    a.add_argument("--dest", type=Path, default=Path(tempfile.gettempdir()) / "bwq")
     a = sub.add_parser("launch", help="device call 2: rebuild the base, run both modes side by side")
     a.add_argument("--src", type=Path, default=Path(".bwq/b"))
-    a.add_argument("--dest", type=Path, default=Path("/tmp/bwq"))
-    a.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "/tmp/bwq/out")))
+    a.add_argument("--dest", type=Path, default=Path(tempfile.gettempdir()) / "bwq")
+    a.add_argument("--out", type=Path, default=Path(os.environ.get("OUT") or Path(tempfile.gettempdir()) / "bwq" / "out"))
     a.add_argument("--profile", choices=("full", "tiny"), default="full")
     a.add_argument("--budget-s", type=float, default=400.0, help="seconds from launch to the modes' planned end")
     a.add_argument("--grace-s", type=float, default=45.0, help="then killed this much later")

@@ -12,7 +12,6 @@ import torch
 from steps._common import (artifact_dir, base_model_tags, load_shard, main_for, report_dir, staged_dir, write_csv, write_json,
                            writes_outputs)
 from tailor import distributed, tracking
-from tailor.arch import MATRICES, LayerConfig, SubnetConfig, round_ffn
 from tailor.config import Params
 from tailor.distill import mean_loss
 from tailor.elastic import importance
@@ -30,19 +29,6 @@ def space_for(params: Params, model, drop_order: list[int], bits: list) -> Searc
                              drop_order)
 
 
-def middle(space: SearchSpace) -> SubnetConfig:
-    """A fixed subnet halfway between min and max, to watch the inside of the space train."""
-    arch = space.arch
-    bits = {m: c[len(c) // 2] for m, c in ((m, space.choices_for(m)) for m in MATRICES)}
-    ffn = round_ffn((arch.ffn + space.min_ffn) / 2, arch.ffn)
-    if ffn not in space.ffn_widths():  # a space of K-quants moves in steps of 256
-        ffn = min(space.ffn_widths(), key=lambda w: (abs(w - ffn), w))
-    kv = (arch.n_kv_heads + space.min_kv + 1) // 2
-    drop = set(space.drop_order[: space.max_drop // 2])
-    return SubnetConfig(tuple(LayerConfig(i not in drop, kv, ffn, dict(bits))
-                              for i in range(arch.n_layers)), embed_bits=max(space.embed_bits))
-
-
 def val_losses(model, spaces: dict[str, SearchSpace], val: torch.Tensor) -> dict[str, float]:
     """Val loss of the max subnet and of each format's min and middle subnets ("min", "mid" for the
     first format, "min_<fmt>", "mid_<fmt>" for the others)."""
@@ -50,7 +36,7 @@ def val_losses(model, spaces: dict[str, SearchSpace], val: torch.Tensor) -> dict
     out = {"max": None}
     for fmt, space in spaces.items():
         suffix = "" if fmt == first else f"_{fmt}"
-        for name, cfg in ((f"min{suffix}", space.min()), (f"mid{suffix}", middle(space))):
+        for name, cfg in ((f"min{suffix}", space.min()), (f"mid{suffix}", space.middle())):
             set_active(model, cfg, fmt)
             out[name] = mean_loss(model, val)
     set_max(model)

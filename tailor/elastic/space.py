@@ -76,6 +76,19 @@ class SearchSpace:
         layers = tuple(LayerConfig(i not in drop, lc.kv_groups, lc.ffn, dict(lc.bits)) for i in range(self.arch.n_layers))
         return SubnetConfig(layers, embed_bits=min(self.embed_bits))
 
+    def middle(self) -> SubnetConfig:
+        """A fixed subnet halfway between min and max (the middle choice of each matrix, half-way FFN
+        width and KV groups, half the droppable layers dropped): the supernet's report watches it train."""
+        arch = self.arch
+        bits = {m: c[len(c) // 2] for m, c in ((m, self.choices_for(m)) for m in MATRICES)}
+        ffn = round_ffn((arch.ffn + self.min_ffn) / 2, arch.ffn)
+        if ffn not in self.ffn_widths():  # a space of K-quants moves in steps of 256
+            ffn = min(self.ffn_widths(), key=lambda w: (abs(w - ffn), w))
+        kv = (arch.n_kv_heads + self.min_kv + 1) // 2
+        drop = set(self.drop_order[: self.max_drop // 2])
+        return SubnetConfig(tuple(LayerConfig(i not in drop, kv, ffn, dict(bits))
+                                  for i in range(arch.n_layers)), embed_bits=max(self.embed_bits))
+
     def sample(self, gen: torch.Generator) -> SubnetConfig:
         """A uniformly random subnet; the generator makes it reproducible (and rank-consistent)."""
         def pick(options: tuple | list):
