@@ -6,6 +6,7 @@
 #
 #   bash benchmarks/run_scaling_x2.sh                  # on the device: OUT is set, .whl carried
 #   PROFILE=tiny SLOW=4 BUDGET=3000 PY=.venv/bin/python OUT=/tmp/o bash benchmarks/run_scaling_x2.sh  # CPU dry run
+#   ONLY="1b-w1-plain 1b-fsdp-w2" bash benchmarks/run_scaling_x2.sh   # only the named rows (a later call's rows)
 #
 # Afterwards, here: python benchmarks/scaling_rows.py combine <files_at>/rows.json   (or scaling_shapes.py --combine)
 set -u
@@ -65,6 +66,7 @@ collect() { $PY benchmarks/scaling_rows.py collect "$ROWS" --status "$ROWS/statu
 row() {
   local name=$1 max=$(( $2 * SLOW )) min=$(( $3 * SLOW )) t s rc
   shift 3
+  if [ -n "${ONLY:-}" ] && [[ " $ONLY " != *" $name "* ]]; then return; fi
   t=$(( $(left) - 20 ))  # room for the last collect
   [ "$t" -gt "$max" ] && t=$max
   if [ "$t" -lt "$min" ]; then
@@ -107,6 +109,12 @@ rm -rf /tmp/scaling-x2-work/fan; after
 #      1B path, this says what sharding costs there
 row 1b-w1-plain 100 50 e2e $S1 --per-gpu-batch $B1 --kd-chunk 0 --nproc 1 --profile --steps $T1; after
 row 1b-fsdp-w2 110 50 e2e $S1 --per-gpu-batch $B1 --parallel fsdp --nproc 2 --profile --steps $T1; after
+# 9-10. blockwise at the 8B width with 4x the blocks: the fixed part (teacher walk, start-up, exchange) is
+#       spread over more blocks, so the per-GPU rate nears the 1-GPU one (rows 4-5 measured 76% at 4 blocks)
+row 8b-bw16-w1 220 120 blockwise $S8 --layers $((L8 * 4)) --seqs $SEQS --batch $BB --block-steps $BS --nproc 1 --work /tmp/scaling-x2-work/bw1
+rm -rf /tmp/scaling-x2-work/bw1; after
+row 8b-bw16-w2 140 70 blockwise $S8 --layers $((L8 * 4)) --seqs $SEQS --batch $BB --block-steps $BS --nproc 2 --work /tmp/scaling-x2-work/bw2
+rm -rf /tmp/scaling-x2-work/bw2; after
 
 echo "== summary ($(( $(date +%s) - START ))s of ${BUDGET}s)"
 collect
