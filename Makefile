@@ -26,7 +26,7 @@ run: $(VENV_OK)
 	.venv/bin/tailor run
 
 test: $(VENV_OK)
-	$(PY) -m pytest -q --durations=15 tests
+	$(PY) -m pytest -q -n auto --dist worksteal --durations=25 tests
 
 test-all: $(VENV_OK)
 	$(PY) -m pytest -q -m '' tests

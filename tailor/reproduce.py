@@ -45,13 +45,12 @@ def _dvc() -> str:
 def _default_remote(repo: Path, env: dict[str, str]) -> tuple[str, str]:
     """(name, absolute url) of the project's default DVC remote; relative local urls resolved."""
     name = _run([_dvc(), "remote", "default"], repo, env, "dvc remote default").strip().splitlines()[-1]
-    for line in _run([_dvc(), "remote", "list"], repo, env, "dvc remote list").splitlines():
-        parts = line.split()
-        if len(parts) >= 2 and parts[0] == name:
-            url = parts[1]
-            if "://" not in url and not os.path.isabs(url):
-                url = str((repo / ".dvc" / url).resolve())  # DVC resolves relative urls from .dvc/
-            return name, url
+    # `dvc config` prints the one value; `dvc remote list` is a table that wraps long urls at $COLUMNS
+    url = _run([_dvc(), "config", f"remote.{name}.url"], repo, env, f"dvc config remote.{name}.url").strip()
+    if url:
+        if "://" not in url and not os.path.isabs(url):
+            url = str((repo / ".dvc" / url).resolve())  # DVC resolves relative urls from .dvc/
+        return name, url
     raise ReproduceError(f"{repo}: no DVC remote named {name!r}")
 
 

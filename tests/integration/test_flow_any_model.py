@@ -20,7 +20,13 @@ SHAPE = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_at
              num_key_value_heads=2, head_dim=64, tie_word_embeddings=False)
 
 
-@pytest.mark.parametrize("family, devices", [("qwen2", "phone,laptop"), ("llama", "phone")])
+# `make test` runs one user model through the whole flow, its GGUF branch; `make test-all` adds the ONNX
+# branch and a Llama directory. What those add is covered faster elsewhere: each family's GGUF and ONNX export
+# of an untied, biased, pruned subnet in tests/integration/test_families_export.py, two devices in one flow
+# in test_flow_e2e.py, and the Llama family's seam in the end-to-end flow (SmolLM2) and tests/unit/test_families.py.
+@pytest.mark.parametrize("family, devices", [("qwen2", "phone"),
+                                             pytest.param("qwen2", "phone,laptop", marks=pytest.mark.slow),
+                                             pytest.param("llama", "phone", marks=pytest.mark.slow)])
 def test_tailor_run_on_a_model_directory(family, devices, tmp_path, monkeypatch, prefect_harness):
     from tailor import tracking
     from tailor.cli import app
