@@ -95,3 +95,43 @@ def test_enable_compile_compiles_the_quantizer_once_with_dynamic_shapes(monkeypa
     assert fake._compiled(1) == ("compiled", (1,))
     w = _w()
     assert torch.equal(fake_quant(w, 4, "onnx"), grid("onnx").dequantized(w, 4))  # CPU tensors skip the graph
+
+
+def _blocks(w):
+    return w.reshape(w.shape[0], -1, 32)
+
+
+@pytest.mark.parametrize("fmt,bits", [("gguf", 8), ("gguf", 4), ("gguf", 5), ("onnx", 4)])
+def test_each_format_clips_its_own_block_range(fmt, bits):
+    """Per block of 32: Q8_0/Q4_0 shrink ±absmax to ±gamma*absmax; Q5_1 shrinks [min, max] towards the end
+    nearer 0 for a one-signed block (towards 0 otherwise); MatMulNBits first widens the range to hold 0."""
+    g = 0.6
+    w = _w(6, rows=3, cols=64)
+    w[1] = w[1].abs() + 0.01   # all positive
+    w[2] = -w[2].abs() - 0.01  # all negative
+    out, b = _blocks(clipped(w, torch.tensor(g), fmt, bits)), _blocks(w)
+    lo, hi = b.amin(-1), b.amax(-1)
+    if fmt == "gguf" and bits in (8, 4):
+        a = b.abs().amax(-1)
+        torch.testing.assert_close(out.abs().amax(-1), g * a)
+        assert torch.all(out.abs() <= g * a.unsqueeze(-1) + 1e-7)
+    elif fmt == "gguf":  # row 0 straddles 0: both ends shrink towards 0
+        torch.testing.assert_close(out[0].amin(-1), g * lo[0])
+        torch.testing.assert_close(out[0].amax(-1), g * hi[0])
+        torch.testing.assert_close(out[1].amin(-1), lo[1])  # positive block: the min stays, the max comes in
+        torch.testing.assert_close(out[1].amax(-1), lo[1] + g * (hi[1] - lo[1]))
+        torch.testing.assert_close(out[2].amax(-1), hi[2])
+        torch.testing.assert_close(out[2].amin(-1), hi[2] + g * (lo[2] - hi[2]))
+    else:  # [0, max] for a positive block, [min, 0] for a negative one
+        torch.testing.assert_close(out[1].amin(-1), lo[1])
+        torch.testing.assert_close(out[1].amax(-1), g * hi[1])
+        torch.testing.assert_close(out[2].amin(-1), g * lo[2])
+        torch.testing.assert_close(out[2].amax(-1), hi[2])
+
+
+def test_gamma_is_held_in_its_range_and_16_bits_passes_the_weight_itself():
+    w = _w(7)
+    assert torch.equal(clipped(w, torch.tensor(0.2), "onnx", 4), clipped(w, torch.tensor(0.5), "onnx", 4))
+    assert torch.equal(fake_quant(w, 4, "onnx", torch.tensor(0.2)), fake_quant(w, 4, "onnx", torch.tensor(0.5)))
+    assert torch.equal(fake_quant(w, 4, "onnx", torch.tensor(1.5)), grid("onnx").dequantized(w, 4))
+    assert fake_quant(w, 16, "gguf") is w and fake_quant(w, 16, "onnx", torch.tensor(0.7)) is w
