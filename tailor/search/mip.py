@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import warnings
 
 import numpy as np
 from scipy.optimize import Bounds, LinearConstraint, milp
@@ -31,6 +32,17 @@ from tailor.search.sensitivity import SensTable, _interp, ffn_options
 
 ATTN, MLP = ("q", "k", "v", "o"), ("gate", "up", "down")
 ENUMERATE_MAX = 4096  # variants per layer up to which the enumerated formulation is used
+
+
+def _milp(c: np.ndarray, a, lo: list[float], hi: list[float], time_limit: float):
+    """HiGHS on binaries, single-threaded. Its default starts a pool of worker threads on the first solve;
+    a process forked after that (a Dask or mutation-testing worker) inherits the pool's state without
+    its threads, and its next solve waits on them for ever. These programmes are small; one thread does.
+    `threads` is a HiGHS option scipy passes through verbatim (with a warning that says so)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "Unrecognized options", RuntimeWarning)
+        return milp(c, constraints=LinearConstraint(a, lo, hi), integrality=np.ones(len(c)), bounds=Bounds(0, 1),
+                    options={"time_limit": time_limit, "disp": False, "threads": 1})
 
 
 def n_variants(table: SensTable, space: SearchSpace) -> int:
@@ -76,7 +88,6 @@ def solve(table: SensTable, space: SearchSpace, fmt: str, embed_bits: int, budge
             cols.append((i, kind, struct, bits, cost, nb))
         if i in space.droppable:
             cols.append((i, "drop", None, None, table.drop[str(i)], 0))
-    n = len(cols)
     c = np.array([col[4] for col in cols])
     size = np.array([col[5] for col in cols], dtype=float)
     rows, lo, hi = [], [], []
@@ -91,8 +102,7 @@ def solve(table: SensTable, space: SearchSpace, fmt: str, embed_bits: int, budge
     rows.append([1.0 if col[1] == "drop" else 0.0 for col in cols])
     lo.append(0.0)
     hi.append(float(space.max_drop))
-    res = milp(c, constraints=LinearConstraint(np.array(rows), lo, hi), integrality=np.ones(n),
-               bounds=Bounds(0, 1), options={"time_limit": time_limit, "disp": False})
+    res = _milp(c, np.array(rows), lo, hi, time_limit)
     if res.x is None:
         return None
     chosen = [cols[j] for j in np.flatnonzero(res.x > 0.5)]
@@ -154,8 +164,7 @@ def _solve_per_matrix(table: SensTable, space: SearchSpace, fmt: str, embed_bits
     row([(j, 1.0) for j, c in enumerate(cols) if c[1] == "drop"], 0.0, float(space.max_drop))
     r, cidx, v = zip(*entries)
     a = coo_matrix((v, (r, cidx)), shape=(len(lo), n)).tocsr()
-    res = milp(np.array([c[5] for c in cols]), constraints=LinearConstraint(a, lo, hi), integrality=np.ones(n),
-               bounds=Bounds(0, 1), options={"time_limit": time_limit, "disp": False})
+    res = _milp(np.array([c[5] for c in cols]), a, lo, hi, time_limit)
     if res.x is None:
         return None
     chosen = [cols[j] for j in np.flatnonzero(res.x > 0.5)]

@@ -2,6 +2,7 @@
 teacher computes, a trained block reproduces its teacher block better than before, and a block killed
 mid-training resumes to exactly the uninterrupted result."""
 
+import contextlib
 import copy
 from pathlib import Path
 
@@ -165,3 +166,29 @@ def test_blocks_split_over_two_ranks_train_as_one_process(tmp_path):
     for rank in (0, 1):
         for k, v in single.state_dict().items():
             torch.testing.assert_close(got[rank][1][k], v, rtol=0, atol=0, msg=f"rank {rank}: {k}")
+
+
+def test_without_torch_distributed_the_shared_run_is_one_process_training_every_block(tmp_path):
+    """One rank (no process group): train_blocks_shared trains every block, walks the teacher in
+    work/acts-0, checkpoints each block under work, and leaves the student as train_blocks does."""
+    teacher = tiny_model(seed=2, n_layers=3)
+    single, shared = copy.deepcopy(teacher), copy.deepcopy(teacher)
+    train_blocks(single, teacher, DATA, SHARED_SPEC, _spaces(single), 1, tmp_path / "one")
+    seen = []
+    res = train_blocks_shared(shared, teacher, DATA, SHARED_SPEC, _spaces(shared), 1, tmp_path / "two",
+                              progress=seen.append)
+    assert [r.block for r in res] == [0, 1, 2] and [r.block for r in seen] == [0, 1, 2]
+    assert all(len(r.curve) == SHARED_SPEC.steps for r in res)
+    assert (tmp_path / "two" / "acts-0").is_dir()
+    assert load_trained(copy.deepcopy(teacher), tmp_path / "two", SHARED_SPEC) == []
+    a, b = single.state_dict(), shared.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_autocast_only_when_asked_and_on_cuda():
+    from tailor.elastic.blockwise import _amp
+
+    amp = _amp(torch.device("cuda"), True)
+    assert isinstance(amp, torch.autocast) and amp.device == "cuda" and amp.fast_dtype == torch.bfloat16
+    for device, on in (("cuda", False), ("cpu", True), ("cpu", False)):
+        assert isinstance(_amp(torch.device(device), on), contextlib.nullcontext)

@@ -4,7 +4,8 @@ baking is exact, and gamma gets LSQ's gradient (and learns to clip where clippin
 import pytest
 import torch
 
-from tailor.quant.fake import clipped, fake_quant
+from tailor.quant import fake, gguf_grid
+from tailor.quant.fake import clipped, fake_quant, runtime_linear, runtime_weight
 from tailor.quant.formats import grid
 
 CASES = [("gguf", 4), ("gguf", 5), ("gguf", 8), ("onnx", 2), ("onnx", 4), ("onnx", 8)]
@@ -60,3 +61,77 @@ def test_gamma_learns_to_clip_a_heavy_tailed_matrix_at_2_bits():
         opt.step()
     err1 = float((fake_quant(w, 2, "onnx", gamma.detach()) - w).pow(2).mean())
     assert float(gamma) < 0.95 and err1 < 0.9 * err0
+
+
+def test_runtime_weight_is_what_each_runtime_stores_and_linear_computes_with_it():
+    """GGUF keeps its block codes (the runtime's matmul reads scales and codes, computed once); MatMulNBits'
+    matmul is float32 on the dequantized grid; 16 bits on GGUF is the plain float16 matrix, no codes."""
+    w = _w(4, rows=6, cols=64)
+    x = torch.randn(3, 64, generator=torch.Generator().manual_seed(5))
+    onnx_w = runtime_weight(w, 4, "onnx")
+    assert torch.equal(onnx_w, grid("onnx").dequantized(w, 4))
+    torch.testing.assert_close(runtime_linear(x, onnx_w, 4, "onnx"), x @ onnx_w.T, rtol=1e-6, atol=1e-7)
+    for bits in (4, 5, 8):
+        codes = runtime_weight(w, bits, "gguf")
+        assert isinstance(codes, gguf_grid.Codes)
+        assert torch.equal(gguf_grid.from_codes(codes), grid("gguf").dequantized(w, bits))
+        assert torch.equal(runtime_linear(x, codes, bits, "gguf"), gguf_grid.runtime_linear(x, w, bits))
+    w16 = runtime_weight(w, 16, "gguf")
+    assert isinstance(w16, torch.Tensor) and torch.equal(w16, grid("gguf").dequantized(w, 16))
+
+
+def test_enable_compile_compiles_the_quantizer_once_with_dynamic_shapes(monkeypatch):
+    calls = []
+
+    def compile_(fn, **kw):
+        calls.append((fn, kw))
+        return lambda *a: ("compiled", a)
+
+    monkeypatch.setattr(fake, "_compiled", None)
+    monkeypatch.setattr(torch, "compile", compile_)
+    fake.enable_compile()
+    fake.enable_compile()  # a second call keeps the first graph
+    assert calls == [(fake._fake_quant, {"dynamic": True})]
+    assert fake._compiled(1) == ("compiled", (1,))
+    w = _w()
+    assert torch.equal(fake_quant(w, 4, "onnx"), grid("onnx").dequantized(w, 4))  # CPU tensors skip the graph
+
+
+def _blocks(w):
+    return w.reshape(w.shape[0], -1, 32)
+
+
+@pytest.mark.parametrize("fmt,bits", [("gguf", 8), ("gguf", 4), ("gguf", 5), ("onnx", 4)])
+def test_each_format_clips_its_own_block_range(fmt, bits):
+    """Per block of 32: Q8_0/Q4_0 shrink ±absmax to ±gamma*absmax; Q5_1 shrinks [min, max] towards the end
+    nearer 0 for a one-signed block (towards 0 otherwise); MatMulNBits first widens the range to hold 0."""
+    g = 0.6
+    w = _w(6, rows=3, cols=64)
+    w[1] = w[1].abs() + 0.01   # all positive
+    w[2] = -w[2].abs() - 0.01  # all negative
+    out, b = _blocks(clipped(w, torch.tensor(g), fmt, bits)), _blocks(w)
+    lo, hi = b.amin(-1), b.amax(-1)
+    if fmt == "gguf" and bits in (8, 4):
+        a = b.abs().amax(-1)
+        torch.testing.assert_close(out.abs().amax(-1), g * a)
+        assert torch.all(out.abs() <= g * a.unsqueeze(-1) + 1e-7)
+    elif fmt == "gguf":  # row 0 straddles 0: both ends shrink towards 0
+        torch.testing.assert_close(out[0].amin(-1), g * lo[0])
+        torch.testing.assert_close(out[0].amax(-1), g * hi[0])
+        torch.testing.assert_close(out[1].amin(-1), lo[1])  # positive block: the min stays, the max comes in
+        torch.testing.assert_close(out[1].amax(-1), lo[1] + g * (hi[1] - lo[1]))
+        torch.testing.assert_close(out[2].amax(-1), hi[2])
+        torch.testing.assert_close(out[2].amin(-1), hi[2] + g * (lo[2] - hi[2]))
+    else:  # [0, max] for a positive block, [min, 0] for a negative one
+        torch.testing.assert_close(out[1].amin(-1), lo[1])
+        torch.testing.assert_close(out[1].amax(-1), g * hi[1])
+        torch.testing.assert_close(out[2].amin(-1), g * lo[2])
+        torch.testing.assert_close(out[2].amax(-1), hi[2])
+
+
+def test_gamma_is_held_in_its_range_and_16_bits_passes_the_weight_itself():
+    w = _w(7)
+    assert torch.equal(clipped(w, torch.tensor(0.2), "onnx", 4), clipped(w, torch.tensor(0.5), "onnx", 4))
+    assert torch.equal(fake_quant(w, 4, "onnx", torch.tensor(0.2)), fake_quant(w, 4, "onnx", torch.tensor(0.5)))
+    assert torch.equal(fake_quant(w, 4, "onnx", torch.tensor(1.5)), grid("onnx").dequantized(w, 4))
+    assert fake_quant(w, 16, "gguf") is w and fake_quant(w, 16, "onnx", torch.tensor(0.7)) is w

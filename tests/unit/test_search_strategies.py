@@ -1,7 +1,11 @@
 """Search strategies on a tiny supernet: the sensitivity table is what it claims to be, the MIP is
 optimal for the table and respects the budget exactly, NSGA-II and Gumbel are deterministic and
 feasible, and re-targeting a budget reuses the cached table."""
+import dataclasses
 import itertools
+import multiprocessing
+import os
+import random
 
 import pytest
 import torch
@@ -58,6 +62,68 @@ def test_mip_is_optimal_for_the_table_and_fits_exactly(setup):
         if cand.nbytes(arch, "gguf") <= budget:
             assert table.predict(cfg) <= table.predict(cand) + 1e-9
     assert mip.solve(table, space, "gguf", 8, 1000) is None  # nothing fits
+
+
+def _random_subnets(space, n, seed):
+    """Subnets of the MIP's own menu (its KV groups, FFN widths and bits; up to max_drop droppable layers
+    dropped), drawn at random: none that fits may beat the optimum."""
+    arch, g = space.arch, random.Random(seed)
+    for _ in range(n):
+        drop = set(g.sample(space.droppable, g.randint(0, min(space.max_drop, len(space.droppable)))))
+        yield SubnetConfig(tuple(LayerConfig(i not in drop, g.choice(space.kv_options()),
+                                             g.choice(sensitivity.ffn_options(space)),
+                                             {m: g.choice(space.choices_for(m)) for m in MATRICES})
+                                 for i in range(arch.n_layers)), embed_bits=8)
+
+
+@pytest.mark.parametrize("cheap_drops", [False, True])
+def test_both_mip_formulations_find_the_optimum_of_the_table(setup, cheap_drops):
+    """At a tight, a middle and a loose budget the enumerated and the per-matrix programme reach the same
+    predicted KL, fit, stay in the space, and no random subnet of the menu that fits does better. With
+    free layer drops (a table edited so) the tight budget is met by dropping layers."""
+    _, _, space, table = setup
+    # the tiny model's deltas (~1e-6) are below HiGHS's absolute optimality gap; a real model's are not
+    table = dataclasses.replace(table, **{f: {k: v * 1e4 for k, v in getattr(table, f).items()}
+                                          for f in ("bits", "drop", "kv", "ffn")})
+    if cheap_drops:
+        table = dataclasses.replace(table, drop={k: 0.0 for k in table.drop})
+    arch = space.arch
+    cands = list(_random_subnets(space, 300, seed=1))
+    for frac in (0.3, 0.45, 0.7):
+        budget = budget_bytes(_device(frac), arch)
+        a = mip.solve(table, space, "gguf", 8, budget, per_matrix=False)
+        b = mip.solve(table, space, "gguf", 8, budget, per_matrix=True)
+        for cfg in (a, b):
+            assert cfg.nbytes(arch, "gguf") <= budget and space.contains(cfg) and cfg.embed_bits == 8
+        assert table.predict(a) == pytest.approx(table.predict(b), abs=1e-9)
+        fits = [c for c in cands if c.nbytes(arch, "gguf") <= budget]
+        assert fits and all(table.predict(a) <= table.predict(c) + 1e-9 for c in fits)
+        for cfg in (a, b):  # a dropped layer is written as the reference layer, not kept
+            for i, lc in enumerate(cfg.layers):
+                if not lc.keep:
+                    assert i in space.droppable and lc == dataclasses.replace(table.reference.layers[i], keep=False)
+        if cheap_drops and frac == 0.3:  # a free drop frees bytes for the other layers' bits
+            assert sum(not lc.keep for lc in a.layers) == space.max_drop
+    assert mip.solve(table, space, "gguf", 8, 1000, per_matrix=True) is None
+
+
+def _solve_in_child(table, space, budget):
+    os._exit(0 if mip.solve(table, space, "gguf", 8, budget, time_limit=20) is not None else 3)
+
+
+def test_a_solve_in_a_process_forked_after_a_solve_returns(setup):
+    """HiGHS's default worker pool, started by a first solve, does not survive a fork: on a many-core
+    machine a forked worker's solve used to wait for ever (every mutation-testing child timed out)."""
+    _, _, space, table = setup
+    budget = budget_bytes(_device(0.45), space.arch)
+    assert mip.solve(table, space, "gguf", 8, budget) is not None
+    child = multiprocessing.get_context("fork").Process(target=_solve_in_child, args=(table, space, budget))
+    child.start()
+    child.join(60)
+    hung = child.is_alive()
+    if hung:
+        child.kill()
+    assert not hung and child.exitcode == 0
 
 
 def test_nsga_is_seeded_feasible_and_deterministic(setup):
