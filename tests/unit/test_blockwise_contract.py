@@ -235,3 +235,22 @@ def test_rank_shares_partition_the_blocks_and_a_rerun_trains_nothing(tmp_path):
             torch.testing.assert_close(merged.model.layers[i].state_dict()[k], v, rtol=0, atol=0)
             torch.testing.assert_close(rerun.model.layers[i].state_dict()[k], v, rtol=0, atol=0)
     assert json.loads((tmp_path / "work" / "block-000" / "step-000002" / "meta.json").read_text())["step"] == 2
+
+
+def test_loading_others_blocks_reads_their_weights_only_and_skips_ones_own(tmp_path):
+    """After the barrier a rank loads the blocks the others trained: not its own (already in its student,
+    so its checkpoint is never read) and not their optimizer state (twice the weights' bytes)."""
+    teacher = tiny_model(seed=2, n_layers=2)
+    spec = BlockSpec(steps=2, batch_size=4, lr=1e-2, seed=0, fingerprint="a")
+    trained = copy.deepcopy(teacher)
+    train_blocks(trained, teacher, DATA, spec, _spaces(trained), 1, tmp_path / "work", acts_dir=tmp_path / "acts")
+    (tmp_path / "work/block-000/step-000002/weights.safetensors").write_bytes(b"not read: block 0 is this rank's")
+    (tmp_path / "work/block-001/step-000002/state.pt").write_bytes(b"not read: optimizer state")
+    mine = copy.deepcopy(teacher)
+    assert load_trained(mine, tmp_path / "work", spec, skip=[0]) == []
+    same = lambda a, b: all(torch.equal(v, b.state_dict()[k]) for k, v in a.state_dict().items())  # noqa: E731
+    assert same(mine.model.layers[1], trained.model.layers[1])  # the other's block, loaded
+    assert same(mine.model.layers[0], teacher.model.layers[0])  # its own, left as it was
+    assert not same(trained.model.layers[1], teacher.model.layers[1])  # (training moved it: loading shows)
+    with pytest.raises(BlockCheckpointError):  # without skip, block 0's spoiled file is read and refused
+        load_trained(copy.deepcopy(teacher), tmp_path / "work", spec)
