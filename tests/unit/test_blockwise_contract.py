@@ -235,3 +235,18 @@ def test_rank_shares_partition_the_blocks_and_a_rerun_trains_nothing(tmp_path):
             torch.testing.assert_close(merged.model.layers[i].state_dict()[k], v, rtol=0, atol=0)
             torch.testing.assert_close(rerun.model.layers[i].state_dict()[k], v, rtol=0, atol=0)
     assert json.loads((tmp_path / "work" / "block-000" / "step-000002" / "meta.json").read_text())["step"] == 2
+
+
+def test_losses_read_once_at_the_end_equal_those_read_every_step():
+    """Without a callback the losses stay on the device until the end (one host sync): the curve is the
+    one a per-step callback reads, and the steps' tokens_per_s still add up to the block's time."""
+    teacher = tiny_model(seed=2, n_layers=1)
+    x, y, cos, sin = _block0_io(teacher)
+    configs = [(_lc(teacher), "gguf"), (_lc(teacher, bits=4, ffn=64, kv=1), "gguf")]
+    spec = BlockSpec(steps=4, batch_size=4, lr=1e-3, seed=0)
+    runs = [train_block(copy.deepcopy(teacher).model.layers[0], x, y, cos, sin, spec, lambda step, gen: configs,
+                        on_step=cb) for cb in (None, lambda s, l: None)]
+    assert [p["loss"] for p in runs[0].curve] == [p["loss"] for p in runs[1].curve]
+    assert [sorted(p) for p in runs[0].curve] == [["loss", "step", "tokens_per_s"]] * 4
+    step_seconds = sum(4 * 12 * len(configs) / p["tokens_per_s"] for p in runs[0].curve)
+    assert 0.5 * runs[0].seconds <= step_seconds <= runs[0].seconds
