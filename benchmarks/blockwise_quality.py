@@ -73,7 +73,7 @@ WHEELS = ("annotated_types", "diskcache", "gguf", "pydantic-", "pydantic_core", 
 SPLIT_AT = 49_000_000  # GGUF bytes in call 1's half (each call ~51 MiB + the working tree)
 HELDOUT = 128  # held-out validation sequences (after the search's own) for every reported KL
 E2E_SHARE = 0.2  # blockwise: share of the student tokens spent in the end-to-end phase
-MIN_FT_STEPS = 20  # fewer fine-tune steps than this: fine-tune and export skipped (no time left)
+MIN_FT_STEPS = 20  # fewer fine-tune steps than this (or the profile's): fine-tune and export skipped (no time left)
 EXPORT_S = 110.0  # the export phase (GGUF, grid check, llama.cpp and torch perplexity) on the H200 machine
 _LLAMA_PY = ("__init__.py", "_ctypes_extensions.py", "_ggml.py", "_internals.py", "_logger.py", "_utils.py",
              "llama.py", "llama_cache.py", "llama_chat_format.py", "llama_cpp.py", "llama_grammar.py",
@@ -582,10 +582,11 @@ class Run:
         share = 2.0 if len(both) > 1 and self.gpus < 2 else 1.0
         per = share * max(v["t_ft"] for v in both.values())
         left = self.deadline - now - EXPORT_S - 10
-        ft = int(min(self.params.finetune.steps, max(0.0, left / per)))
-        return {"finetune_steps": ft if ft >= MIN_FT_STEPS else 0, "ft_left_s": round(self.deadline - now, 1),
-                "t_ft_shared": round(per, 4), "finetune_fraction_of_profile": round(ft / self.params.finetune.steps, 4),
-                "skipped": ft < MIN_FT_STEPS}
+        full = self.params.finetune.steps
+        ft = int(min(full, max(0.0, left / per)))
+        ft = ft if ft >= min(MIN_FT_STEPS, full) else 0
+        return {"finetune_steps": ft, "ft_left_s": round(self.deadline - now, 1), "t_ft_shared": round(per, 4),
+                "finetune_fraction_of_profile": round(ft / full, 4), "skipped": ft == 0}
 
     def exchange(self, mine: dict, what: str = "probe") -> dict[str, dict]:
         """Write this process's `what`, wait (at most 300 s) for the other's: both derive one plan."""
