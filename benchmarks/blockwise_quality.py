@@ -17,9 +17,17 @@ Per mode, in one process on one GPU (the two modes side by side on a two-GPU mac
    the file dequantizes (gguf-py) to the model's grid bit for bit, so that the PyTorch number is the
    file's perplexity with float32 activations.
 
-Step counts come from the full profile, scaled to the time budget: both processes time a few steps
-first (probes), exchange the timings through files, and derive the same plan from them (equal tokens,
-the fraction of the full profile stated in the JSON).
+Step counts: `--steps` whole-model sandwich steps of the full profile's batch per mode (default 200,
+equal student tokens; blockwise: 80% of them in the block phase at `--block-batch` sequences per block
+step, 20% end to end). The block phase's step at 135M is launch-bound (a 576-wide block), so a block
+step of 4x the sequences costs little more than one of 1x: the default block batch is 4x the profile's
+(128 sequences, a quarter of the steps; the same tokens). Both processes time a few steps first
+(probes) and exchange them through files: the plan states the predicted seconds. After the search
+they exchange again: the fine-tune gets the same step count in both, from the time both have left
+before the deadline (minus the export's), and is skipped with the export when that is under
+MIN_FT_STEPS (said so in the JSON).
+
+Both modes run side by side on one GPU (`launch` on a one-GPU machine) or one per GPU (two GPUs).
 
 The base does not fit one call's carry (its GGUF is 98 MB; a call carries at most 64 MiB with the
 working tree), so it travels in two halves, two calls back to back (the machine stays warm 30 s):
@@ -28,14 +36,14 @@ working tree), so it travels in two halves, two calls back to back (the machine 
     python benchmarks/blockwise_quality.py pack
     # device call 1 (carry .bwq/a): half the GGUF, wheels, llama-cpp-python -> /tmp/bwq; ~15 s
     python3 benchmarks/blockwise_quality.py stage --src .bwq/a
-    # device call 2 at once (carry .bwq/b): rebuild the base bit for bit, both modes, one per GPU
-    python3 benchmarks/blockwise_quality.py launch --src .bwq/b --out $OUT --budget-s 400
+    # device call 2 at once (carry .bwq/b): rebuild the base bit for bit, both modes (one H200: ~8 min)
+    python3 benchmarks/blockwise_quality.py launch --src .bwq/b --out $OUT --budget-s 420 --steps 200
     # here: reports/bench/blockwise_quality.json + .md from the returned files
     python benchmarks/blockwise_quality.py combine --from /work/.device/...
 
 A CPU check at toy size (SmolLM2 sliced to 2 layers, a few steps) runs every step of it:
     python benchmarks/blockwise_quality.py pack && python benchmarks/blockwise_quality.py stage --src .bwq/a --dest /tmp/bwqt \
-      && python benchmarks/blockwise_quality.py launch --src .bwq/b --dest /tmp/bwqt --out /tmp/bwqt/out --profile tiny
+      && python benchmarks/blockwise_quality.py launch --src .bwq/b --dest /tmp/bwqt --out /tmp/bwqt/out --profile tiny --budget-s 1400
 """
 from __future__ import annotations
 
@@ -65,9 +73,8 @@ WHEELS = ("annotated_types", "diskcache", "gguf", "pydantic-", "pydantic_core", 
 SPLIT_AT = 49_000_000  # GGUF bytes in call 1's half (each call ~51 MiB + the working tree)
 HELDOUT = 128  # held-out validation sequences (after the search's own) for every reported KL
 E2E_SHARE = 0.2  # blockwise: share of the student tokens spent in the end-to-end phase
-# shares of the time left after the probes: supernet training, fine-tuning; the rest (0.40) is evaluation,
-# search (sensitivity table + MIP), export and perplexity
-SUP_SHARE, FT_SHARE = 0.42, 0.18
+MIN_FT_STEPS = 20  # fewer fine-tune steps than this (or the profile's): fine-tune and export skipped (no time left)
+EXPORT_S = 110.0  # the export phase (GGUF, grid check, llama.cpp and torch perplexity) on the H200 machine
 _LLAMA_PY = ("__init__.py", "_ctypes_extensions.py", "_ggml.py", "_internals.py", "_logger.py", "_utils.py",
              "llama.py", "llama_cache.py", "llama_chat_format.py", "llama_cpp.py", "llama_grammar.py",
              "llama_speculative.py", "llama_tokenizer.py", "llama_types.py", "llava_cpp.py", "mtmd_cpp.py",
@@ -285,7 +292,8 @@ def launch(args) -> None:
         cmd = [sys.executable, str(Path(__file__).resolve()), "run", "--mode", mode, "--base", str(base),
                "--data", str(data), "--out", str(out), "--sync", str(sync), "--deadline", str(deadline),
                "--profile", args.profile, "--work", str(args.dest / f"work-{mode}"),
-               "--threads", str(max(1, (os.cpu_count() or 2) // len(MODES)))]
+               "--threads", str(max(1, (os.cpu_count() or 2) // len(MODES))),
+               "--steps", str(args.steps), "--block-batch", str(args.block_batch)]
         procs[mode] = subprocess.Popen(cmd, env=env, stdout=open(out / f"{mode}.log", "w"), stderr=subprocess.STDOUT)
         log(f"launch: {mode} pid {procs[mode].pid} on GPU {env.get('CUDA_VISIBLE_DEVICES', '-')}")
     hard = deadline + args.grace_s
@@ -298,6 +306,7 @@ def launch(args) -> None:
             p.wait()
     rows = {m: json.loads((out / f"{m}.json").read_text()) if (out / f"{m}.json").is_file() else None for m in MODES}
     summary = {"wall_s": round(time.time() - t0, 1), "budget_s": args.budget_s, "profile": args.profile,
+               "steps": args.steps, "block_batch": args.block_batch,
                "returncodes": {m: p.returncode for m, p in procs.items()}, "gpus": gpus,
                "device": torch.cuda.get_device_name(0) if gpus else "cpu", "torch": torch.__version__,
                "python": sys.version.split()[0], "cpus": os.cpu_count()}
@@ -367,6 +376,11 @@ class Run:
         torch.set_num_threads(args.threads)
         self.dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.params = profile_params(args.profile)
+        self.block_batch = args.block_batch or 4 * self.params.supernet.batch_size
+        if self.block_batch % self.params.supernet.batch_size:
+            raise SystemExit(f"--block-batch {self.block_batch}: not a multiple of the supernet batch "
+                             f"{self.params.supernet.batch_size} (equal tokens)")
+        self.gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
         self.res: dict = {"mode": self.mode, "profile": args.profile, "device": str(self.dev),
                           "gpu": torch.cuda.get_device_name(0) if self.dev.type == "cuda" else None,
                           "torch": torch.__version__, "phases": {}, "timeline": []}
@@ -512,13 +526,15 @@ class Run:
             t = time.time()
             x0, x1 = acts.get(0), acts.get(1)
             out["t_acts_layer"] = time.time() - t  # the embedding and one block over the shard: an over-estimate
+            out["acts_on_device"] = acts.home.type != "cpu"
+            del acts
             cfg = self.model.config
             cos, sin = rope_tables(cfg.head_dim, cfg.rope_theta, torch.arange(self.train.shape[1]), torch.float32,
                                    getattr(cfg, "rope_freq_scaling", None))
             blk = copy.deepcopy(self.model.model.layers[0])
-            spec = BlockSpec(n, sp.batch_size, sp.block_lr, sp.seed, ckpt_every=n, amp=sp.amp)
+            spec = BlockSpec(n, self.block_batch, sp.block_lr, sp.seed, ckpt_every=n, amp=sp.amp)
             r = train_block(blk, x0, x1, cos, sin, spec, block_sandwich(self.spaces, 0, sp.n_random), None, 0, self.dev)
-            out["t_block"] = self._step_s(r.curve, tok_step * subnets)
+            out["t_block"] = self._step_s(r.curve, self.block_batch * self.train.shape[1] * subnets)
             del blk, x0, x1
         out["t_done"] = time.time()
         return out
@@ -537,43 +553,55 @@ class Run:
         return shm / f"bwq-{self.mode}" if ok else self.args.work
 
     def plan(self, probes: dict[str, dict]) -> dict:
-        """The same step counts in both processes, from both probes: the supernet phase gets SUP_SHARE and the
-        fine-tune FT_SHARE of the time left, the rest is search, evaluation and export."""
+        """The same step counts in both processes: `--steps` whole-model steps of student tokens per mode,
+        blockwise's block phase at `--block-batch` sequences a step; the seconds each phase should take
+        (from both probes; side by side on one GPU they share it); the fine-tune's steps come later
+        (`ft_plan`)."""
         p = self.params
         now = max(v["t_done"] for v in probes.values())  # the same clock in both processes
-        left = self.deadline - now - 15
-        L = self.res["n_layers"]  # the walk per layer loads x_i twice and moves x, y to the GPU: 1.5x the probe's
+        L = self.res["n_layers"]
+        steps, k = min(self.args.steps, p.supernet.steps), self.block_batch // p.supernet.batch_size
+        block = int(round((1 - E2E_SHARE) * steps / k))
+        e2e_phase = steps - block * k  # block phase + end-to-end phase = `steps` whole-model steps of tokens
         t_e2e = max(v["t_e2e"] for v in probes.values())
-        t_ft = max(v["t_ft"] for v in probes.values())
-        sup, fts = SUP_SHARE * left, FT_SHARE * left
-        by_time = [sup / t_e2e]
         bw = probes.get("blockwise")
+        pred = {"e2e_s": round(steps * t_e2e, 1)}
         if bw:
-            by_time.append((sup - 1.5 * L * bw["t_acts_layer"]) / ((1 - E2E_SHARE) * L * bw["t_block"] + E2E_SHARE * t_e2e))
-        full_steps = p.supernet.steps
-        steps = int(max(2, min([full_steps, *by_time])))
-        block = int(round((1 - E2E_SHARE) * steps))
-        ft = int(max(2, min(p.finetune.steps, fts / t_ft)))
-        return {"supernet_steps": steps, "block_steps": block, "e2e_phase_steps": steps - block,
-                "finetune_steps": ft, "supernet_fraction_of_profile": round(steps / full_steps, 4),
-                "finetune_fraction_of_profile": round(ft / p.finetune.steps, 4), "left_s": round(left, 1),
-                "probes": probes, "e2e_share": E2E_SHARE,
-                "limited_by": "profile" if steps == full_steps else "time"}
+            pred["blockwise_s"] = round(L * (bw["t_acts_layer"] + block * bw["t_block"]) + e2e_phase * t_e2e, 1)
+        return {"supernet_steps": steps, "block_steps": block, "block_batch": self.block_batch,
+                "e2e_phase_steps": e2e_phase, "supernet_fraction_of_profile": round(steps / p.supernet.steps, 4),
+                "left_s": round(self.deadline - now, 1), "predicted_supernet_s": pred, "probes": probes,
+                "e2e_share": E2E_SHARE, "limited_by": "steps"}
 
-    def exchange(self, mine: dict) -> dict[str, dict]:
-        """Write this process's probe, wait (at most 240 s) for the other's: both derive one plan."""
+    def ft_plan(self, t_ft: float) -> dict:
+        """Fine-tune steps, the same in both processes: from the time left before the deadline when both
+        have searched, minus the export's; side by side on one GPU each fine-tune step takes ~2x the probe's."""
+        mine = {"t_done": time.time(), "t_ft": t_ft}
+        both = self.exchange(mine, "ft")
+        now = max(v["t_done"] for v in both.values())
+        share = 2.0 if len(both) > 1 and self.gpus < 2 else 1.0
+        per = share * max(v["t_ft"] for v in both.values())
+        left = self.deadline - now - EXPORT_S - 10
+        full = self.params.finetune.steps
+        ft = int(min(full, max(0.0, left / per)))
+        ft = ft if ft >= min(MIN_FT_STEPS, full) else 0
+        return {"finetune_steps": ft, "ft_left_s": round(self.deadline - now, 1), "t_ft_shared": round(per, 4),
+                "finetune_fraction_of_profile": round(ft / full, 4), "skipped": ft == 0}
+
+    def exchange(self, mine: dict, what: str = "probe") -> dict[str, dict]:
+        """Write this process's `what`, wait (at most 300 s) for the other's: both derive one plan."""
         sync = self.args.sync
         if sync is None:
             return {self.mode: mine}
-        write_json(sync / f"probe-{self.mode}.json", mine)
+        write_json(sync / f"{what}-{self.mode}.json", mine)
         t = time.time()
-        while time.time() - t < 240:
-            found = {m: json.loads((sync / f"probe-{m}.json").read_text()) for m in MODES
-                     if (sync / f"probe-{m}.json").is_file()}
+        while time.time() - t < 300:
+            found = {m: json.loads((sync / f"{what}-{m}.json").read_text()) for m in MODES
+                     if (sync / f"{what}-{m}.json").is_file()}
             if len(found) == len(MODES):
                 return found
             time.sleep(1)
-        self.res["unsynced"] = "the other mode's probe never came: planned from this one alone"
+        self.res[f"unsynced_{what}"] = f"the other mode's {what} never came: planned from this one alone"
         return {self.mode: mine}
 
     # -- training ----------------------------------------------------------------------------------------
@@ -586,7 +614,7 @@ class Run:
         return f
 
     def e2e(self, steps: int, budget_s: float) -> dict:
-        """`steps` end-to-end sandwich steps (stopped, and said so, past 1.5x the planned time)."""
+        """`steps` end-to-end sandwich steps (stopped, and said so, past 1.5x the planned time and the deadline)."""
         from tailor.elastic.supernet import set_max
         from tailor.train import train_kd
 
@@ -597,7 +625,7 @@ class Run:
         sp = self.params.supernet
         try:
             r = train_kd(self.model, self.teacher, self.train, self.train_spec(steps),
-                         self.guarded(self.sandwich(self.model), t + 1.5 * budget_s + 20, box))
+                         self.guarded(self.sandwich(self.model), max(t + 1.5 * budget_s + 20, self.deadline), box))
             done, curve = steps, r.curve
         except OutOfTime as e:
             done, curve = int(e.args[0]), []
@@ -614,8 +642,8 @@ class Run:
         sp = self.params.supernet
         self.model.to("cpu")
         self.teacher.to("cpu")
-        spec = BlockSpec(steps, sp.batch_size, sp.block_lr, sp.seed, ckpt_every=steps, amp=sp.amp,
-                         fingerprint=f"bwq:{steps}")
+        spec = BlockSpec(steps, self.block_batch, sp.block_lr, sp.seed, ckpt_every=steps, amp=sp.amp,
+                         fingerprint=f"bwq:{steps}:{self.block_batch}")
         work = self.acts_root() / "blocks"
         shutil.rmtree(work, ignore_errors=True)
         t = time.time()
@@ -625,11 +653,12 @@ class Run:
         shutil.rmtree(self.acts_dir, ignore_errors=True)
         L = len(self.model.model.layers)
         # a block step is 1/L of a whole-model step: L blocks of `steps` steps = `steps` model steps of tokens
-        tokens = steps * sp.batch_size * self.train.shape[1] * (2 + sp.n_random)
+        tokens = steps * self.block_batch * self.train.shape[1] * (2 + sp.n_random)
         self.model.to(self.dev)
         self.teacher.to(self.dev)
-        return {"block_steps": steps, "student_tokens": tokens, "block_tokens": tokens * L,
-                "seconds": round(time.time() - t, 1),
+        return {"block_steps": steps, "block_batch": self.block_batch, "student_tokens": tokens,
+                "block_tokens": tokens * L, "seconds": round(time.time() - t, 1),
+                "block_train_s": round(sum(r.seconds for r in res), 1),
                 "rel_mse_first_last": [[round(r.curve[0]["loss"], 5), round(r.curve[-1]["loss"], 5)] for r in res]}
 
     # -- search, fine-tune, export -----------------------------------------------------------------------
@@ -764,24 +793,30 @@ class Run:
         plan = self.plan(probes)
         self.res["plan"] = plan
         self.mark("plan")
-        sup_budget = SUP_SHARE * plan["left_s"]
+        pred = plan["predicted_supernet_s"]
         if self.mode == "e2e":
-            self.res["phases"]["train"] = self.e2e(plan["supernet_steps"], sup_budget)
+            self.res["phases"]["train"] = self.e2e(plan["supernet_steps"], pred["e2e_s"])
         else:
-            share = plan["block_steps"] / plan["supernet_steps"]
             self.res["phases"]["blocks"] = self.blocks(plan["block_steps"])
             self.res["phases"]["blocks"]["val_kl"] = self.val_kls("blocks")
             self.mark("blocks")
-            self.res["phases"]["train"] = self.e2e(plan["e2e_phase_steps"], (1 - share) * sup_budget)
+            self.res["phases"]["train"] = self.e2e(plan["e2e_phase_steps"], plan["e2e_phase_steps"] * probes[self.mode]["t_e2e"])
             self.res["phases"]["train"]["student_tokens"] += self.res["phases"]["blocks"]["student_tokens"]
         self.res["phases"]["train"]["val_kl"] = self.val_kls("train")
         self.mark("supernet")
         self.res["search"] = self.search()
         self.mark("search")
-        self.res["finetune"] = self.finetune(plan["finetune_steps"], FT_SHARE * plan["left_s"])
-        self.mark("finetune")
-        self.res["export"] = self.export()
-        self.mark("export")
+        ft = self.ft_plan(probes[self.mode]["t_ft"])
+        self.res["plan"].update(ft)
+        if ft["skipped"]:
+            self.res["finetune"] = {"skipped": f"{ft['ft_left_s']} s left before the deadline: under {MIN_FT_STEPS} "
+                                               "fine-tune steps after the export's share"}
+            self.mark("finetune skipped")
+        else:
+            self.res["finetune"] = self.finetune(ft["finetune_steps"], ft["finetune_steps"] * ft["t_ft_shared"])
+            self.mark("finetune")
+            self.res["export"] = self.export()
+            self.mark("export")
         self.res["done"] = True
         self.save()
 
@@ -930,7 +965,8 @@ def combine(src: Path, to: Path) -> None:
     md = [f"# Blockwise vs end-to-end supernet training (SmolLM2-135M, {launch_info.get('device', '?')})", "",
           f"Equal student tokens per mode: {plan.get('supernet_steps', '?')} whole-model sandwich steps of the full profile's "
           f"{profile_steps(plan, 'supernet')} ({_f(plan.get('supernet_fraction_of_profile'))} of it; blockwise: "
-          f"{plan.get('block_steps', '?')} steps per block + {plan.get('e2e_phase_steps', '?')} end-to-end), fine-tune "
+          f"{plan.get('block_steps', '?')} steps of {plan.get('block_batch', '?')} sequences per block + "
+          f"{plan.get('e2e_phase_steps', '?')} end-to-end), fine-tune "
           f"{plan.get('finetune_steps', '?')} steps ({_f(plan.get('finetune_fraction_of_profile'))} of the profile's). "
           "KL: held-out validation sequences, to the base model.", "", table(rows), "", ci_table(summary), ""]
     (to / "blockwise_quality.md").write_text("\n".join(md))
@@ -1000,7 +1036,10 @@ def main() -> None:
     a.add_argument("--dest", type=Path, default=Path(tempfile.gettempdir()) / "bwq")
     a.add_argument("--out", type=Path, default=Path(os.environ.get("OUT") or Path(tempfile.gettempdir()) / "bwq" / "out"))
     a.add_argument("--profile", choices=("full", "tiny"), default="full")
-    a.add_argument("--budget-s", type=float, default=400.0, help="seconds from launch to the modes' planned end")
+    a.add_argument("--budget-s", type=float, default=420.0, help="seconds from launch to the modes' planned end")
+    a.add_argument("--steps", type=int, default=200, help="whole-model sandwich steps of student tokens per mode")
+    a.add_argument("--block-batch", type=int, default=0,
+                   help="sequences per block step (a multiple of the supernet batch); 0 = 4x it")
     a.add_argument("--grace-s", type=float, default=45.0, help="then killed this much later")
     a.add_argument("--base", type=Path, default=None, help="a base model directory instead of the rebuilt one")
     a.add_argument("--data", type=Path, default=None, help="a calibrate output instead of the carried one")
@@ -1014,6 +1053,8 @@ def main() -> None:
     a.add_argument("--deadline", type=float, required=True)
     a.add_argument("--profile", choices=("full", "tiny"), default="full")
     a.add_argument("--threads", type=int, default=8)
+    a.add_argument("--steps", type=int, default=200)
+    a.add_argument("--block-batch", type=int, default=0)
     a = sub.add_parser("combine", help="here: reports/bench/blockwise_quality.{json,md} from the returned files")
     a.add_argument("--from", dest="src", type=Path, required=True)
     a.add_argument("--to", type=Path, default=ROOT / "reports" / "bench")

@@ -3,11 +3,12 @@ export's q/k row order; both processes derive one plan of equal student tokens f
 the per-sequence KL is mean_kl's measure; the report (with paired intervals) is written from returned files."""
 import json
 import time
+from types import SimpleNamespace
 
 import pytest
 import torch
 
-from benchmarks.blockwise_quality import (FT_SHARE, MODES, SUP_SHARE, Run, combine, paired, profile_params, rope_unpermute,
+from benchmarks.blockwise_quality import (E2E_SHARE, EXPORT_S, MODES, Run, combine, paired, profile_params, rope_unpermute,
                                           seq_kls)
 from tailor.distill import mean_kl, teacher_logits
 from tailor.export.gguf import rope_permute
@@ -20,33 +21,50 @@ def test_rope_unpermute_inverts_the_exports_permutation(heads):
     assert torch.equal(rope_unpermute(rope_permute(w, heads, 64), heads), w)
 
 
-def _runner(mode: str, deadline: float) -> Run:
-    r = object.__new__(Run)  # the plan needs only the params, the deadline and the layer count
+def _runner(mode: str, deadline: float, steps: int = 200, block_batch: int = 128, sync=None, gpus: int = 1) -> Run:
+    r = object.__new__(Run)  # the plans need only the params, the arguments, the deadline and the layer count
     r.mode, r.params, r.deadline, r.res = mode, profile_params("full"), deadline, {"n_layers": 30}
+    r.args, r.block_batch, r.gpus = SimpleNamespace(steps=steps, sync=sync), block_batch, gpus
     return r
 
 
 def test_plan_is_the_same_in_both_processes_and_tokens_are_equal():
     now = time.time()
     probes = {"e2e": {"t_e2e": 0.6, "t_ft": 0.3, "t_done": now - 1},
-              "blockwise": {"t_e2e": 0.5, "t_ft": 0.25, "t_block": 0.02, "t_acts_layer": 2.0, "t_done": now}}
+              "blockwise": {"t_e2e": 0.5, "t_ft": 0.25, "t_block": 0.02, "t_acts_layer": 0.1, "t_done": now}}
     plans = [_runner(m, now + 400).plan(probes) for m in MODES]
     assert plans[0] == plans[1]
     p = plans[0]
-    assert p["block_steps"] + p["e2e_phase_steps"] == p["supernet_steps"] <= 2000
-    assert p["block_steps"] == round(0.8 * p["supernet_steps"])
-    # the slower of the two modes fixes the count: blockwise, with its activations walk, fits its share
-    left = 400 - 15
-    bw_s = 1.5 * 30 * 2.0 + p["block_steps"] * 30 * 0.02 + p["e2e_phase_steps"] * 0.6
-    assert bw_s <= SUP_SHARE * left + 1e-6 and p["supernet_steps"] * 0.6 <= SUP_SHARE * left
-    assert p["finetune_steps"] * 0.3 <= FT_SHARE * left and p["limited_by"] == "time"
+    k = 128 // profile_params("full").supernet.batch_size  # block steps take k whole-model steps' sequences
+    assert p["block_steps"] * k + p["e2e_phase_steps"] == p["supernet_steps"] == 200
+    assert p["block_steps"] == round((1 - E2E_SHARE) * 200 / k)
+    # the slower probe prices both; blockwise pays its walk once per layer and its blocks' steps per layer
+    assert p["predicted_supernet_s"]["e2e_s"] == pytest.approx(200 * 0.6)
+    assert p["predicted_supernet_s"]["blockwise_s"] == pytest.approx(
+        30 * (0.1 + p["block_steps"] * 0.02) + p["e2e_phase_steps"] * 0.6, abs=0.1)
 
 
 def test_plan_caps_at_the_full_profile():
     now = time.time()
-    probes = {"e2e": {"t_e2e": 1e-4, "t_ft": 1e-4, "t_done": now}}
-    p = _runner("e2e", now + 400).plan(probes)
-    assert (p["supernet_steps"], p["finetune_steps"], p["limited_by"]) == (2000, 1000, "profile")
+    p = _runner("e2e", now + 400, steps=10**6).plan({"e2e": {"t_e2e": 1e-4, "t_ft": 1e-4, "t_done": now}})
+    assert p["supernet_steps"] == profile_params("full").supernet.steps
+
+
+def test_fine_tune_steps_come_from_the_time_left_and_too_few_skip_it(tmp_path):
+    full = profile_params("full").finetune.steps
+    now = time.time()
+    # one process alone: (deadline - now - export - 10 s) / probe, capped at the profile's
+    ft = _runner("e2e", now + EXPORT_S + 10 + 50).ft_plan(0.5)
+    assert ft["finetune_steps"] == pytest.approx(100, abs=2) and not ft["skipped"]
+    assert _runner("e2e", now + 10**6).ft_plan(0.5)["finetune_steps"] == full
+    few = _runner("e2e", now + EXPORT_S + 10 + 5).ft_plan(0.5)  # ~10 steps' time: under MIN_FT_STEPS
+    assert few["finetune_steps"] == 0 and few["skipped"]
+    # side by side on one GPU: both derive the same count from the slower probe, each step taking twice as long
+    (tmp_path / "sync").mkdir()
+    other = {"t_done": now, "t_ft": 1.0}
+    (tmp_path / "sync" / "ft-blockwise.json").write_text(json.dumps(other))
+    both = _runner("e2e", now + EXPORT_S + 10 + 200, sync=tmp_path / "sync").ft_plan(0.5)
+    assert both["t_ft_shared"] == pytest.approx(2.0) and both["finetune_steps"] == pytest.approx(100, abs=2)
 
 
 def test_seq_kls_average_to_mean_kl():

@@ -192,3 +192,35 @@ def test_autocast_only_when_asked_and_on_cuda():
     assert isinstance(amp, torch.autocast) and amp.device == "cuda" and amp.fast_dtype == torch.bfloat16
     for device, on in (("cuda", False), ("cpu", True), ("cpu", False)):
         assert isinstance(_amp(torch.device(device), on), contextlib.nullcontext)
+
+
+def test_walk_runs_each_teacher_block_once_and_reads_no_activation_back(tmp_path, monkeypatch):
+    """The walk keeps its newest layers in memory: each teacher block runs once over the data and no
+    activation file is read back (the walk used to load x_i twice per block); without persisting, no
+    file is written either and the student trains the same. A share starting at block 2 walks there
+    from the embeddings in memory and trains that block the same too."""
+    import tailor.elastic.blockwise as bw
+
+    teacher = tiny_model(seed=2, n_layers=3)
+    students = [copy.deepcopy(teacher) for _ in range(3)]
+    runs = []
+    for i, b in enumerate(teacher.model.layers):
+        b.register_forward_hook(lambda mod, args, out, i=i: runs.append(i))
+    reads = []
+    load = bw.load_file
+    monkeypatch.setattr(bw, "load_file", lambda p: reads.append(Path(p).name) or load(p))
+    spec = BlockSpec(steps=2, batch_size=4, lr=1e-3, seed=0)
+    train_blocks(students[0], teacher, DATA, spec, _spaces(students[0]), 1, tmp_path / "files", act_batch=8)
+    assert runs == [0, 0, 1, 1, 2, 2]  # each block once, 16 rows in chunks of 8
+    assert reads == []
+    runs.clear()
+    train_blocks(students[1], teacher, DATA, spec, _spaces(students[1]), 1, tmp_path / "mem", act_batch=8,
+                 persist_acts=False)
+    assert runs == [0, 0, 1, 1, 2, 2] and list((tmp_path / "mem" / "acts").iterdir()) == []
+    train_blocks(students[2], teacher, DATA, spec, _spaces(students[2]), 1, tmp_path / "share", blocks=[2],
+                 persist_acts=False)
+    for i, (a, b) in enumerate(zip(students[0].model.layers, students[1].model.layers)):
+        torch.testing.assert_close(a.state_dict(), b.state_dict(), rtol=0, atol=0, msg=str(i))
+    torch.testing.assert_close(students[2].model.layers[2].state_dict(), students[0].model.layers[2].state_dict(),
+                               rtol=0, atol=0)
+    assert reads == []

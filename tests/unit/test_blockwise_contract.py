@@ -254,3 +254,18 @@ def test_loading_others_blocks_reads_their_weights_only_and_skips_ones_own(tmp_p
     assert not same(trained.model.layers[1], teacher.model.layers[1])  # (training moved it: loading shows)
     with pytest.raises(BlockCheckpointError):  # without skip, block 0's spoiled file is read and refused
         load_trained(copy.deepcopy(teacher), tmp_path / "work", spec)
+
+
+def test_losses_read_once_at_the_end_equal_those_read_every_step():
+    """Without a callback the losses stay on the device until the end (one host sync): the curve is the
+    one a per-step callback reads, and the steps' tokens_per_s still add up to the block's time."""
+    teacher = tiny_model(seed=2, n_layers=1)
+    x, y, cos, sin = _block0_io(teacher)
+    configs = [(_lc(teacher), "gguf"), (_lc(teacher, bits=4, ffn=64, kv=1), "gguf")]
+    spec = BlockSpec(steps=4, batch_size=4, lr=1e-3, seed=0)
+    runs = [train_block(copy.deepcopy(teacher).model.layers[0], x, y, cos, sin, spec, lambda step, gen: configs,
+                        on_step=cb) for cb in (None, lambda s, l: None)]
+    assert [p["loss"] for p in runs[0].curve] == [p["loss"] for p in runs[1].curve]
+    assert [sorted(p) for p in runs[0].curve] == [["loss", "step", "tokens_per_s"]] * 4
+    step_seconds = sum(4 * 12 * len(configs) / p["tokens_per_s"] for p in runs[0].curve)
+    assert 0.5 * runs[0].seconds <= step_seconds <= runs[0].seconds
