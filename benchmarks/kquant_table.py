@@ -226,6 +226,13 @@ NOTES = [
     "K-quant; llama-quantize stores every other matrix and the 49152 x 576 tied embedding in its fallback 32-block "
     "types (Q2_K/Q3_K -> Q4_0, Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0): see the type columns. This is why its "
     "nominal 2-3-bit mixes land well above 3 bits/param on this model.",
+    "Tools: the files are llama-quantize's of scripts/build_llama_tools.sh; the same script's build into "
+    ".cache/llama-tools (VERSION: the sdist's sha256) writes byte-identical files (checked on q4_k_m+imat: same "
+    "sha256), and llama-cpp-python's own llama_model_quantize writes byte-identical Q4_K_M (one ggml source).",
+    "seed_table.json's Q4_K_M row has the same file size (105,453,888 B) but reads wiki ppl 261.2 / BoolQ-passage "
+    "18.53 / PIQA 0.550; this table's Q4_K_M, quantized from a base F16 file that reproduces that table's base row "
+    "exactly (245.74 / 17.47 / 0.517), reads 258.5 / 18.51 / 0.533. The older row was quantized in an earlier "
+    "session; not investigated further.",
 ]
 MISSING = [
     "Tailor joint on the K-quant grid (`quick-k` / phone with allowed_types Q2_K..Q8_0 + IQ4_NL) at <= 4.0 and <= 3.0 "
