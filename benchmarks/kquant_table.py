@@ -226,6 +226,12 @@ NOTES = [
     "K-quant; llama-quantize stores every other matrix and the 49152 x 576 tied embedding in its fallback 32-block "
     "types (Q2_K/Q3_K -> Q4_0, Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0): see the type columns. This is why its "
     "nominal 2-3-bit mixes land well above 3 bits/param on this model.",
+    "On SmolLM2 the Q2_K and Q3_K_S mixes write identical tensors (checked tensor by tensor, with and without the "
+    "importance matrix; only general.file_type differs): the Q2_K mix gives ffn_down Q3_K as Q3_K_S does, and "
+    "both mixes' 2-/3-bit choices for the 576-wide matrices fall back to Q4_0.",
+    "tok/s: llama.cpp rows and the base timed here; the Tailor rows' files were scored in the seed table's "
+    "session (other load on the shared CPU), so compare their speed through the base F16 file's tok/s in each.",
+    "PIQA on 60 items moves in steps of 0.017 (one item); a difference of two or three items is within noise.",
     "Tools: the files are llama-quantize's of scripts/build_llama_tools.sh; the same script's build into "
     ".cache/llama-tools (VERSION: the sdist's sha256) writes byte-identical files (checked on q4_k_m+imat: same "
     "sha256), and llama-cpp-python's own llama_model_quantize writes byte-identical Q4_K_M (one ggml source).",
@@ -297,6 +303,10 @@ def main() -> None:
     timing = "best of 3 within each row's evaluation (rows built at different times on a shared CPU)"
     if a.retime:
         st.retime(ctx, work, rows)
+        for r in rows:
+            r["retimed"] = True
+            st.write_row(work / "rows" / r["id"] / "row.json", r)
+    if rows and all(r.get("retimed") for r in rows):
         timing = "best of 3, every file of this table timed in one session, the files taking turns (CPU shared)"
     seed, seed_base = tailor_rows(Path(a.seed_table))
     llama = [r for r in rows if r["source"] == "llama.cpp"]
