@@ -44,14 +44,14 @@ class Scorer:
     (tailor.search.fanout: the workers load the supernet and the teacher logits once, from files)."""
 
     def __init__(self, model, space: SearchSpace, prof, val, teacher, overhead: float | None,
-                 fan: tuple[ScoreJob, RunnerParams] | None = None):
+                 fan: tuple[ScoreJob, RunnerParams] | None = None, type_cost: dict[str, float] | None = None):
         self.model, self.space, self.prof, self.val, self.teacher = model, space, prof, val, teacher
-        self.overhead, self.fan = overhead, fan
+        self.overhead, self.fan, self.type_cost = overhead, fan, type_cost
         self.seen: dict[str, Candidate] = {}
         self.seconds = 0.0
 
     def _candidate(self, cfg, origin: str) -> Candidate:
-        c = cost(cfg, self.space.arch, self.prof, self.overhead)
+        c = cost(cfg, self.space.arch, self.prof, self.overhead, self.type_cost)
         return Candidate(cfg, c.nbytes, c.bits_per_param, c.latency_s, origin=origin)
 
     def __call__(self, cfg, origin: str) -> Candidate:
@@ -104,9 +104,11 @@ def run(params: Params, device: str, supernet_dir: Path, data_dir: Path, out_dir
                                                 prof.embed_bits, sens_val, teacher_logits(base, sens_val))
     # the latency model's per-layer overhead, calibrated on the real runtime on this machine
     template = tokenizer_gguf(base_dir(params.model.source)) if prof.format == "gguf" and sp.latency_configs else None
+    # a profile that names its types (K-quants, IQ4_NL, ...) also learns each type's decode cost per weight
     lat = (latency.run(model, space, prof.format, tok, sp.latency_configs, seeds(space), cache_dir() / "latency",
-                       gguf_template=template) if sp.latency_configs else None)
+                       gguf_template=template, per_type=prof.allowed_types is not None) if sp.latency_configs else None)
     overhead = lat["layer_overhead_us"] / 1e6 if lat else None
+    type_cost = latency.type_cost_s(lat)
     fan_dir = tempfile.TemporaryDirectory(prefix="tailor-fanout-") if params.runner.kind == "dask" else None
     fan = None
     if fan_dir is not None:  # workers read these files: a shared filesystem when `runner.address` is remote
@@ -115,7 +117,7 @@ def run(params: Params, device: str, supernet_dir: Path, data_dir: Path, out_dir
         # cluster's machines may have none, so its workers score on their CPUs
         where = str(dev) if params.runner.address is None else "cpu"
         fan = (fanout.ScoreJob(str(supernet_dir / "model"), str(inputs), prof.format, device=where), params.runner)
-    scorer = Scorer(model, space, prof, val, teacher, overhead, fan)
+    scorer = Scorer(model, space, prof, val, teacher, overhead, fan, type_cost)
     per_strategy: dict[str, dict] = {}
 
     def best_of(cands: list[Candidate]) -> Candidate | None:
@@ -134,7 +136,7 @@ def run(params: Params, device: str, supernet_dir: Path, data_dir: Path, out_dir
             mine = []
 
             def evaluate(cfg):
-                c = cost(cfg, arch, prof, overhead)
+                c = cost(cfg, arch, prof, overhead, type_cost)
                 if not c.fits:  # infeasible: the table's estimate ranks it, no forward pass spent
                     return table.predict(cfg), c.nbytes, c.latency_s
                 cand = scorer(cfg, "nsga")
@@ -226,7 +228,10 @@ def main() -> None:
             plots.pareto_png(out["candidates"], front, out["best"], out["metrics"]["budget_bytes"], rep / "pareto.png")
             plots.heatmap_png(out["best"].config, out["space"].arch, rep / "bits.png")
             if out["latency_points"]:
-                write_csv(rep / "latency.csv", out["latency_points"])
+                # a point's weights per type as one cell ("Q4_K=884736 Q8_0=2654208"): no commas inside
+                write_csv(rep / "latency.csv", [{**{k: v for k, v in p.items() if k != "type_weights"},
+                                                 "type_weights": " ".join(f"{t}={n}" for t, n in p.get("type_weights", {}).items())}
+                                                for p in out["latency_points"]])
             else:  # calibration switched off (latency_configs: 0): an empty table, the stage's outs stay whole
                 (rep / "latency.csv").write_text("config_hash,weight_bytes,layers,measured_ms,predicted_ms_loo\n")
             write_json(rep / "metrics.json", out["metrics"])

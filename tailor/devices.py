@@ -7,7 +7,7 @@ below are first estimates; measuring the real runtime on this machine refines th
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Mapping
 
 from tailor.arch import BaseArch, SubnetConfig
 from tailor.formats import backend
@@ -34,14 +34,27 @@ def budget_bytes(device: DeviceProfile, arch: BaseArch) -> int:
     return device.budget(base_bf16_bytes(arch))
 
 
-def cost(cfg: SubnetConfig, arch: BaseArch, device: DeviceProfile, layer_overhead_s: float | None = None) -> Cost:
+def cost(cfg: SubnetConfig, arch: BaseArch, device: DeviceProfile, layer_overhead_s: float | None = None,
+         type_cost_s: Mapping[str, float] | None = None) -> Cost:
     """Bytes, bits/param, predicted seconds per decoded token and whether it fits. `layer_overhead_s`
-    is the per-layer overhead calibrated on the real runtime (tailor.search.latency), else the default."""
+    is the per-layer overhead calibrated on the real runtime (tailor.search.latency), else the default.
+    `type_cost_s` (type name -> seconds per weight, `latency.type_cost_s` of a per-type calibration)
+    prices each matrix and the LM head by its type's measured decode cost instead of bytes / bandwidth
+    and peak compute: a K-quant and a Q4_0 matrix of equal bytes then cost what their kernels cost."""
     nbytes = cfg.nbytes(arch, device.format)
     params = cfg.param_count(arch)
-    flops = 2 * (params - arch.vocab * arch.hidden) + 2 * arch.vocab * arch.hidden  # per decoded token
     # per kept layer, per token: the runtime's kernel launches and graph glue (its backend's default)
     overhead = backend(device.format).layer_overhead_s if layer_overhead_s is None else layer_overhead_s
-    latency = (nbytes / (device.bandwidth_gbs * 1e9) + len(cfg.kept) * overhead
-               + flops / (device.compute_tflops * 1e12))
+    if type_cost_s is not None:
+        from tailor.search.latency import type_weights
+
+        weights = type_weights(cfg, arch, device.format)
+        missing = sorted(set(weights) - set(type_cost_s))
+        if missing:
+            raise ValueError(f"type_cost_s has no cost for {missing} (has {sorted(type_cost_s)})")
+        latency = sum(n * type_cost_s[t] for t, n in weights.items()) + len(cfg.kept) * overhead
+    else:
+        flops = 2 * (params - arch.vocab * arch.hidden) + 2 * arch.vocab * arch.hidden  # per decoded token
+        latency = (nbytes / (device.bandwidth_gbs * 1e9) + len(cfg.kept) * overhead
+                   + flops / (device.compute_tflops * 1e12))
     return Cost(nbytes, cfg.bits_per_param(arch, device.format), latency, nbytes <= budget_bytes(device, arch))

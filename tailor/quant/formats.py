@@ -39,6 +39,17 @@ def type_names(fmt: str) -> dict[str, Choice]:
     return dict(getattr(grid(fmt), "NAMES", {}))
 
 
+def type_name(fmt: str, choice: Choice) -> str:
+    """The name format `fmt` stores `choice` as (GGUF 4 -> "Q4_0", "Q4_K" -> "Q4_K"); a format without
+    named types: "<bits>-bit"."""
+    for name, c in type_names(fmt).items():
+        if c == choice:
+            return name
+    if choice not in choices(fmt):
+        raise ValueError(f"format {fmt} has no type {choice!r} (allowed {choices(fmt)})")
+    return f"{choice}-bit"
+
+
 def _owner(name: str):
     for b in BACKENDS.values():
         if name in getattr(b.grid, "NAMES", {}):

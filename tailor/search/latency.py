@@ -10,10 +10,23 @@ fitted by least squares (non-negative). The error reported is leave-one-out: eac
 the fit on the others, so it says how well the model predicts a subnet it has not seen. The fitted
 per-layer overhead then replaces the default in the device's cost model; the bandwidth stays the
 device's spec-sheet figure (this host is not the device).
+
+With several storage types (a profile that names `allowed_types`: K-quants, IQ4_NL, Q4_0 ...) bytes alone
+mispredict: on a CPU a K-quant or IQ4_NL weight costs more to decode than a Q4_0 weight of the same bytes
+(other dequantize-and-dot kernels; reports/bench/kquant_decode.json). There each point also carries the
+weights it multiplies through per type (`type_weights`), one full-structure probe per type joins the
+timed subnets, and the fit is
+
+    seconds/token = sum over types (weights of that type x cost per weight of that type)
+                    + layers x per-layer overhead + fixed,
+
+whose per-type costs (`type_cost_ns`, this host) then price the matrices in the search's cost model
+(`tailor.devices.cost(type_cost_s=...)`) instead of bytes / bandwidth.
 """
 from __future__ import annotations
 
 import tempfile
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -21,12 +34,12 @@ import numpy as np
 import torch
 from scipy.optimize import nnls
 
-from tailor.arch import SubnetConfig
+from tailor.arch import MATRICES, BaseArch, SubnetConfig
 from tailor.elastic.space import SearchSpace
-from tailor.elastic.supernet import export_active
+from tailor.elastic.supernet import arch_of, export_active
 from tailor.formats import backend
 from tailor.models.base import gguf_path
-
+from tailor.quant.formats import type_name
 
 
 def spread(space: SearchSpace, fmt: str, n: int, candidates: list[SubnetConfig]) -> list[SubnetConfig]:
@@ -39,6 +52,30 @@ def spread(space: SearchSpace, fmt: str, n: int, candidates: list[SubnetConfig])
     return [pool[i] for i in idx]
 
 
+def probes(space: SearchSpace) -> list[SubnetConfig]:
+    """One full-structure subnet per choice of the space (every matrix at it where it fits, else the next
+    larger choice that does; sampled.seeds' corners): with them each type's cost per weight is identifiable."""
+    from tailor.search.sampled import seeds
+
+    arch = space.arch
+    full = [c for c in seeds(space) if len(c.kept) == arch.n_layers
+            and all(lc.kv_groups == arch.n_kv_heads and lc.ffn == max(space.ffn_widths()) for lc in c.layers)]
+    return list({c.hash: c for c in full}.values())
+
+
+def type_weights(cfg: SubnetConfig, arch: BaseArch, fmt: str) -> dict[str, int]:
+    """Weights one decoded token multiplies through, per stored type: every kept matrix at its choice and
+    the LM head (the tied embedding table, or the untied head) at the embedding's."""
+    out: Counter[str] = Counter()
+    for lc in cfg.layers:
+        if lc.keep:
+            for m in MATRICES:
+                rows, cols = arch.matrix_shape(m, lc.kv_groups, lc.ffn)
+                out[type_name(fmt, lc.bits[m])] += rows * cols
+    out[type_name(fmt, cfg.embed_bits)] += arch.vocab * arch.hidden
+    return dict(sorted(out.items()))
+
+
 def seconds_per_token(path: Path, fmt: str, tokenizer: Any, n_tokens: int = 32) -> float:
     """Seconds per decoded token of the file in its format's runtime (the backend's runner)."""
     return backend(fmt).runner.seconds_per_token(path, tokenizer, n_tokens)
@@ -49,6 +86,7 @@ def measure(model, cfgs: list[SubnetConfig], fmt: str, tokenizer: Any, gguf_temp
     be = backend(fmt)
     writer, name = be.writer, be.file_name
     arch_layers = model.config.num_hidden_layers
+    arch = arch_of(model)
     rows = []
     with tempfile.TemporaryDirectory(prefix="tailor-latency-") as d:
         for k, cfg in enumerate(cfgs):
@@ -59,6 +97,10 @@ def measure(model, cfgs: list[SubnetConfig], fmt: str, tokenizer: Any, gguf_temp
             s = seconds_per_token(path, fmt, tokenizer)
             rows.append({"config_hash": cfg.hash, "weight_bytes": int(info["weight_bytes"]), "layers": len(cfg.kept),
                          "measured_ms": s * 1e3, "of_layers": arch_layers})
+            try:  # what the per-type model fits (a choice its format cannot name: the bytes model only)
+                rows[-1]["type_weights"] = type_weights(cfg, arch, fmt)
+            except ValueError:
+                pass
             del small
             path.unlink(missing_ok=True)
             for extra in Path(d).glob(f"{k}-*"):
@@ -66,27 +108,54 @@ def measure(model, cfgs: list[SubnetConfig], fmt: str, tokenizer: Any, gguf_temp
     return rows
 
 
-def _fit(rows: list[dict]) -> np.ndarray:
-    A = np.array([[r["weight_bytes"], r["layers"], 1.0] for r in rows])
+def typed(rows: list[dict]) -> list[str]:
+    """The types the per-type model fits, or [] for the bytes model: every point must carry its
+    `type_weights`, they must name two types at least, and leave-one-out needs more points than unknowns."""
+    if not rows or any("type_weights" not in r for r in rows):
+        return []
+    types = sorted({t for r in rows for t, n in r["type_weights"].items() if n})
+    return types if len(types) >= 2 and len(rows) >= len(types) + 3 else []
+
+
+def _features(rows: list[dict], types: list[str]) -> np.ndarray:
+    if types:  # weights per type, layers, 1
+        return np.array([[r["type_weights"].get(t, 0) for t in types] + [r["layers"], 1.0] for r in rows], dtype=float)
+    return np.array([[r["weight_bytes"], r["layers"], 1.0] for r in rows], dtype=float)
+
+
+def _fit(rows: list[dict], types: list[str] = ()) -> np.ndarray:
+    A = _features(rows, list(types))
     y = np.array([r["measured_ms"] / 1e3 for r in rows])
-    scale = A.max(0)
+    scale = np.where(A.max(0) > 0, A.max(0), 1.0)
     coef, _ = nnls(A / scale, y)
     return coef / scale
 
 
-def calibrate(rows: list[dict]) -> dict:
-    """Fit (bandwidth, per-layer overhead, fixed) and the leave-one-out MAPE."""
-    coef = _fit(rows)
+def calibrate(rows: list[dict], per_type: bool = False) -> dict:
+    """Fit (bandwidth, per-layer overhead, fixed), or with `per_type` and `typed` points (per-type cost per
+    weight, per-layer overhead, fixed; else the bytes model), and the leave-one-out MAPE."""
+    types = typed(rows) if per_type else []
+    coef = _fit(rows, types)
     errs = []
     for k in range(len(rows)):
-        c = _fit(rows[:k] + rows[k + 1:])
+        c = _fit(rows[:k] + rows[k + 1:], types)
         r = rows[k]
-        pred = c @ np.array([r["weight_bytes"], r["layers"], 1.0])
+        pred = float(c @ _features([r], types)[0])
         errs.append(abs(pred - r["measured_ms"] / 1e3) / (r["measured_ms"] / 1e3))
-        r["predicted_ms_loo"] = round(float(pred) * 1e3, 4)
-    return {"host_bandwidth_gbs": round(1 / coef[0] / 1e9, 2) if coef[0] > 0 else None,
-            "layer_overhead_us": round(coef[1] * 1e6, 3), "fixed_us": round(coef[2] * 1e6, 3),
-            "latency_mape": round(float(np.mean(errs)), 4), "n_configs": len(rows), "points": rows}
+        r["predicted_ms_loo"] = round(pred * 1e3, 4)
+    out = {"host_bandwidth_gbs": None if types else (round(1 / coef[0] / 1e9, 2) if coef[0] > 0 else None),
+           "layer_overhead_us": round(coef[-2] * 1e6, 3), "fixed_us": round(coef[-1] * 1e6, 3),
+           "latency_mape": round(float(np.mean(errs)), 4), "n_configs": len(rows), "points": rows}
+    if types:
+        out["type_cost_ns"] = {t: round(float(c) * 1e9, 5) for t, c in zip(types, coef)}
+    return out
+
+
+def type_cost_s(lat: dict | None) -> dict[str, float] | None:
+    """Seconds per weight per type from a calibration (None when it fitted the bytes model)."""
+    if not lat or not lat.get("type_cost_ns"):
+        return None
+    return {t: ns / 1e9 for t, ns in lat["type_cost_ns"].items()}
 
 
 def cache_key(fmt: str, cfgs: list[SubnetConfig]) -> str:
@@ -105,11 +174,14 @@ def cache_key(fmt: str, cfgs: list[SubnetConfig]) -> str:
 
 @torch.no_grad()
 def run(model, space: SearchSpace, fmt: str, tokenizer: Any, n: int, pool: list[SubnetConfig],
-        cache: Path | None = None, gguf_template: Path | None = None) -> dict:
+        cache: Path | None = None, gguf_template: Path | None = None, per_type: bool = False) -> dict:
+    """Time `n` subnets spread over `pool` (and with `per_type`, one probe per type: `probes`) and fit."""
     import json
     import os
 
     cfgs = spread(space, fmt, n, pool)
+    if per_type:
+        cfgs += [c for c in probes(space) if c.hash not in {x.hash for x in cfgs}]
     path = cache / f"{cache_key(fmt, cfgs)}.json" if cache else None
     if path is not None and path.is_file():
         rows, cached = json.loads(path.read_text()), True
@@ -119,6 +191,6 @@ def run(model, space: SearchSpace, fmt: str, tokenizer: Any, n: int, pool: list[
             path.parent.mkdir(parents=True, exist_ok=True)
             path.with_suffix(".tmp").write_text(json.dumps(rows))
             os.replace(path.with_suffix(".tmp"), path)
-    out = calibrate([{k: v for k, v in r.items() if k != "predicted_ms_loo"} for r in rows])
+    out = calibrate([{k: v for k, v in r.items() if k != "predicted_ms_loo"} for r in rows], per_type)
     out["cached"] = cached
     return out

