@@ -163,6 +163,7 @@ def main() -> None:
                        **{f"file_bytes_L{d}": files[(t, d)].stat().st_size for d in DEPTHS},
                        "tensor_types_L16": file_types(files[(t, DEPTHS[1])])}
     fit = calibrate(points, per_type=True)
+    bytes_fit = calibrate([{k: v for k, v in p.items() if k != "type_weights"} for p in points])
     q40 = per_type["Q4_0"]["ns_per_weight"]
     for t in TYPES:
         per_type[t]["relative_to_Q4_0"] = round(per_type[t]["ns_per_weight"] / q40, 3)
@@ -174,13 +175,14 @@ def main() -> None:
            "timing": f"llama.cpp decode counters, 64 one-token steps after a short prompt, best of {a.rounds}, files interleaved",
            "per_type": per_type,
            "latency_fit": {k: v for k, v in fit.items() if k != "points"},
+           "bytes_model_fit": {k: v for k, v in bytes_fit.items() if k != "points"},
            "latency_fit_points": [{k: p[k] for k in ("config_hash", "layers", "measured_ms", "predicted_ms_loo", "type_weights")}
                                   for p in fit["points"]],
            "build_s": round(build_s, 1)}
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(out, indent=1) + "\n")
     print(json.dumps({t: (v["ns_per_weight"], v["relative_to_Q4_0"], v["tokens_per_s_L16"]) for t, v in per_type.items()}, indent=1))
-    print("fit:", {k: v for k, v in out["latency_fit"].items()})
+    print("fit:", out["latency_fit"], "\nbytes model:", out["bytes_model_fit"])
 
 
 if __name__ == "__main__":

@@ -172,6 +172,22 @@ def verdicts(llama: list[dict], tailor: list[dict]) -> list[str]:
     return out
 
 
+def speedup(r: dict, res: dict) -> float:
+    """Decode tok/s over the base F16 file's tok/s of the same timing session (this table's, or the seed table's
+    for the copied Tailor rows): speeds timed in different sessions on a shared CPU compare only this way."""
+    base = res["seed_base"]["tokens_per_s"] if r["source"].startswith("Tailor") else res["base_tokens_per_s"]
+    return r["tokens_per_s"] / base
+
+
+def speed_verdict(res: dict) -> str:
+    rel = {r["id"]: speedup(r, res) for r in res["rows"] if r["id"] != "base"}
+    lo = [v for k, v in rel.items() if not k.startswith("seed:")]
+    hi = {k: v for k, v in rel.items() if k.startswith("seed:")}
+    return (f"decode speed over the base F16 file of the same session: llama.cpp mixes {min(lo):.2f}-{max(lo):.2f}x, "
+            f"Tailor rows {min(hi.values()):.2f}-{max(hi.values()):.2f}x (" + ", ".join(f"{k} {v:.2f}x" for k, v in hi.items())
+            + "): smaller files of Q4_0/Q5_1/Q8_0 matrices decode faster here; llama.cpp does not win on speed")
+
+
 def imatrix_effects(llama: list[dict]) -> list[str]:
     """Per mix: what the importance matrix changed (same file size: it moves the quantization grid, not the types)."""
     by = {r["id"]: r for r in llama}
@@ -194,15 +210,16 @@ def fmt_md(res: dict) -> str:
              f"from its file in llama.cpp ({res['runtime']}) on {res['machine']}, beside Tailor's trained rows copied from "
              "reports/bench/seed_table_gpu.json. bits/param = 8 x file bytes / base parameters (scales, metadata and "
              "tokenizer included), as the seed table.", "",
-             "| row | source | imatrix | file MB | bits/param | ppl wiki | ppl BoolQ | PIQA | tok/s | layer matrices | embedding |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| row | source | imatrix | file MB | bits/param | ppl wiki | ppl BoolQ | PIQA | tok/s | tok/s ÷ base | layer matrices | embedding |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(res["rows"], key=lambda r: -r["bits_per_param"]):
         mats = ", ".join(f"{k} {v}" for k, v in r["types"]["matrices"].items())
         emb = ", ".join(r["types"]["embedding"])
         imat = {True: "yes", False: "no"}.get(r.get("imatrix"), "-")
         tps = num(r["tokens_per_s"], ".0f") + ("†" if r["source"].startswith("Tailor") else "")
         lines.append(f"| {r['id']} | {r['source']} | {imat} | {r['file_bytes'] / 1e6:.1f} | {r['bits_per_param']:.2f} | "
-                     f"{r['ppl_wiki']:.1f} | {r['ppl_boolq_passages']:.1f} | {r['piqa']:.3f} | {tps} | {mats} | {emb} |")
+                     f"{r['ppl_wiki']:.1f} | {r['ppl_boolq_passages']:.1f} | {r['piqa']:.3f} | {tps} | "
+                     f"{speedup(r, res):.2f} | {mats} | {emb} |")
     n = res["items"]
     lines += ["", f"Items: the seed table's seeded items ({n['wiki']} held-out wiki sentences, {n['passages']} BoolQ dev passages, "
               f"first {st.PASSAGE_TOKENS} tokens; PIQA {n['piqa']}). tok/s: decode, llama.cpp, {st.THREADS} thread, "
@@ -212,7 +229,7 @@ def fmt_md(res: dict) -> str:
               f"Importance matrix: llama-imatrix on the F16 file, {res['imatrix']['train_seqs']} x {res['imatrix']['seq_len']} "
               f"tokens of the calibrate stage's train shard (decoded to text, one sequence per line), {res['imatrix']['ctx']}-token "
               f"chunks, {res['imatrix']['seconds']:.0f} s.", "", "Where llama.cpp wins and loses:", ""]
-    lines += [f"- {v}" for v in res["verdicts"]]
+    lines += [f"- {v}" for v in res["verdicts"]] + [f"- {speed_verdict(res)}"]
     lines += ["", "What the importance matrix does:", ""] + [f"- {v}" for v in res["imatrix_effects"]]
     lines += ["", "Notes:", ""] + [f"- {x}" for x in res["notes"]]
     lines += ["", "Missing (not measured; no numbers are given for them):", ""] + [f"- {x}" for x in res["missing"]]
