@@ -9,6 +9,11 @@ listed apart. A run cut short leaves mutants "not checked": they are counted apa
 and `complete` is false.
 
     python benchmarks/mutation.py [--mutants DIR] [--out FILE] [--diffs FILE] [--run-info JSON]
+    python benchmarks/mutation.py --merge A.json B.json ... [--out FILE]
+
+--merge combines runs over parts of the scope (e.g. a re-run of the files a change touched): each file's
+row comes from the last report that checked any of its mutants, with that report's `run` under
+`measured_in`; totals, `below_80pct` and the survivors are recomputed from the rows kept.
 
 --diffs writes each surviving mutant's diff (as `mutmut show` prints it), grouped by file.
 """
@@ -93,6 +98,36 @@ def _diffs(mutants: Path, names: list[str], cap: int, get_diff_for_mutant) -> st
     return "".join(out)
 
 
+def _module(name: str) -> str:
+    """'tailor.quant.fake.x_clip__mutmut_3' -> 'tailor/quant/fake.py' (mutmut's names: module, then x_...)."""
+    parts = name.split(".")
+    i = next(k for k, p in enumerate(parts) if p.startswith("x"))  # mutmut prefixes functions and methods with x
+    return "/".join(parts[:i]) + ".py"
+
+
+def merge(reports: list[dict]) -> dict:
+    """One report from several runs, later runs winning per file where they checked any of its mutants."""
+    files, survivors, runs = {}, {}, []
+    for r in reports:
+        runs.append(r.get("run", {}))
+        by_file: dict[str, list[str]] = {}
+        for s in r.get("survivors", []):
+            by_file.setdefault(_module(s), []).append(s)
+        for f, v in r["files"].items():
+            checked = v["total"] - sum(v.get(k, 0) for k in NOT_COUNTED)
+            if checked or f not in files:
+                files[f] = v | {"measured_in": len(runs) - 1}
+                survivors[f] = by_file.get(f, [])
+    killed = sum(f.get("killed", 0) for f in files.values())
+    checked = sum(f["total"] - sum(f.get(k, 0) for k in NOT_COUNTED) for f in files.values())
+    pending = sum(f.get("not checked", 0) for f in files.values())
+    below = sorted(f for f, v in files.items() if v["kill_rate"] is not None and v["kill_rate"] < 0.8)
+    return {"tool": "mutmut", "version": reports[-1].get("version"), "scope": reports[-1].get("scope"),
+            "complete": pending == 0, "not_checked": pending, "files": dict(sorted(files.items())),
+            "below_80pct": below, "killed": killed, "checked": checked, "kill_rate": _rate(killed, checked),
+            "survivors": [s for f in sorted(survivors) for s in survivors[f]], "runs": runs}
+
+
 def _scope() -> dict:
     cfg = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["mutmut"]
     return {"only_mutate": cfg.get("only_mutate", []), "tests": cfg.get("pytest_add_cli_args_test_selection", [])}
@@ -112,13 +147,17 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--diffs", type=Path, help="write the surviving mutants' diffs here")
     ap.add_argument("--max-diffs", type=int, default=2000)
     ap.add_argument("--run-info", default="{}", help="JSON object stored under 'run' (machine, children, wall)")
+    ap.add_argument("--merge", type=Path, nargs="+", help="reports to combine, oldest first (no mutants/ read)")
     a = ap.parse_args(argv)
-    out = summarise(a.mutants)
+    if a.merge:
+        out = merge([json.loads(p.read_text()) for p in a.merge])
+    else:
+        out = summarise(a.mutants)
     if run := json.loads(a.run_info):
         out["run"] = run
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(out, indent=2) + "\n")
-    if a.diffs:
+    if a.diffs and not a.merge:
         if a.mutants.resolve().name != "mutants":
             raise SystemExit(f"--diffs needs the folder to be called mutants (mutmut reads ./mutants): {a.mutants}")
         a.diffs.parent.mkdir(parents=True, exist_ok=True)
