@@ -134,7 +134,13 @@ def _convert(src: ModelSource, dest: Path) -> None:
         write_tokenizer_gguf(tmp / "tokenizer.gguf", tok, tmp, model.config.vocab_size,
                              src.path if src.kind == "gguf" else None)
         (tmp / "source.json").write_text(json.dumps(src.to_dict(), indent=1))
-        os.replace(tmp, dest)
+        try:
+            os.replace(tmp, dest)
+        except OSError:
+            # another process converted the same content first (its key is the source's hash, and it renamed
+            # a whole directory into place): keep that one; anything else is a real failure
+            if not (dest / "source.json").is_file():
+                raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -141,3 +141,21 @@ def test_gguf_file_of_another_model_is_a_source(tmp_path, tok_dir, cache):
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, small(ids).logits, rtol=1e-4, atol=1e-4)
     assert tokenizer_gguf(base_dir(str(path))).is_file()
+
+
+def test_two_processes_converting_one_source_both_get_the_cache_entry(tmp_path, tok_dir, cache):
+    """Two runs on a fresh cache convert the same source at once (found by `make test` on two xdist workers
+    in a fresh clone): the one renaming second finds the first's complete entry and keeps it, no error, no
+    temp directory left. A rename that fails for another reason still raises."""
+    from tailor.models.base import _convert
+
+    d = save_tiny_hf_dir(tmp_path / "m", "llama", tok_dir)
+    first = base_dir(str(d))
+    before = (first / "model.safetensors").read_bytes()
+    _convert(resolve(str(d)), first)  # the slower process: its rename meets a complete, non-empty directory
+    assert (first / "model.safetensors").read_bytes() == before
+    assert not [p for p in first.parent.iterdir() if p.name.startswith(".tmp-base-")]
+    blocker = cache / "not-a-dir"
+    blocker.write_text("a file where the entry should go")
+    with pytest.raises(OSError):  # no complete entry there: the failure is real
+        _convert(resolve(str(d)), blocker)
