@@ -339,13 +339,7 @@ def main() -> None:
            "imatrix": imat_info, "base_tokens_per_s": base["tokens_per_s"], "seed_base": seed_base,
            "rows": rows + seed, "verdicts": verdicts(llama, seed) if llama else [],
            "imatrix_effects": imatrix_effects(llama), "notes": NOTES, "missing": MISSING}
-    out = Path(a.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    for path, text in ((out, json.dumps(res, indent=1) + "\n"), (out.with_suffix(".md"), fmt_md(res))):
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    print(fmt_md(res))
+    st.write_report(res, Path(a.out), fmt_md)
 
 
 if __name__ == "__main__":

@@ -714,14 +714,16 @@ def main() -> None:
     write_report(finish(rows, ctx.n_params, machine, meta), Path(a.out))
 
 
-def write_report(res: dict, out: Path) -> None:
-    """`out` (JSON) and its .md beside it, each written whole (temp file, then rename); the table printed."""
+def write_report(res: dict, out: Path, fmt=None) -> None:
+    """`out` (JSON) and its .md beside it (`fmt(res)`, default this table's), each written whole (temp file,
+    then rename); the table printed."""
+    md = (fmt or fmt_md)(res)
     out.parent.mkdir(parents=True, exist_ok=True)
-    for path, text in ((out, json.dumps(res, indent=1) + "\n"), (out.with_suffix(".md"), fmt_md(res))):
+    for path, text in ((out, json.dumps(res, indent=1) + "\n"), (out.with_suffix(".md"), md)):
         tmp = path.with_name(f".{path.name}.tmp")
         tmp.write_text(text)
         os.replace(tmp, path)
-    print(fmt_md(res))
+    print(md)
 
 
 if __name__ == "__main__":
