@@ -4,7 +4,9 @@ fails on NaN instead of letting `nan > bound` pass."""
 from __future__ import annotations
 
 import math
+import re
 
+import numpy as np
 import pytest
 import torch
 
@@ -63,3 +65,51 @@ def test_parity_check_fails_on_nan_and_passes_within_bound():
             ppl_parity("model.gguf", runtime, torch_ppl, 0.02)
     with pytest.raises(ParityError, match="differs from PyTorch"):
         ppl_parity("model.gguf", 10.5, 10.0, 0.02)
+
+
+# ---- named types (K-quants, IQ4_NL) through the same pack(): 256 columns, whole super-blocks --------------
+KTYPES = ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL"]
+
+
+def _wk(value: float) -> torch.Tensor:
+    w = torch.randn(4, 256, generator=torch.Generator().manual_seed(0)) * 0.02
+    w[1, 2] = value
+    return w
+
+
+@pytest.mark.parametrize("name", KTYPES)
+def test_named_types_pack_what_gguf_py_reads_back(name):
+    from gguf import GGMLQuantizationType, quants
+
+    from tailor.quant.gguf_kquants import dequantized as kdequantized
+
+    w = _wk(0.5)
+    back = quants.dequantize(pack(w, name, "w"), GGMLQuantizationType[name]).reshape(w.shape)
+    assert np.array_equal(back, kdequantized(w, name).numpy())
+
+
+@pytest.mark.parametrize("name", KTYPES)
+@pytest.mark.parametrize("value", [float("inf"), float("nan")])
+def test_non_finite_weight_is_refused_for_named_types(name, value):
+    with pytest.raises(PrecisionError, match=rf"^blk\.3\.ffn_down\.weight: weight at \[1, 2\] is {value}; "
+                                             r"it cannot be quantized$"):
+        pack(_wk(value), name, "blk.3.ffn_down.weight")
+
+
+# a power of ten whose super-block scale overflows float16 (a hundredth of it fits), per type; Q5_K's +1e8 fits
+# (only its minimum overflows, at -1e8), Q6_K's int8 sub-scales hold 1e8
+@pytest.mark.parametrize("name, value", [("Q2_K", 1e7), ("Q3_K", 1e7), ("Q4_K", 1e8), ("Q5_K", -1e8), ("IQ4_NL", 1e7)])
+def test_named_type_scale_overflow_is_refused_by_name(name, value):
+    with pytest.raises(PrecisionError, match=rf"^ffn_down\.weight: a {name} super-block scale overflows float16 "
+                                             rf"\(weights up to {re.escape(format(abs(value), '.6g'))}\); it cannot be stored$"):
+        pack(_wk(value), name, "ffn_down.weight")
+    fits = _wk(value / 100)
+    assert np.isfinite(pack(fits, name, "w")).all()
+
+
+def test_q5_k_positive_outlier_fits_where_the_negative_one_overflows_its_minimum():
+    from tailor.quant.gguf_kquants import codes
+
+    c = codes(_wk(-1e8), "Q5_K")
+    assert torch.isfinite(c.d).all() and not torch.isfinite(c.dmin).all()  # the minimum alone: both fields checked
+    assert torch.isfinite(torch.as_tensor(pack(_wk(1e8), "Q5_K", "w"))).all()
