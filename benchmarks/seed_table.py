@@ -268,7 +268,7 @@ def choice_items(rows: list[dict]) -> list:
 class Ctx:
     """What every builder needs: the workspace, the params file, the base model's facts."""
 
-    def __init__(self, work: Path):
+    def __init__(self, work: Path, model: str | None = None):
         import yaml
         from transformers import AutoTokenizer
 
@@ -278,8 +278,9 @@ class Ctx:
 
         self.work = work
         self.raw = yaml.safe_load((ROOT / "params.yaml").read_text())
-        self.tok = AutoTokenizer.from_pretrained(base_dir())
-        self.base, _ = load_base(None)
+        self.model = model  # a model source (tailor.models.source.resolve); None: the built-in SmolLM2
+        self.tok = AutoTokenizer.from_pretrained(base_dir(model))
+        self.base, _ = load_base(model)
         self.arch = arch_of(self.base)
         self.n_params = SubnetConfig.max(self.arch).param_count(self.arch)
         self.supernet = work / "supernet"
@@ -301,8 +302,12 @@ class Ctx:
     def export_rtn(self, cfg, path: Path) -> dict:
         from tailor.elastic.supernet import export_active
         from tailor.export import gguf
+        from tailor.export.gguf_vocab import tokenizer_gguf
+        from tailor.models.base import base_dir
 
-        return gguf.export(export_active(self.base, cfg, "gguf"), self.tok, path)
+        # the tokenizer/metadata template of this model (the shipped SmolLM2 file is the default's)
+        template = tokenizer_gguf(base_dir(self.model)) if self.model else None
+        return gguf.export(export_active(self.base, cfg, "gguf"), self.tok, path, template=template)
 
 
 def quantize_llamacpp(src: Path, dst: Path, ftype_name: str) -> None:

@@ -81,3 +81,13 @@ def test_contains_the_spaces_own_subnets_and_refuses_each_way_out() -> None:
 def test_max_drop_is_the_fraction_of_layers_rounded_down(frac: float, want: int) -> None:
     space = SearchSpace.build(ARCH, [4, 8], [8], 0.25, 1, frac, None)
     assert space.max_drop == want and space.droppable == tuple(range(29, 29 - 2 * want, -1))
+
+
+def test_default_drop_order_is_last_layer_first_down_to_layer_0() -> None:
+    assert SearchSpace.build(ARCH, [4, 8], [8], 0.25, 1, 0.2, None).drop_order == tuple(range(29, -1, -1))
+
+
+def test_a_space_whose_types_fit_no_input_width_names_the_matrix() -> None:
+    space = _space(["Q4_K"])  # 256-blocks, no F16 to fall back on: the 576-wide inputs fit nothing
+    with pytest.raises(ValueError, match=r"^no allowed type fits q \(input dimensions \[576\]; allowed \('Q4_K',\)\)$"):
+        space.choices_for("q")
