@@ -837,6 +837,7 @@ def file_holds_grid(path: Path, model) -> bool:
 
     from tailor.export.gguf import rope_permute
     from tailor.quant import gguf_grid
+    from tailor.quant.formats import is_float
 
     tensors = {t.name: t for t in GGUFReader(path).tensors}
 
@@ -860,7 +861,7 @@ def file_holds_grid(path: Path, model) -> bool:
         for m, name in names.items():
             lin = linear(block, m)
             w = lin.weight.detach()[: lin.active_out, : lin.active_in]
-            want = w.half().float() if lin.bits >= 16 else gguf_grid.dequantized(w, lin.bits)
+            want = w.half().float() if is_float(lin.bits) else gguf_grid.dequantized(w, lin.bits)
             if m in ("q", "k"):
                 want = rope_permute(want, block.self_attn.kv_heads * (qpk if m == "q" else 1), cfg.head_dim)
             if not torch.equal(stored(f"blk.{i}.{name}.weight"), want):

@@ -126,6 +126,38 @@ def build_row(ctx: st.Ctx, tools: Path, rid: str, ftype: str | None, imat: bool,
     return row
 
 
+def gpu_rows(ctx: st.Ctx, evalset: dict) -> list[dict]:
+    """Tailor's rows trained on the K-quant grid on a GPU (benchmarks/kquant_gpu.py: fine-tuned there, its
+    `ingest` put each file in rows/<id>/ beside gpu_meta.json), scored here like every other row."""
+    rows = []
+    for meta_file in sorted((ctx.work / "rows").glob("*/gpu_meta.json")):
+        out = meta_file.parent
+        cached = out / "row.json"
+        if cached.is_file():
+            rows.append(json.loads(cached.read_text()))
+            continue
+        meta = json.loads(meta_file.read_text())
+        print(f"kquant_table: {meta['id']} (trained on a GPU) ...", flush=True)
+        t0 = time.perf_counter()
+        res = st.evaluate_file(out / "model.gguf", ctx.tok, evalset)
+        row: dict[str, Any] = {"id": meta["id"], "source": "Tailor K-grid (kquant_gpu)", "imatrix": None}
+        row.update({k: v for k, v in res.items() if k != "items"})
+        row["bits_per_param"] = st.bits_per_param(row["file_bytes"], ctx.n_params)
+        row["types"] = tensor_types(out / "model.gguf")
+        row["gpu"] = {k: meta.get(k) for k in ("gpu", "tokens", "train_seconds", "tokens_per_s", "kl_before", "kl_after",
+                                               "torch_ppl", "llamacpp_ppl", "file_holds_model_grid", "sha256", "peak_gb")}
+        row["gpu"]["recipe"] = {k: meta["finetune"][k] for k in ("steps", "batch_size", "lr", "schedule", "warmup_steps")}
+        layers = meta["config"]["layers"]
+        kept = [lc for lc in layers if lc["keep"]]
+        row["subnet"] = {"kept_layers": len(kept), "of_layers": len(layers),
+                         "mean_ffn": round(sum(lc["ffn"] for lc in kept) / len(kept), 1),
+                         "mean_kv_groups": round(sum(lc["kv_groups"] for lc in kept) / len(kept), 2)}
+        row["wall_min"] = round((time.perf_counter() - t0) / 60, 2)
+        st.write_row(cached, row)
+        rows.append(row)
+    return rows
+
+
 def tailor_rows(path: Path) -> tuple[list[dict], dict]:
     """Tailor's trained rows of the GPU seed table (Q4_0 / Q5_1 / Q8_0 grid), as that table measured them."""
     src = json.loads(path.read_text())
@@ -175,20 +207,22 @@ def verdicts(llama: list[dict], tailor: list[dict]) -> list[str]:
 def speedup(r: dict, res: dict) -> float:
     """Decode tok/s over the base F16 file's tok/s of the same timing session (this table's, or the seed table's
     for the copied Tailor rows): speeds timed in different sessions on a shared CPU compare only this way."""
-    base = res["seed_base"]["tokens_per_s"] if r["source"].startswith("Tailor") else res["base_tokens_per_s"]
+    base = res["seed_base"]["tokens_per_s"] if r["id"].startswith("seed:") else res["base_tokens_per_s"]
     return r["tokens_per_s"] / base
 
 
 def speed_verdict(res: dict) -> str:
     rel = {r["id"]: speedup(r, res) for r in res["rows"] if r["id"] != "base"}
-    lo = [v for k, v in rel.items() if not k.startswith("seed:")]
-    hi = {k: v for k, v in rel.items() if k.startswith("seed:")}
+    tailor = {r["id"] for r in res["rows"] if r["source"].startswith("Tailor")}
+    lo = [v for k, v in rel.items() if k not in tailor]
+    hi = {k: v for k, v in rel.items() if k in tailor}
     if not hi:
         return (f"decode speed over the base F16 file of the same session: llama.cpp mixes {min(lo):.2f}-{max(lo):.2f}x "
                 "(no Tailor row of this model yet)")
     return (f"decode speed over the base F16 file of the same session: llama.cpp mixes {min(lo):.2f}-{max(lo):.2f}x, "
             f"Tailor rows {min(hi.values()):.2f}-{max(hi.values()):.2f}x (" + ", ".join(f"{k} {v:.2f}x" for k, v in hi.items())
-            + "): smaller files of Q4_0/Q5_1/Q8_0 matrices decode faster here; llama.cpp does not win on speed")
+            + "): " + ("every Tailor file decodes faster than every llama.cpp mix here" if min(hi.values()) > max(lo)
+                       else "llama.cpp's fastest mix beats the slowest Tailor file here"))
 
 
 def imatrix_effects(llama: list[dict]) -> list[str]:
@@ -219,7 +253,7 @@ def fmt_md(res: dict) -> str:
         mats = ", ".join(f"{k} {v}" for k, v in r["types"]["matrices"].items())
         emb = ", ".join(r["types"]["embedding"])
         imat = {True: "yes", False: "no"}.get(r.get("imatrix"), "-")
-        tps = num(r["tokens_per_s"], ".0f") + ("†" if r["source"].startswith("Tailor") else "")
+        tps = num(r["tokens_per_s"], ".0f") + ("†" if r["id"].startswith("seed:") else "")
         lines.append(f"| {r['id']} | {r['source']} | {imat} | {r['file_bytes'] / 1e6:.1f} | {r['bits_per_param']:.2f} | "
                      f"{r['ppl_wiki']:.1f} | {r['ppl_boolq_passages']:.1f} | {r['piqa']:.3f} | {tps} | "
                      f"{speedup(r, res):.2f} | {mats} | {emb} |")
@@ -344,6 +378,7 @@ def main() -> None:
         print(f"kquant_table: {rid}: {r['bits_per_param']:.3f} bits/param, ppl {r['ppl_wiki']:.2f} / "
               f"{r['ppl_boolq_passages']:.2f}, piqa {r['piqa']:.3f}, {r['tokens_per_s']:.1f} tok/s", flush=True)
         rows.append(r)
+    rows += gpu_rows(ctx, evalset)
     timing = "best of 3 within each row's evaluation (rows built at different times on a shared CPU)"
     if a.retime:
         st.retime(ctx, work, rows)
@@ -364,7 +399,8 @@ def main() -> None:
            "timing": timing, "items": {"wiki": len(evalset["wiki"]), "passages": len(evalset["passages"]),
                                        "piqa": len(evalset["tasks"]["piqa"])},
            "imatrix": imat_info, "base_tokens_per_s": base["tokens_per_s"], "seed_base": seed_base,
-           "rows": rows + seed, "verdicts": verdicts(llama, seed) if llama else [],
+           "rows": rows + seed, "verdicts": verdicts(llama, [r for r in rows if r["source"].startswith("Tailor")] + seed)
+           if llama else [],
            "imatrix_effects": imatrix_effects(llama), "notes": notes, "missing": missing}
     st.write_report(res, Path(a.out), fmt_md)
 

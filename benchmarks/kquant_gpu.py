@@ -1,0 +1,500 @@
+"""Tailor on llama.cpp's K-quant grid, trained on one GPU: the trained rows of reports/bench/kquant_table.md
+(issue 22) and the IQ4_NL lever of issue 19, at the full profile's fine-tune budget.
+
+On the GPU machine, in one process (`search`):
+1. the base (rebuilt bit for bit from its GGUF, as benchmarks/blockwise_quality.py does) permuted by
+   importance on the calibration shard (the supernet stage's order) becomes the supernet and is trained by
+   the end-to-end sandwich on the phone's K-quant grid (Q2_K..Q6_K, IQ4_NL, Q8_0, F16; a K-quant only where
+   a matrix's input dimension is whole 256s) for `--supernet-s` seconds (at most the profile's steps);
+2. per row a search on it: sensitivity table + MIP (the pipeline's first strategy), every MIP solution
+   scored on the search's validation sequences, the least KL under the row's byte budget chosen (bytes of
+   the whole file at the row's bits per base parameter, as benchmarks/seed_table.py budgets them);
+3. each row fine-tuned in its own detached process as soon as its config exists (they share the GPU and
+   outlive the 10-minute command): the full profile's fine-tune (QAT + KD, 1000 x 32 x 512 tokens, cosine
+   3e-4) from the permuted *base* weights, as benchmarks/seed_table_gpu.py trains the Q4_0/Q5_1/Q8_0 rows
+   it is compared with, so that only the grid and the subnet differ; exported as GGUF, checked to hold the
+   model's grid bit for bit (gguf-py), its perplexity in llama.cpp beside the PyTorch model's, packed
+   into zstd chunks.
+
+Rows (ROWS): Tailor joint at <= 4.0 and <= 3.0 bits/param; Tailor bits-only (structure fixed) at the first
+of BITS_ONLY_BPP that is feasible (on SmolLM2 only ffn_down is 256-wide, so bits-only cannot reach 4.0);
+uniform IQ4_NL QAT (every layer matrix IQ4_NL, the table Q4_0 as the seed table's qat4 row: same bytes
+as Q4_0) against seed_table_gpu's uniform Q4_0 QAT.
+
+    # device call 1 (carry .bwq/a, from `blockwise_quality.py pack`): half the base GGUF, wheels, llama.cpp
+    python3 benchmarks/blockwise_quality.py stage --src .bwq/a
+    # device call 2 at once (carry .bwq/b): rebuild the base, supernet, searches, fine-tunes started
+    python3 benchmarks/kquant_gpu.py search --src .bwq/b --out $OUT
+    # device calls 3..: wait for the fine-tunes, bring back metas and <= 8 chunks per call
+    python3 benchmarks/kquant_gpu.py wait --timeout 560
+    python3 benchmarks/kquant_gpu.py collect --out $OUT --parts tailor-k@4.0:0-4 ...
+    # here: join + sha256-check the chunks into --work rows/<id>/model.gguf (kquant_table.py scores them)
+    python benchmarks/kquant_gpu.py ingest --from DIR [DIR ...] --work /tmp/kquanttable
+
+A CPU check at toy size (SmolLM2 sliced to 2 layers, a few steps) runs every step:
+    python benchmarks/blockwise_quality.py stage --src .bwq/a --dest /tmp/kqt && \\
+    python benchmarks/kquant_gpu.py search --src .bwq/b --dest /tmp/kqt --out /tmp/kqt/out --profile tiny
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+for p in (ROOT, ROOT / "benchmarks"):
+    if str(p) not in sys.path:
+        sys.path.insert(0, str(p))
+
+import blockwise_quality as bq  # noqa: E402 (after the sys.path lines)
+import seed_table_gpu as sg  # noqa: E402
+
+GRID = ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL", "Q8_0", "F16"]  # params.yaml's quick-k phone
+N_PARAMS = 134_515_008  # SmolLM2-135M's base parameters (the seed table's denominator)
+OVERHEAD = 1_785_376  # non-weight bytes of its GGUF (tokenizer, metadata): seed_table.json's base row
+SIZE_MARGIN = 64 * 1024  # seed_table.SIZE_MARGIN
+BITS_ONLY_BPP = (4.0, 4.25, 4.5)
+EMBED_BITS = 4  # the tied table at Q4_0, as every seed-table Tailor row at these budgets
+RECIPE = "kgrid"  # the `recipe` field seed_table_gpu's wait / collect / gather key the rows by
+DEST = Path(tempfile.gettempdir()) / "bwq"
+
+
+def log(*a) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}]", *a, flush=True)
+
+
+def weight_budget(bpp: float) -> int:
+    """Bytes for weights in a file of at most `bpp` bits per base parameter (seed_table's arithmetic)."""
+    return math.floor(bpp * N_PARAMS / 8) - OVERHEAD - SIZE_MARGIN
+
+
+def k_params(profile: str):
+    """The full profile (or blockwise_quality's toy one) with the phone on the K-quant grid and the supernet
+    trained on that grid only (the laptop's ONNX grid is not searched here)."""
+    import yaml
+
+    from tailor.config import parse_params
+
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    name = "full"
+    if profile == "tiny":
+        bq.profile_params("tiny")  # checks it builds; the same edits here
+        full = copy.deepcopy(raw["profiles"]["full"])
+        full.update(model={"n_layers": 2}, export={"ppl_docs": 6})
+        full["supernet"].update(steps=3, batch_size=2, val_seqs=4)
+        full["search"].update(val_seqs=4, sens_seqs=2)
+        raw["search"]["sens_tokens"] = 16
+        full["finetune"].update(steps=3, batch_size=2, warmup_steps=1)
+        raw["profiles"]["kq-tiny"], name = full, "kq-tiny"
+    raw["profiles"][name].setdefault("devices", {})["phone"] = {"allowed_bits": None, "allowed_types": GRID,
+                                                                "embed_bits": EMBED_BITS}
+    raw["profiles"][name]["supernet"]["formats"] = {"gguf": GRID}
+    raw["profiles"][name]["search"]["strategies"] = ["mip", "nsga"]  # gumbel cannot mix 256- and 32-blocks
+    return parse_params(raw, name)
+
+
+def rows_plan(tiny: bool) -> list[dict]:
+    """Searched rows first (their fine-tunes start as each search ends), the uniform row started at once."""
+    if tiny:  # 2 layers: the embedding is most of the model, budgets as fractions of the max subnet
+        return [{"id": "iq4nl-qat", "kind": "uniform"}, {"id": "tailor-k@0.6", "kind": "joint", "frac": 0.6},
+                {"id": "bits-k@0.7", "kind": "bits", "frac": 0.7}]
+    return [{"id": "iq4nl-qat", "kind": "uniform"}, {"id": "tailor-k@4.0", "kind": "joint", "bpp": 4.0},
+            {"id": "tailor-k@3.0", "kind": "joint", "bpp": 3.0}, {"id": "bits-k", "kind": "bits"}]
+
+
+# ---- device call 2: supernet, searches, fine-tunes started -------------------------------------------
+class Search:
+    def __init__(self, args):
+        import torch
+
+        self.args, self.t0 = args, time.time()
+        self.dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.params = k_params(args.profile)
+        self.work = args.dest / "kq"
+        self.work.mkdir(parents=True, exist_ok=True)
+        self.res: dict = {"profile": args.profile, "grid": GRID, "device": str(self.dev), "torch": torch.__version__,
+                          "gpu": torch.cuda.get_device_name(0) if self.dev.type == "cuda" else None, "rows": {},
+                          "timeline": []}
+        self.jobs: list[dict] = []
+        self.pids: dict[str, int] = {}
+
+    def save(self) -> None:
+        bq.write_json(self.args.out / "search.json", self.res)
+
+    def mark(self, what: str) -> None:
+        self.res["timeline"].append([what, round(time.time() - self.t0, 1)])
+        log(f"search: {what} at {time.time() - self.t0:.0f} s")
+        self.save()
+
+    def setup(self, base: Path, data: Path) -> None:
+        import torch
+        from safetensors.torch import load_file
+
+        from steps.supernet import space_for
+        from tailor.distill import teacher_logits
+        from tailor.elastic.space import SearchSpace
+        from tailor.elastic import importance
+        from tailor.models.base import load_model_dir
+
+        p = self.params
+        torch.manual_seed(p.supernet.seed)
+        model = load_model_dir(base, n_layers=p.model.n_layers).to(self.dev)
+        seq = 64 if self.args.profile == "tiny" else None
+        shard = {s: load_file(data / f"{s}.safetensors")["input_ids"][:, :seq] for s in ("train", "val", "calib")}
+        self.train = shard["train"][:32] if self.args.profile == "tiny" else shard["train"]
+        nv = p.search.val_seqs
+        self.val = shard["val"][:nv]
+        imp = importance.measure(model, list(shard["calib"].long().split(p.supernet.batch_size)))
+        sg.save_importance(imp, self.work / "importance.safetensors")
+        importance.permute_(model, imp)
+        self.teacher = copy.deepcopy(model).requires_grad_(False).eval()
+        self.model, self.imp = model, imp
+        self.space = space_for(p, model, imp.drop_order(), p.supernet_formats()["gguf"])  # what the supernet trains
+        a = self.space.arch  # what the searches choose from: the table at Q4_0, as steps/search.device_space
+        self.search_space = SearchSpace.build(a, list(self.space.bits), [EMBED_BITS], p.supernet.min_ffn_frac,
+                                              p.supernet.min_kv_groups, p.supernet.max_drop_frac, imp.drop_order())
+        self.t_val = teacher_logits(self.teacher, self.val)
+        self.res.update(drop_order=imp.drop_order(), space_bits=[str(b) for b in self.space.bits],
+                        ffn_widths=self.space.ffn_widths(), data={"train": list(self.train.shape), "val": list(self.val.shape)})
+
+    def supernet(self) -> dict:
+        """End-to-end sandwich on the K grid until `--supernet-s` seconds or the profile's steps."""
+        from tailor.elastic.space import sandwich_configs
+        from tailor.elastic.supernet import set_active, set_max
+        from tailor.train import TrainSpec, train_kd
+
+        sp = self.params.supernet
+        steps = sp.steps if self.args.profile == "tiny" else min(sp.steps, self.args.supernet_steps)
+        stop = time.time() + self.args.supernet_s
+        box = {"steps": 0}
+        spaces = {"gguf": self.space}
+
+        def activate(step, gen):
+            if time.time() > stop:
+                raise bq.OutOfTime(step)
+            box["steps"] = step + 1
+            return [lambda c=c, f=f: set_active(self.model, c, f) for c, f in sandwich_configs(spaces, step, sp.n_random, gen)]
+
+        spec = TrainSpec(steps, sp.batch_size, sp.lr, sp.kd_temperature, sp.seed, ckpt_every=max(1, steps), amp=sp.amp,
+                         compile=sp.compile, kd_chunk=sp.kd_chunk, checkpointing=sp.checkpointing)
+        t = time.time()
+        before = self.val_kls()
+        try:
+            r = train_kd(self.model, self.teacher, self.train, spec, activate)
+            done, curve = steps, r.curve
+        except bq.OutOfTime as e:
+            done, curve = int(e.args[0]), []
+        self.model.eval()
+        set_max(self.model)
+        return {"steps": done, "step_cap": steps, "seconds": round(time.time() - t, 1),
+                "student_tokens": done * sp.batch_size * self.train.shape[1] * (2 + sp.n_random),
+                "val_kl_before": before, "val_kl_after": self.val_kls(),
+                "loss_first_last": [round(curve[0]["loss"], 5), round(curve[-1]["loss"], 5)] if curve else None}
+
+    def val_kls(self) -> dict[str, float]:
+        from tailor.distill import mean_kl
+        from tailor.elastic.supernet import set_active, set_max
+
+        out = {}
+        for name, cfg in (("min", self.space.min()), ("mid", self.space.middle())):
+            set_active(self.model, cfg, "gguf")
+            out[name] = mean_kl(self.model, self.val, self.t_val)
+        set_max(self.model)
+        out["max"] = mean_kl(self.model, self.val, self.t_val)
+        return {k: round(v, 5) for k, v in out.items()}
+
+    def fixed_space(self):
+        """The bits-only space: every layer, every KV group, the full FFN width; bits free."""
+        from tailor.elastic.space import SearchSpace
+
+        a = self.space.arch
+        return SearchSpace.build(a, list(self.space.bits), [EMBED_BITS], 1.0, a.n_kv_heads, 0.0,
+                                 list(self.space.drop_order))
+
+    def search_row(self, row: dict) -> dict:
+        from tailor.arch import SubnetConfig
+        from tailor.distill import teacher_logits
+        from tailor.search import mip, sensitivity
+        from tailor.elastic.supernet import set_max
+        from tailor.search.sampled import Candidate, score
+
+        a = self.space.arch
+        space = self.fixed_space() if row["kind"] == "bits" else self.search_space
+        max_bytes = SubnetConfig.max(a, embed_bits=EMBED_BITS).nbytes(a, "gguf")
+        if "frac" in row:
+            budgets = [int(row["frac"] * max_bytes)]
+        elif row["kind"] == "bits":
+            budgets = [weight_budget(b) for b in BITS_ONLY_BPP]
+        else:
+            budgets = [weight_budget(row["bpp"])]
+        floor = space.min().nbytes(a, "gguf")
+        key = "bits" if row["kind"] == "bits" else "joint"
+        t = time.time()
+        if key not in getattr(self, "_tables", {}):
+            sv = self.val[: self.params.search.sens_seqs, : self.params.search.sens_tokens]
+            self._tables = getattr(self, "_tables", {})
+            self._tables[key] = sensitivity.measure(self.model, space, "gguf", EMBED_BITS, sv, teacher_logits(self.teacher, sv))
+        table = self._tables[key]
+        t_mip = time.time()
+        tried = []
+        for budget in budgets:
+            if floor > budget:
+                tried.append({"budget_bytes": budget, "infeasible": f"smallest subnet of the space {floor:,} B > {budget:,} B"})
+                continue
+            sols = mip.solutions(table, space, "gguf", EMBED_BITS, budget)
+            cands = []
+            for cfg in sols:
+                n = cfg.nbytes(a, "gguf")
+                cand = Candidate(cfg, n, 8 * n / cfg.param_count(a), 0.0, origin="mip")
+                score(self.model, cand, "gguf", self.val, self.t_val, 8)
+                cands.append(cand)
+            set_max(self.model)
+            fit = [c for c in cands if c.nbytes <= budget and math.isfinite(c.kl)]
+            if fit:
+                best = min(fit, key=lambda c: c.kl)
+                break
+            tried.append({"budget_bytes": budget, "infeasible": "no MIP solution under it"})
+        else:
+            return {"infeasible": tried, "sensitivity_s": round(t_mip - t, 1)}
+        cfg = best.config
+        bpp_file = 8 * (best.nbytes + OVERHEAD) / N_PARAMS
+        return {"budget_bytes": budget, "file_bpp_predicted": round(bpp_file, 4), "infeasible": tried,
+                "weight_bytes": best.nbytes, "search_kl": best.kl, "predicted_kl": table.predict(cfg),
+                "kept_layers": len(cfg.kept), "kv_groups": [lc.kv_groups for lc in cfg.layers if lc.keep],
+                "ffn": [lc.ffn for lc in cfg.layers if lc.keep],
+                "types": bq._hist([str(b) for lc in cfg.layers if lc.keep for b in lc.bits.values()]),
+                "candidates": [{"hash": c.config.hash, "bytes": c.nbytes, "kl": c.kl} for c in cands],
+                "sensitivity_s": round(t_mip - t, 1), "mip_score_s": round(time.time() - t_mip, 1),
+                "config": cfg.to_dict()}
+
+    def start(self, rid: str, cfg, base: Path, data: Path) -> None:
+        """Write the row's config and start its fine-tune, detached (it outlives this command)."""
+        d = self.work / "jobs" / f"job{len(self.jobs)}"
+        d.mkdir(parents=True, exist_ok=True)
+        (d / "config.json").write_text(cfg.to_json())
+        repo = self.repo_copy()
+        cmd = [sys.executable, str(repo / "benchmarks" / "kquant_gpu.py"), "finetune", "--row", rid, "--job", str(d),
+               "--base", str(base), "--data", str(data), "--importance", str(self.work / "importance.safetensors"),
+               "--profile", self.args.profile]
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(self.args.dest / "site"), str(repo)]),
+               "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "4", "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
+        with open(d / "log", "ab") as f:
+            pid = subprocess.Popen(cmd, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True).pid
+        self.jobs.append({"gpu": 0, "rows": [rid], "schedule": self.params.finetune.schedule, "lr": self.params.finetune.lr})
+        self.pids[str(len(self.jobs) - 1)] = pid
+        # seed_table_gpu.wait reads this layout: jobs.json {"jobs", "pids"} and job<i>/<row>/meta.json
+        (self.work / "jobs" / "jobs.json").write_text(json.dumps({"jobs": self.jobs, "pids": self.pids}))
+        self.mark(f"fine-tune {rid} started (pid {pid})")
+
+    def repo_copy(self) -> Path:
+        """The code the fine-tunes run, copied once: the device re-syncs the checkout at every call, under
+        processes that still import from it."""
+        import shutil
+
+        dst, tmp = self.args.dest / "repo", self.args.dest / "repo.tmp"
+        if not dst.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.copytree(ROOT, tmp, ignore=shutil.ignore_patterns(".git", ".bwq", ".venv", ".cache", "reports", "mutants",
+                                                                    "__pycache__", "artifacts", "*.egg-info", "mlruns", "mlartifacts"))
+            tmp.rename(dst)
+        return dst
+
+    def main(self) -> None:
+        from tailor.arch import SubnetConfig
+
+        base = bq.unpack(self.args.src, self.args.dest)
+        data = self.args.dest / "data"
+        self.setup(base, data)
+        self.mark("setup")
+        plan = rows_plan(self.args.profile == "tiny")
+        for row in (r for r in plan if r["kind"] == "uniform"):
+            self.start(row["id"], SubnetConfig.uniform(self.space.arch, "IQ4_NL", embed_bits=EMBED_BITS), base, data)
+        self.res["supernet"] = self.supernet()
+        self.mark("supernet")
+        for row in (r for r in plan if r["kind"] != "uniform"):
+            res = self.search_row(row)
+            rid = row["id"]
+            if "config" in res and row["kind"] == "bits" and "frac" not in row:
+                rid = f"bits-k@{BITS_ONLY_BPP[len(res['infeasible'])]}"
+            self.res["rows"][rid] = res
+            if "config" in res:
+                self.start(rid, SubnetConfig.from_dict(res["config"]), base, data)
+            else:
+                self.mark(f"{rid}: infeasible")
+        self.res["done"] = True
+        self.save()
+
+
+# ---- the fine-tune of one row (search starts these) --------------------------------------------------
+def finetune(args) -> None:
+    import torch
+
+    from tailor import accel
+    from tailor.arch import SubnetConfig
+    from tailor.distill import mean_kl, teacher_logits
+    from tailor.elastic import importance
+    from tailor.elastic.supernet import arch_of, bake_clip_, export_active, round16_
+    from tailor.eval.ppl import perplexity
+    from tailor.export import gguf
+    from tailor.export.gguf_vocab import tokenizer_gguf
+    from tailor.models.base import load_model_dir, load_tokenizer
+    from tailor.train import TrainSpec, train_kd
+    from safetensors.torch import load_file
+
+    t0 = time.time()
+    p = k_params(args.profile)
+    ft = p.finetune
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    rd = args.job / sg.slug(args.row)
+    rd.mkdir(parents=True, exist_ok=True)
+    model = load_model_dir(args.base, n_layers=p.model.n_layers)
+    try:
+        tok = load_tokenizer(args.base, model)
+    except Exception:  # noqa: BLE001 (another transformers version: the GGUF's vocabulary comes from the template)
+        tok = None
+    importance.permute_(model, sg.load_importance(args.importance))
+    cfg = SubnetConfig.from_json((args.job / "config.json").read_text())
+    student = export_active(model, cfg, "gguf").to(dev)
+    teacher = model.to(dev).requires_grad_(False).eval()
+    seq = 64 if args.profile == "tiny" else None
+    train = load_file(args.data / "train.safetensors")["input_ids"][:, :seq]
+    val = load_file(args.data / "val.safetensors")["input_ids"][:, :seq][: p.search.val_seqs]
+    t_val = teacher_logits(teacher, val)
+    kl_before = mean_kl(student, val, t_val)
+    if dev.type == "cuda":
+        accel.enable_compile()
+    spec = TrainSpec(ft.steps, ft.batch_size, ft.lr, ft.kd_temperature, ft.seed, ckpt_every=max(1, ft.steps // 4),
+                     schedule=ft.schedule, warmup_steps=ft.warmup_steps, train_embeddings=ft.train_embeddings,
+                     fingerprint=f"kquant_gpu:{args.row}:{cfg.hash}")
+    t1 = time.time()
+    compiled = "on" if dev.type == "cuda" else "off (CPU)"
+    try:
+        r = train_kd(student, teacher, train, spec, lambda step, gen: [lambda: None], rd / "ckpt", desc=args.row)
+    except Exception as e:  # noqa: BLE001 (a K-quant graph torch.compile cannot build: the row trains eager)
+        if dev.type != "cuda":
+            raise
+        from tailor import distill
+        from tailor.quant import fake
+
+        compiled = f"failed, trained eager: {type(e).__name__}: {' '.join(str(e).split())[:300]}"
+        log(f"finetune {args.row}: compile {compiled}")
+        fake._compiled = distill._compiled = distill._kd_chunk_compiled = None
+        student = export_active(model.to("cpu"), cfg, "gguf").to(dev)
+        teacher = model.to(dev)
+        t1 = time.time()
+        r = train_kd(student, teacher, train, spec, lambda step, gen: [lambda: None], rd / "ckpt-eager", desc=args.row)
+    train_s = time.time() - t1
+    bake_clip_(student)
+    round16_(student)
+    kl_after = mean_kl(student, val, t_val)
+    student = student.to("cpu").eval()
+    path = rd / "model.gguf"
+    t2 = time.time()
+    info = gguf.export(student, tok, path, template=tokenizer_gguf(args.base))
+    holds = bq.file_holds_grid(path, student)
+    ids = json.loads((args.data / "wiki_ids.json").read_text())[: p.export.ppl_docs]
+    seqs = [s for s in ids if len(s) >= 2]
+    torch_ppl = perplexity(student.to(dev), seqs, device=dev)
+    try:
+        from tailor.export import llamacpp
+
+        lc_ppl = llamacpp.perplexity(path, seqs, n_threads=4)
+    except Exception as e:  # noqa: BLE001 (the carried build failing to load is reported, not fatal)
+        lc_ppl = f"{type(e).__name__}: {' '.join(str(e).split())[:200]}"
+    meta = {"id": args.row, "recipe": RECIPE, "config_hash": cfg.hash, "config": cfg.to_dict(),
+            "gpu": torch.cuda.get_device_name(0) if dev.type == "cuda" else "cpu", "torch": torch.__version__,
+            "finetune": ft.model_dump(), "seq_len": int(train.shape[1]),
+            "tokens": ft.steps * ft.batch_size * int(train.shape[1]), "train_seconds": round(train_s, 1),
+            "tokens_per_s": round(ft.steps * ft.batch_size * int(train.shape[1]) / train_s),
+            "resumed_from": r.resumed_from, "compile": compiled, "kl_before": kl_before, "kl_after": kl_after,
+            "file_bytes": info["file_bytes"], "weight_bytes": info["weight_bytes"], "predicted_weight_bytes":
+            cfg.nbytes(arch_of(model), "gguf"),
+            "sha256": info["sha256"], "file_holds_model_grid": holds, "torch_ppl": torch_ppl, "llamacpp_ppl": lc_ppl,
+            "ppl_docs": len(seqs), "export_s": round(time.time() - t2, 1), "wall_s": round(time.time() - t0, 1),
+            "peak_gb": round(torch.cuda.max_memory_allocated() / 1e9, 1) if dev.type == "cuda" else None,
+            "curve": r.curve[:: max(1, len(r.curve) // 50)]}
+    sg.pack(path, rd)
+    (rd / "meta.json").write_text(json.dumps(meta))
+    log(f"finetune {args.row}: KL {kl_before:.4f} -> {kl_after:.4f}, torch ppl {torch_ppl:.2f}, llama.cpp {lc_ppl}, "
+        f"grid held {holds}, {train_s:.0f} s training")
+
+
+# ---- here: the returned chunks into the table's workspace --------------------------------------------
+def ingest(sources: list[Path], work: Path) -> list[Path]:
+    """gather + unpack (sha256-checked) every returned row into work/rows/<id>/{model.gguf, gpu_meta.json}."""
+    import shutil
+
+    out = []
+    tmp = work / ".kquant_gpu"
+    for d in sg.gather(sources, tmp):
+        if not (d / "meta.json").is_file():
+            print(f"kquant_gpu: {d.name}: chunks without a meta.json (skipped)", flush=True)
+            continue
+        meta = json.loads((d / "meta.json").read_text())
+        f = sg.unpack(d)
+        rd = work / "rows" / meta["id"].replace("@", "_")
+        rd.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(f, rd / "model.gguf")
+        (rd / "gpu_meta.json").write_text(json.dumps(meta, indent=1))
+        out.append(rd)
+        print(f"kquant_gpu: {meta['id']}: {meta['file_bytes']:,} B, sha256 ok -> {rd}", flush=True)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    a = sub.add_parser("search", help="device call 2: rebuild the base, supernet, searches, fine-tunes started")
+    a.add_argument("--src", type=Path, default=Path(".bwq/b"))
+    a.add_argument("--dest", type=Path, default=DEST)
+    a.add_argument("--out", type=Path, default=Path(os.environ.get("OUT") or DEST / "out"))
+    a.add_argument("--profile", choices=("full", "tiny"), default="full")
+    a.add_argument("--supernet-s", type=float, default=240.0, help="seconds of supernet training at most")
+    a.add_argument("--supernet-steps", type=int, default=400, help="sandwich steps at most")
+    a = sub.add_parser("finetune", help="one row (search starts these)")
+    a.add_argument("--row", required=True)
+    a.add_argument("--job", type=Path, required=True)
+    a.add_argument("--base", type=Path, required=True)
+    a.add_argument("--data", type=Path, required=True)
+    a.add_argument("--importance", type=Path, required=True)
+    a.add_argument("--profile", choices=("full", "tiny"), default="full")
+    a = sub.add_parser("wait", help="device: until every started fine-tune finished or died")
+    a.add_argument("--dest", type=Path, default=DEST)
+    a.add_argument("--timeout", type=float, default=540)
+    a = sub.add_parser("collect", help="device: metas + the named chunks into --out")
+    a.add_argument("--dest", type=Path, default=DEST)
+    a.add_argument("--out", type=Path, default=Path(os.environ.get("OUT") or DEST / "collected"))
+    a.add_argument("--parts", nargs="*", default=[], help="ROW:FIRST-LAST, e.g. tailor-k@4.0:0-3")
+    a = sub.add_parser("ingest", help="here: returned chunks -> --work rows/<id>/model.gguf")
+    a.add_argument("--from", dest="sources", type=Path, nargs="+", required=True)
+    a.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "kquanttable")
+    args = ap.parse_args()
+    if args.cmd == "search":
+        args.out.mkdir(parents=True, exist_ok=True)
+        sys.path.insert(0, str(args.dest / "site"))
+        s = Search(args)
+        try:
+            s.main()
+        except BaseException as e:
+            s.res["error"] = f"{type(e).__name__}: {e}"
+            s.save()
+            raise
+    elif args.cmd == "finetune":
+        finetune(args)
+    elif args.cmd == "wait":
+        sg.wait(args.dest / "kq" / "jobs", args.timeout)
+    elif args.cmd == "collect":
+        sg.collect(args.dest / "kq" / "jobs", args.out, [f"{RECIPE}/{x}" for x in args.parts])
+    else:
+        ingest(args.sources, args.work)
+
+
+if __name__ == "__main__":
+    main()
