@@ -439,7 +439,7 @@ def ingest(sources: list[Path], work: Path) -> list[Path]:
             continue
         meta = json.loads((d / "meta.json").read_text())
         f = sg.unpack(d)
-        rd = work / "rows" / meta["id"].replace("@", "_")
+        rd = work / "rows" / meta["id"]  # kquant_table keys row folders by id
         rd.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(f, rd / "model.gguf")
         (rd / "gpu_meta.json").write_text(json.dumps(meta, indent=1))

@@ -204,6 +204,43 @@ def verdicts(llama: list[dict], tailor: list[dict]) -> list[str]:
     return out
 
 
+PAIRS = (("tailor-k@4.0", "seed:tailor@4.0"), ("tailor-k@3.0", "seed:tailor@3.0"), ("iq4nl-qat", "seed:qat4"))
+
+
+def gpu_run(path: Path) -> list[str]:
+    """What the K-grid rows' GPU run did (reports/bench/kquant_gpu.json), as notes."""
+    if not path.is_file():
+        return []
+    run = json.loads(path.read_text())
+    sn = run["search"]["supernet"]
+    out = [f"K-grid supernet: {sn['steps']} sandwich steps ({sn['student_tokens']:,} student tokens) in {sn['seconds']:.0f} s "
+           f"on {run['search']['gpu']} beside a fine-tune (eager K-quant fake quantization; its cap was 240 s); validation KL "
+           f"min/mid/max {sn['val_kl_before']['min']:.2f}/{sn['val_kl_before']['mid']:.2f}/{sn['val_kl_before']['max']:.4f} -> "
+           f"{sn['val_kl_after']['min']:.2f}/{sn['val_kl_after']['mid']:.2f}/{sn['val_kl_after']['max']:.4f}."]
+    for rid, m in run["rows"].items():
+        lc = m["llamacpp_ppl"]
+        out.append(f"{rid} on the GPU machine: {m['train_seconds']:.0f} s of fine-tuning ({m['tokens_per_s']:,} tokens/s, four "
+                   f"fine-tunes sharing the H200, torch.compile {m['compile']}), validation KL {m['kl_before']:.3f} -> "
+                   f"{m['kl_after']:.3f}, file holds the trained grid bit for bit: {m['file_holds_model_grid']}, perplexity "
+                   f"({m['ppl_docs']} wiki docs) PyTorch {m['torch_ppl']:.2f} vs llama.cpp "
+                   + (f"{lc:.2f} ({lc / m['torch_ppl'] - 1:+.2%})" if isinstance(lc, float) else str(lc)) + ".")
+    return out
+
+
+def kgrid_effects(rows: list[dict]) -> list[str]:
+    """Each K-grid row against the Q4_0-grid row of the same budget and recipe: what the grid bought."""
+    by = {r["id"]: r for r in rows}
+    out = []
+    for k, q in PAIRS:
+        a, b = by.get(k), by.get(q)
+        if a and b:
+            out.append(f"{k} vs {q}: {a['bits_per_param']:.2f} vs {b['bits_per_param']:.2f} bits/param; wiki ppl "
+                       f"{b['ppl_wiki']:.1f} -> {a['ppl_wiki']:.1f} ({a['ppl_wiki'] / b['ppl_wiki'] - 1:+.1%}), BoolQ-passage ppl "
+                       f"{b['ppl_boolq_passages']:.2f} -> {a['ppl_boolq_passages']:.2f} "
+                       f"({a['ppl_boolq_passages'] / b['ppl_boolq_passages'] - 1:+.1%}), PIQA {b['piqa']:.3f} -> {a['piqa']:.3f}")
+    return out
+
+
 def speedup(r: dict, res: dict) -> float:
     """Decode tok/s over the base F16 file's tok/s of the same timing session (this table's, or the seed table's
     for the copied Tailor rows): speeds timed in different sessions on a shared CPU compare only this way."""
@@ -243,7 +280,9 @@ def fmt_md(res: dict) -> str:
     def num(v: Any, f: str) -> str:
         return "-" if v is None else format(v, f)
 
-    beside = (", beside Tailor's trained rows copied from reports/bench/seed_table_gpu.json" if res["seed_base"] else "")
+    trained = any(r["source"].startswith("Tailor K-grid") for r in res["rows"])
+    beside = (", beside Tailor's trained rows copied from reports/bench/seed_table_gpu.json" if res["seed_base"] else "") \
+        + (" and Tailor's rows trained on the K-quant grid (benchmarks/kquant_gpu.py), scored here" if trained else "")
     lines = [f"{res['model']} ({res['n_params']:,} base parameters): llama.cpp's own `llama-quantize` mixes, every row measured "
              f"from its file in llama.cpp ({res['runtime']}) on {res['machine']}{beside}. bits/param = 8 x file bytes / base "
              "parameters (scales, metadata and tokenizer included), as the seed table.", "",
@@ -268,14 +307,26 @@ def fmt_md(res: dict) -> str:
               f"chunks, {res['imatrix']['seconds']:.0f} s.", "", "Where llama.cpp wins and loses:", ""]
     lines += [f"- {v}" for v in res["verdicts"]] + [f"- {speed_verdict(res)}"]
     lines += ["", "What the importance matrix does:", ""] + [f"- {v}" for v in res["imatrix_effects"]]
+    if res.get("kgrid_effects"):
+        lines += ["", "What training on the K-quant grid does (same bytes, same fine-tune recipe):", ""] \
+            + [f"- {v}" for v in res["kgrid_effects"]]
     lines += ["", "Notes:", ""] + [f"- {x}" for x in res["notes"]]
     lines += ["", "Missing (not measured; no numbers are given for them):", ""] + [f"- {x}" for x in res["missing"]]
     return "\n".join(lines) + "\n"
 
 
 NOTES = [
-    "Tailor rows are on Tailor's Q4_0 / Q5_1 / Q8_0 grid (the phone profile before issue 22), fine-tuned with QAT+KD on "
-    "one H200 (seed_table_gpu); none of them is trained on a K-quant grid.",
+    "Two kinds of Tailor rows. `seed:*`: on Tailor's Q4_0 / Q5_1 / Q8_0 grid (the phone profile before issue 22), searched "
+    "on the quick profile's 24-step CPU supernet, copied from seed_table_gpu. `tailor-k@*`, `bits-k@*`, `iq4nl-qat`: on "
+    "the K-quant grid (Q2_K..Q6_K, IQ4_NL, Q8_0, F16 per matrix, the table Q4_0), searched by MIP on a supernet trained "
+    "on that grid (benchmarks/kquant_gpu.py, one H200; its run: reports/bench/kquant_gpu.json), every file checked on "
+    "the GPU machine to hold the trained model's grid bit for bit (gguf-py). Both kinds are fine-tuned by the same "
+    "recipe from the importance-permuted base (QAT+KD, 1000 x 32 x 512 tokens, cosine lr 3e-4, 50 warm-up steps; the "
+    "K rows' importance measured on the full profile's calibration shard, the seed rows' on the quick one's), so a "
+    "`seed:` row and its K-grid row differ in grid and subnet, not in training.",
+    "bits-k: bits-only (every layer, full FFN, all KV groups) cannot reach 4.0 bits/param on SmolLM2: its smallest file "
+    "(every ffn_down Q2_K, every other matrix IQ4_NL) is 4.24 bits/param, so the row is at the first budget tried "
+    "that fits (4.25) and is that smallest file. On the Q4_0 grid the floor was 4.61 (seed:qat4).",
     "SmolLM2-135M's hidden size is 576 = 2.25 x 256, so only ffn_down (1536 = 6 x 256 columns) can hold a 256-block "
     "K-quant; llama-quantize stores every other matrix and the 49152 x 576 tied embedding in its fallback 32-block "
     "types (Q2_K/Q3_K -> Q4_0, Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0): see the type columns. This is why its "
@@ -283,8 +334,8 @@ NOTES = [
     "On SmolLM2 the Q2_K and Q3_K_S mixes write identical tensors (checked tensor by tensor, with and without the "
     "importance matrix; only general.file_type differs): the Q2_K mix gives ffn_down Q3_K as Q3_K_S does, and "
     "both mixes' 2-/3-bit choices for the 576-wide matrices fall back to Q4_0.",
-    "tok/s: llama.cpp rows and the base timed here; the Tailor rows' files were scored in the seed table's "
-    "session (other load on the shared CPU), so compare their speed through the base F16 file's tok/s in each.",
+    "tok/s: llama.cpp rows, the K-grid rows and the base timed here; the seed: rows' files were scored in the seed "
+    "table's session (other load on the shared CPU), so compare their speed through the base F16 file's tok/s in each.",
     "PIQA on 60 items moves in steps of 0.017 (one item); a difference of two or three items is within noise.",
     "Tools: the files are llama-quantize's of scripts/build_llama_tools.sh; the same script's build into "
     ".cache/llama-tools (VERSION: the sdist's sha256) writes byte-identical files (checked on q4_k_m+imat: same "
@@ -295,10 +346,7 @@ NOTES = [
     "session; not investigated further.",
 ]
 MISSING = [
-    "Tailor joint on the K-quant grid (`quick-k` / phone with allowed_types Q2_K..Q8_0 + IQ4_NL) at <= 4.0 and <= 3.0 "
-    "bits/param, fine-tuned as seed_table_gpu (GPU run).",
-    "Tailor bits-only on the K-quant grid at <= 4.0 and <= 3.0 bits/param (now below Q4_0's floor; GPU run).",
-    "The same table for Qwen2.5-Coder-0.5B (ffn_down 4864 = 19 x 256).",
+    "Tailor bits-only at <= 4.0 and <= 3.0 bits/param: infeasible on this model (floor 4.24, see Notes).",
 ]
 
 
@@ -332,7 +380,10 @@ MODELS = {
         "256-block K-quant; the other matrices and both 151936 x 896 embedding matrices (token_embd and the untied "
         "output head, 55% of the parameters) fall back to 32-block types, as on SmolLM2.",
         "PIQA on 60 items moves in steps of 0.017 (one item); a difference of two or three items is within noise."],
-     ["Tailor joint and bits-only on the K-quant grid for this model (GPU run)."]),
+     ["Tailor joint and bits-only on the K-quant grid for this model: needs a GPU run (benchmarks/kquant_gpu.py is "
+      "written for SmolLM2's carried base; Qwen's is a 473 MB GGUF, ~8 device calls of 64 MiB to carry). On this "
+      "machine's 2 cores the K-grid fake quantizer is too slow for a 0.5B supernet: IQ4_NL takes ~250 ms per "
+      "576 x 1536 matrix on one core, ~1.2 s per 896 x 4864 Qwen matrix, at every forward of every subnet."]),
 }
 
 
@@ -401,7 +452,9 @@ def main() -> None:
            "imatrix": imat_info, "base_tokens_per_s": base["tokens_per_s"], "seed_base": seed_base,
            "rows": rows + seed, "verdicts": verdicts(llama, [r for r in rows if r["source"].startswith("Tailor")] + seed)
            if llama else [],
-           "imatrix_effects": imatrix_effects(llama), "notes": notes, "missing": missing}
+           "imatrix_effects": imatrix_effects(llama), "kgrid_effects": kgrid_effects(rows + seed),
+           "notes": notes + (gpu_run(ROOT / "reports" / "bench" / "kquant_gpu.json") if a.model is None else []),
+           "missing": missing}
     st.write_report(res, Path(a.out), fmt_md)
 
 
