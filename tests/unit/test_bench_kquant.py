@@ -1,0 +1,148 @@
+"""benchmarks/kquant_gpu.py and kquant_table.py, the parts the K-grid rows rely on: the profile the GPU run
+trains and searches (the phone on the K-quant grid, no Gumbel), each row's search under its byte budget
+(bits-only keeps the whole structure; a budget under the space's floor is reported, not searched), the
+constants the budgets are computed from, and the table's comparisons."""
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from benchmarks import kquant_gpu as kg
+from benchmarks import kquant_table as kt
+from steps.supernet import space_for
+from tailor.distill import teacher_logits
+from tailor.elastic.space import SearchSpace
+from tailor.models.tiny import tiny_model
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_k_params_put_the_phone_on_the_k_grid_at_the_full_budget():
+    p = kg.k_params("full")
+    phone = p.device("phone")
+    assert phone.allowed_types == kg.GRID and phone.embed_bits == 4
+    assert set(p.supernet_formats()) == {"gguf"}  # the laptop's ONNX grid is not trained here
+    assert set(map(str, p.supernet_formats()["gguf"])) == {"Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL", "8", "16"}
+    assert "gumbel" not in p.search.strategies
+    assert (p.finetune.steps, p.finetune.batch_size, p.calibrate.seq_len) == (1000, 32, 512)  # seed_table_gpu's budget
+    tiny = kg.k_params("tiny")
+    assert tiny.model.n_layers == 2 and tiny.finetune.steps < 10
+
+
+def test_budget_constants_are_smollm2s():
+    from tailor.arch import SubnetConfig
+    from tailor.elastic.supernet import arch_of
+    from tailor.models.base import load_base
+
+    base, _ = load_base(None)
+    arch = arch_of(base)
+    assert SubnetConfig.max(arch).param_count(arch) == kg.N_PARAMS
+    seed = json.loads((ROOT / "reports" / "bench" / "seed_table.json").read_text())
+    row = next(r for r in seed["rows"] if r["id"] == "base")
+    assert row["file_bytes"] - row["build"]["weight_bytes"] == kg.OVERHEAD
+    # a file of the weight budget plus the non-weight bytes stays under the bits/param target, 64 KiB spare
+    for bpp in (4.0, 3.0):
+        file_bytes = kg.weight_budget(bpp) + kg.OVERHEAD
+        assert 8 * file_bytes / kg.N_PARAMS <= bpp
+        assert 8 * (file_bytes + 2 * kg.SIZE_MARGIN) / kg.N_PARAMS > bpp
+
+
+def _search() -> kg.Search:
+    s = object.__new__(kg.Search)
+    s.params = kg.k_params("full")
+    model = tiny_model(n_layers=3, intermediate_size=512)  # ffn_down 512 wide: K-quants fit, widths 256 / 512
+    s.model, s.teacher = model, copy.deepcopy(model).eval()
+    p = s.params
+    s.space = space_for(p, model, [2, 1, 0], p.supernet_formats()["gguf"])
+    s.search_space = SearchSpace.build(s.space.arch, list(s.space.bits), [kg.EMBED_BITS], p.supernet.min_ffn_frac,
+                                       p.supernet.min_kv_groups, p.supernet.max_drop_frac, [2, 1, 0])
+    s.val = torch.randint(0, 320, (4, 16), generator=torch.Generator().manual_seed(0))
+    s.t_val = teacher_logits(s.teacher, s.val)
+    return s
+
+
+def test_joint_search_fits_its_budget_and_cuts_something():
+    s = _search()
+    res = s.search_row({"id": "j", "kind": "joint", "frac": 0.7})
+    from tailor.arch import SubnetConfig
+
+    a = s.space.arch
+    budget = int(0.7 * SubnetConfig.max(a, embed_bits=4).nbytes(a, "gguf"))
+    cfg = SubnetConfig.from_dict(res["config"])
+    assert res["budget_bytes"] == budget and res["weight_bytes"] == cfg.nbytes(a, "gguf") <= budget
+    assert cfg.embed_bits == 4
+    assert any(b != 16 for lc in cfg.layers for b in lc.bits.values())
+    assert res["search_kl"] == min(c["kl"] for c in res["candidates"] if c["bytes"] <= budget)
+
+
+def test_bits_only_keeps_the_structure_and_reports_a_budget_below_its_floor():
+    from tailor.arch import SubnetConfig
+
+    s = _search()
+    a = s.space.arch
+    res = s.search_row({"id": "b", "kind": "bits", "frac": 0.6})
+    cfg = SubnetConfig.from_dict(res["config"])
+    assert all(lc.keep and lc.ffn == a.ffn and lc.kv_groups == a.n_kv_heads for lc in cfg.layers)
+    assert cfg.nbytes(a, "gguf") <= res["budget_bytes"]
+    low = s.search_row({"id": "b", "kind": "bits", "frac": 0.2})  # under every all-layers subnet
+    assert "config" not in low
+    assert low["infeasible"][0]["infeasible"].startswith("smallest subnet of the space")
+
+
+def _row(rid: str, bpp: float, wiki: float, boolq: float, piqa: float, tps: float, source: str) -> dict:
+    return {"id": rid, "bits_per_param": bpp, "ppl_wiki": wiki, "ppl_boolq_passages": boolq, "piqa": piqa,
+            "tokens_per_s": tps, "source": source}
+
+
+def test_kgrid_effects_compare_each_k_row_with_its_q4_0_row():
+    rows = [_row("tailor-k@4.0", 4.0, 236.2, 18.54, 0.517, 110, "Tailor K-grid (kquant_gpu)"),
+            _row("seed:tailor@4.0", 4.0, 237.9, 18.70, 0.483, 197, "Tailor (seed_table_gpu)"),
+            _row("iq4nl-qat", 4.61, 237.9, 17.68, 0.5, 101, "Tailor K-grid (kquant_gpu)")]  # its seed:qat4 missing
+    out = kt.kgrid_effects(rows)
+    assert len(out) == 1
+    assert "wiki ppl 237.9 -> 236.2 (-0.7%)" in out[0] and "(-0.9%)" in out[0] and "PIQA 0.483 -> 0.517" in out[0]
+
+
+def test_speed_verdict_says_who_is_faster():
+    res = {"base_tokens_per_s": 40.0, "seed_base": {"tokens_per_s": 80.0},
+           "rows": [_row("base", 16, 1, 1, 0, 40, "base"), _row("q4_k_m", 6, 1, 1, 0, 60, "llama.cpp"),
+                    _row("tailor-k@4.0", 4, 1, 1, 0, 100, "Tailor K-grid (kquant_gpu)"),
+                    _row("seed:qat4", 4.6, 1, 1, 0, 120, "Tailor (seed_table_gpu)")]}
+    v = kt.speed_verdict(res)
+    assert "llama.cpp mixes 1.50-1.50x" in v and "tailor-k@4.0 2.50x" in v and "seed:qat4 1.50x" in v  # seed: its own base
+    assert "every Tailor file decodes faster" not in v  # seed:qat4 1.50x is not faster than q4_k_m 1.50x
+    res["rows"][1]["tokens_per_s"] = 50
+    assert "every Tailor file decodes faster than every llama.cpp mix" in kt.speed_verdict(res)
+
+
+@pytest.mark.parametrize("lc", [300.18, "RuntimeError: no llama.cpp"])
+def test_gpu_run_notes_state_the_grid_check_and_parity(tmp_path, lc):
+    run = {"search": {"gpu": "H200", "supernet": {"steps": 60, "student_tokens": 3932160, "seconds": 240.8,
+                                                   "val_kl_before": {"min": 6.27, "mid": 1.97, "max": 0.0003},
+                                                   "val_kl_after": {"min": 3.65, "mid": 1.65, "max": 0.0537}}},
+           "rows": {"tailor-k@4.0": {"train_seconds": 1080.3, "tokens_per_s": 15167, "compile": "on", "kl_before": 0.8,
+                                     "kl_after": 0.22, "file_holds_model_grid": True, "ppl_docs": 500,
+                                     "torch_ppl": 300.59, "llamacpp_ppl": lc}}}
+    path = tmp_path / "kquant_gpu.json"
+    path.write_text(json.dumps(run))
+    notes = kt.gpu_run(path)
+    assert notes[0].startswith("K-grid supernet: 60 sandwich steps (3,932,160 student tokens) in 241 s")
+    assert "bit for bit: True" in notes[1]
+    assert ("300.18 (-0.14%)" in notes[1]) if isinstance(lc, float) else ("RuntimeError" in notes[1])
+    assert kt.gpu_run(tmp_path / "missing.json") == []
+
+
+def test_a_solution_over_the_budget_is_never_chosen(monkeypatch):
+    """The dense max subnet has the least KL of all: offered beside one that fits, the fitting one wins."""
+    from tailor.arch import SubnetConfig
+    from tailor.search import mip
+
+    s = _search()
+    a = s.space.arch
+    small = SubnetConfig.uniform(a, "IQ4_NL", embed_bits=4)
+    monkeypatch.setattr(mip, "solutions", lambda *args, **kw: [SubnetConfig.max(a, embed_bits=4), small])
+    res = s.search_row({"id": "j", "kind": "joint", "frac": 0.5})
+    assert SubnetConfig.from_dict(res["config"]).hash == small.hash
+    assert len(res["candidates"]) == 2
