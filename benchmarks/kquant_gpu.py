@@ -70,12 +70,12 @@ def log(*a) -> None:
     print(f"[{time.strftime('%H:%M:%S')}]", *a, flush=True)
 
 
-def weight_budget(bpp: float) -> int:
+def weight_budget(bpp: float, n_params: int = N_PARAMS, overhead: int = OVERHEAD) -> int:
     """Bytes for weights in a file of at most `bpp` bits per base parameter (seed_table's arithmetic)."""
-    return math.floor(bpp * N_PARAMS / 8) - OVERHEAD - SIZE_MARGIN
+    return math.floor(bpp * n_params / 8) - overhead - SIZE_MARGIN
 
 
-def k_params(profile: str):
+def k_params(profile: str, ft_steps: int | None = None, kd_chunk: int = 0):
     """The full profile (or blockwise_quality's toy one) with the phone on the K-quant grid and the supernet
     trained on that grid only (the laptop's ONNX grid is not searched here)."""
     import yaml
@@ -97,6 +97,10 @@ def k_params(profile: str):
                                                                 "embed_bits": EMBED_BITS}
     raw["profiles"][name]["supernet"]["formats"] = {"gguf": GRID}
     raw["profiles"][name]["search"]["strategies"] = ["mip", "nsga"]  # gumbel cannot mix 256- and 32-blocks
+    if ft_steps:  # a larger model: fewer fine-tune steps than the full profile's 1000 (said so in each row's meta)
+        raw["profiles"][name]["finetune"]["steps"] = ft_steps
+    if kd_chunk:  # a 152k vocabulary: the KD loss in chunks of tokens, never [batch x seq, vocab] fp32 at once
+        raw["supernet"]["kd_chunk"] = kd_chunk  # a field params.yaml leaves at its default: set in the base section
     return parse_params(raw, name)
 
 
@@ -116,7 +120,8 @@ class Search:
 
         self.args, self.t0 = args, time.time()
         self.dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.params = k_params(args.profile)
+        self.params = k_params(args.profile, args.ft_steps, args.kd_chunk)
+        self.overhead = args.overhead
         self.work = args.dest / "kq"
         self.work.mkdir(parents=True, exist_ok=True)
         self.res: dict = {"profile": args.profile, "grid": GRID, "device": str(self.dev), "torch": torch.__version__,
@@ -161,7 +166,10 @@ class Search:
         self.search_space = SearchSpace.build(a, list(self.space.bits), [EMBED_BITS], p.supernet.min_ffn_frac,
                                               p.supernet.min_kv_groups, p.supernet.max_drop_frac, imp.drop_order())
         self.t_val = teacher_logits(self.teacher, self.val)
-        self.res.update(drop_order=imp.drop_order(), space_bits=[str(b) for b in self.space.bits],
+        from tailor.arch import SubnetConfig
+
+        self.n_params = SubnetConfig.max(a).param_count(a)
+        self.res.update(n_params=self.n_params, overhead=self.overhead, drop_order=imp.drop_order(), space_bits=[str(b) for b in self.space.bits],
                         ffn_widths=self.space.ffn_widths(), data={"train": list(self.train.shape), "val": list(self.val.shape)})
 
     def supernet(self) -> dict:
@@ -231,9 +239,9 @@ class Search:
         if "frac" in row:
             budgets = [int(row["frac"] * max_bytes)]
         elif row["kind"] == "bits":
-            budgets = [weight_budget(b) for b in BITS_ONLY_BPP]
+            budgets = [weight_budget(b, self.n_params, self.overhead) for b in BITS_ONLY_BPP]
         else:
-            budgets = [weight_budget(row["bpp"])]
+            budgets = [weight_budget(row["bpp"], self.n_params, self.overhead)]
         floor = space.min().nbytes(a, "gguf")
         key = "bits" if row["kind"] == "bits" else "joint"
         t = time.time()
@@ -264,7 +272,7 @@ class Search:
         else:
             return {"infeasible": tried, "sensitivity_s": round(t_mip - t, 1)}
         cfg = best.config
-        bpp_file = 8 * (best.nbytes + OVERHEAD) / N_PARAMS
+        bpp_file = 8 * (best.nbytes + self.overhead) / self.n_params
         return {"budget_bytes": budget, "file_bpp_predicted": round(bpp_file, 4), "infeasible": tried,
                 "weight_bytes": best.nbytes, "search_kl": best.kl, "predicted_kl": table.predict(cfg),
                 "kept_layers": len(cfg.kept), "kv_groups": [lc.kv_groups for lc in cfg.layers if lc.keep],
@@ -282,7 +290,8 @@ class Search:
         repo = self.repo_copy()
         cmd = [sys.executable, str(repo / "benchmarks" / "kquant_gpu.py"), "finetune", "--row", rid, "--job", str(d),
                "--base", str(base), "--data", str(data), "--importance", str(self.work / "importance.safetensors"),
-               "--profile", self.args.profile]
+               "--profile", self.args.profile, "--kd-chunk", str(self.args.kd_chunk)] \
+            + (["--steps", str(self.args.ft_steps)] if self.args.ft_steps else [])
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(self.args.dest / "site"), str(repo)]),
                "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "4", "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
         with open(d / "log", "ab") as f:
@@ -309,8 +318,12 @@ class Search:
     def main(self) -> None:
         from tailor.arch import SubnetConfig
 
-        base = bq.unpack(self.args.src, self.args.dest)
-        data = self.args.dest / "data"
+        if self.args.gguf is not None:  # any model source's GGUF (staged with stage-gguf), its shard beside
+            from tailor.models.base import base_dir
+
+            base, data = base_dir(str(self.args.gguf)), self.args.data
+        else:  # SmolLM2: its GGUF halves carried in .bwq/a and .bwq/b
+            base, data = bq.unpack(self.args.src, self.args.dest), self.args.dest / "data"
         self.setup(base, data)
         self.mark("setup")
         plan = rows_plan(self.args.profile == "tiny")
@@ -349,7 +362,7 @@ def finetune(args) -> None:
     from safetensors.torch import load_file
 
     t0 = time.time()
-    p = k_params(args.profile)
+    p = k_params(args.profile, args.steps, args.kd_chunk)
     ft = p.finetune
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     rd = args.job / sg.slug(args.row)
@@ -371,7 +384,8 @@ def finetune(args) -> None:
     if dev.type == "cuda":
         accel.enable_compile()
     spec = TrainSpec(ft.steps, ft.batch_size, ft.lr, ft.kd_temperature, ft.seed, ckpt_every=max(1, ft.steps // 4),
-                     schedule=ft.schedule, warmup_steps=ft.warmup_steps, train_embeddings=ft.train_embeddings,
+                     schedule=ft.schedule, warmup_steps=min(ft.warmup_steps, ft.steps // 10) if args.steps else ft.warmup_steps,
+                     train_embeddings=ft.train_embeddings, kd_chunk=args.kd_chunk,
                      fingerprint=f"kquant_gpu:{args.row}:{cfg.hash}")
     t1 = time.time()
     compiled = "on" if dev.type == "cuda" else "off (CPU)"
@@ -426,6 +440,85 @@ def finetune(args) -> None:
         f"grid held {holds}, {train_s:.0f} s training")
 
 
+# ---- any model source: its GGUF in pieces a device call can carry ------------------------------------
+DATA_FILES = ("train.safetensors", "val.safetensors", "calib.safetensors", "wiki_ids.json")
+
+
+def pack_gguf(model: str, dest: Path, chunk: int, calib: Path | None = None) -> None:
+    """Here: `model`'s GGUF cut into dest/p<k>/gguf.part<k> (one carry folder per device call), and the full
+    profile's calibrate shard for it (tokenized here, by its tokenizer) with the held-out sentences as token
+    ids in dest/data; manifest.json (sha256 of the whole file) in every folder."""
+    import hashlib
+    import shutil
+
+    import yaml
+    from transformers import AutoTokenizer
+
+    from steps import calibrate
+    from tailor.config import parse_params
+    from tailor.models.base import base_dir
+    from tailor.models.source import resolve
+
+    src = resolve(model)
+    if src.kind != "gguf":
+        raise SystemExit(f"kquant_gpu: {model}: a GGUF source is needed (got a {src.kind} directory)")
+    blob = src.path.read_bytes()
+    shutil.rmtree(dest, ignore_errors=True)
+    n = -(-len(blob) // chunk)
+    manifest = {"model": model, "sha256": hashlib.sha256(blob).hexdigest(), "bytes": len(blob), "parts": n}
+    for k in range(n):
+        d = dest / f"p{k}"
+        d.mkdir(parents=True)
+        (d / f"gguf.part{k}").write_bytes(blob[k * chunk:(k + 1) * chunk])
+        (d / "manifest.json").write_text(json.dumps(manifest))
+    data = dest / f"p{n - 1}"  # the shard rides with the last (smallest) part
+    if calib is None:
+        raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+        raw["model"]["source"] = model
+        calib = dest / ".calibrate"
+        calibrate.run(parse_params(raw, "full"), calib)
+    for f in ("train.safetensors", "val.safetensors", "calib.safetensors"):
+        shutil.copyfile(calib / f, data / f)
+    tok = AutoTokenizer.from_pretrained(base_dir(model))
+    texts = [json.loads(x)["text"] for x in (calib / "eval" / "wiki.jsonl").read_text().splitlines() if x.strip()]
+    (data / "wiki_ids.json").write_text(json.dumps([tok(t)["input_ids"] for t in texts]))
+    shutil.rmtree(dest / ".calibrate", ignore_errors=True)
+    log(f"pack-gguf: {model}: {n} parts of <= {chunk:,} B in {dest}/p*, the shard in {data}")
+
+
+def stage_gguf(src: Path, dest: Path) -> Path | None:
+    """Device, once per carry folder: keep its part (or the shard); when every part is there, join them
+    into dest/model.gguf and check the sha256. Returns the joined file, or None while parts are missing."""
+    import hashlib
+    import shutil
+
+    manifest = json.loads((src / "manifest.json").read_text())
+    parts = dest / "gguf_parts"
+    parts.mkdir(parents=True, exist_ok=True)
+    for f in src.glob("gguf.part*"):
+        shutil.copyfile(f, parts / f.name)
+    if (src / "train.safetensors").is_file():
+        (dest / "kqdata").mkdir(exist_ok=True)
+        for f in DATA_FILES:
+            shutil.copyfile(src / f, dest / "kqdata" / f)
+    have = sorted(parts.glob("gguf.part*"), key=lambda f: int(f.name.rsplit("part", 1)[1]))
+    out = dest / "model.gguf"
+    if len(have) < manifest["parts"]:
+        log(f"stage-gguf: {len(have)}/{manifest['parts']} parts here")
+        return None
+    h = hashlib.sha256()
+    with open(dest / ".model.gguf.tmp", "wb") as f:
+        for part in have:
+            b = part.read_bytes()
+            h.update(b)
+            f.write(b)
+    if h.hexdigest() != manifest["sha256"]:
+        raise SystemExit("kquant_gpu: the joined GGUF's sha256 differs from the packed one")
+    os.replace(dest / ".model.gguf.tmp", out)
+    log(f"stage-gguf: {out} joined, sha256 ok ({manifest['bytes']:,} B)")
+    return out
+
+
 # ---- here: the returned chunks into the table's workspace --------------------------------------------
 def ingest(sources: list[Path], work: Path) -> list[Path]:
     """gather + unpack (sha256-checked) every returned row into work/rows/<id>/{model.gguf, gpu_meta.json}."""
@@ -458,6 +551,11 @@ def main() -> None:
     a.add_argument("--profile", choices=("full", "tiny"), default="full")
     a.add_argument("--supernet-s", type=float, default=240.0, help="seconds of supernet training at most")
     a.add_argument("--supernet-steps", type=int, default=400, help="sandwich steps at most")
+    a.add_argument("--gguf", type=Path, default=None, help="the base as a GGUF file (stage-gguf) instead of --src")
+    a.add_argument("--data", type=Path, default=None, help="with --gguf: its calibrate shard + wiki_ids.json (pack-gguf)")
+    a.add_argument("--overhead", type=int, default=OVERHEAD, help="non-weight bytes of the base's GGUF (its F16 file's)")
+    a.add_argument("--ft-steps", type=int, default=None, help="fine-tune steps instead of the full profile's")
+    a.add_argument("--kd-chunk", type=int, default=0, help="tokens per chunk of the KD loss (0: whole batch)")
     a = sub.add_parser("finetune", help="one row (search starts these)")
     a.add_argument("--row", required=True)
     a.add_argument("--job", type=Path, required=True)
@@ -465,6 +563,8 @@ def main() -> None:
     a.add_argument("--data", type=Path, required=True)
     a.add_argument("--importance", type=Path, required=True)
     a.add_argument("--profile", choices=("full", "tiny"), default="full")
+    a.add_argument("--steps", type=int, default=None)
+    a.add_argument("--kd-chunk", type=int, default=0)
     a = sub.add_parser("wait", help="device: until every started fine-tune finished or died")
     a.add_argument("--dest", type=Path, default=DEST)
     a.add_argument("--timeout", type=float, default=540)
@@ -472,6 +572,14 @@ def main() -> None:
     a.add_argument("--dest", type=Path, default=DEST)
     a.add_argument("--out", type=Path, default=Path(os.environ.get("OUT") or DEST / "collected"))
     a.add_argument("--parts", nargs="*", default=[], help="ROW:FIRST-LAST, e.g. tailor-k@4.0:0-3")
+    a = sub.add_parser("pack-gguf", help="here: a model source's GGUF in carry-sized parts + its full-profile shard")
+    a.add_argument("--model", required=True)
+    a.add_argument("--dest", type=Path, default=ROOT / ".kqg")
+    a.add_argument("--chunk", type=int, default=56_000_000, help="bytes per part (a call carries 64 MiB with the tree)")
+    a.add_argument("--calib", type=Path, default=None, help="an existing full-profile calibrate output for it")
+    a = sub.add_parser("stage-gguf", help="device: one carried part (or the shard); joins when all are there")
+    a.add_argument("--src", type=Path, required=True)
+    a.add_argument("--dest", type=Path, default=DEST)
     a = sub.add_parser("ingest", help="here: returned chunks -> --work rows/<id>/model.gguf")
     a.add_argument("--from", dest="sources", type=Path, nargs="+", required=True)
     a.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "kquanttable")
@@ -488,6 +596,10 @@ def main() -> None:
             raise
     elif args.cmd == "finetune":
         finetune(args)
+    elif args.cmd == "pack-gguf":
+        pack_gguf(args.model, args.dest, args.chunk, args.calib)
+    elif args.cmd == "stage-gguf":
+        stage_gguf(args.src, args.dest)
     elif args.cmd == "wait":
         sg.wait(args.dest / "kq" / "jobs", args.timeout)
     elif args.cmd == "collect":

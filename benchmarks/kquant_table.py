@@ -241,6 +241,29 @@ def kgrid_effects(rows: list[dict]) -> list[str]:
     return out
 
 
+def piqa_all(files: dict[str, str], rows: list[dict]) -> dict:
+    """PIQA on all 1,500 items per row (benchmarks/seed_table_gpu.py piqa), each against the base's on the same
+    items: acc ratio with its paired bootstrap 95% interval (seed_table_gpu.paired). Each run must be of the
+    file the row measured (sha256)."""
+    if not files:
+        return {}
+    from benchmarks import seed_table_gpu as sg
+    from tailor.hashing import sha256_file
+
+    runs = {k: json.loads(Path(v).read_text()) for k, v in files.items()}
+    if "base" not in runs:
+        raise SystemExit("kquant_table: --piqa needs base=JSON (the ratios are to the base's accuracy)")
+    by = {r["id"]: r for r in rows}
+    out = {}
+    for rid, run in runs.items():
+        f = Path(run["file"])
+        if rid in by and f.is_file() and sha256_file(f) != run["sha256"]:
+            raise SystemExit(f"kquant_table: --piqa {rid}: {f} changed since its PIQA run")
+        out[rid] = {"acc": run["acc"], "n": run["n"], "sha256": run["sha256"], "seconds": run["seconds"],
+                    **({} if rid == "base" else {"vs_base": sg.paired(run, runs["base"])})}
+    return out
+
+
 def speedup(r: dict, res: dict) -> float:
     """Decode tok/s over the base F16 file's tok/s of the same timing session (this table's, or the seed table's
     for the copied Tailor rows): speeds timed in different sessions on a shared CPU compare only this way."""
@@ -307,6 +330,11 @@ def fmt_md(res: dict) -> str:
               f"chunks, {res['imatrix']['seconds']:.0f} s.", "", "Where llama.cpp wins and loses:", ""]
     lines += [f"- {v}" for v in res["verdicts"]] + [f"- {speed_verdict(res)}"]
     lines += ["", "What the importance matrix does:", ""] + [f"- {v}" for v in res["imatrix_effects"]]
+    if res.get("piqa_all"):
+        b = res["piqa_all"]["base"]
+        lines += ["", f"PIQA on all {b['n']:,} items (base {b['acc']:.4f}; ratio to the base, paired 95% bootstrap interval):", ""]
+        lines += [f"- {k}: {v['acc']:.4f} = {v['vs_base']['ratio']:.3f} x base [{v['vs_base']['ci95'][0]:.3f}, "
+                  f"{v['vs_base']['ci95'][1]:.3f}]" for k, v in res["piqa_all"].items() if k != "base"]
     if res.get("kgrid_effects"):
         lines += ["", "What training on the K-quant grid does (same bytes, same fine-tune recipe):", ""] \
             + [f"- {v}" for v in res["kgrid_effects"]]
@@ -398,6 +426,8 @@ def main() -> None:
     ap.add_argument("--seed-table", default=str(ROOT / "reports" / "bench" / "seed_table_gpu.json"))
     ap.add_argument("--only", default=None, help="comma list of row ids to build (others: cached ones are reported)")
     ap.add_argument("--retime", action="store_true", help="time every built file again at the end, files taking turns")
+    ap.add_argument("--piqa", nargs="*", default=[], help="ROW=JSON of seed_table_gpu.py piqa (all 1500 items; base=... "
+                                                          "needed): accuracy against the base's, paired 95%% interval")
     a = ap.parse_args()
     tag = f"_{a.model}" if a.model else ""
     a.out = a.out or f"reports/bench/kquant_table{tag}.json"
@@ -453,6 +483,7 @@ def main() -> None:
            "rows": rows + seed, "verdicts": verdicts(llama, [r for r in rows if r["source"].startswith("Tailor")] + seed)
            if llama else [],
            "imatrix_effects": imatrix_effects(llama), "kgrid_effects": kgrid_effects(rows + seed),
+           "piqa_all": piqa_all(dict(x.split("=", 1) for x in a.piqa), rows),
            "notes": notes + (gpu_run(ROOT / "reports" / "bench" / "kquant_gpu.json") if a.model is None else []),
            "missing": missing}
     st.write_report(res, Path(a.out), fmt_md)

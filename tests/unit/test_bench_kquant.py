@@ -60,6 +60,7 @@ def _search() -> kg.Search:
                                        p.supernet.min_kv_groups, p.supernet.max_drop_frac, [2, 1, 0])
     s.val = torch.randint(0, 320, (4, 16), generator=torch.Generator().manual_seed(0))
     s.t_val = teacher_logits(s.teacher, s.val)
+    s.n_params, s.overhead = 10**6, 0
     return s
 
 
@@ -146,3 +147,29 @@ def test_a_solution_over_the_budget_is_never_chosen(monkeypatch):
     res = s.search_row({"id": "j", "kind": "joint", "frac": 0.5})
     assert SubnetConfig.from_dict(res["config"]).hash == small.hash
     assert len(res["candidates"]) == 2
+
+
+def test_piqa_all_pairs_each_row_with_the_base_and_refuses_a_changed_file(tmp_path):
+    from tailor.hashing import sha256_file
+
+    f = tmp_path / "k.gguf"
+    f.write_bytes(b"trained file")
+    ids = list(range(8))
+    base = {"file": str(tmp_path / "base.gguf"), "sha256": "0", "acc": 0.5, "n": 8, "seconds": 1.0, "ids": ids,
+            "correct": [1, 1, 1, 1, 0, 0, 0, 0]}
+    row = {"file": str(f), "sha256": sha256_file(f), "acc": 0.375, "n": 8, "seconds": 1.0, "ids": ids,
+           "correct": [1, 1, 1, 0, 0, 0, 0, 0]}
+    for name, run in (("base", base), ("k", row)):
+        (tmp_path / f"{name}.json").write_text(json.dumps(run))
+    files = {"base": str(tmp_path / "base.json"), "k": str(tmp_path / "k.json")}
+    out = kt.piqa_all(files, [{"id": "k"}])
+    assert out["k"]["vs_base"]["ratio"] == pytest.approx(0.75)  # 3 of 8 against 4 of 8
+    lo, hi = out["k"]["vs_base"]["ci95"]
+    assert lo < 0.75 < hi <= 1.0  # paired: the row is never right where the base is wrong
+    assert "vs_base" not in out["base"]
+    f.write_bytes(b"another file")
+    with pytest.raises(SystemExit, match="changed since its PIQA run"):
+        kt.piqa_all(files, [{"id": "k"}])
+    with pytest.raises(SystemExit, match="needs base"):
+        kt.piqa_all({"k": files["k"]}, [{"id": "k"}])
+    assert kt.piqa_all({}, []) == {}
