@@ -203,7 +203,8 @@ class Search:
             return [lambda c=c, f=f: set_active(self.model, c, f) for c, f in sandwich_configs(spaces, step, sp.n_random, gen)]
 
         spec = TrainSpec(steps, sp.batch_size, sp.lr, sp.kd_temperature, sp.seed, ckpt_every=max(1, steps), amp=sp.amp,
-                         compile=sp.compile, kd_chunk=sp.kd_chunk, checkpointing=sp.checkpointing)
+                         compile=sp.compile or self.args.supernet_compile, kd_chunk=sp.kd_chunk,
+                         checkpointing=sp.checkpointing)
         t = time.time()
         before = self.val_kls()
         try:
@@ -213,7 +214,7 @@ class Search:
             done, curve = int(e.args[0]), []
         self.model.eval()
         set_max(self.model)
-        return {"steps": done, "step_cap": steps, "seconds": round(time.time() - t, 1),
+        return {"steps": done, "step_cap": steps, "seconds": round(time.time() - t, 1), "compile": spec.compile,
                 "student_tokens": done * sp.batch_size * self.train.shape[1] * (2 + sp.n_random),
                 "val_kl_before": before, "val_kl_after": self.val_kls(),
                 "loss_first_last": [round(curve[0]["loss"], 5), round(curve[-1]["loss"], 5)] if curve else None}
@@ -563,6 +564,9 @@ def main() -> None:
     a.add_argument("--profile", choices=("full", "tiny"), default="full")
     a.add_argument("--supernet-s", type=float, default=240.0, help="seconds of supernet training at most")
     a.add_argument("--supernet-steps", type=int, default=400, help="sandwich steps at most")
+    a.add_argument("--supernet-compile", action="store_true",
+                   help="torch.compile the quantizer in the supernet's training too (CUDA; session 11 ran it eager: "
+                        "60 steps in 240 s beside a fine-tune)")
     a.add_argument("--gguf", type=Path, default=None, help="the base as a GGUF file (stage-gguf) instead of --src")
     a.add_argument("--data", type=Path, default=None, help="with --gguf: its calibrate shard + wiki_ids.json (pack-gguf)")
     a.add_argument("--overhead", type=int, default=OVERHEAD, help="non-weight bytes of the base's GGUF (its F16 file's)")
