@@ -324,16 +324,20 @@ def profile_params(name: str):
     from tailor.config import parse_params
 
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
-    if name == "tiny":
-        full = copy.deepcopy(raw["profiles"]["full"])
-        full.update(model={"n_layers": 2}, devices={"phone": {"budget_fraction": 0.5}}, export={"ppl_docs": 6})
-        full["supernet"].update(steps=5, batch_size=2, val_seqs=4)
-        full["search"].update(val_seqs=4, sens_seqs=2)
-        raw["search"]["sens_tokens"] = 16  # not in params.yaml's section (a default), so not a profile key
-        full["finetune"].update(steps=4, batch_size=2, warmup_steps=1)
-        raw["profiles"]["bwq-tiny"] = full
-        return parse_params(raw, "bwq-tiny")
-    return parse_params(raw, "full")
+    return parse_params(raw, add_tiny(raw) if name == "tiny" else "full")
+
+
+def add_tiny(raw: dict) -> str:
+    """Add the toy profile to a params.yaml dict (the full recipe, SmolLM2 sliced to 2 layers, a few steps of
+    everything); its name."""
+    full = copy.deepcopy(raw["profiles"]["full"])
+    full.update(model={"n_layers": 2}, devices={"phone": {"budget_fraction": 0.5}}, export={"ppl_docs": 6})
+    full["supernet"].update(steps=5, batch_size=2, val_seqs=4)
+    full["search"].update(val_seqs=4, sens_seqs=2)
+    raw["search"]["sens_tokens"] = 16  # not in params.yaml's section (a default), so not a profile key
+    full["finetune"].update(steps=4, batch_size=2, warmup_steps=1)
+    raw["profiles"]["bwq-tiny"] = full
+    return "bwq-tiny"
 
 
 def seq_kls(model, seqs, teacher: list, batch_size: int = 8) -> list[float]:

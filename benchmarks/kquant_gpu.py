@@ -66,12 +66,13 @@ for p in (ROOT, ROOT / "benchmarks"):
         sys.path.insert(0, str(p))
 
 import blockwise_quality as bq  # noqa: E402 (after the sys.path lines)
+import seed_table as st  # noqa: E402
 import seed_table_gpu as sg  # noqa: E402
 
 GRID = ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL", "Q8_0", "F16"]  # params.yaml's quick-k phone
 N_PARAMS = 134_515_008  # SmolLM2-135M's base parameters (the seed table's denominator)
 OVERHEAD = 1_785_376  # non-weight bytes of its GGUF (tokenizer, metadata): seed_table.json's base row
-SIZE_MARGIN = 64 * 1024  # seed_table.SIZE_MARGIN
+SIZE_MARGIN = st.SIZE_MARGIN
 BITS_ONLY_BPP = (4.0, 4.25, 4.5)
 EMBED_BITS = 4  # the tied table at Q4_0, as every seed-table Tailor row at these budgets
 RECIPE = "kgrid"  # the `recipe` field seed_table_gpu's wait / collect / gather key the rows by
@@ -84,7 +85,7 @@ def log(*a) -> None:
 
 def weight_budget(bpp: float, n_params: int = N_PARAMS, overhead: int = OVERHEAD) -> int:
     """Bytes for weights in a file of at most `bpp` bits per base parameter (seed_table's arithmetic)."""
-    return math.floor(bpp * n_params / 8) - overhead - SIZE_MARGIN
+    return st.weight_budget(st.target_file_bytes(bpp, n_params), overhead)
 
 
 def k_params(profile: str, ft_steps: int | None = None, kd_chunk: int = 0):
@@ -95,16 +96,7 @@ def k_params(profile: str, ft_steps: int | None = None, kd_chunk: int = 0):
     from tailor.config import parse_params
 
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
-    name = "full"
-    if profile == "tiny":
-        bq.profile_params("tiny")  # checks it builds; the same edits here
-        full = copy.deepcopy(raw["profiles"]["full"])
-        full.update(model={"n_layers": 2}, export={"ppl_docs": 6})
-        full["supernet"].update(steps=3, batch_size=2, val_seqs=4)
-        full["search"].update(val_seqs=4, sens_seqs=2)
-        raw["search"]["sens_tokens"] = 16
-        full["finetune"].update(steps=3, batch_size=2, warmup_steps=1)
-        raw["profiles"]["kq-tiny"], name = full, "kq-tiny"
+    name = bq.add_tiny(raw) if profile == "tiny" else "full"
     raw["profiles"][name].setdefault("devices", {})["phone"] = {"allowed_bits": None, "allowed_types": GRID,
                                                                 "embed_bits": EMBED_BITS}
     raw["profiles"][name]["supernet"]["formats"] = {"gguf": GRID}
@@ -141,6 +133,7 @@ class Search:
                           "timeline": []}
         self.jobs: list[dict] = []
         self.pids: dict[str, int] = {}
+        self.tables: dict = {}
 
     def save(self) -> None:
         bq.write_json(self.args.out / "search.json", self.res)
@@ -258,11 +251,10 @@ class Search:
         floor = space.min().nbytes(a, "gguf")
         key = "bits" if row["kind"] == "bits" else "joint"
         t = time.time()
-        if key not in getattr(self, "_tables", {}):
+        if key not in self.tables:  # one sensitivity table per space, shared by its rows
             sv = self.val[: self.params.search.sens_seqs, : self.params.search.sens_tokens]
-            self._tables = getattr(self, "_tables", {})
-            self._tables[key] = sensitivity.measure(self.model, space, "gguf", EMBED_BITS, sv, teacher_logits(self.teacher, sv))
-        table = self._tables[key]
+            self.tables[key] = sensitivity.measure(self.model, space, "gguf", EMBED_BITS, sv, teacher_logits(self.teacher, sv))
+        table = self.tables[key]
         t_mip = time.time()
         tried = []
         for budget in budgets:
@@ -413,8 +405,7 @@ def finetune(args) -> None:
         compiled = f"failed, trained eager: {type(e).__name__}: {' '.join(str(e).split())[:300]}"
         log(f"finetune {args.row}: compile {compiled}")
         fake._compiled = distill._compiled = distill._kd_chunk_compiled = None
-        student = export_active(model.to("cpu"), cfg, "gguf").to(dev)
-        teacher = model.to(dev)
+        student = export_active(model, cfg, "gguf").to(dev)  # afresh: the failed run may have moved it
         t1 = time.time()
         r = train_kd(student, teacher, train, spec, lambda step, gen: [lambda: None], rd / "ckpt-eager", desc=args.row)
     train_s = time.time() - t1
