@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import math
 import os
@@ -108,8 +109,26 @@ def k_params(profile: str, ft_steps: int | None = None, kd_chunk: int = 0):
     return parse_params(raw, name)
 
 
-def rows_plan(tiny: bool) -> list[dict]:
-    """Searched rows first (their fine-tunes start as each search ends), the uniform row started at once."""
+def rows_plan(tiny: bool, ids: list[str] | None = None) -> list[dict]:
+    """Searched rows first (their fine-tunes start as each search ends), the uniform row started at once.
+    `ids` picks rows by name instead of the default four: iq4nl-qat, tailor-k@<bpp> (joint), bits-k (the
+    first feasible of BITS_ONLY_BPP) or bits-k@<bpp> (bits only, that budget alone)."""
+    if ids:
+        plan = []
+        for rid in ids:
+            kind, _, bpp = rid.partition("@")
+            if rid == "iq4nl-qat":
+                plan.append({"id": rid, "kind": "uniform"})
+            elif kind in ("tailor-k", "bits-k") and bpp:
+                try:
+                    plan.append({"id": rid, "kind": "joint" if kind == "tailor-k" else "bits", "bpp": float(bpp)})
+                except ValueError:
+                    raise SystemExit(f"kquant_gpu: --rows {rid}: {bpp!r} is not a number of bits per parameter") from None
+            elif rid == "bits-k":
+                plan.append({"id": rid, "kind": "bits"})
+            else:
+                raise SystemExit(f"kquant_gpu: --rows {rid}: not one of iq4nl-qat, tailor-k@<bpp>, bits-k, bits-k@<bpp>")
+        return plan
     if tiny:  # 2 layers: the embedding is most of the model, budgets as fractions of the max subnet
         return [{"id": "iq4nl-qat", "kind": "uniform"}, {"id": "tailor-k@0.6", "kind": "joint", "frac": 0.6},
                 {"id": "bits-k@0.7", "kind": "bits", "frac": 0.7}]
@@ -200,14 +219,29 @@ class Search:
                          checkpointing=sp.checkpointing)
         t = time.time()
         before = self.val_kls()
+        compiled = "on" if spec.compile and self.dev.type == "cuda" else "off"
         try:
-            r = train_kd(self.model, self.teacher, self.train, spec, activate)
+            try:
+                r = train_kd(self.model, self.teacher, self.train, spec, activate)
+            except bq.OutOfTime:
+                raise
+            except Exception as e:  # noqa: BLE001 (a graph torch.compile cannot build: the rest of the time eager)
+                if compiled != "on":
+                    raise
+                from tailor import distill
+                from tailor.quant import fake
+
+                compiled = f"failed at step {box['steps']}, rest eager: {type(e).__name__}: {' '.join(str(e).split())[:300]}"
+                log(f"supernet: compile {compiled}")
+                fake._compiled = distill._compiled = distill._kd_chunk_compiled = None
+                spec = dataclasses.replace(spec, compile=False)
+                r = train_kd(self.model, self.teacher, self.train, spec, activate)
             done, curve = steps, r.curve
         except bq.OutOfTime as e:
             done, curve = int(e.args[0]), []
         self.model.eval()
         set_max(self.model)
-        return {"steps": done, "step_cap": steps, "seconds": round(time.time() - t, 1), "compile": spec.compile,
+        return {"steps": done, "step_cap": steps, "seconds": round(time.time() - t, 1), "compile": compiled,
                 "student_tokens": done * sp.batch_size * self.train.shape[1] * (2 + sp.n_random),
                 "val_kl_before": before, "val_kl_after": self.val_kls(),
                 "loss_first_last": [round(curve[0]["loss"], 5), round(curve[-1]["loss"], 5)] if curve else None}
@@ -244,7 +278,7 @@ class Search:
         max_bytes = SubnetConfig.max(a, embed_bits=EMBED_BITS).nbytes(a, "gguf")
         if "frac" in row:
             budgets = [int(row["frac"] * max_bytes)]
-        elif row["kind"] == "bits":
+        elif row["kind"] == "bits" and "bpp" not in row:
             budgets = [weight_budget(b, self.n_params, self.overhead) for b in BITS_ONLY_BPP]
         else:
             budgets = [weight_budget(row["bpp"], self.n_params, self.overhead)]
@@ -331,7 +365,7 @@ class Search:
             base, data = bq.unpack(self.args.src, self.args.dest), self.args.dest / "data"
         self.setup(base, data)
         self.mark("setup")
-        plan = rows_plan(self.args.profile == "tiny")
+        plan = rows_plan(self.args.profile == "tiny", self.args.rows)
         for row in (r for r in plan if r["kind"] == "uniform"):
             self.start(row["id"], SubnetConfig.uniform(self.space.arch, "IQ4_NL", embed_bits=EMBED_BITS), base, data)
         self.res["supernet"] = self.supernet()
@@ -339,7 +373,7 @@ class Search:
         for row in (r for r in plan if r["kind"] != "uniform"):
             res = self.search_row(row)
             rid = row["id"]
-            if "config" in res and row["kind"] == "bits" and "frac" not in row:
+            if "config" in res and row["id"] == "bits-k":
                 rid = f"bits-k@{BITS_ONLY_BPP[len(res['infeasible'])]}"
             self.res["rows"][rid] = res
             if "config" in res:
@@ -426,7 +460,18 @@ def finetune(args) -> None:
         lc_ppl = llamacpp.perplexity(path, seqs, n_threads=4)
     except Exception as e:  # noqa: BLE001 (the carried build failing to load is reported, not fatal)
         lc_ppl = f"{type(e).__name__}: {' '.join(str(e).split())[:200]}"
-    meta = {"id": args.row, "recipe": RECIPE, "config_hash": cfg.hash, "config": cfg.to_dict(),
+    scored = {}
+    if (args.data / "evalset.json").is_file():  # a model whose files are too large to carry back: scored here
+        import kquant_table as kt
+
+        evalset = json.loads((args.data / "evalset.json").read_text())
+        t3 = time.time()
+        scored = {"llamacpp_eval": st.evaluate_file(path, None, evalset, speed=False), "types": kt.tensor_types(path),
+                  "evalset_sha256": kt.evalset_sha256(evalset)}
+        log(f"finetune {args.row}: scored in llama.cpp in {time.time() - t3:.0f} s: wiki "
+            f"{scored['llamacpp_eval']['ppl_wiki']:.2f}, passages {scored['llamacpp_eval']['ppl_boolq_passages']:.2f}, "
+            f"piqa {scored['llamacpp_eval']['piqa']:.3f}")
+    meta = {"id": args.row, "recipe": RECIPE, **scored, "config_hash": cfg.hash, "config": cfg.to_dict(),
             "gpu": torch.cuda.get_device_name(0) if dev.type == "cuda" else "cpu", "torch": torch.__version__,
             "finetune": ft.model_dump(), "seq_len": int(train.shape[1]),
             "tokens": ft.steps * ft.batch_size * int(train.shape[1]), "train_seconds": round(train_s, 1),
@@ -446,6 +491,20 @@ def finetune(args) -> None:
 
 # ---- any model source: its GGUF in pieces a device call can carry ------------------------------------
 DATA_FILES = ("train.safetensors", "val.safetensors", "calib.safetensors", "wiki_ids.json")
+EVALSET = "evalset.json"  # optional beside them (pack-evalset): the rows are then scored on the GPU machine
+
+
+def pack_evalset(model: str, work: Path, dest: Path) -> None:
+    """Here: kquant_table's items for `model` (its workspace `work`, calibrate output inside) as token ids in
+    dest/evalset.json, for a model whose trained files are too large to carry back: each fine-tune then
+    scores its own file in llama.cpp by the table's code, and the table checks the items' sha256."""
+    import kquant_table as kt
+
+    ctx = st.Ctx(work, model)
+    evalset = kt.table_evalset(ctx)
+    (dest / EVALSET).write_text(json.dumps(evalset))
+    log(f"pack-evalset: {model}: {len(evalset['wiki'])} wiki, {len(evalset['passages'])} passages, "
+        f"{len(evalset['tasks']['piqa'])} PIQA items -> {dest / EVALSET} (sha256 {kt.evalset_sha256(evalset)[:12]})")
 
 
 def pack_gguf(model: str, dest: Path, chunk: int, calib: Path | None = None) -> None:
@@ -503,7 +562,7 @@ def stage_gguf(src: Path, dest: Path) -> Path | None:
         shutil.copyfile(f, parts / f.name)
     if (src / "train.safetensors").is_file():
         (dest / "kqdata").mkdir(exist_ok=True)
-        for f in DATA_FILES:
+        for f in DATA_FILES + ((EVALSET,) if (src / EVALSET).is_file() else ()):
             shutil.copyfile(src / f, dest / "kqdata" / f)
     have = sorted(parts.glob("gguf.part*"), key=lambda f: int(f.name.rsplit("part", 1)[1]))
     out = dest / "model.gguf"
@@ -535,8 +594,14 @@ def ingest(sources: list[Path], work: Path) -> list[Path]:
             print(f"kquant_gpu: {d.name}: chunks without a meta.json (skipped)", flush=True)
             continue
         meta = json.loads((d / "meta.json").read_text())
-        f = sg.unpack(d)
         rd = work / "rows" / meta["id"]  # kquant_table keys row folders by id
+        if "llamacpp_eval" in meta and not any(d.glob("part[0-9][0-9]")):  # scored there, the file stayed there
+            rd.mkdir(parents=True, exist_ok=True)
+            (rd / "gpu_meta.json").write_text(json.dumps(meta, indent=1))
+            out.append(rd)
+            print(f"kquant_gpu: {meta['id']}: scored on the GPU machine ({meta['file_bytes']:,} B file not carried)")
+            continue
+        f = sg.unpack(d)
         rd.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(f, rd / "model.gguf")
         (rd / "gpu_meta.json").write_text(json.dumps(meta, indent=1))
@@ -563,6 +628,7 @@ def main() -> None:
     a.add_argument("--overhead", type=int, default=OVERHEAD, help="non-weight bytes of the base's GGUF (its F16 file's)")
     a.add_argument("--ft-steps", type=int, default=None, help="fine-tune steps instead of the full profile's")
     a.add_argument("--kd-chunk", type=int, default=0, help="tokens per chunk of the KD loss (0: whole batch)")
+    a.add_argument("--rows", nargs="*", default=None, help="rows by id instead of the default four (rows_plan)")
     a = sub.add_parser("finetune", help="one row (search starts these)")
     a.add_argument("--row", required=True)
     a.add_argument("--job", type=Path, required=True)
@@ -584,6 +650,10 @@ def main() -> None:
     a.add_argument("--dest", type=Path, default=ROOT / ".kqg")
     a.add_argument("--chunk", type=int, default=56_000_000, help="bytes per part (a call carries 64 MiB with the tree)")
     a.add_argument("--calib", type=Path, default=None, help="an existing full-profile calibrate output for it")
+    a = sub.add_parser("pack-evalset", help="here: kquant_table's items for the model, scored on the GPU machine")
+    a.add_argument("--model", required=True)
+    a.add_argument("--work", type=Path, required=True, help="the model's kquant_table workspace")
+    a.add_argument("--dest", type=Path, default=ROOT / ".kqg" / "p8", help="the carry folder of the shard")
     a = sub.add_parser("stage-gguf", help="device: one carried part (or the shard); joins when all are there")
     a.add_argument("--src", type=Path, required=True)
     a.add_argument("--dest", type=Path, default=DEST)
@@ -605,6 +675,8 @@ def main() -> None:
         finetune(args)
     elif args.cmd == "pack-gguf":
         pack_gguf(args.model, args.dest, args.chunk, args.calib)
+    elif args.cmd == "pack-evalset":
+        pack_evalset(args.model, args.work, args.dest)
     elif args.cmd == "stage-gguf":
         stage_gguf(args.src, args.dest)
     elif args.cmd == "wait":

@@ -53,6 +53,26 @@ def row_plan() -> list[tuple[str, str | None, bool]]:
     return [("base", None, False)] + [(f"{m.lower()}{'+imat' if im else ''}", m, im) for m in MIXES for im in (False, True)]
 
 
+def evalset_sha256(evalset: dict) -> str:
+    """Content hash of the scored items (the device scores with a carried copy; this proves it the same)."""
+    import hashlib
+
+    return hashlib.sha256(json.dumps(evalset, sort_keys=True).encode()).hexdigest()
+
+
+def table_evalset(ctx: st.Ctx) -> dict:
+    """The items every row of this table is scored on: the seed table's evalset, PIQA its only task."""
+    evalset = st.build_evalset(ctx.data / "eval", ctx.tok)
+    evalset["tasks"] = {"piqa": evalset["tasks"]["piqa"]}  # the one multiple-choice task this table reports
+    return evalset
+
+
+def llamacpp_speed(path: Path, tok: Any) -> float:
+    from tailor.export import llamacpp
+
+    return llamacpp.tokens_per_s(path, tok, 64, n_threads=st.THREADS)
+
+
 def tensor_types(path: Path) -> dict[str, dict[str, int]]:
     """Tensor count per GGML type, layer matrices and token embedding apart (what llama.cpp chose)."""
     from gguf import GGUFReader
@@ -126,9 +146,35 @@ def build_row(ctx: st.Ctx, tools: Path, rid: str, ftype: str | None, imat: bool,
     return row
 
 
+def row_file(work: Path, rid: str) -> Path:
+    """The GGUF a row's decode speed is timed on: its own file, or its layout twin (`layout_twin`)."""
+    d = work / "rows" / rid
+    return d / "model.gguf" if (d / "model.gguf").is_file() else d / "twin.gguf"
+
+
+def layout_twin(ctx: st.Ctx, meta: dict, path: Path) -> None:
+    """The base's weights exported (round-to-nearest) under the config a GPU row was trained with: every
+    tensor of the same name, shape and GGML type as the trained file, so llama.cpp decodes it at the same
+    speed (decode cost depends on types and shapes, not on the values). For a row whose file stayed on the
+    GPU machine (too large to carry back) and was scored there. Raises SystemExit when the twin's tensor
+    types or byte count differ from the trained file's (then it would not time the same work)."""
+    from tailor.arch import SubnetConfig
+
+    if not path.is_file():
+        ctx.export_rtn(SubnetConfig.from_dict(meta["config"]), path)
+    got = {"types": tensor_types(path), "file_bytes": path.stat().st_size}
+    want = {"types": meta["types"], "file_bytes": meta["file_bytes"]}
+    if got != want:
+        path.unlink()
+        raise SystemExit(f"kquant_table: {meta['id']}: layout twin differs from the trained file: {got} vs {want}")
+
+
 def gpu_rows(ctx: st.Ctx, evalset: dict) -> list[dict]:
     """Tailor's rows trained on the K-quant grid on a GPU (benchmarks/kquant_gpu.py: fine-tuned there, its
-    `ingest` put each file in rows/<id>/ beside gpu_meta.json), scored here like every other row."""
+    `ingest` put each file in rows/<id>/ beside gpu_meta.json), scored here like every other row. A row
+    whose file stayed there (a larger model's) was scored there by the same code on the same items
+    (its meta's `llamacpp_eval`, the evalset's sha256 checked against this one); only its decode speed is
+    measured here, on its layout twin."""
     rows = []
     for meta_file in sorted((ctx.work / "rows").glob("*/gpu_meta.json")):
         out = meta_file.parent
@@ -139,11 +185,22 @@ def gpu_rows(ctx: st.Ctx, evalset: dict) -> list[dict]:
         meta = json.loads(meta_file.read_text())
         print(f"kquant_table: {meta['id']} (trained on a GPU) ...", flush=True)
         t0 = time.perf_counter()
-        res = st.evaluate_file(out / "model.gguf", ctx.tok, evalset)
         row: dict[str, Any] = {"id": meta["id"], "source": "Tailor K-grid (kquant_gpu)", "imatrix": None}
+        if (out / "model.gguf").is_file():
+            res = st.evaluate_file(out / "model.gguf", ctx.tok, evalset)
+            row["types"] = tensor_types(out / "model.gguf")
+        else:
+            if "llamacpp_eval" not in meta:
+                raise SystemExit(f"kquant_table: {meta['id']}: neither its file nor a score from the GPU machine")
+            if meta.get("evalset_sha256") != evalset_sha256(evalset):
+                raise SystemExit(f"kquant_table: {meta['id']}: scored there on other items than this table's")
+            layout_twin(ctx, meta, out / "twin.gguf")
+            res = dict(meta["llamacpp_eval"])
+            res["tokens_per_s"] = max(llamacpp_speed(out / "twin.gguf", ctx.tok) for _ in range(3))
+            row["types"] = meta["types"]
+            row["scored_on"] = f"{meta['gpu']} machine's CPU (file not carried back); decode speed here, on its layout twin"
         row.update({k: v for k, v in res.items() if k != "items"})
         row["bits_per_param"] = st.bits_per_param(row["file_bytes"], ctx.n_params)
-        row["types"] = tensor_types(out / "model.gguf")
         row["gpu"] = {k: meta.get(k) for k in ("gpu", "tokens", "train_seconds", "tokens_per_s", "kl_before", "kl_after",
                                                "torch_ppl", "llamacpp_ppl", "file_holds_model_grid", "sha256", "peak_gb")}
         row["gpu"]["recipe"] = {k: meta["finetune"][k] for k in ("steps", "batch_size", "lr", "schedule", "warmup_steps")}
@@ -447,8 +504,7 @@ def main() -> None:
 
     torch.set_num_threads(1)
     ctx = st.Ctx(work, a.model)
-    evalset = st.build_evalset(ctx.data / "eval", ctx.tok)
-    evalset["tasks"] = {"piqa": evalset["tasks"]["piqa"]}  # the one multiple-choice task this table reports
+    evalset = table_evalset(ctx)
     only = set(a.only.split(",")) if a.only else None
     rows = []
     for rid, ftype, imat in row_plan():
@@ -462,10 +518,7 @@ def main() -> None:
     rows += gpu_rows(ctx, evalset)
     timing = "best of 3 within each row's evaluation (rows built at different times on a shared CPU)"
     if a.retime:
-        st.retime(ctx, work, rows)
-        for r in rows:
-            r["retimed"] = True
-            st.write_row(work / "rows" / r["id"] / "row.json", r)
+        st.retime(ctx, work, rows, files={r["id"]: row_file(work, r["id"]) for r in rows})
     if rows and all(r.get("retimed") for r in rows):
         timing = "best of 3, every file of this table timed in one session, the files taking turns (CPU shared)"
     seed, seed_base = tailor_rows(Path(a.seed_table)) if a.model is None else ([], None)

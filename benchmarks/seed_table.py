@@ -209,8 +209,10 @@ def score_choices(path: Path, items: list[dict]) -> list[list[float]]:
     return out
 
 
-def evaluate_file(path: Path, tok: Any, evalset: dict[str, Any]) -> dict[str, Any]:
-    """Everything the table reports about one exported GGUF, measured in llama.cpp."""
+def evaluate_file(path: Path, tok: Any, evalset: dict[str, Any], speed: bool = True) -> dict[str, Any]:
+    """Everything the table reports about one exported GGUF, measured in llama.cpp. speed=False leaves
+    out the decode speed (a file scored on another machine than the one its speed is compared on; tok is
+    then unused)."""
     from tailor.export import llamacpp
 
     t0 = time.perf_counter()
@@ -225,7 +227,8 @@ def evaluate_file(path: Path, tok: Any, evalset: dict[str, Any]) -> dict[str, An
         if task in ("piqa", "boolq", "openbookqa"):  # lm-eval's acc: argmax log-likelihood == gold
             res[task] = float(np.mean([int(np.argmax(x["ll"])) == x["label"] for x in items[task]]))
     # decode speed: best of 3 (the CPU is shared; the best run is the least disturbed one)
-    res["tokens_per_s"] = max(llamacpp.tokens_per_s(path, tok, 64, n_threads=THREADS) for _ in range(3))
+    if speed:
+        res["tokens_per_s"] = max(llamacpp.tokens_per_s(path, tok, 64, n_threads=THREADS) for _ in range(3))
     res["eval_s"] = round(time.perf_counter() - t0, 1)
     res["items"] = items
     res["limits"] = dict(LIMITS)
@@ -617,12 +620,15 @@ def fmt_md(res: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def retime(ctx: Ctx, work: Path, rows: list[dict], rounds: int = 3) -> None:
+def retime(ctx: Ctx, work: Path, rows: list[dict], rounds: int = 3, files: dict[str, Path] | None = None) -> None:
     """Decode tokens/s of every built row again, best of `rounds`, the files taking turns: rows built
-    hours apart on a shared CPU are then compared under the same conditions."""
+    hours apart on a shared CPU are then compared under the same conditions. `files` (row id -> GGUF)
+    where the rows are not this table's rows/<id with _ for @>/model.gguf; each row.json is rewritten
+    beside its file."""
     from tailor.export import llamacpp
 
-    files = {r["id"]: work / "rows" / r["id"].replace("@", "_") / "model.gguf" for r in rows if r.get("file_bytes")}
+    if files is None:
+        files = {r["id"]: work / "rows" / r["id"].replace("@", "_") / "model.gguf" for r in rows if r.get("file_bytes")}
     best = {rid: 0.0 for rid, f in files.items() if f.is_file()}
     for _ in range(rounds):
         for rid in best:
@@ -630,7 +636,8 @@ def retime(ctx: Ctx, work: Path, rows: list[dict], rounds: int = 3) -> None:
     for r in rows:
         if r["id"] in best:
             r["tokens_per_s"] = best[r["id"]]
-            write_row(work / "rows" / r["id"].replace("@", "_") / "row.json", r)
+            r["retimed"] = True
+            write_row(files[r["id"]].parent / "row.json", r)
 
 
 def prepare_workspace(work: Path, fresh: bool, stages: Sequence[str]) -> None:

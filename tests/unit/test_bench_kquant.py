@@ -4,6 +4,7 @@ trains and searches (the phone on the K-quant grid, no Gumbel), each row's searc
 constants the budgets are computed from, and the table's comparisons."""
 import copy
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -173,3 +174,84 @@ def test_piqa_all_pairs_each_row_with_the_base_and_refuses_a_changed_file(tmp_pa
     with pytest.raises(SystemExit, match="needs base"):
         kt.piqa_all({"k": files["k"]}, [{"id": "k"}])
     assert kt.piqa_all({}, []) == {}
+
+
+def test_rows_by_id_pick_kind_and_budget_and_refuse_an_unknown_one():
+    plan = kg.rows_plan(False, ["tailor-k@4.0", "bits-k@3.0", "bits-k", "iq4nl-qat"])
+    assert [(r["kind"], r.get("bpp")) for r in plan] == [("joint", 4.0), ("bits", 3.0), ("bits", None), ("uniform", None)]
+    assert [r["id"] for r in kg.rows_plan(False)] == ["iq4nl-qat", "tailor-k@4.0", "tailor-k@3.0", "bits-k"]
+    for bad in ("tailor-k", "bits-k@four", "q4_k_m"):
+        with pytest.raises(SystemExit, match=bad.split("@")[-1]):
+            kg.rows_plan(False, [bad])
+
+
+@pytest.fixture(scope="module")
+def twin_setup(tmp_path_factory):
+    """A tiny Llama with 256-multiple rows, a pruned K-quant config, and its 'trained' file: the same
+    config exported from weights that moved (as a fine-tune moves them)."""
+    from transformers import AutoTokenizer
+
+    from tailor.arch import LayerConfig, SubnetConfig
+    from tailor.elastic.supernet import export_active
+    from tailor.export.gguf import export
+    from tailor.models.base import base_dir
+
+    tok = AutoTokenizer.from_pretrained(base_dir())
+    base = tiny_model(vocab=49152, n_layers=2, hidden_size=256, num_attention_heads=8, num_key_value_heads=4,
+                      head_dim=32, intermediate_size=768, seed=5)
+    cfg = SubnetConfig((
+        LayerConfig(True, 4, 512, {"q": "Q4_K", "k": "Q5_K", "v": "Q6_K", "o": "Q3_K", "gate": "Q2_K",
+                                   "up": "IQ4_NL", "down": "Q2_K"}),
+        LayerConfig(False, 4, 768, {m: 16 for m in ("q", "k", "v", "o", "gate", "up", "down")}),
+    ), embed_bits=8)
+    trained = copy.deepcopy(base)
+    with torch.no_grad():
+        for p in trained.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    d = tmp_path_factory.mktemp("twin")
+    export(export_active(trained, cfg, "gguf"), tok, d / "trained.gguf")
+    meta = {"id": "tailor-k@4.0", "config": cfg.to_dict(), "types": kt.tensor_types(d / "trained.gguf"),
+            "file_bytes": (d / "trained.gguf").stat().st_size}
+
+    class Ctx:
+        made: dict = {}  # config hash -> a file exported before (each export packs K-quants: seconds)
+
+        def export_rtn(self, c, path):
+            if c.hash not in self.made:
+                export(export_active(base, c, "gguf"), tok, d / f"{c.hash}.gguf")
+                self.made[c.hash] = d / f"{c.hash}.gguf"
+            shutil.copyfile(self.made[c.hash], path)
+
+    return Ctx(), meta, d
+
+
+def test_layout_twin_has_the_trained_files_types_and_bytes_not_its_values(twin_setup, tmp_path):
+    ctx, meta, d = twin_setup
+    kt.layout_twin(ctx, meta, tmp_path / "twin.gguf")
+    twin, trained = (tmp_path / "twin.gguf").read_bytes(), (d / "trained.gguf").read_bytes()
+    assert len(twin) == len(trained) and twin != trained  # same layout, other weights: not a copy
+    other = copy.deepcopy(meta)
+    other["config"]["layers"][0]["bits"]["down"] = "Q3_K"  # trained at Q2_K, twin asked at Q3_K: refused
+    with pytest.raises(SystemExit, match="layout twin differs"):
+        kt.layout_twin(ctx, other, tmp_path / "twin2.gguf")
+    assert not (tmp_path / "twin2.gguf").exists()  # nothing half-right left to time
+
+
+def test_a_row_scored_on_the_gpu_machine_is_read_and_timed_on_its_twin(twin_setup, tmp_path, monkeypatch):
+    ctx, meta, _ = twin_setup
+    evalset = {"wiki": [[1, 2, 3]], "passages": [[4, 5]], "tasks": {"piqa": []}}
+    scored = {"file_bytes": meta["file_bytes"], "ppl_wiki": 250.5, "ppl_boolq_passages": 21.5, "piqa": 0.55,
+              "items": {"piqa": []}, "limits": {}}
+    rd = tmp_path / "rows" / meta["id"]
+    rd.mkdir(parents=True)
+    full = {**meta, "llamacpp_eval": scored, "evalset_sha256": kt.evalset_sha256(evalset), "gpu": "H200",
+            "finetune": {"steps": 150, "batch_size": 32, "lr": 3e-4, "schedule": "cosine", "warmup_steps": 15}}
+    (rd / "gpu_meta.json").write_text(json.dumps(full))
+    ctx.work, ctx.tok, ctx.n_params = tmp_path, None, 10_000_000
+    monkeypatch.setattr(kt, "llamacpp_speed", lambda path, tok: 42.0 if path == rd / "twin.gguf" else 0.0)
+    other = {**evalset, "wiki": [[1, 2, 4]]}
+    with pytest.raises(SystemExit, match="other items"):
+        kt.gpu_rows(ctx, other)
+    (row,) = kt.gpu_rows(ctx, evalset)
+    assert (row["ppl_wiki"], row["piqa"], row["tokens_per_s"]) == (250.5, 0.55, 42.0)
+    assert "twin" in row["scored_on"] and kt.row_file(tmp_path, meta["id"]) == rd / "twin.gguf"
