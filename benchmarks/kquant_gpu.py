@@ -420,18 +420,18 @@ def finetune(args) -> None:
     val = load_file(args.data / "val.safetensors")["input_ids"][:, :seq][: p.search.val_seqs]
     t_val = teacher_logits(teacher, val)
     kl_before = mean_kl(student, val, t_val)
-    if dev.type == "cuda":
+    if dev.type == "cuda" and not args.eager:
         accel.enable_compile()
     spec = TrainSpec(ft.steps, ft.batch_size, ft.lr, ft.kd_temperature, ft.seed, ckpt_every=max(1, ft.steps // 4),
                      schedule=ft.schedule, warmup_steps=min(ft.warmup_steps, ft.steps // 10) if args.steps else ft.warmup_steps,
                      train_embeddings=ft.train_embeddings, kd_chunk=args.kd_chunk,
                      fingerprint=f"kquant_gpu:{args.row}:{cfg.hash}")
     t1 = time.time()
-    compiled = "on" if dev.type == "cuda" else "off (CPU)"
+    compiled = "off (--eager)" if args.eager else "on" if dev.type == "cuda" else "off (CPU)"
     try:
         r = train_kd(student, teacher, train, spec, lambda step, gen: [lambda: None], rd / "ckpt", desc=args.row)
     except Exception as e:  # noqa: BLE001 (a K-quant graph torch.compile cannot build: the row trains eager)
-        if dev.type != "cuda":
+        if dev.type != "cuda" or args.eager:
             raise
         from tailor import distill
         from tailor.quant import fake
@@ -638,6 +638,8 @@ def main() -> None:
     a.add_argument("--profile", choices=("full", "tiny"), default="full")
     a.add_argument("--steps", type=int, default=None)
     a.add_argument("--kd-chunk", type=int, default=0)
+    a.add_argument("--eager", action="store_true", help="no torch.compile (on Qwen2.5-0.5B's shapes Inductor hung in "
+                   "sympy for minutes, then segfaulted)")
     a = sub.add_parser("wait", help="device: until every started fine-tune finished or died")
     a.add_argument("--dest", type=Path, default=DEST)
     a.add_argument("--timeout", type=float, default=540)
