@@ -330,7 +330,11 @@ class Search:
         cmd = [sys.executable, str(repo / "benchmarks" / "kquant_gpu.py"), "finetune", "--row", rid, "--job", str(d),
                "--base", str(base), "--data", str(data), "--importance", str(self.work / "importance.safetensors"),
                "--profile", self.args.profile, "--kd-chunk", str(self.args.kd_chunk)] \
-            + (["--steps", str(self.args.ft_steps)] if self.args.ft_steps else [])
+            + (["--steps", str(self.args.ft_steps)] if self.args.ft_steps else []) \
+            + (["--eager"] if self.args.ft_eager else []) + (["--checkpointing"] if self.args.ft_checkpointing else [])
+        k = len(self.jobs)
+        if self.args.max_jobs and k >= self.args.max_jobs:  # GPU memory for N at once: wait for the job N back
+            cmd += ["--after", str(self.pids[str(k - self.args.max_jobs)])]
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(self.args.dest / "site"), str(repo)]),
                "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "4", "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
         with open(d / "log", "ab") as f:
@@ -385,6 +389,24 @@ class Search:
 
 
 # ---- the fine-tune of one row (search starts these) --------------------------------------------------
+def running(pid: int) -> bool:
+    """Whether process `pid` still runs (a zombie, finished but not yet reaped by its parent, does not)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def wait_for(pid: int, row: str, poll_s: float = 5.0) -> None:
+    """Block until `pid` ends: a row queued behind another (search --max-jobs) starts when a GPU slot frees."""
+    t = time.time()
+    log(f"finetune {row}: queued behind pid {pid}")
+    while running(pid):
+        time.sleep(poll_s)
+    log(f"finetune {row}: pid {pid} ended, starting after {time.time() - t:.0f} s in the queue")
+
+
 def finetune(args) -> None:
     import torch
 
@@ -400,6 +422,8 @@ def finetune(args) -> None:
     from tailor.train import TrainSpec, train_kd
     from safetensors.torch import load_file
 
+    if args.after:
+        wait_for(args.after, args.row)
     t0 = time.time()
     p = k_params(args.profile, args.steps, args.kd_chunk)
     ft = p.finetune
@@ -424,7 +448,7 @@ def finetune(args) -> None:
         accel.enable_compile()
     spec = TrainSpec(ft.steps, ft.batch_size, ft.lr, ft.kd_temperature, ft.seed, ckpt_every=max(1, ft.steps // 4),
                      schedule=ft.schedule, warmup_steps=min(ft.warmup_steps, ft.steps // 10) if args.steps else ft.warmup_steps,
-                     train_embeddings=ft.train_embeddings, kd_chunk=args.kd_chunk,
+                     train_embeddings=ft.train_embeddings, kd_chunk=args.kd_chunk, checkpointing=args.checkpointing,
                      fingerprint=f"kquant_gpu:{args.row}:{cfg.hash}")
     t1 = time.time()
     compiled = "off (--eager)" if args.eager else "on" if dev.type == "cuda" else "off (CPU)"
@@ -629,6 +653,10 @@ def main() -> None:
     a.add_argument("--ft-steps", type=int, default=None, help="fine-tune steps instead of the full profile's")
     a.add_argument("--kd-chunk", type=int, default=0, help="tokens per chunk of the KD loss (0: whole batch)")
     a.add_argument("--rows", nargs="*", default=None, help="rows by id instead of the default four (rows_plan)")
+    a.add_argument("--ft-eager", action="store_true", help="fine-tunes without torch.compile (finetune --eager)")
+    a.add_argument("--ft-checkpointing", action="store_true", help="fine-tunes with activation checkpointing")
+    a.add_argument("--max-jobs", type=int, default=0,
+                   help="fine-tunes on the GPU at once; later rows queue (0: all at once). Qwen2.5-0.5B eager: 65 GB each")
     a = sub.add_parser("finetune", help="one row (search starts these)")
     a.add_argument("--row", required=True)
     a.add_argument("--job", type=Path, required=True)
@@ -640,6 +668,8 @@ def main() -> None:
     a.add_argument("--kd-chunk", type=int, default=0)
     a.add_argument("--eager", action="store_true", help="no torch.compile (on Qwen2.5-0.5B's shapes Inductor hung in "
                    "sympy for minutes, then segfaulted)")
+    a.add_argument("--checkpointing", action="store_true", help="activation checkpointing of every decoder block")
+    a.add_argument("--after", type=int, default=None, help="start when this pid has ended (search --max-jobs)")
     a = sub.add_parser("wait", help="device: until every started fine-tune finished or died")
     a.add_argument("--dest", type=Path, default=DEST)
     a.add_argument("--timeout", type=float, default=540)

@@ -255,3 +255,45 @@ def test_a_row_scored_on_the_gpu_machine_is_read_and_timed_on_its_twin(twin_setu
     (row,) = kt.gpu_rows(ctx, evalset)
     assert (row["ppl_wiki"], row["piqa"], row["tokens_per_s"]) == (250.5, 0.55, 42.0)
     assert "twin" in row["scored_on"] and kt.row_file(tmp_path, meta["id"]) == rd / "twin.gguf"
+
+
+def test_running_sees_a_finished_child_as_ended_even_unreaped():
+    import subprocess
+    import time
+
+    sleeper = subprocess.Popen(["sleep", "30"])
+    done = subprocess.Popen(["true"])
+    time.sleep(0.5)  # `done` has exited; nobody reaped it: a zombie
+    try:
+        assert kg.running(sleeper.pid) and not kg.running(done.pid)
+        assert not kg.running(2 ** 22 + 12345)  # no such process
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+        done.wait()
+
+
+def test_max_jobs_queues_each_later_row_behind_the_job_that_many_back(tmp_path, monkeypatch):
+    import argparse
+
+    started = []
+
+    class FakePopen:
+        def __init__(self, cmd, **kw):
+            self.pid = 1000 + len(started)
+            started.append(cmd)
+
+    monkeypatch.setattr(kg.subprocess, "Popen", FakePopen)
+    monkeypatch.setattr(kg.Search, "repo_copy", lambda self: ROOT)
+    args = argparse.Namespace(profile="tiny", ft_steps=None, kd_chunk=0, overhead=0, dest=tmp_path, out=tmp_path,
+                              ft_eager=True, ft_checkpointing=False, max_jobs=2)
+    s = kg.Search(args)
+    from tailor.arch import SubnetConfig
+    from tailor.elastic.supernet import arch_of
+
+    cfg = SubnetConfig.max(arch_of(tiny_model()))
+    for rid in ("a", "b", "c", "d"):
+        s.start(rid, cfg, tmp_path, tmp_path)
+    after = [c[c.index("--after") + 1] if "--after" in c else None for c in started]
+    assert after == [None, None, "1000", "1001"]
+    assert all("--eager" in c and "--checkpointing" not in c for c in started)
