@@ -52,6 +52,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import gzip
 import json
 import math
 import os
@@ -137,6 +138,37 @@ def rows_plan(tiny: bool, ids: list[str] | None = None) -> list[dict]:
 
 
 # ---- device call 2: supernet, searches, fine-tunes started -------------------------------------------
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
+
+
+def convert_base(gguf_path: Path, tok_dir: Path) -> Path:
+    """The plain base model of a staged GGUF (tailor.models.base.base_dir). Where this machine's
+    transformers reads the GGUF's tokenizer differently from the checkout's (5.17 on the GPU machine reads
+    Qwen2.5-Coder's end token as 151643, 5.24 here as 151645, its config's), the conversion refuses; then
+    the tokenizer converted here, carried in `tok_dir` (pack-gguf), replaces it and must pass the same check."""
+    import shutil
+
+    from tailor.models import base as mb
+    from tailor.models.families._common import ModelFileError
+
+    try:
+        return mb.base_dir(str(gguf_path))
+    except ModelFileError as e:
+        if "tokenizer does not match" not in str(e) or not tok_dir.is_dir():
+            raise
+        log(f"convert: {e}; the tokenizer converted where the GGUF was packed is used")
+    check, mb.check_tokenizer = mb.check_tokenizer, lambda *a, **k: None
+    try:
+        path = mb.base_dir(str(gguf_path))
+    finally:
+        mb.check_tokenizer = check
+    for f in TOKENIZER_FILES:
+        if (tok_dir / f).is_file():
+            shutil.copyfile(tok_dir / f, path / f)
+    mb.load_tokenizer(path, mb.load_model_dir(path))  # raises if the carried one does not fit either
+    return path
+
+
 class Search:
     def __init__(self, args):
         import torch
@@ -285,6 +317,10 @@ class Search:
         floor = space.min().nbytes(a, "gguf")
         key = "bits" if row["kind"] == "bits" else "joint"
         t = time.time()
+        if all(floor > b for b in budgets):  # nothing to search: say so without measuring a table
+            return {"infeasible": [{"budget_bytes": b, "infeasible": f"smallest subnet of the space {floor:,} B > {b:,} B"}
+                                   for b in budgets], "floor_bytes": floor,
+                    "floor_file_bpp": round(8 * (floor + self.overhead) / self.n_params, 4), "sensitivity_s": 0.0}
         if key not in self.tables:  # one sensitivity table per space, shared by its rows
             sv = self.val[: self.params.search.sens_seqs, : self.params.search.sens_tokens]
             self.tables[key] = sensitivity.measure(self.model, space, "gguf", EMBED_BITS, sv, teacher_logits(self.teacher, sv))
@@ -362,9 +398,7 @@ class Search:
         from tailor.arch import SubnetConfig
 
         if self.args.gguf is not None:  # any model source's GGUF (staged with stage-gguf), its shard beside
-            from tailor.models.base import base_dir
-
-            base, data = base_dir(str(self.args.gguf)), self.args.data
+            base, data = convert_base(self.args.gguf, self.args.data / "tok"), self.args.data
         else:  # SmolLM2: its GGUF halves carried in .bwq/a and .bwq/b
             base, data = bq.unpack(self.args.src, self.args.dest), self.args.dest / "data"
         self.setup(base, data)
@@ -374,16 +408,26 @@ class Search:
             self.start(row["id"], SubnetConfig.uniform(self.space.arch, "IQ4_NL", embed_bits=EMBED_BITS), base, data)
         self.res["supernet"] = self.supernet()
         self.mark("supernet")
+        found = []
         for row in (r for r in plan if r["kind"] != "uniform"):
             res = self.search_row(row)
             rid = row["id"]
             if "config" in res and row["id"] == "bits-k":
                 rid = f"bits-k@{BITS_ONLY_BPP[len(res['infeasible'])]}"
             self.res["rows"][rid] = res
-            if "config" in res:
+            if "config" in res and not self.args.start_after_search:
                 self.start(rid, SubnetConfig.from_dict(res["config"]), base, data)
+            elif "config" in res:
+                found.append((rid, SubnetConfig.from_dict(res["config"])))
             else:
                 self.mark(f"{rid}: infeasible")
+        if found:  # the search's own GPU memory (model, teacher, its logits) freed before the fine-tunes start
+            import torch
+
+            del self.model, self.teacher, self.t_val, self.tables
+            torch.cuda.empty_cache()
+            for rid, cfg in found:
+                self.start(rid, cfg, base, data)
         self.res["done"] = True
         self.save()
 
@@ -567,6 +611,10 @@ def pack_gguf(model: str, dest: Path, chunk: int, calib: Path | None = None) -> 
     for f in ("train.safetensors", "val.safetensors", "calib.safetensors"):
         shutil.copyfile(calib / f, data / f)
     tok = AutoTokenizer.from_pretrained(base_dir(model))
+    (data / "tok").mkdir()
+    for f in TOKENIZER_FILES:  # this checkout's conversion (convert_base uses it where the device's differs)
+        if (base_dir(model) / f).is_file():  # gzip: Qwen's tokenizer.json is 11 MB, the last part's room ~8
+            (data / "tok" / f"{f}.gz").write_bytes(gzip.compress((base_dir(model) / f).read_bytes()))
     texts = [json.loads(x)["text"] for x in (calib / "eval" / "wiki.jsonl").read_text().splitlines() if x.strip()]
     (data / "wiki_ids.json").write_text(json.dumps([tok(t)["input_ids"] for t in texts]))
     shutil.rmtree(dest / ".calibrate", ignore_errors=True)
@@ -588,6 +636,10 @@ def stage_gguf(src: Path, dest: Path) -> Path | None:
         (dest / "kqdata").mkdir(exist_ok=True)
         for f in DATA_FILES + ((EVALSET,) if (src / EVALSET).is_file() else ()):
             shutil.copyfile(src / f, dest / "kqdata" / f)
+        if (src / "tok").is_dir():
+            (dest / "kqdata" / "tok").mkdir(exist_ok=True)
+            for f in (src / "tok").glob("*.gz"):
+                (dest / "kqdata" / "tok" / f.name[:-3]).write_bytes(gzip.decompress(f.read_bytes()))
     have = sorted(parts.glob("gguf.part*"), key=lambda f: int(f.name.rsplit("part", 1)[1]))
     out = dest / "model.gguf"
     if len(have) < manifest["parts"]:
@@ -653,6 +705,8 @@ def main() -> None:
     a.add_argument("--ft-steps", type=int, default=None, help="fine-tune steps instead of the full profile's")
     a.add_argument("--kd-chunk", type=int, default=0, help="tokens per chunk of the KD loss (0: whole batch)")
     a.add_argument("--rows", nargs="*", default=None, help="rows by id instead of the default four (rows_plan)")
+    a.add_argument("--start-after-search", action="store_true",
+                   help="start the fine-tunes once every row is searched and the search's GPU memory is freed")
     a.add_argument("--ft-eager", action="store_true", help="fine-tunes without torch.compile (finetune --eager)")
     a.add_argument("--ft-checkpointing", action="store_true", help="fine-tunes with activation checkpointing")
     a.add_argument("--max-jobs", type=int, default=0,

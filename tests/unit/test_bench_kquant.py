@@ -297,3 +297,47 @@ def test_max_jobs_queues_each_later_row_behind_the_job_that_many_back(tmp_path, 
     after = [c[c.index("--after") + 1] if "--after" in c else None for c in started]
     assert after == [None, None, "1000", "1001"]
     assert all("--eager" in c and "--checkpointing" not in c for c in started)
+
+
+def _device_dir(tmp_path, eos: str) -> Path:
+    """SmolLM2's converted base as another transformers would leave it: its end token `eos`."""
+    from tailor.models.base import base_dir
+
+    d = tmp_path / "converted"
+    d.mkdir()
+    for f in base_dir(None).iterdir():
+        (d / f.name).symlink_to(f) if f.name == "model.safetensors" else shutil.copyfile(f, d / f.name)
+    cfg = json.loads((d / "tokenizer_config.json").read_text())
+    (d / "tokenizer_config.json").write_text(json.dumps({**cfg, "eos_token": eos}))
+    return d
+
+
+@pytest.mark.parametrize("carried_eos", ["<|im_end|>", "<|im_start|>", None])
+def test_convert_base_uses_the_carried_tokenizer_only_where_the_devices_conversion_refuses(tmp_path, monkeypatch,
+                                                                                           carried_eos):
+    from tailor.models import base as mb
+    from tailor.models.base import base_dir
+    from tailor.models.families._common import ModelFileError
+
+    d = _device_dir(tmp_path, "<|im_start|>")  # what the device's conversion produced: the wrong end token
+    check = mb.check_tokenizer
+
+    def fake_base_dir(src):
+        if mb.check_tokenizer is check:  # the real conversion checks its tokenizer
+            mb.load_tokenizer(d, mb.load_model_dir(d))
+        return d
+
+    monkeypatch.setattr(mb, "base_dir", fake_base_dir)
+    tok = tmp_path / "tok"
+    if carried_eos:
+        tok.mkdir()
+        for f in kg.TOKENIZER_FILES:
+            shutil.copyfile(base_dir(None) / f, tok / f)
+        cfg = json.loads((tok / "tokenizer_config.json").read_text())
+        (tok / "tokenizer_config.json").write_text(json.dumps({**cfg, "eos_token": carried_eos}))
+    if carried_eos == "<|im_end|>":  # the config's end token: accepted, and now in the converted folder
+        assert kg.convert_base(tmp_path / "x.gguf", tok) == d
+        assert json.loads((d / "tokenizer_config.json").read_text())["eos_token"] == "<|im_end|>"
+    else:  # none carried, or one that does not fit either: the refusal stands
+        with pytest.raises(ModelFileError, match="tokenizer does not match"):
+            kg.convert_base(tmp_path / "x.gguf", tok)
