@@ -31,17 +31,23 @@ as Q4_0) against seed_table_gpu's uniform Q4_0 QAT.
     # here: join + sha256-check the chunks into --work rows/<id>/model.gguf (kquant_table.py scores them)
     python benchmarks/kquant_gpu.py ingest --from DIR [DIR ...] --work /tmp/kquanttable
 
-Another model (any GGUF source; Qwen2.5-Coder-0.5B's is 473 MB, nine calls): here `pack-gguf --model
+Another model (any GGUF source; Qwen2.5-Coder-0.5B's is 491 MB, nine calls): here `pack-gguf --model
 qwen2.5-coder-0.5b` cuts its GGUF into .kqg/p0 .. p8 (<= 56 MB each; the last also carries the full profile's
-calibrate shard, tokenized here); device call 0 stages the wheels and llama.cpp as above (.bwq/a), calls 1..9
-carry one folder each, back to back (the machine stays
-warm 30 s): `stage-gguf --src .kqg/pK` (the last joins the file, sha256-checked); then
+calibrate shard, tokenized here, and this checkout's converted tokenizer, gzipped: `convert_base`), and
+`pack-evalset --model qwen2.5-coder-0.5b --work <its kquant_table workspace>` adds kquant_table's items to it: a
+0.5B row's file (~315 MB at 4.0 bits/param) is too large to carry back, so each fine-tune scores its own file in
+llama.cpp there and kquant_table times a layout twin here. Device call 0 stages the wheels and llama.cpp as above
+(.bwq/a); calls 1..9 carry one folder each, back to back (the machine stays warm 30 s; 5-6 s a call):
+`stage-gguf --src .kqg/pK` (the last joins the file, sha256-checked); then
     python3 benchmarks/kquant_gpu.py search --gguf /tmp/bwq/model.gguf --data /tmp/bwq/kqdata \
-        --overhead 5947712 --ft-steps 250 --kd-chunk 4096 --out $OUT
-(--overhead: the non-weight bytes of its F16 file, kquant_table's base row; fewer fine-tune steps: one step
-costs ~4x SmolLM2's). The CPU check of that path: `pack-gguf --model smollm2-135m --calib .bwq/calibrate_full`,
-`stage-gguf` of each part into /tmp/kqg, then `search --gguf /tmp/kqg/model.gguf --data /tmp/kqg/kqdata --dest
-/tmp/kqg --profile tiny` (after copying a staged site/ there).
+        --overhead 5947712 --ft-steps 200 --kd-chunk 4096 --ft-eager --start-after-search \
+        --rows tailor-k@4.0 tailor-k@3.0 --out $OUT
+(--overhead: the non-weight bytes of its F16 file, kquant_table's base row; fewer fine-tune steps: one step costs
+~4x SmolLM2's; eager: torch.compile never finished on Qwen's shapes; 65 GB per eager fine-tune, so two at once at
+most, `--max-jobs 2` queues a third). Then `wait`, `collect` (metas only), here `ingest` (meta-only rows) and
+`kquant_table.py --model qwen2.5-coder-0.5b --work <workspace> --retime`. The CPU check of that path: `pack-gguf
+--model smollm2-135m --calib .bwq/calibrate_full`, `stage-gguf` of each part into /tmp/kqg, then `search --gguf
+/tmp/kqg/model.gguf --data /tmp/kqg/kqdata --dest /tmp/kqg --profile tiny` (after copying a staged site/ there).
 
 A CPU check at toy size (SmolLM2 sliced to 2 layers, a few steps) runs every step:
     python benchmarks/blockwise_quality.py stage --src .bwq/a --dest /tmp/kqt && \\
