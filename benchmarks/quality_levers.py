@@ -1,0 +1,180 @@
+"""Issue #19's ablation: which lever bought what, at each budget, from the measured tables (nothing is run here).
+
+    python benchmarks/quality_levers.py [--out reports/bench/quality_levers.json]
+
+Reads reports/bench/seed_table_gpu.json (the Q4_0-grid rows at the full profile's fine-tune budget, its recipe
+sweep, PIQA on all 1,500 items) and reports/bench/kquant_table.json (the K-grid rows, scored in llama.cpp on
+the same items, their PIQA-1500 runs). Each lever is one change between two measured rows of the same byte
+budget, everything else equal; every number is copied from those files with its source. Writes
+quality_levers.json and .md beside --out: the ablation table, each budget's best row against #19's targets,
+and the levers not yet measured.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "reports" / "bench"
+
+# (budget, lever, session, before, after): a row is (table, id[, recipe]); table "seed" = seed_table_gpu.json,
+# "seed-recipe" = its recipe sweep (held-out KL and PyTorch wiki perplexity only), "k" = kquant_table.json
+LEVERS = [
+    ("<= 4.0", "fine-tune recipe: constant 1e-5 -> cosine 3e-4", 5,
+     ("seed-recipe", "tailor@4.0", "constant-1e-05"), ("seed-recipe", "tailor@4.0", "cosine-3e-04")),
+    ("<= 4.0", "grid: Q4_0 / Q5_1 / Q8_0 -> llama.cpp K-quants + IQ4_NL (search and QAT on it)", 11,
+     ("seed", "tailor@4.0"), ("k", "tailor-k@4.0")),
+    ("<= 3.0", "fine-tune recipe: constant 1e-5 -> cosine 3e-4", 5,
+     ("seed-recipe", "tailor@3.0", "constant-1e-05"), ("seed-recipe", "tailor@3.0", "cosine-3e-04")),
+    ("<= 3.0", "grid: Q4_0 / Q5_1 / Q8_0 -> llama.cpp K-quants + IQ4_NL (search and QAT on it)", 11,
+     ("seed", "tailor@3.0"), ("k", "tailor-k@3.0")),
+    ("4.61 (uniform)", "every layer matrix Q4_0 -> IQ4_NL (same bytes)", 11,
+     ("seed", "qat4"), ("k", "iq4nl-qat")),
+]
+NOT_MEASURED = [
+    "QAT of the tied embedding (`finetune.train_embeddings`; `seed_table_gpu.py --train-embeddings` exists, never run)",
+    "the search's decisions from the full profile's supernet instead of a short one (session 11's K-grid supernet "
+    "ran 60 sandwich steps)",
+    "more fine-tune tokens for the rows that cut structure (every row so far: 1,000 x 32 x 512 = 16.4 M tokens)",
+    "distillation data covering what PIQA and BoolQ ask (the calibrate corpora)",
+]
+TARGETS = {"<= 4.0": {"wiki": 0.03, "passages": 0.03, "piqa": 0.98}, "<= 3.0": {"wiki": 0.10, "passages": 0.10}}
+
+
+def load(bench: Path = BENCH) -> dict[str, Any]:
+    seed = json.loads((bench / "seed_table_gpu.json").read_text())
+    k = json.loads((bench / "kquant_table.json").read_text())
+    return {"seed": seed, "k": k}
+
+
+def metrics(src: dict[str, Any], ref: tuple) -> dict[str, Any]:
+    """What one measured row says: held-out KL after its fine-tune, llama.cpp perplexities, PIQA-1500 vs base.
+    Raises KeyError naming the row when a table does not have it."""
+    table, rid = ref[0], ref[1]
+    if table == "seed-recipe":
+        hit = [r for r in src["seed"]["recipes"] if r["id"] == rid and r["recipe"] == ref[2]]
+        if not hit:
+            raise KeyError(f"seed_table_gpu.json recipes: no {rid} at {ref[2]}")
+        return {"kl": hit[0]["kl_after"], "wiki_torch": hit[0]["torch_ppl_wiki"], "source": f"seed_table_gpu.json recipes {ref[2]}"}
+    d = src["seed" if table == "seed" else "k"]
+    row = next((r for r in d["rows"] if r["id"] == rid), None)
+    if row is None:
+        raise KeyError(f"{'seed_table_gpu' if table == 'seed' else 'kquant_table'}.json: no row {rid}")
+    kl = (row.get("build") or {}).get("kl_after") if table == "seed" else (row.get("gpu") or {}).get("kl_after")
+    piqa = d.get("piqa_all", {}).get(rid, {})
+    ratio = piqa.get("ratio", (piqa.get("vs_base") or {}).get("ratio"))
+    ci = piqa.get("ci95", (piqa.get("vs_base") or {}).get("ci95"))
+    return {"kl": kl, "bpp": row["bits_per_param"], "wiki": row["ppl_wiki"], "passages": row["ppl_boolq_passages"],
+            "piqa1500": ratio, "piqa1500_ci95": ci,
+            "source": ("seed_table_gpu.json" if table == "seed" else "kquant_table.json") + f" {rid}"}
+
+
+def base(src: dict[str, Any]) -> dict[str, float]:
+    row = next(r for r in src["k"]["rows"] if r["id"] == "base")
+    return {"wiki": row["ppl_wiki"], "passages": row["ppl_boolq_passages"]}
+
+
+def verdict(before: dict, after: dict) -> str:
+    """Better / worse / mixed on the numbers both rows have (lower KL and perplexity, higher PIQA are better)."""
+    signs = []
+    for key, higher_better in (("kl", False), ("wiki", False), ("wiki_torch", False), ("passages", False), ("piqa1500", True)):
+        a, b = before.get(key), after.get(key)
+        if a is None or b is None:
+            continue
+        signs.append((b > a) == higher_better if b != a else None)
+    signs = [s for s in signs if s is not None]
+    if not signs:
+        return "no change"
+    return "better" if all(signs) else "worse" if not any(signs) else "mixed"
+
+
+def ablation(src: dict[str, Any]) -> list[dict[str, Any]]:
+    out = []
+    for budget, lever, session, b, a in LEVERS:
+        before, after = metrics(src, b), metrics(src, a)
+        out.append({"budget": budget, "lever": lever, "session": session, "before": before, "after": after,
+                    "verdict": verdict(before, after)})
+    return out
+
+
+def targets(src: dict[str, Any], rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each budget's latest row (the last lever's `after`) against #19's targets, with the gap."""
+    ref = base(src)
+    out = []
+    for budget, t in TARGETS.items():
+        last = [r for r in rows if r["budget"] == budget][-1]["after"]
+        for key, limit in t.items():
+            if key == "piqa":
+                got = last.get("piqa1500")
+                met = None if got is None else got >= limit
+                out.append({"budget": budget, "target": f"PIQA (1,500 items) >= {limit:.0%} of base", "row": last["source"],
+                            "got": got, "met": met, "gap": None if got is None else round(limit - got, 4)})
+            else:
+                rel = last[key] / ref[key] - 1
+                out.append({"budget": budget, "target": f"{key} perplexity within +{limit:.0%} of base", "row": last["source"],
+                            "got": round(rel, 4), "met": rel <= limit, "gap": round(rel - limit, 4)})
+    at4 = [r for r in rows if r["budget"] == "<= 4.0"][-1]["after"]
+    q4km = next(r for r in src["k"]["rows"] if r["id"] == "q4_k_m")  # llama.cpp's mix, same session and items
+    for key, name in (("wiki", "ppl_wiki"), ("passages", "ppl_boolq_passages")):
+        rel = at4[key] / q4km[name] - 1
+        out.append({"budget": "<= 4.0", "target": f"{key} perplexity below llama.cpp Q4_K_M's ({q4km[name]:.2f})",
+                    "row": at4["source"], "got": round(rel, 4), "met": rel < 0, "gap": round(rel, 4)})
+    return out
+
+
+def fmt_md(res: dict[str, Any]) -> str:
+    ref = res["base"]
+
+    def ppl(m: dict, key: str) -> str:
+        if m.get(key) is None:
+            return f"{m['wiki_torch']:.1f} (PyTorch)" if key == "wiki" and m.get("wiki_torch") else "-"
+        return f"{m[key]:.2f} ({m[key] / ref[key] - 1:+.1%})"
+
+    def piqa(m: dict) -> str:
+        if m.get("piqa1500") is None:
+            return "-"
+        lo, hi = m["piqa1500_ci95"]
+        return f"{m['piqa1500']:.3f} [{lo:.3f}, {hi:.3f}]"
+
+    lines = ["# Quality levers (issue #19): which lever bought what", "",
+             f"From {', '.join(res['sources'])}; nothing re-run. Base (F16): wiki {ref['wiki']:.1f}, BoolQ passages "
+             f"{ref['passages']:.2f}. Perplexities in llama.cpp on the seed table's items (PyTorch where only the recipe "
+             "sweep measured it); KL: held-out, to the base, after the row's fine-tune; PIQA on all 1,500 items "
+             "against the base's, paired 95% interval.", "",
+             "| budget | lever (session) | row before -> after | KL | wiki ppl | BoolQ-passage ppl | PIQA 1500 / base | verdict |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in res["ablation"]:
+        b, a = r["before"], r["after"]
+        lines.append(f"| {r['budget']} | {r['lever']} ({r['session']}) | {b['source']} -> {a['source']} | "
+                     f"{b['kl']:.3f} -> {a['kl']:.3f} | {ppl(b, 'wiki')} -> {ppl(a, 'wiki')} | "
+                     f"{ppl(b, 'passages')} -> {ppl(a, 'passages')} | {piqa(b)} -> {piqa(a)} | {r['verdict']} |")
+    lines += ["", "## Against the targets (each budget's latest row)", "", "| budget | target | row | got | met | gap |",
+              "|---|---|---|---|---|---|"]
+    for t in res["targets"]:
+        got = "-" if t["got"] is None else (f"{t['got']:.3f}" if "PIQA" in t["target"] else f"{t['got']:+.1%}")
+        gap = "-" if t["gap"] is None else (f"{t['gap']:.3f}" if "PIQA" in t["target"] else f"{t['gap']:+.1%}")
+        lines.append(f"| {t['budget']} | {t['target']} | {t['row']} | {got} | {'yes' if t['met'] else 'no' if t['met'] is False else '-'} "
+                     f"| {gap} |")
+    lines += ["", "## Not measured yet", ""] + [f"- {x}" for x in res["not_measured"]]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default=str(BENCH / "quality_levers.json"))
+    ap.add_argument("--bench", default=str(BENCH), help="where seed_table_gpu.json and kquant_table.json are")
+    a = ap.parse_args()
+    src = load(Path(a.bench))
+    rows = ablation(src)
+    res = {"sources": ["seed_table_gpu.json", "kquant_table.json"], "base": base(src), "ablation": rows,
+           "targets": targets(src, rows), "not_measured": NOT_MEASURED}
+    out = Path(a.out)
+    out.write_text(json.dumps(res, indent=1))
+    out.with_suffix(".md").write_text(fmt_md(res))
+    print(fmt_md(res))
+
+
+if __name__ == "__main__":
+    main()

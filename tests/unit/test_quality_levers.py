@@ -1,0 +1,57 @@
+"""benchmarks/quality_levers.py: each lever reads the two rows it names from the measured tables, its verdict
+follows their numbers, and the targets are computed against the base and llama.cpp's Q4_K_M of the same table."""
+import json
+
+import pytest
+
+from benchmarks import quality_levers as ql
+
+
+def _tables(tmp_path, k_wiki=236.0, k_passages=18.1):
+    row = lambda rid, wiki, passages, kl, **kw: {"id": rid, "bits_per_param": 4.0, "ppl_wiki": wiki,  # noqa: E731
+                                                 "ppl_boolq_passages": passages, **kw}
+    seed = {"recipes": [{"id": r, "recipe": rec, "kl_after": kl, "torch_ppl_wiki": w}
+                        for r in ("tailor@4.0", "tailor@3.0") for rec, kl, w in (("constant-1e-05", 0.4, 240.0),
+                                                                                  ("cosine-3e-04", 0.3, 238.0))],
+            "rows": [row("tailor@4.0", 238.0, 18.7, 0.3, build={"kl_after": 0.3}),
+                     row("tailor@3.0", 270.0, 23.6, 0.6, build={"kl_after": 0.6}),
+                     row("qat4", 223.0, 17.8, 0.12, build={"kl_after": 0.12})],
+            "piqa_all": {"tailor@4.0": {"ratio": 0.95, "ci95": [0.92, 0.98]}}}
+    k = {"rows": [row("base", 250.0, 17.5, None), row("q4_k_m", 258.0, 18.5, None),
+                  row("tailor-k@4.0", k_wiki, k_passages, None, gpu={"kl_after": 0.22}),
+                  row("tailor-k@3.0", 260.0, 22.0, None, gpu={"kl_after": 0.5}),
+                  row("iq4nl-qat", 238.0, 17.7, None, gpu={"kl_after": 0.10})],
+         "piqa_all": {"tailor-k@4.0": {"vs_base": {"ratio": 0.99, "ci95": [0.97, 1.01]}}}}
+    (tmp_path / "seed_table_gpu.json").write_text(json.dumps(seed))
+    (tmp_path / "kquant_table.json").write_text(json.dumps(k))
+    return ql.load(tmp_path)
+
+
+def test_each_lever_reads_its_two_rows_and_the_targets_use_base_and_q4_k_m(tmp_path):
+    src = _tables(tmp_path)
+    rows = ql.ablation(src)
+    grid4 = rows[1]
+    assert (grid4["before"]["wiki"], grid4["after"]["wiki"], grid4["after"]["kl"]) == (238.0, 236.0, 0.22)
+    assert (grid4["before"]["piqa1500"], grid4["after"]["piqa1500"]) == (0.95, 0.99)
+    assert grid4["verdict"] == "better"
+    assert rows[0]["before"]["wiki_torch"] == 240.0 and rows[0]["verdict"] == "better"
+    assert rows[4]["verdict"] == "mixed"  # IQ4_NL: KL and passages better, wiki worse
+    t = {(x["budget"], x["target"].split(" (")[0]): x for x in ql.targets(src, rows)}
+    assert t[("<= 4.0", "wiki perplexity within +3% of base")]["got"] == pytest.approx(236 / 250 - 1, abs=1e-4)
+    assert t[("<= 4.0", "passages perplexity within +3% of base")]["met"] is False  # 18.1 / 17.5: +3.4%
+    assert t[("<= 4.0", "PIQA")]["met"] is True
+    assert t[("<= 4.0", "passages perplexity below llama.cpp Q4_K_M's")]["met"] is True  # 18.1 < 18.5
+    assert t[("<= 3.0", "passages perplexity within +10% of base")]["met"] is False  # 22 / 17.5 = +25.7%
+    md = ql.fmt_md({"sources": ["a"], "base": ql.base(src), "ablation": rows, "targets": ql.targets(src, rows),
+                    "not_measured": ql.NOT_MEASURED})
+    assert "236.00 (-5.6%)" in md and "0.990 [0.970, 1.010]" in md
+
+
+def test_a_lever_whose_after_row_is_worse_everywhere_says_so_and_a_missing_row_is_named(tmp_path):
+    src = _tables(tmp_path, k_wiki=300.0, k_passages=20.0)
+    src["k"]["rows"][2]["gpu"]["kl_after"] = 0.5
+    src["k"]["piqa_all"]["tailor-k@4.0"]["vs_base"]["ratio"] = 0.9
+    assert ql.ablation(src)[1]["verdict"] == "worse"
+    src["k"]["rows"] = [r for r in src["k"]["rows"] if r["id"] != "tailor-k@3.0"]
+    with pytest.raises(KeyError, match="tailor-k@3.0"):
+        ql.ablation(src)
