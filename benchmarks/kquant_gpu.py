@@ -430,8 +430,13 @@ class Search:
         if found:  # the search's own GPU memory (model, teacher, its logits) freed before the fine-tunes start
             import torch
 
+            import gc
+
             del self.model, self.teacher, self.t_val, self.tables
+            gc.collect()
             torch.cuda.empty_cache()
+            if torch.cuda.is_available():
+                self.mark(f"search's GPU memory freed: {torch.cuda.memory_allocated() / 1e9:.1f} GB still allocated")
             for rid, cfg in found:
                 self.start(rid, cfg, base, data)
         self.res["done"] = True
