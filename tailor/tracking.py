@@ -223,7 +223,7 @@ def _register(c: Any, name: str, run: StageRun, file: Path, tags: dict[str, str]
                 changed["evidence_run_id"] = run.run_id
             for k, v in changed.items():
                 c.set_model_version_tag(name, mv.version, k, v)
-            c.set_registered_model_alias(name, alias, mv.version)
+            _set_alias(c, name, alias, mv.version)
             return str(mv.version), False
     files = [file] if isinstance(file, Path) else list(file)
     for f in files:
@@ -236,10 +236,25 @@ def _register(c: Any, name: str, run: StageRun, file: Path, tags: dict[str, str]
                   if v.tags.get("sha256") == tags["sha256"])
     if same and same[0] != int(mv.version):  # a concurrent registration (server store) got there first
         c.delete_model_version(name, mv.version)
-        c.set_registered_model_alias(name, alias, str(same[0]))
+        _set_alias(c, name, alias, str(same[0]))
         return str(same[0]), False
-    c.set_registered_model_alias(name, alias, mv.version)
+    _set_alias(c, name, alias, mv.version)
     return str(mv.version), True
+
+
+def _set_alias(c: Any, name: str, alias: str, version: str | int, tries: int = 3) -> None:
+    """Point `alias` of model `name` at `version`. MLflow's SQL store reads the alias, then inserts or
+    updates it, in two statements: two processes setting a new alias at once both insert, and one fails
+    on the table's unique key (seen in tests/reliability/test_registry_race.py, sqlite). The alias exists
+    after that failure, so setting it again updates it. Raises whatever else the store raises, and the
+    unique-key error after `tries` attempts."""
+    for attempt in range(tries):
+        try:
+            c.set_registered_model_alias(name, alias, str(version))
+            return
+        except Exception as e:  # noqa: BLE001 - MlflowException wraps the driver's IntegrityError
+            if "unique constraint" not in str(e).lower() or attempt == tries - 1:
+                raise
 
 
 def aliases(name: str) -> dict[str, str]:
@@ -268,7 +283,7 @@ def versions(name: str) -> list[dict[str, Any]]:
 
 def set_alias(name: str, alias: str, version: str) -> None:
     """Move `alias`; a server with `tailor server`'s auth refuses this for users without the right."""
-    client().set_registered_model_alias(name, alias, str(version))
+    _set_alias(client(), name, alias, version)
 
 
 def set_version_tags(name: str, version: str, tags: dict[str, str]) -> None:

@@ -2,6 +2,8 @@
 child runs; registering the same file twice does not create a second version."""
 import os
 
+import pytest
+
 from tailor import tracking
 
 
@@ -51,3 +53,31 @@ def test_reregistering_a_file_brings_its_verdict_up_to_date(mlflow_uri, tmp_path
     # the third run changed nothing: the evidence stays the second run's
     assert (tags["evidence_run_id"], tags["previous_evidence_run_id"]) == (runs[1], runs[0])
 
+
+
+class _AliasStore:
+    """A client whose alias write fails `fails` times with `error` first (what MLflow's SQL store raises
+    when a concurrent process inserted the same new alias a moment earlier)."""
+
+    def __init__(self, fails: int, error: str):
+        self.fails, self.error, self.calls = fails, error, []
+
+    def set_registered_model_alias(self, name, alias, version):
+        self.calls.append((name, alias, version))
+        if len(self.calls) <= self.fails:
+            raise RuntimeError(self.error)
+
+
+def test_set_alias_retries_only_the_unique_key_race():
+    from tailor.tracking import _set_alias as set_alias
+
+    race = "(sqlite3.IntegrityError) UNIQUE constraint failed: registered_model_aliases.workspace, ..."
+    c = _AliasStore(1, race)
+    set_alias(c, "tailor-phone", "candidate", 1)
+    assert c.calls == [("tailor-phone", "candidate", "1")] * 2  # the second write updates the row the other made
+    with pytest.raises(RuntimeError, match="UNIQUE"):
+        set_alias(_AliasStore(3, race), "tailor-phone", "candidate", 1)  # not a race that settles: raised
+    other = _AliasStore(1, "RESOURCE_DOES_NOT_EXIST: Registered model version 7 not found")
+    with pytest.raises(RuntimeError, match="not found"):
+        set_alias(other, "tailor-phone", "candidate", 7)
+    assert len(other.calls) == 1  # anything else is not retried
