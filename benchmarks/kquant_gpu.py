@@ -236,6 +236,7 @@ class Search:
 
     def supernet(self) -> dict:
         """End-to-end sandwich on the K grid until `--supernet-s` seconds or the profile's steps."""
+        from tailor import accel
         from tailor.elastic.space import sandwich_configs
         from tailor.elastic.supernet import set_active, set_max
         from tailor.train import TrainSpec, train_kd
@@ -266,12 +267,9 @@ class Search:
             except Exception as e:  # noqa: BLE001 (a graph torch.compile cannot build: the rest of the time eager)
                 if compiled != "on":
                     raise
-                from tailor import distill
-                from tailor.quant import fake
-
                 compiled = f"failed at step {box['steps']}, rest eager: {type(e).__name__}: {' '.join(str(e).split())[:300]}"
                 log(f"supernet: compile {compiled}")
-                fake._compiled = distill._compiled = distill._kd_chunk_compiled = None
+                accel.disable_compile()
                 spec = dataclasses.replace(spec, compile=False)
                 r = train_kd(self.model, self.teacher, self.train, spec, activate)
             done, curve = steps, r.curve
@@ -421,16 +419,16 @@ class Search:
             if "config" in res and row["id"] == "bits-k":
                 rid = f"bits-k@{BITS_ONLY_BPP[len(res['infeasible'])]}"
             self.res["rows"][rid] = res
-            if "config" in res and not self.args.start_after_search:
-                self.start(rid, SubnetConfig.from_dict(res["config"]), base, data)
-            elif "config" in res:
+            if "config" not in res:
+                self.mark(f"{rid}: infeasible")
+            elif self.args.start_after_search:
                 found.append((rid, SubnetConfig.from_dict(res["config"])))
             else:
-                self.mark(f"{rid}: infeasible")
+                self.start(rid, SubnetConfig.from_dict(res["config"]), base, data)
         if found:  # the search's own GPU memory (model, teacher, its logits) freed before the fine-tunes start
-            import torch
-
             import gc
+
+            import torch
 
             del self.model, self.teacher, self.t_val, self.tables
             gc.collect()
@@ -512,12 +510,9 @@ def finetune(args) -> None:
     except Exception as e:  # noqa: BLE001 (a K-quant graph torch.compile cannot build: the row trains eager)
         if dev.type != "cuda" or args.eager:
             raise
-        from tailor import distill
-        from tailor.quant import fake
-
         compiled = f"failed, trained eager: {type(e).__name__}: {' '.join(str(e).split())[:300]}"
         log(f"finetune {args.row}: compile {compiled}")
-        fake._compiled = distill._compiled = distill._kd_chunk_compiled = None
+        accel.disable_compile()
         student = export_active(model, cfg, "gguf").to(dev)  # afresh: the failed run may have moved it
         t1 = time.time()
         r = train_kd(student, teacher, train, spec, lambda step, gen: [lambda: None], rd / "ckpt-eager", desc=args.row)

@@ -67,12 +67,6 @@ def table_evalset(ctx: st.Ctx) -> dict:
     return evalset
 
 
-def llamacpp_speed(path: Path, tok: Any) -> float:
-    from tailor.export import llamacpp
-
-    return llamacpp.tokens_per_s(path, tok, 64, n_threads=st.THREADS)
-
-
 def tensor_types(path: Path) -> dict[str, dict[str, int]]:
     """Tensor count per GGML type, layer matrices and token embedding apart (what llama.cpp chose)."""
     from gguf import GGUFReader
@@ -196,7 +190,7 @@ def gpu_rows(ctx: st.Ctx, evalset: dict) -> list[dict]:
                 raise SystemExit(f"kquant_table: {meta['id']}: scored there on other items than this table's")
             layout_twin(ctx, meta, out / "twin.gguf")
             res = dict(meta["llamacpp_eval"])
-            res["tokens_per_s"] = max(llamacpp_speed(out / "twin.gguf", ctx.tok) for _ in range(3))
+            res["tokens_per_s"] = max(st.tokens_per_s(out / "twin.gguf", ctx.tok) for _ in range(3))
             row["types"] = meta["types"]
             row["scored_on"] = f"{meta['gpu']} machine's CPU (file not carried back); decode speed here, on its layout twin"
         row.update({k: v for k, v in res.items() if k != "items"})

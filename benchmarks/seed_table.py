@@ -209,6 +209,13 @@ def score_choices(path: Path, items: list[dict]) -> list[list[float]]:
     return out
 
 
+def tokens_per_s(path: Path, tok: Any) -> float:
+    """One decode-speed measurement of a GGUF in llama.cpp: 64 tokens, THREADS threads."""
+    from tailor.export import llamacpp
+
+    return llamacpp.tokens_per_s(path, tok, 64, n_threads=THREADS)
+
+
 def evaluate_file(path: Path, tok: Any, evalset: dict[str, Any], speed: bool = True) -> dict[str, Any]:
     """Everything the table reports about one exported GGUF, measured in llama.cpp. speed=False leaves
     out the decode speed (a file scored on another machine than the one its speed is compared on; tok is
@@ -228,7 +235,7 @@ def evaluate_file(path: Path, tok: Any, evalset: dict[str, Any], speed: bool = T
             res[task] = float(np.mean([int(np.argmax(x["ll"])) == x["label"] for x in items[task]]))
     # decode speed: best of 3 (the CPU is shared; the best run is the least disturbed one)
     if speed:
-        res["tokens_per_s"] = max(llamacpp.tokens_per_s(path, tok, 64, n_threads=THREADS) for _ in range(3))
+        res["tokens_per_s"] = max(tokens_per_s(path, tok) for _ in range(3))
     res["eval_s"] = round(time.perf_counter() - t0, 1)
     res["items"] = items
     res["limits"] = dict(LIMITS)
@@ -625,14 +632,12 @@ def retime(ctx: Ctx, work: Path, rows: list[dict], rounds: int = 3, files: dict[
     hours apart on a shared CPU are then compared under the same conditions. `files` (row id -> GGUF)
     where the rows are not this table's rows/<id with _ for @>/model.gguf; each row.json is rewritten
     beside its file."""
-    from tailor.export import llamacpp
-
     if files is None:
         files = {r["id"]: work / "rows" / r["id"].replace("@", "_") / "model.gguf" for r in rows if r.get("file_bytes")}
     best = {rid: 0.0 for rid, f in files.items() if f.is_file()}
     for _ in range(rounds):
         for rid in best:
-            best[rid] = max(best[rid], llamacpp.tokens_per_s(files[rid], ctx.tok, 64, n_threads=THREADS))
+            best[rid] = max(best[rid], tokens_per_s(files[rid], ctx.tok))
     for r in rows:
         if r["id"] in best:
             r["tokens_per_s"] = best[r["id"]]

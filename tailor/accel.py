@@ -16,3 +16,10 @@ def enable_compile() -> None:
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     fake.enable_compile()
     distill.enable_compile()
+
+
+def disable_compile() -> None:
+    """Back to the eager quantizer and KD loss, e.g. after torch.compile failed to build a graph (a
+    caller that falls back to eager training calls this first)."""
+    fake._compiled = None
+    distill._compiled = distill._kd_chunk_compiled = None

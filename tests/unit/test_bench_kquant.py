@@ -248,7 +248,7 @@ def test_a_row_scored_on_the_gpu_machine_is_read_and_timed_on_its_twin(twin_setu
             "finetune": {"steps": 150, "batch_size": 32, "lr": 3e-4, "schedule": "cosine", "warmup_steps": 15}}
     (rd / "gpu_meta.json").write_text(json.dumps(full))
     ctx.work, ctx.tok, ctx.n_params = tmp_path, None, 10_000_000
-    monkeypatch.setattr(kt, "llamacpp_speed", lambda path, tok: 42.0 if path == rd / "twin.gguf" else 0.0)
+    monkeypatch.setattr(kt.st, "tokens_per_s", lambda path, tok: 42.0 if path == rd / "twin.gguf" else 0.0)
     other = {**evalset, "wiki": [[1, 2, 4]]}
     with pytest.raises(SystemExit, match="other items"):
         kt.gpu_rows(ctx, other)
@@ -341,3 +341,15 @@ def test_convert_base_uses_the_carried_tokenizer_only_where_the_devices_conversi
     else:  # none carried, or one that does not fit either: the refusal stands
         with pytest.raises(ModelFileError, match="tokenizer does not match"):
             kg.convert_base(tmp_path / "x.gguf", tok)
+
+
+def test_disable_compile_returns_the_quantizer_and_kd_loss_to_eager():
+    from tailor import accel, distill
+    from tailor.quant import fake
+
+    accel.enable_compile()  # wraps lazily: nothing compiles until a CUDA tensor passes
+    try:
+        assert fake._compiled is not None and distill._compiled is not None
+    finally:
+        accel.disable_compile()
+    assert (fake._compiled, distill._compiled, distill._kd_chunk_compiled) == (None, None, None)
