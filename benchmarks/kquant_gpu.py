@@ -96,7 +96,7 @@ def weight_budget(bpp: float, n_params: int = N_PARAMS, overhead: int = OVERHEAD
     return st.weight_budget(st.target_file_bytes(bpp, n_params), overhead)
 
 
-def k_params(profile: str, ft_steps: int | None = None, kd_chunk: int = 0):
+def k_params(profile: str, ft_steps: int | None = None, kd_chunk: int = 0, ft_lr: float | None = None):
     """The full profile (or blockwise_quality's toy one) with the phone on the K-quant grid and the supernet
     trained on that grid only (the laptop's ONNX grid is not searched here)."""
     import yaml
@@ -111,6 +111,8 @@ def k_params(profile: str, ft_steps: int | None = None, kd_chunk: int = 0):
     raw["profiles"][name]["search"]["strategies"] = ["mip", "nsga"]  # gumbel cannot mix 256- and 32-blocks
     if ft_steps:  # a larger model: fewer fine-tune steps than the full profile's 1000 (said so in each row's meta)
         raw["profiles"][name]["finetune"]["steps"] = ft_steps
+    if ft_lr:  # Qwen2.5-0.5B: 3e-4 (SmolLM2's) threw the KL from 0.40 to 3.2 in the first 5 steps (session 12)
+        raw["profiles"][name]["finetune"]["lr"] = ft_lr
     if kd_chunk:  # a 152k vocabulary: the KD loss in chunks of tokens, never [batch x seq, vocab] fp32 at once
         raw["supernet"]["kd_chunk"] = kd_chunk  # a field params.yaml leaves at its default: set in the base section
     return parse_params(raw, name)
@@ -181,7 +183,7 @@ class Search:
 
         self.args, self.t0 = args, time.time()
         self.dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.params = k_params(args.profile, args.ft_steps, args.kd_chunk)
+        self.params = k_params(args.profile, args.ft_steps, args.kd_chunk, getattr(args, "ft_lr", None))
         self.overhead = args.overhead
         self.work = args.dest / "kq"
         self.work.mkdir(parents=True, exist_ok=True)
@@ -371,6 +373,7 @@ class Search:
                "--base", str(base), "--data", str(data), "--importance", str(self.work / "importance.safetensors"),
                "--profile", self.args.profile, "--kd-chunk", str(self.args.kd_chunk)] \
             + (["--steps", str(self.args.ft_steps)] if self.args.ft_steps else []) \
+            + (["--lr", str(self.args.ft_lr)] if getattr(self.args, "ft_lr", None) else []) \
             + (["--eager"] if self.args.ft_eager else []) + (["--checkpointing"] if self.args.ft_checkpointing else [])
         k = len(self.jobs)
         if self.args.max_jobs and k >= self.args.max_jobs:  # GPU memory for N at once: wait for the job N back
@@ -478,7 +481,7 @@ def finetune(args) -> None:
     if args.after:
         wait_for(args.after, args.row)
     t0 = time.time()
-    p = k_params(args.profile, args.steps, args.kd_chunk)
+    p = k_params(args.profile, args.steps, args.kd_chunk, args.lr)
     ft = p.finetune
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     rd = args.job / sg.slug(args.row)
@@ -710,6 +713,7 @@ def main() -> None:
     a.add_argument("--overhead", type=int, default=OVERHEAD, help="non-weight bytes of the base's GGUF (its F16 file's)")
     a.add_argument("--ft-steps", type=int, default=None, help="fine-tune steps instead of the full profile's")
     a.add_argument("--kd-chunk", type=int, default=0, help="tokens per chunk of the KD loss (0: whole batch)")
+    a.add_argument("--ft-lr", type=float, default=None, help="fine-tune peak learning rate instead of the full profile's")
     a.add_argument("--rows", nargs="*", default=None, help="rows by id instead of the default four (rows_plan)")
     a.add_argument("--start-after-search", action="store_true",
                    help="start the fine-tunes once every row is searched and the search's GPU memory is freed")
@@ -725,6 +729,7 @@ def main() -> None:
     a.add_argument("--importance", type=Path, required=True)
     a.add_argument("--profile", choices=("full", "tiny"), default="full")
     a.add_argument("--steps", type=int, default=None)
+    a.add_argument("--lr", type=float, default=None)
     a.add_argument("--kd-chunk", type=int, default=0)
     a.add_argument("--eager", action="store_true", help="no torch.compile (on Qwen2.5-0.5B's shapes Inductor hung in "
                    "sympy for minutes, then segfaulted)")

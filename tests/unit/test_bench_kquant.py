@@ -30,6 +30,7 @@ def test_k_params_put_the_phone_on_the_k_grid_at_the_full_budget():
     assert (p.finetune.steps, p.finetune.batch_size, p.calibrate.seq_len) == (1000, 32, 512)  # seed_table_gpu's budget
     tiny = kg.k_params("tiny")
     assert tiny.model.n_layers == 2 and tiny.finetune.steps < 10
+    assert kg.k_params("full", 200, 0, 1e-4).finetune.lr == 1e-4  # Qwen's rows: a lower peak than SmolLM2's
 
 
 def test_budget_constants_are_smollm2s():
@@ -286,7 +287,7 @@ def test_max_jobs_queues_each_later_row_behind_the_job_that_many_back(tmp_path, 
     monkeypatch.setattr(kg.subprocess, "Popen", FakePopen)
     monkeypatch.setattr(kg.Search, "repo_copy", lambda self: ROOT)
     args = argparse.Namespace(profile="tiny", ft_steps=None, kd_chunk=0, overhead=0, dest=tmp_path, out=tmp_path,
-                              ft_eager=True, ft_checkpointing=False, max_jobs=2)
+                              ft_eager=True, ft_checkpointing=False, max_jobs=2, ft_lr=5e-5)
     s = kg.Search(args)
     from tailor.arch import SubnetConfig
     from tailor.elastic.supernet import arch_of
@@ -297,6 +298,7 @@ def test_max_jobs_queues_each_later_row_behind_the_job_that_many_back(tmp_path, 
     after = [c[c.index("--after") + 1] if "--after" in c else None for c in started]
     assert after == [None, None, "1000", "1001"]
     assert all("--eager" in c and "--checkpointing" not in c for c in started)
+    assert all(c[c.index("--lr") + 1] == "5e-05" for c in started)
 
 
 def _device_dir(tmp_path, eos: str) -> Path:
