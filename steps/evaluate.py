@@ -22,7 +22,7 @@ def _base_cache(params: Params, eval_dir: Path) -> Path:
     h = hashlib.sha256()
     for f in sorted(eval_dir.glob("*.jsonl")):
         h.update(sha256_file(f).encode())
-    opts = suite_options(params.evaluate) | {"batch_size": None}  # batch size does not change the scores
+    opts = suite_options(params.evaluate) | {"batch_size": None, "batch_tokens": None}  # batching: same scores
     h.update(json.dumps([params.model.n_layers, (base_dir(params.model.source) / "source.json").read_text(), opts],
                         sort_keys=True).encode())
     return cache_dir() / "eval-base" / f"{h.hexdigest()[:20]}.json"

@@ -163,7 +163,10 @@ EVAL_TASKS = ("piqa", "boolq", "openbookqa", "commonsense_qa", "siqa", "mmlu", "
 
 
 class EvaluateParams(Strict):
-    batch_size: int = Field(16, gt=0)
+    batch_size: int = Field(16, gt=0, description="rows per forward of lm-eval's HFLM (scorer: hflm)")
+    scorer: Literal["batched", "hflm"] = Field(
+        "batched", description="batched: tailor.eval.scorer (HFLM's numbers, no per-request Python); hflm: lm-eval's own")
+    batch_tokens: int = Field(16384, gt=0, description="padded tokens per forward of the batched scorer")
     bootstrap: int = Field(1000, gt=0)
     seed: int = Field(0, description="bootstrap resamples and eval subsets")
     tasks: list[Literal[EVAL_TASKS]] = Field(  # type: ignore[valid-type]

@@ -230,7 +230,7 @@ def run_suite(model: torch.nn.Module, tokenizer: Any, eval_dir: Path, batch_size
               device: str | torch.device = "cpu", prefix_token_id: int | None = None,
               num_threads: int | None = None, tasks: tuple[str, ...] | None = None,
               limits: dict[str, int | None] | None = None, seed: int = 0,
-              max_length: int | None = None) -> SuiteResult:
+              max_length: int | None = None, scorer: str = "batched", batch_tokens: int = 16384) -> SuiteResult:
     """Score `model` on the eval sets in eval_dir with lm-eval; per-item records for compare().
 
     tasks: the parts to run besides wiki (default: every part whose file exists in eval_dir).
@@ -242,7 +242,11 @@ def run_suite(model: torch.nn.Module, tokenizer: Any, eval_dir: Path, batch_size
     num_threads: torch CPU threads while the suite runs (restored afterwards); None leaves them as set.
     On a small shared CPU, 1 thread was 2-4x faster than 2 here: OpenMP threads spin at barriers
     and get descheduled when other processes compete for the cores.
+    scorer: "batched" (tailor.eval.scorer.BatchedHFLM, forwards of `batch_tokens` padded tokens) or "hflm"
+    (lm-eval's HFLM, `batch_size` rows per forward); both give the same scores to float rounding.
     """
+    if scorer not in ("batched", "hflm"):
+        raise ValueError(f"scorer must be 'batched' or 'hflm', got {scorer!r}")
     parts = suite_parts(eval_dir, tasks)
     validate_eval_dir(eval_dir, parts)  # before the model scores anything
     model = model.to(device).eval()
@@ -252,12 +256,13 @@ def run_suite(model: torch.nn.Module, tokenizer: Any, eval_dir: Path, batch_size
     t0, c0 = time.perf_counter(), time.process_time()
     try:
         result = _run(model, tokenizer, Path(eval_dir), batch_size, prefix_token_id, parts, limits or {}, seed,
-                      max_length)
+                      max_length, scorer, batch_tokens)
     finally:
         torch.set_num_threads(threads)
     # cpu_seconds next to wall seconds: on a shared CPU the wall time says more about the neighbours.
     result.meta.update(seconds=round(time.perf_counter() - t0, 2), cpu_seconds=round(time.process_time() - c0, 2),
-                       batch_size=batch_size, device=str(device), threads=num_threads or threads)
+                       batch_size=batch_size, device=str(device), threads=num_threads or threads, scorer=scorer,
+                       batch_tokens=batch_tokens)
     log.info("suite: ppl %.3f, %s in %.1f s", result.ppl(),
              ", ".join(f"{t} {result.acc(t):.3f}" for t in result.tasks), result.meta["seconds"])
     return result
@@ -266,11 +271,12 @@ def run_suite(model: torch.nn.Module, tokenizer: Any, eval_dir: Path, batch_size
 def suite_options(ev: Any) -> dict[str, Any]:
     """run_suite keyword arguments from an EvaluateParams (tailor.config): one place for the stage and CLI."""
     return {"tasks": tuple(ev.tasks), "limits": dict(ev.limits), "seed": ev.seed, "max_length": ev.max_length,
-            "batch_size": ev.batch_size}
+            "batch_size": ev.batch_size, "scorer": ev.scorer, "batch_tokens": ev.batch_tokens}
 
 
 def _run(model: torch.nn.Module, tokenizer: Any, eval_dir: Path, batch_size: int, prefix_token_id: int | None,
-         parts: tuple[str, ...], limits: dict[str, int | None], seed: int, max_length: int | None) -> SuiteResult:
+         parts: tuple[str, ...], limits: dict[str, int | None], seed: int, max_length: int | None,
+         scorer: str = "batched", batch_tokens: int = 16384) -> SuiteResult:
     from lm_eval.evaluator import evaluate
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
@@ -291,8 +297,14 @@ def _run(model: torch.nn.Module, tokenizer: Any, eval_dir: Path, batch_size: int
             task.set_fewshot_seed(seed=1234)  # zero-shot anyway; evaluate() expects it set, as simple_evaluate does
         # backend="causal": TailorForCausalLM is registered with AutoModelForCausalLM, but not in the
         # static name table HFLM consults, which would only log a warning and pick causal anyway.
-        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, backend="causal",
+        kw = dict(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, backend="causal",
                   prefix_token_id=prefix_token_id, max_length=max_length)
+        if scorer == "batched":
+            from tailor.eval.scorer import BatchedHFLM
+
+            lm = BatchedHFLM(batch_tokens=batch_tokens, **kw)
+        else:
+            lm = HFLM(**kw)
         names = {part: cfg["task"] for part, cfg in configs.items()}
         check_requests(lm, {p: loaded["tasks"][names[p]] for p in parts if p != "wiki"}, ids, eval_dir)
         out = evaluate(lm=lm, task_dict=loaded, log_samples=True, bootstrap_iters=0)

@@ -1,0 +1,128 @@
+"""BatchedHFLM scores every request exactly as lm-eval's HFLM does: same tokens, same log-likelihoods."""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from lm_eval.models.huggingface import HFLM
+
+from tailor.eval.scorer import BatchedHFLM
+from tailor.models.base import base_dir, load_tokenizer
+from tailor.models.tiny import tiny_hf_model, tiny_model
+
+MAX_LEN = 48  # small, so long contexts are cut from the left and long documents take several windows
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return load_tokenizer(base_dir(None))  # SmolLM2's real tokenizer: real merges, spaces and BOS rules
+
+
+@pytest.fixture(scope="module")
+def bos_tok(tok):
+    """SmolLM2's tokenizer made to prepend BOS, as Llama's does: where lm-eval's skip-BOS-if-present rule bites."""
+    import copy
+
+    from tokenizers.processors import TemplateProcessing
+    from transformers import PreTrainedTokenizerFast
+
+    backend = copy.deepcopy(tok.backend_tokenizer)
+    bos = tok.eos_token  # SmolLM2's <|endoftext|>, id 0
+    backend.post_processor = TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A $B",
+                                                special_tokens=[(bos, tok.convert_tokens_to_ids(bos))])
+    out = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token=bos, eos_token=bos)
+    assert out("hi")["input_ids"][0] == tok.convert_tokens_to_ids(bos)
+    return out
+
+
+def _lms(model, tok, batch_tokens=200):
+    kw = dict(pretrained=model, tokenizer=tok, backend="causal", max_length=MAX_LEN)
+    return HFLM(batch_size=3, **kw), BatchedHFLM(batch_size=3, batch_tokens=batch_tokens, **kw)
+
+
+def _requests(tok) -> list[SimpleNamespace]:
+    long_ctx = " ".join(f"word{i}" for i in range(80))  # > MAX_LEN tokens: left-truncated
+    bos = tok.decode(tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id)
+    assert bos
+    pairs = [("Question: how do you boil an egg?\nAnswer:", " Put it in boiling water."),
+             ("Question: how do you boil an egg?\nAnswer:", " Freeze it overnight and then fry it."),
+             ("The capital of France is ", "Paris"),  # a trailing space moves to the continuation
+             ("Tabs and spaces\t  ", " end."),
+             ("", "A sentence scored with no context at all."),  # the prefix token conditions it
+             ("", "x"),
+             (long_ctx, " and the last word"),
+             ("Short", " " + " ".join(["long continuation"] * 10)),
+             (bos + "A context that starts with the BOS text", " then goes on."),
+             ("Unicode: café, naïve, 東京 —", " ok")]
+    return [SimpleNamespace(args=p) for p in pairs]
+
+
+@pytest.mark.parametrize("family", ["tailor", "llama", "tailor+bos"])
+def test_loglikelihood_equals_hflm(request, family):
+    tok = request.getfixturevalue("bos_tok" if family.endswith("+bos") else "tok")
+    model = tiny_model(vocab=len(tok), n_layers=2) if family == "tailor" else tiny_hf_model("llama", vocab=len(tok))
+    ref, fast = _lms(model, tok)
+    reqs = _requests(tok)
+    want = ref.loglikelihood(reqs, disable_tqdm=True)
+    got = fast.loglikelihood(reqs, disable_tqdm=True)
+    assert len(got) == len(want)
+    for (a, ga), (b, gb), r in zip(want, got, reqs):
+        assert b == pytest.approx(a, abs=1e-4, rel=1e-5), r.args
+        assert ga == gb, r.args
+    assert len({round(a, 3) for a, _ in want}) == len(want)  # the requests really differ
+
+
+def test_tokenization_equals_hflms_split(tok):
+    _, fast = _lms(tiny_model(vocab=len(tok), n_layers=1), tok)
+    seen = []
+    fast._loglikelihood_tokens = lambda reqs, disable_tqdm=False: seen.extend(reqs) or [(0.0, True)] * len(reqs)
+    reqs = _requests(tok)
+    fast.loglikelihood(reqs)
+    for r, (_, ctx, cont) in zip(reqs, seen):
+        c, x = r.args
+        if c:
+            want = fast._encode_pair(c, x)  # lm-eval's own split, one request at a time
+        else:
+            enc = fast.tok_encode(x, add_special_tokens=False)
+            want = ([fast.prefix_token_id], enc) if enc[0] != fast.prefix_token_id else (enc[:1], enc[1:])
+        assert (ctx, cont) == tuple(want), r.args
+
+
+def test_rolling_perplexity_equals_hflm(tok):
+    ref, fast = _lms(tiny_model(vocab=len(tok), n_layers=2), tok, batch_tokens=100)
+    docs = [SimpleNamespace(args=(t,)) for t in
+            ["A short document.", " ".join(f"token{i}" for i in range(120)), "Another one, of medium length here."]]
+    want = ref.loglikelihood_rolling(docs, disable_tqdm=True)
+    got = fast.loglikelihood_rolling(docs, disable_tqdm=True)
+    assert got == pytest.approx(want, abs=1e-3, rel=1e-5)
+
+
+def test_batching_does_not_change_scores(tok):
+    model = tiny_model(vocab=len(tok), n_layers=2)
+    reqs = _requests(tok)
+    alone = _lms(model, tok, batch_tokens=1)[1]
+    alone.HEAD_TOKENS = 3  # the head in slices of 3 positions
+    one = alone.loglikelihood(reqs, disable_tqdm=True)  # every row alone
+    many = _lms(model, tok, batch_tokens=10_000)[1].loglikelihood(reqs, disable_tqdm=True)  # rows of similar length together
+    assert [g for _, g in one] == [g for _, g in many]
+    assert [a for a, _ in many] == pytest.approx([a for a, _ in one], abs=1e-4)
+
+
+def test_padding_stays_under_a_third_of_the_tokens(tok):
+    """Rows of one forward are within MIN_FILL of its longest, so padded tokens <= real tokens / MIN_FILL."""
+    model = tiny_model(vocab=len(tok), n_layers=1)
+    fed = []
+    model.model.layers[0].register_forward_pre_hook(lambda m, a: fed.append(a[0].shape[0] * a[0].shape[1]))
+    fast = _lms(model, tok, batch_tokens=10_000)[1]
+    reqs = [SimpleNamespace(args=("Q: " + "word " * n, " answer " * (1 + n % 3))) for n in range(1, 40)]
+    fast.loglikelihood(reqs, disable_tqdm=True)
+    real = sum(len((c + x)[-(MAX_LEN + 1):][:-1]) for c, x in
+               (fast._encode_pair(*r.args) for r in reqs))
+    assert len(fed) > 1 and sum(fed) <= real / fast.MIN_FILL
+
+
+def test_bad_settings_are_refused(tok):
+    with pytest.raises(ValueError, match="batch_tokens"):
+        BatchedHFLM(pretrained=tiny_model(vocab=len(tok), n_layers=1), tokenizer=tok, backend="causal",
+                    batch_tokens=0)
