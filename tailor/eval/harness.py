@@ -18,6 +18,7 @@ predicted tokens. Measured on SmolLM2-135M, 200 held-out wiki sentences: 296.9 h
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -281,6 +282,8 @@ def _run(model: torch.nn.Module, tokenizer: Any, eval_dir: Path, batch_size: int
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
+    from tailor.eval.scorer import BatchedHFLM, compiled_templates
+
     with tempfile.TemporaryDirectory(prefix="tailor-eval-ds-") as tmp:
         tmp = Path(tmp)
         configs = task_configs(eval_dir, tmp / "cache", parts, data_dir=tmp)
@@ -300,14 +303,13 @@ def _run(model: torch.nn.Module, tokenizer: Any, eval_dir: Path, batch_size: int
         kw = dict(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, backend="causal",
                   prefix_token_id=prefix_token_id, max_length=max_length)
         if scorer == "batched":
-            from tailor.eval.scorer import BatchedHFLM
-
             lm = BatchedHFLM(batch_tokens=batch_tokens, **kw)
         else:
             lm = HFLM(**kw)
         names = {part: cfg["task"] for part, cfg in configs.items()}
-        check_requests(lm, {p: loaded["tasks"][names[p]] for p in parts if p != "wiki"}, ids, eval_dir)
-        out = evaluate(lm=lm, task_dict=loaded, log_samples=True, bootstrap_iters=0)
+        with compiled_templates() if scorer == "batched" else contextlib.nullcontext():
+            check_requests(lm, {p: loaded["tasks"][names[p]] for p in parts if p != "wiki"}, ids, eval_dir)
+            out = evaluate(lm=lm, task_dict=loaded, log_samples=True, bootstrap_iters=0)
     samples = out["samples"]
     return SuiteResult(wiki=_wiki_items(samples[names["wiki"]], lm, ids["wiki"]),
                        tasks={p: _choice_items(samples[names[p]], PARTS[p][1], ids[p], p) for p in parts if p != "wiki"},
@@ -326,21 +328,25 @@ def check_requests(lm: Any, tasks: dict[str, Any], ids: dict[str, list[int]], ev
     """
     for part, task in tasks.items():
         task.build_all_requests(limit=None, rank=0, world_size=1)  # evaluate() rebuilds them from scratch
-        for inst in task.instances:
-            if inst.request_type != "loglikelihood":
-                continue
-            context, continuation = inst.args
-            if context == "":
-                cont = lm.tok_encode(continuation, add_special_tokens=False)
-                ctx, cont = (cont[:1], cont[1:]) if cont and cont[0] == lm.prefix_token_id else ([lm.prefix_token_id], cont)
-            else:
-                ctx, cont = lm._encode_pair(context, continuation)
+        insts = [inst for inst in task.instances if inst.request_type == "loglikelihood"]
+        encoded = lm.split_requests([inst.args for inst in insts]) if hasattr(lm, "split_requests") else \
+            [_split_one(lm, *inst.args) for inst in insts]  # BatchedHFLM: batched, and remembered for scoring
+        for inst, (ctx, cont) in zip(insts, encoded, strict=True):
+            continuation = inst.args[1]
             where = f"{eval_dir / PARTS[part][0]}: row {ids[part][inst.doc_id] + 1}: {part} choice {inst.idx}"
             if not cont or not ctx:
                 raise EvalDataError(f"{where}: {continuation!r:.60} tokenizes to no tokens; it cannot be scored")
             if len(cont) > lm.max_length:
                 raise EvalDataError(f"{where} is {len(cont)} tokens, more than the context window of {lm.max_length} "
                                     f"(evaluate.max_length): it cannot be scored; raise evaluate.max_length")
+
+
+def _split_one(lm: Any, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """HFLM's (context tokens, continuation tokens) of one request (TemplateLM.loglikelihood)."""
+    if context == "":
+        cont = lm.tok_encode(continuation, add_special_tokens=False)
+        return (cont[:1], cont[1:]) if cont and cont[0] == lm.prefix_token_id else ([lm.prefix_token_id], cont)
+    return lm._encode_pair(context, continuation)
 
 
 def _aggregates(out: dict[str, Any]) -> dict[str, dict[str, float]]:

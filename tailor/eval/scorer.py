@@ -8,6 +8,7 @@ everything lm-eval decides -- requests, the context/continuation split (`Templat
 truncation to `max_length`, the rolling windows of perplexity, the aggregation -- and changes only how the
 numbers are computed:
 
+- each Jinja prompt template is compiled once (`compiled_templates`), not once per document;
 - every distinct string is tokenized once, in batched calls of the fast tokenizer;
 - requests are sorted by length and packed into forwards of at most `batch_tokens` padded tokens, rows of
   similar length together (`MIN_FILL`);
@@ -18,16 +19,38 @@ Results equal HFLM's to float rounding (tests/unit/test_eval_scorer.py compares 
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 from collections import defaultdict
+from collections.abc import Iterator
 from typing import Any
 
 import torch
+import lm_eval.utils
 from lm_eval.models.huggingface import HFLM
 from lm_eval.models.utils import _add_special_kwargs, has_bos_prefix
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 
 Request = tuple[Any, list[int], list[int]]  # (cache key, context tokens, continuation tokens)
+
+
+@contextlib.contextmanager
+def compiled_templates() -> Iterator[None]:
+    """lm-eval with each Jinja prompt template compiled once instead of once per document.
+
+    `lm_eval.utils.apply_template` calls `env.from_string(template)` for every doc_to_text / doc_to_choice /
+    doc_to_target of every document: on the GPU machine that compile cost more than the model (MMLU's 14,042
+    questions, each built twice). Same environment, same template text, so the same compiled template and the
+    same prompts; the original function is restored on exit.
+    """
+    original = lm_eval.utils.apply_template
+    compile_once = functools.lru_cache(maxsize=256)(lm_eval.utils.env.from_string)
+    lm_eval.utils.apply_template = lambda template, doc: compile_once(template).render(**doc)
+    try:
+        yield
+    finally:
+        lm_eval.utils.apply_template = original
 
 
 class BatchedHFLM(HFLM):
@@ -45,41 +68,51 @@ class BatchedHFLM(HFLM):
             raise ValueError(f"batch_tokens must be positive, got {batch_tokens}")
         self.batch_tokens = batch_tokens
         self._bos_str = self.tokenizer.decode(self.prefix_token_id)
+        self._memo: dict[bool | None, dict[str, list[int]]] = {}
 
     # -- tokenization: HFLM.tok_encode's rules, one batched call per distinct kwargs --------------------------
     def encode_many(self, strings: list[str], add_special_tokens: bool | None = None) -> dict[str, list[int]]:
-        """{string: token ids} exactly as `tok_encode(string, add_special_tokens)` gives them."""
+        """{string: token ids} exactly as `tok_encode(string, add_special_tokens)` gives them. Strings seen
+        before come from a memo (the harness checks every request's tokens before lm-eval scores them)."""
+        memo = self._memo.setdefault(add_special_tokens, {})
         groups: dict[tuple, list[str]] = defaultdict(list)
         for s in dict.fromkeys(strings):
+            if s in memo:
+                continue
             kw = _add_special_kwargs(add_special_tokens, self.add_bos_token)
             if add_special_tokens is None and has_bos_prefix(s, self._bos_str):
                 kw["add_special_tokens"] = False  # the string already starts with BOS (HFLM.tok_encode)
             groups[tuple(sorted(kw.items()))].append(s)
-        out: dict[str, list[int]] = {}
         for kw, group in groups.items():
             ids = self.tokenizer(group, **dict(kw))["input_ids"]
-            out.update(zip(group, ids, strict=True))
-        return out
+            memo.update(zip(group, ids, strict=True))
+        return {s: memo[s] for s in strings}
 
-    def loglikelihood(self, requests: list[Any], disable_tqdm: bool = False) -> list[tuple[float, bool]]:
-        """TemplateLM.loglikelihood's context/continuation split, tokenized in batches."""
-        pairs = [req.args for req in requests]
-        split = []  # (context, continuation) after moving the context's trailing spaces (TemplateLM._encode_pair)
+    def split_requests(self, pairs: list[tuple[str, str]]) -> list[tuple[list[int], list[int]]]:
+        """(context tokens, continuation tokens) per (context, continuation) pair, as TemplateLM.loglikelihood
+        splits them: trailing spaces of the context move to the continuation, the whole string is encoded and
+        the context's tokens cut off; no context means the prefix token (BOS) conditions the continuation."""
+        split = []
         for context, continuation in pairs:
             n = len(context) - len(context.rstrip())
             split.append((context[:-n], context[-n:] + continuation) if n and context else (context, continuation))
         full = self.encode_many([c + x for c, x in split if c])
         ctx = self.encode_many([c for c, _ in split if c])
         bare = self.encode_many([x for c, x in split if not c], add_special_tokens=False)
-        reqs: list[Request] = []
-        for (context, continuation), (c, x) in zip(pairs, split, strict=True):
+        out = []
+        for c, x in split:
             if c:
                 ce = ctx[c]
-                reqs.append(((context, continuation), ce, full[c + x][len(ce):]))
-            else:  # no context: the prefix token (BOS) conditions the continuation (TemplateLM.loglikelihood)
+                out.append((ce, full[c + x][len(ce):]))
+            else:
                 xe = bare[x]
-                ce, xe = ([self.prefix_token_id], xe) if self.prefix_token_id != xe[0] else (xe[:1], xe[1:])
-                reqs.append(((context, continuation), ce, xe))
+                out.append(([self.prefix_token_id], xe) if not xe or self.prefix_token_id != xe[0] else (xe[:1], xe[1:]))
+        return out
+
+    def loglikelihood(self, requests: list[Any], disable_tqdm: bool = False) -> list[tuple[float, bool]]:
+        """TemplateLM.loglikelihood, tokenized in batches (split_requests) and scored in batches."""
+        pairs = [req.args for req in requests]
+        reqs: list[Request] = [(p, c, x) for p, (c, x) in zip(pairs, self.split_requests(pairs), strict=True)]
         return self._loglikelihood_tokens(reqs, disable_tqdm=disable_tqdm)
 
     def loglikelihood_rolling(self, requests: list[Any], disable_tqdm: bool = False) -> list[float]:
@@ -107,52 +140,64 @@ class BatchedHFLM(HFLM):
         """(sum of continuation log-probs, continuation is the greedy decode) per request, in request order.
 
         Each request's input is (context + continuation)[-(max_length + 1):][:-1], as in HFLM; the last
-        len(continuation) positions predict the continuation. Shapes per forward: ids [rows, L] (right-padded),
-        picked logits [rows, C, vocab] with C the longest continuation of the forward.
+        len(continuation) positions predict the continuation. Requests with the same input share one row of a
+        forward (the choices of a one-token answer: HFLM's "logits cache" does the same). Shapes per forward:
+        ids [rows, L] (right-padded), logits [positions, vocab] at the continuation positions only.
         """
-        rows = []
+        index: dict[tuple[int, ...], int] = {}
+        inputs: list[list[int]] = []
+        users: list[list[int]] = []  # per distinct input: the requests it serves
         for i, (_, ctx, cont) in enumerate(requests):
             if not ctx or not cont:
                 raise ValueError(f"request {i}: empty context or continuation (HFLM asserts the same)")
             if len(cont) > self.max_length:
                 raise ValueError(f"request {i}: continuation of {len(cont)} tokens > max_length {self.max_length}")
-            rows.append(((ctx + cont)[-(self.max_length + 1):][:-1], cont))
-        order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))
-        out: list[tuple[float, bool] | None] = [None] * len(rows)
-        bar = tqdm(total=len(rows), disable=disable_tqdm or self.rank != 0, desc="Scoring requests (batched)")
+            inp = tuple((ctx + cont)[-(self.max_length + 1):][:-1])
+            k = index.setdefault(inp, len(inputs))
+            if k == len(inputs):
+                inputs.append(list(inp))
+                users.append([])
+            users[k].append(i)
+        order = sorted(range(len(inputs)), key=lambda k: -len(inputs[k]))
+        out: list[tuple[float, bool] | None] = [None] * len(requests)
+        bar = tqdm(total=len(requests), disable=disable_tqdm or self.rank != 0, desc="Scoring requests (batched)")
         start = 0
         while start < len(order):
-            longest = len(rows[order[start]][0])
+            longest = len(inputs[order[start]])
             end = start + 1
             while (end < len(order) and (end - start + 1) * longest <= self.batch_tokens
-                   and len(rows[order[end]][0]) >= self.MIN_FILL * longest):
+                   and len(inputs[order[end]]) >= self.MIN_FILL * longest):
                 end += 1
             batch = order[start:end]
-            n = len(batch)
-            for i, res in zip(batch, self._score(batch, rows, longest), strict=True):
+            reqs = [(r, i) for r, k in enumerate(batch) for i in users[k]]  # (row of the forward, request)
+            rows = [(r, len(inputs[batch[r]]), requests[i][2]) for r, i in reqs]
+            for (_, i), res in zip(reqs, self._score([inputs[k] for k in batch], rows, longest), strict=True):
                 out[i] = res
-            start += n
-            bar.update(n)
+            start = end
+            bar.update(len(reqs))
         bar.close()
         for (key, _, _), res in zip(requests, out, strict=True):
             if key is not None:
                 self.cache_hook.add_partial("loglikelihood", key, res)
         return out  # type: ignore[return-value]
 
-    def _score(self, batch: list[int], rows: list[tuple[list[int], list[int]]], length: int) -> list[tuple[float, bool]]:
+    def _score(self, inputs: list[list[int]], reqs: list[tuple[int, int, list[int]]],
+               length: int) -> list[tuple[float, bool]]:
+        """One forward of `inputs` right-padded to `length`; per request (row, input length, continuation)."""
         dev = self.device
-        ids = torch.zeros(len(batch), length, dtype=torch.long)
-        where, tgt = [], []  # (row, position) whose logits predict each continuation token, and that token
-        for r, i in enumerate(batch):
-            inp, cont = rows[i]
+        ids = torch.zeros(len(inputs), length, dtype=torch.long)
+        for r, inp in enumerate(inputs):
             ids[r, :len(inp)] = torch.tensor(inp)
-            where += [(r, p) for p in range(len(inp) - len(cont), len(inp))]
+        where, tgt, owner = [], [], []  # (row, position) whose logits predict each target token; its request
+        for q, (r, n, cont) in enumerate(reqs):
+            where += [(r, p) for p in range(n - len(cont), n)]
             tgt += cont
-        owner = torch.tensor([r for r, _ in where], device=dev)
+            owner += [q] * len(cont)
+        owner_t = torch.tensor(owner, device=dev)
         tgt_t = torch.tensor(tgt, device=dev)
         rr, pp = torch.tensor(where, device=dev).T
-        ll = torch.zeros(len(batch), dtype=torch.float64, device=dev)
-        miss = torch.zeros(len(batch), dtype=torch.long, device=dev)  # continuation tokens that are not the argmax
+        ll = torch.zeros(len(reqs), dtype=torch.float64, device=dev)
+        miss = torch.zeros(len(reqs), dtype=torch.long, device=dev)  # continuation tokens that are not the argmax
         with torch.no_grad(), torch.autocast(device_type=dev.type, dtype=self.mixed_precision_dtype,
                                              enabled=self.mixed_precision_dtype is not None):
             picked = self._picked_logits(ids.to(dev), rr, pp)
@@ -161,8 +206,8 @@ class BatchedHFLM(HFLM):
                 z = picked(sl).float()  # [n, vocab]
                 t = tgt_t[sl]
                 logp = z.gather(-1, t[:, None]).squeeze(-1) - torch.logsumexp(z, dim=-1)
-                ll.index_add_(0, owner[sl], logp.double())
-                miss.index_add_(0, owner[sl], (z.argmax(-1) != t).long())
+                ll.index_add_(0, owner_t[sl], logp.double())
+                miss.index_add_(0, owner_t[sl], (z.argmax(-1) != t).long())
         return list(zip(ll.tolist(), (miss == 0).tolist(), strict=True))
 
     MIN_FILL = 0.75  # a forward takes no row shorter than this share of its longest: padding stays < 1/3 of

@@ -95,6 +95,22 @@ def test_records_cover_every_item(env, suite4):
     assert agg["tailor_piqa"]["acc_norm,none"] == pytest.approx(suite4.piqa_acc(norm=True))
 
 
+def test_batched_scorer_scores_what_lm_evals_hflm_scores(env, model4, suite4):
+    """The default scorer (BatchedHFLM, compiled templates) against lm-eval's own HFLM on real tasks."""
+    from tailor.eval.harness import run_suite
+
+    model, tok = model4
+    assert suite4.meta["scorer"] == "batched"
+    ref = run_suite(model, tok, env, batch_size=8, num_threads=1, scorer="hflm")
+    assert [w.nll for w in suite4.wiki] == pytest.approx([w.nll for w in ref.wiki], rel=1e-5)
+    assert [w.tokens for w in suite4.wiki] == [w.tokens for w in ref.wiki]
+    for task in ("piqa", "crows"):
+        got, want = suite4.tasks[task], ref.tasks[task]
+        assert [i.hash for i in got] == [i.hash for i in want]  # the same items, in order
+        assert [x for i in got for x in i.ll] == pytest.approx([x for i in want for x in i.ll], abs=1e-4)
+        assert [i.acc for i in got] == [i.acc for i in want]
+
+
 def test_wiki_nll_matches_tailor_ppl_with_the_prefix_token(env, model4, suite4):
     """lm-eval's rolling loglikelihood == tailor.eval.ppl.seq_nll of [BOS] + tokens (perplexity() on the bare
     tokens would skip the first token, the definition documented in tailor.eval.harness)."""

@@ -54,7 +54,9 @@ def _requests(tok) -> list[SimpleNamespace]:
              (long_ctx, " and the last word"),
              ("Short", " " + " ".join(["long continuation"] * 10)),
              (bos + "A context that starts with the BOS text", " then goes on."),
-             ("Unicode: café, naïve, 東京 —", " ok")]
+             ("Unicode: café, naïve, 東京 —", " ok"),
+             ("Pick one: A, B or C. Answer:", " A"), ("Pick one: A, B or C. Answer:", " B"),  # one-token choices:
+             ("Pick one: A, B or C. Answer:", " C")]  # one input row serves all three
     return [SimpleNamespace(args=p) for p in pairs]
 
 
@@ -122,7 +124,37 @@ def test_padding_stays_under_a_third_of_the_tokens(tok):
     assert len(fed) > 1 and sum(fed) <= real / fast.MIN_FILL
 
 
+def test_one_token_choices_share_one_row(tok):
+    model = tiny_model(vocab=len(tok), n_layers=1)
+    rows = []
+    model.model.layers[0].register_forward_pre_hook(lambda m, a: rows.append(a[0].shape[0]))
+    fast = _lms(model, tok, batch_tokens=10_000)[1]
+    reqs = [SimpleNamespace(args=("Pick one: A, B or C. Answer:", f" {c}")) for c in "ABC"]
+    assert all(len(fast._encode_pair(*r.args)[1]) == 1 for r in reqs)
+    got = fast.loglikelihood(reqs, disable_tqdm=True)
+    assert rows == [1] and len({round(a, 4) for a, _ in got}) == 3
+
+
 def test_bad_settings_are_refused(tok):
     with pytest.raises(ValueError, match="batch_tokens"):
         BatchedHFLM(pretrained=tiny_model(vocab=len(tok), n_layers=1), tokenizer=tok, backend="causal",
                     batch_tokens=0)
+
+
+def test_templates_compile_once_and_render_the_same(monkeypatch):
+    import lm_eval.utils as lu
+
+    from tailor.eval.scorer import compiled_templates
+
+    calls = []
+    real = lu.env.from_string
+    monkeypatch.setattr(lu.env, "from_string", lambda t: calls.append(t) or real(t))
+    original = lu.apply_template
+    docs = [{"q": f"question {i}", "choices": ["a", "b"]} for i in range(5)]
+    tpl = "Q: {{q}}\n{% for c in choices %}- {{c}}\n{% endfor %}Answer:"
+    want = [original(tpl, d) for d in docs]
+    calls.clear()
+    with compiled_templates():
+        got = [lu.apply_template(tpl, d) for d in docs]
+    assert got == want and calls == [tpl]  # five renders, one compile
+    assert lu.apply_template is original
