@@ -15,7 +15,11 @@ numbers are computed:
 - the log-softmax is taken only at continuation positions, in float32, and the sums, the greedy check and
   the copy to the host happen once per forward.
 
-Results equal HFLM's to float rounding (tests/unit/test_eval_scorer.py compares both on every request kind).
+Results equal HFLM's to float rounding for float32 logits, which Tailor's models always return
+(tests/unit/test_eval_scorer.py compares both on every request kind). Two known differences: with bf16
+logits HFLM takes the log-softmax in bf16 where this takes it in float32; and where two requests with
+different contexts tokenize to one shared prefix and differ in continuation length, HFLM's one-token
+"logits cache" reads the shorter one's log-probs from the wrong positions (lm-eval 0.4.13), this does not.
 """
 from __future__ import annotations
 
@@ -67,20 +71,20 @@ class BatchedHFLM(HFLM):
         if batch_tokens <= 0:
             raise ValueError(f"batch_tokens must be positive, got {batch_tokens}")
         self.batch_tokens = batch_tokens
-        self._bos_str = self.tokenizer.decode(self.prefix_token_id)
-        self._memo: dict[bool | None, dict[str, list[int]]] = {}
+        self._memo: dict[tuple, dict[str, list[int]]] = {}
 
     # -- tokenization: HFLM.tok_encode's rules, one batched call per distinct kwargs --------------------------
     def encode_many(self, strings: list[str], add_special_tokens: bool | None = None) -> dict[str, list[int]]:
         """{string: token ids} exactly as `tok_encode(string, add_special_tokens)` gives them. Strings seen
         before come from a memo (the harness checks every request's tokens before lm-eval scores them)."""
-        memo = self._memo.setdefault(add_special_tokens, {})
+        bos_str = self.tokenizer.decode(self.prefix_token_id)
+        memo = self._memo.setdefault((add_special_tokens, self.add_bos_token, bos_str), {})  # all tok_encode reads
         groups: dict[tuple, list[str]] = defaultdict(list)
         for s in dict.fromkeys(strings):
             if s in memo:
                 continue
             kw = _add_special_kwargs(add_special_tokens, self.add_bos_token)
-            if add_special_tokens is None and has_bos_prefix(s, self._bos_str):
+            if add_special_tokens is None and has_bos_prefix(s, bos_str):
                 kw["add_special_tokens"] = False  # the string already starts with BOS (HFLM.tok_encode)
             groups[tuple(sorted(kw.items()))].append(s)
         for kw, group in groups.items():
@@ -92,20 +96,23 @@ class BatchedHFLM(HFLM):
         """(context tokens, continuation tokens) per (context, continuation) pair, as TemplateLM.loglikelihood
         splits them: trailing spaces of the context move to the continuation, the whole string is encoded and
         the context's tokens cut off; no context means the prefix token (BOS) conditions the continuation."""
-        split = []
+        split = []  # (context, continuation) after the move; None for a request with no context at all
         for context, continuation in pairs:
             n = len(context) - len(context.rstrip())
-            split.append((context[:-n], context[-n:] + continuation) if n and context else (context, continuation))
-        full = self.encode_many([c + x for c, x in split if c])
-        ctx = self.encode_many([c for c, _ in split if c])
-        bare = self.encode_many([x for c, x in split if not c], add_special_tokens=False)
+            split.append(None if not context else (context[:-n], context[-n:] + continuation) if n else
+                         (context, continuation))
+        ctx_free = [x for (c, x), sp in zip(pairs, split, strict=True) if sp is None]
+        full = self.encode_many([c + x for c, x in filter(None, split)])
+        ctx = self.encode_many([c for c, _ in filter(None, split)])  # "" for an all-whitespace context, as HFLM
+        bare = self.encode_many(ctx_free, add_special_tokens=False)
         out = []
-        for c, x in split:
-            if c:
+        for (_, x0), sp in zip(pairs, split, strict=True):
+            if sp is not None:
+                c, x = sp
                 ce = ctx[c]
                 out.append((ce, full[c + x][len(ce):]))
             else:
-                xe = bare[x]
+                xe = bare[x0]
                 out.append(([self.prefix_token_id], xe) if not xe or self.prefix_token_id != xe[0] else (xe[:1], xe[1:]))
         return out
 
@@ -113,12 +120,14 @@ class BatchedHFLM(HFLM):
         """TemplateLM.loglikelihood, tokenized in batches (split_requests) and scored in batches."""
         pairs = [req.args for req in requests]
         reqs: list[Request] = [(p, c, x) for p, (c, x) in zip(pairs, self.split_requests(pairs), strict=True)]
+        self._memo.clear()  # kept from check_requests to here only: BBQ alone would hold ~0.6 GB of token lists
         return self._loglikelihood_tokens(reqs, disable_tqdm=disable_tqdm)
 
     def loglikelihood_rolling(self, requests: list[Any], disable_tqdm: bool = False) -> list[float]:
         """Perplexity windows as HFLM.loglikelihood_rolling makes them, all scored in one batched pass."""
         texts = [req.args[0] for req in requests]
         enc = self.encode_many(texts)
+        self._memo.clear()
         windows: list[Request] = []
         owner: list[int] = []
         for i, text in enumerate(texts):

@@ -75,6 +75,22 @@ def test_loglikelihood_equals_hflm(request, family):
     assert len({round(a, 3) for a, _ in want}) == len(want)  # the requests really differ
 
 
+def test_a_whitespace_context_is_the_empty_string_not_no_context(tok, bos_tok):
+    """HFLM moves the spaces to the continuation and encodes "" as the context: nothing (refused) with SmolLM2's
+    tokenizer, [BOS] with one that adds BOS; "no context" (the prefix token) is only for a context of ""."""
+    req = [SimpleNamespace(args=(" ", "Paris is nice"))]
+    ref, fast = _lms(tiny_model(vocab=len(tok), n_layers=1), tok)
+    with pytest.raises(AssertionError):
+        ref.loglikelihood(req, disable_tqdm=True)
+    with pytest.raises(ValueError, match="empty context"):
+        fast.loglikelihood(req, disable_tqdm=True)
+    kw = dict(pretrained=tiny_model(vocab=len(tok), n_layers=1), tokenizer=bos_tok, backend="causal",
+              max_length=MAX_LEN, prefix_token_id=1)  # a prefix token other than BOS: the two paths differ
+    (a, _), = HFLM(batch_size=3, **kw).loglikelihood(req, disable_tqdm=True)
+    (b, _), = BatchedHFLM(batch_size=3, **kw).loglikelihood(req, disable_tqdm=True)
+    assert b == pytest.approx(a, abs=1e-4)
+
+
 def test_tokenization_equals_hflms_split(tok):
     _, fast = _lms(tiny_model(vocab=len(tok), n_layers=1), tok)
     seen = []
