@@ -64,7 +64,7 @@ class BatchedHFLM(HFLM):
     Other arguments are HFLM's.
     """
 
-    def __init__(self, *args: Any, batch_tokens: int = 32768, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, batch_tokens: int = 16384, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         if self.backend != "causal":
             raise ValueError(f"BatchedHFLM scores causal models only, not backend={self.backend!r}")
@@ -96,14 +96,13 @@ class BatchedHFLM(HFLM):
         """(context tokens, continuation tokens) per (context, continuation) pair, as TemplateLM.loglikelihood
         splits them: trailing spaces of the context move to the continuation, the whole string is encoded and
         the context's tokens cut off; no context means the prefix token (BOS) conditions the continuation."""
-        split = []  # (context, continuation) after the move; None for a request with no context at all
+        split: list[tuple[str, str] | None] = []  # after the move; None for a request with no context at all
         for context, continuation in pairs:
-            n = len(context) - len(context.rstrip())
-            split.append(None if not context else (context[:-n], context[-n:] + continuation) if n else
-                         (context, continuation))
+            stripped = context.rstrip()  # "" for an all-whitespace context: encoded as "", as HFLM does
+            split.append((stripped, context[len(stripped):] + continuation) if context else None)
         ctx_free = [x for (c, x), sp in zip(pairs, split, strict=True) if sp is None]
         full = self.encode_many([c + x for c, x in filter(None, split)])
-        ctx = self.encode_many([c for c, _ in filter(None, split)])  # "" for an all-whitespace context, as HFLM
+        ctx = self.encode_many([c for c, _ in filter(None, split)])
         bare = self.encode_many(ctx_free, add_special_tokens=False)
         out = []
         for (_, x0), sp in zip(pairs, split, strict=True):
