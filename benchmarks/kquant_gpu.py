@@ -96,7 +96,8 @@ def weight_budget(bpp: float, n_params: int = N_PARAMS, overhead: int = OVERHEAD
     return st.weight_budget(st.target_file_bytes(bpp, n_params), overhead)
 
 
-def k_params(profile: str, ft_steps: int | None = None, kd_chunk: int = 0, ft_lr: float | None = None):
+def k_params(profile: str, ft_steps: int | None = None, kd_chunk: int = 0, ft_lr: float | None = None,
+             train_embeddings: bool = False):
     """The full profile (or blockwise_quality's toy one) with the phone on the K-quant grid and the supernet
     trained on that grid only (the laptop's ONNX grid is not searched here)."""
     import yaml
@@ -113,18 +114,34 @@ def k_params(profile: str, ft_steps: int | None = None, kd_chunk: int = 0, ft_lr
         raw["profiles"][name]["finetune"]["steps"] = ft_steps
     if ft_lr:  # Qwen2.5-0.5B: 3e-4 (SmolLM2's) threw the KL from 0.40 to 3.2 in the first 5 steps (session 12)
         raw["profiles"][name]["finetune"]["lr"] = ft_lr
+    if train_embeddings:  # issue 19's lever: QAT of the tied table too (a row variant "+emb")
+        raw["finetune"]["train_embeddings"] = True  # a field the profiles leave at its default: the base section
     if kd_chunk:  # a 152k vocabulary: the KD loss in chunks of tokens, never [batch x seq, vocab] fp32 at once
         raw["supernet"]["kd_chunk"] = kd_chunk  # a field params.yaml leaves at its default: set in the base section
     return parse_params(raw, name)
 
 
+VARIANTS = {"emb": "QAT trains the tied embedding too (finetune.train_embeddings)",
+            "2x": "twice the fine-tune steps (and tokens), the same schedule stretched"}
+
+
 def rows_plan(tiny: bool, ids: list[str] | None = None) -> list[dict]:
     """Searched rows first (their fine-tunes start as each search ends), the uniform row started at once.
     `ids` picks rows by name instead of the default four: iq4nl-qat, tailor-k@<bpp> (joint), bits-k (the
-    first feasible of BITS_ONLY_BPP) or bits-k@<bpp> (bits only, that budget alone)."""
+    first feasible of BITS_ONLY_BPP) or bits-k@<bpp> (bits only, that budget alone); a row with
+    `+<variant>` suffixes (VARIANTS) fine-tunes the subnet its base row found by another recipe (the base
+    row must be listed before it)."""
     if ids:
         plan = []
-        for rid in ids:
+        for full_id in ids:
+            rid, *variants = full_id.split("+")
+            bad = [v for v in variants if v not in VARIANTS]
+            if bad:
+                raise SystemExit(f"kquant_gpu: --rows {full_id}: unknown variant {'+'.join(bad)!r} "
+                                 f"(known: {', '.join('+' + v for v in VARIANTS)})")
+            if variants:  # the base row's search result, another fine-tune recipe (issue 19's levers)
+                plan.append({"id": full_id, "kind": "variant", "of": rid, "variants": variants})
+                continue
             kind, _, bpp = rid.partition("@")
             if rid == "iq4nl-qat":
                 plan.append({"id": rid, "kind": "uniform"})
@@ -372,7 +389,8 @@ class Search:
         cmd = [sys.executable, str(repo / "benchmarks" / "kquant_gpu.py"), "finetune", "--row", rid, "--job", str(d),
                "--base", str(base), "--data", str(data), "--importance", str(self.work / "importance.safetensors"),
                "--profile", self.args.profile, "--kd-chunk", str(self.args.kd_chunk)] \
-            + (["--steps", str(self.args.ft_steps)] if self.args.ft_steps else []) \
+            + (["--steps", str(self.ft_steps(rid))] if self.args.ft_steps or "+2x" in rid else []) \
+            + (["--train-embeddings"] if "+emb" in rid else []) \
             + (["--lr", str(self.args.ft_lr)] if getattr(self.args, "ft_lr", None) else []) \
             + (["--eager"] if self.args.ft_eager else []) + (["--checkpointing"] if self.args.ft_checkpointing else [])
         k = len(self.jobs)
@@ -387,6 +405,11 @@ class Search:
         # seed_table_gpu.wait reads this layout: jobs.json {"jobs", "pids"} and job<i>/<row>/meta.json
         (self.work / "jobs" / "jobs.json").write_text(json.dumps({"jobs": self.jobs, "pids": self.pids}))
         self.mark(f"fine-tune {rid} started (pid {pid})")
+
+    def ft_steps(self, rid: str) -> int:
+        """Fine-tune steps of row `rid`: --ft-steps or the profile's, twice that for a "+2x" variant."""
+        n = self.args.ft_steps or self.params.finetune.steps
+        return 2 * n if "2x" in rid.split("+")[1:] else n
 
     def repo_copy(self) -> Path:
         """The code the fine-tunes run, copied once: the device re-syncs the checkout at every call, under
@@ -417,8 +440,21 @@ class Search:
         self.mark("supernet")
         found = []
         for row in (r for r in plan if r["kind"] != "uniform"):
-            res = self.search_row(row)
             rid = row["id"]
+            if row["kind"] == "variant":
+                base_res = self.res["rows"].get(row["of"])
+                if base_res is None:
+                    raise SystemExit(f"kquant_gpu: --rows {rid}: its base row {row['of']} is not searched before it")
+                if "config" not in base_res:
+                    self.mark(f"{rid}: infeasible (as {row['of']})")
+                    continue
+                cfg = SubnetConfig.from_dict(base_res["config"])
+                if self.args.start_after_search:
+                    found.append((rid, cfg))
+                else:
+                    self.start(rid, cfg, base, data)
+                continue
+            res = self.search_row(row)
             if "config" in res and row["id"] == "bits-k":
                 rid = f"bits-k@{BITS_ONLY_BPP[len(res['infeasible'])]}"
             self.res["rows"][rid] = res
@@ -481,7 +517,7 @@ def finetune(args) -> None:
     if args.after:
         wait_for(args.after, args.row)
     t0 = time.time()
-    p = k_params(args.profile, args.steps, args.kd_chunk, args.lr)
+    p = k_params(args.profile, args.steps, args.kd_chunk, args.lr, args.train_embeddings)
     ft = p.finetune
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     rd = args.job / sg.slug(args.row)
@@ -730,6 +766,7 @@ def main() -> None:
     a.add_argument("--profile", choices=("full", "tiny"), default="full")
     a.add_argument("--steps", type=int, default=None)
     a.add_argument("--lr", type=float, default=None)
+    a.add_argument("--train-embeddings", action="store_true", help="QAT trains the tied embedding too (a +emb row)")
     a.add_argument("--kd-chunk", type=int, default=0)
     a.add_argument("--eager", action="store_true", help="no torch.compile (on Qwen2.5-0.5B's shapes Inductor hung in "
                    "sympy for minutes, then segfaulted)")

@@ -17,6 +17,7 @@ activation checkpointing. Fake quantization, norms, RoPE and the loss's softmaxe
 
     python benchmarks/supernet_scale.py --profile tiny      # CPU: a toy shape, checks the script
     python benchmarks/supernet_scale.py --profile h200      # one H200: every row below
+    python benchmarks/supernet_scale.py --profile smollm2   # one H200: the 135M full profile's step
 """
 from __future__ import annotations
 
@@ -42,6 +43,9 @@ SHAPES = {  # the Hugging Face configs' numbers (Llama-3.1-8B's head is untied; 
                          head_dim=64, intermediate_size=8192, num_hidden_layers=16, rope_theta=500000.0),
     "llama-3.1-8b": dict(vocab_size=128256, hidden_size=4096, num_attention_heads=32, num_key_value_heads=8,
                          head_dim=128, intermediate_size=14336, num_hidden_layers=32, rope_theta=500000.0),
+    # the model the pipeline compresses: the full profile's supernet step at its own shape
+    "smollm2-135m": dict(vocab_size=49152, hidden_size=576, num_attention_heads=9, num_key_value_heads=3, head_dim=64,
+                         intermediate_size=1536, num_hidden_layers=30, rope_theta=100000.0),
     "tiny": dict(vocab_size=512, hidden_size=128, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
                  intermediate_size=256, num_hidden_layers=2, rope_theta=10000.0),
 }
@@ -52,6 +56,19 @@ ROWS = {
              dict(shape="tiny", mode="blockwise", batch=2, seq=64, profile=True),
              dict(shape="tiny", mode="kd_check", tokens=96),
              dict(shape="tiny", mode="pipeline", layers=2, seqs=4, seq=32, batch=2, block_steps=3)],
+    # session 14: the 135M full profile's step (batch 32 x 512, sandwich of 4), each matrix quantized alone
+    # (grouped=False, the code before) beside one quantizer call per grid (grouped=True); the integer grids
+    # of the pipeline's two devices, and the K-quant grid of benchmarks/kquant_gpu.py; eager, then compiled
+    "smollm2": [
+        dict(shape="smollm2-135m", mode="end_to_end", batch=32, seq=512, grouped=False, profile=True),
+        dict(shape="smollm2-135m", mode="end_to_end", batch=32, seq=512, grouped=True, profile=True),
+        dict(shape="smollm2-135m", mode="end_to_end", batch=32, seq=512, grid="k", grouped=False),
+        dict(shape="smollm2-135m", mode="end_to_end", batch=32, seq=512, grid="k", grouped=True, profile=True),
+        dict(shape="smollm2-135m", mode="end_to_end", batch=32, seq=512, grouped=False, compile=True),
+        dict(shape="smollm2-135m", mode="end_to_end", batch=32, seq=512, grouped=True, compile=True, profile=True),
+        dict(shape="smollm2-135m", mode="end_to_end", batch=32, seq=512, grid="k", grouped=True, compile=True),
+        dict(shape="smollm2-135m", mode="end_to_end", batch=64, seq=512, grouped=True, compile=True),
+    ],
     "h200-3": [  # third call: the blockwise pipeline itself on the GPU, chunked-vs-plain loss there, a repeat
         dict(shape="llama-3.2-1b", mode="kd_check", tokens=8192),
         dict(shape="llama-3.1-8b", mode="pipeline", layers=2, seqs=16, seq=S, batch=8, block_steps=4),
@@ -77,6 +94,7 @@ ROWS = {
     ],
 }
 GRIDS = {"gguf": [4, 5, 8, 16], "onnx": [2, 4, 8, 16]}
+KGRID = {"gguf": ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL", 8, 16]}  # params.yaml's quick-k phone
 
 
 def config(shape: str, layers: int | None = None) -> TailorConfig:
@@ -86,8 +104,10 @@ def config(shape: str, layers: int | None = None) -> TailorConfig:
     return TailorConfig(**kw, rms_norm_eps=1e-5, max_position_embeddings=8192)
 
 
-def spaces_for(arch: BaseArch) -> dict[str, SearchSpace]:
-    return {f: SearchSpace.build(arch, bits, [8, 16], 0.25, 1, 0.25, None) for f, bits in GRIDS.items()}
+def spaces_for(arch: BaseArch, grid: str = "int") -> dict[str, SearchSpace]:
+    """The sandwich's spaces: "int" both devices' integer grids, "k" the phone's K-quant grid."""
+    return {f: SearchSpace.build(arch, bits, [8, 16], 0.25, 1, 0.25, None)
+            for f, bits in (KGRID if grid == "k" else GRIDS).items()}
 
 
 def layer_flops(arch: BaseArch, lc: LayerConfig, tokens: int, seq: int) -> float:
@@ -151,8 +171,9 @@ def bench_end_to_end(row: dict, device, steps: int, warmup: int) -> dict:
         student = TailorForCausalLM(cfg)
         teacher = TailorForCausalLM(cfg).to(torch.bfloat16 if device.type == "cuda" else torch.float32)
     teacher.requires_grad_(False).eval()
+    student.grouped_quant = row.get("grouped")  # None: the library's default (grouped on CUDA)
     arch = arch_of(student)
-    spaces = spaces_for(arch)
+    spaces = spaces_for(arch, row.get("grid", "int"))
     drawn: list[list] = []
 
     def sandwich(step, gen):

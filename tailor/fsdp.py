@@ -33,6 +33,8 @@ def shard_copy(student: nn.Module, device: torch.device, world: int, reshard_aft
     process, and bf16 autocast casts for the matmuls as it does there. `reshard_after_forward=False`
     keeps each block gathered from forward to backward (one all-gather fewer per subnet, ZeRO-2 memory)."""
     shadow = copy.deepcopy(student)
+    # each block's weights are shards until its own forward gathers them: no quantizing them all up front
+    shadow.grouped_quant = False
     mesh = init_device_mesh(device.type, (world,))
     for block in shadow.model.layers:
         fully_shard(block, mesh=mesh, reshard_after_forward=reshard_after_forward)

@@ -13,6 +13,7 @@ load as they are.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Any
 
@@ -23,8 +24,8 @@ from torch.utils.checkpoint import checkpoint
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from tailor.quant.fake import (CLIP_SLOTS, FMT_INDEX, clip_slot, clipped, fake_quant, learns_clip, runtime_linear,
-                               runtime_weight)
+from tailor.quant.fake import (CLIP_SLOTS, FMT_INDEX, clip_slot, clipped, fake_quant, fake_quant_group, learns_clip,
+                               runtime_linear, runtime_weight)
 
 
 class TailorConfig(PretrainedConfig):
@@ -83,6 +84,7 @@ class QLinear(nn.Linear):
         self.runtime_emulation = False
         self._cache: tuple | None = None
         self._rt_cache: tuple | None = None
+        self._pre: tuple | None = None  # (key, weight) from `grouped_weights`, for one forward
 
     def gamma(self) -> torch.Tensor | None:
         """The learned clipping factor of the current format and bit-width (None at 16 bits)."""
@@ -96,7 +98,9 @@ class QLinear(nn.Linear):
         w = self.weight[: self.active_out, : self.active_in]
         if self.bits == 16:
             return w
-        if torch.is_grad_enabled() and (w.requires_grad or self.qclip.requires_grad):
+        if self.trains_quant():
+            if self._pre is not None and self._pre[0] == self._key(w):
+                return self._pre[1]
             return fake_quant(w, self.bits, self.fmt, self.gamma())
         # Inference: quantizing every call is wasted work, so cache until weight, clip or slice changes.
         key = self._key(w)
@@ -104,6 +108,10 @@ class QLinear(nn.Linear):
             g = self.gamma()
             self._cache = (key, fake_quant(w.detach(), self.bits, self.fmt, None if g is None else g.detach()))
         return self._cache[1]
+
+    def trains_quant(self) -> bool:
+        """Whether this forward fake-quantizes with gradients (training), not from the inference cache."""
+        return self.bits != 16 and torch.is_grad_enabled() and (self.weight.requires_grad or self.qclip.requires_grad)
 
     def clipped_weight(self) -> torch.Tensor:
         """The active weight clamped to its learned range: the float values export quantizes."""
@@ -133,6 +141,29 @@ class QLinear(nn.Linear):
             y = runtime_linear(x, self._rt_cache[1], self.bits, self.fmt)
             return y if self.bias is None else y + self.active_bias()
         return F.linear(x, self.active_weight(), self.active_bias())
+
+
+@contextlib.contextmanager
+def grouped_weights(linears: list[QLinear]):
+    """Inside: each training QLinear of `linears` reads its fake-quantized weight from one
+    `fake_quant_group` call per (format, choice) instead of quantizing alone; the same values and
+    gradients, a few quantizer calls per forward instead of one per matrix (the supernet and QAT steps
+    of small models are launch-bound). The weights are dropped on exit: no copy outlives the forward
+    (activation checkpointing's recompute quantizes per matrix, to the same values)."""
+    groups: dict[tuple, list[QLinear]] = {}
+    for q in linears:
+        if q.trains_quant():
+            groups.setdefault((q.fmt, q.bits), []).append(q)
+    try:
+        for (fmt, bits), qs in groups.items():
+            ws = [q.weight[: q.active_out, : q.active_in] for q in qs]
+            for q, w, wq in zip(qs, ws, fake_quant_group(ws, bits, fmt, [q.gamma() for q in qs])):
+                q._pre = (q._key(w), wq)
+        yield
+    finally:
+        for qs in groups.values():
+            for q in qs:
+                q._pre = None
 
 
 class RMSNorm(nn.Module):
@@ -262,6 +293,10 @@ class TailorForCausalLM(PreTrainedModel, GenerationMixin):
         super().__init__(config)
         self.model = TailorModel(config)
         self.lm_head = QLinear(config.hidden_size, config.vocab_size, config.embed_bits, config.quant_format)
+        # Training forwards quantize the layers' weights in one call per grid (`grouped_weights`): None =
+        # on CUDA only (there it saves launches; on a CPU the stacked weights leave the caches: ~4x slower
+        # quantizer), True = always, False = never (FSDP2's sharded copy).
+        self.grouped_quant: bool | None = None
         self.post_init()
         set_runtime_emulation(self, getattr(config, "runtime_emulation", False))
 
@@ -331,8 +366,11 @@ class TailorForCausalLM(PreTrainedModel, GenerationMixin):
         # Activation checkpointing (`activation_checkpointing = True`): keep each block's input only and
         # recompute the block in backward (torch.utils.checkpoint; ~1/3 more compute, activations / L).
         ckpt = getattr(self, "activation_checkpointing", False) and torch.is_grad_enabled()
-        for block in self.model.layers:
-            if block.active:
+        active = [block for block in self.model.layers if block.active]
+        g = getattr(self, "grouped_quant", None)
+        group = torch.is_grad_enabled() and (g or (g is None and x.is_cuda))
+        with grouped_weights([q for b in active for q in b.modules() if isinstance(q, QLinear)] if group else []):
+            for block in active:
                 x = checkpoint(block, x, cos, sin, use_reentrant=False) if ckpt else block(x, cos, sin)
         return self.model.norm(x)
 

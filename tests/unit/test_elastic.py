@@ -144,3 +144,44 @@ def test_bake_clip_keeps_outputs_and_bakes_a_trained_embedding_clip():
         after = model(ids).logits
     assert float(head.qclip.min()) == 1.0  # nothing left for export to drop
     torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("fmt", ["gguf", "onnx"])
+def test_grouped_quantization_trains_the_same_subnet(fmt, monkeypatch):
+    """A training forward with the layers' weights quantized in one call per grid (`grouped_quant`, the
+    default on CUDA) computes the per-matrix forward's logits and weight gradients bit for bit (clips up
+    to summation order), in a subnet that mixes bit-widths, slices and a dropped layer; the stacked
+    weights do not outlive the forward."""
+    from tailor.quant import fake
+
+    gen = torch.Generator().manual_seed(5)
+    space = _space(tiny_model(n_layers=4), bits=(2, 4, 8, 16) if fmt == "onnx" else (4, 5, 8, 16))
+    cfg = space.sample(gen)
+    while len({b for lc in cfg.layers if lc.keep for b in lc.bits.values()} - {16}) < 2 or all(lc.keep for lc in cfg.layers):
+        cfg = space.sample(gen)
+    calls = []
+    real = fake.fake_quant_group
+    monkeypatch.setattr("tailor.models.model.fake_quant_group", lambda *a, **k: calls.append(a[1]) or real(*a, **k))
+
+    def run(grouped):
+        model = tiny_model(n_layers=4)
+        model.grouped_quant = grouped
+        set_active(model, cfg, fmt)
+        model.train()
+        logits = model(IDS).logits
+        logits.square().mean().backward()
+        assert all(q._pre is None for q in model.modules() if isinstance(q, QLinear))
+        return logits, {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+    (ref, ref_g), (got, got_g) = run(False), run(True)
+    assert sorted(map(str, calls)) == sorted({str(b) for lc in cfg.layers if lc.keep for b in lc.bits.values()} - {"16"})
+    assert torch.equal(got, ref)
+    assert ref_g.keys() == got_g.keys()
+    for n in ref_g:
+        if n.endswith("qclip"):
+            torch.testing.assert_close(got_g[n], ref_g[n], rtol=1e-4, atol=1e-6)
+        else:
+            assert torch.equal(got_g[n], ref_g[n]), n
+    calls.clear()
+    run(None)  # the default on a CPU: each matrix alone (stacking leaves the caches there)
+    assert calls == []

@@ -135,3 +135,44 @@ def test_gamma_is_held_in_its_range_and_16_bits_passes_the_weight_itself():
     assert torch.equal(fake_quant(w, 4, "onnx", torch.tensor(0.2)), fake_quant(w, 4, "onnx", torch.tensor(0.5)))
     assert torch.equal(fake_quant(w, 4, "onnx", torch.tensor(1.5)), grid("onnx").dequantized(w, 4))
     assert fake_quant(w, 16, "gguf") is w and fake_quant(w, 16, "onnx", torch.tensor(0.7)) is w
+
+
+GROUP_CASES = CASES + [("gguf", "IQ4_NL"), ("gguf", "Q2_K"), ("gguf", "Q3_K"), ("gguf", "Q4_K"), ("gguf", "Q5_K"),
+                       ("gguf", "Q6_K")]
+
+
+@pytest.mark.parametrize("fmt,bits", GROUP_CASES)
+def test_grouped_quantizer_equals_each_matrix_alone_with_its_gradients(fmt, bits):
+    """One call over several matrices (row and column slices of different shapes, each its own clip)
+    gives each matrix's own fake quantization bit for bit, the same weight gradients bit for bit, and
+    each clip's gradient up to float32 summation order."""
+    g = torch.Generator().manual_seed(3)
+    full = [torch.randn(24, 512, generator=g), torch.randn(40, 256, generator=g) * 3, torch.randn(16, 768, generator=g)]
+    slices = [(24, 512), (33, 256), (16, 512)]
+    gammas = (0.9, 0.7, 1.0)
+    coef = [torch.randn(r, c, generator=g) for r, c in slices]
+
+    def run(grouped):
+        ws = [f.clone().requires_grad_() for f in full]
+        gs = [torch.tensor(v, requires_grad=True) for v in gammas]
+        parts = [w[:r, :c] for w, (r, c) in zip(ws, slices)]
+        out = fake.fake_quant_group(parts, bits, fmt, gs) if grouped else \
+            [fake_quant(p, bits, fmt, gm) for p, gm in zip(parts, gs)]
+        sum((o * c).sum() for o, c in zip(out, coef)).backward()
+        return out, [w.grad for w in ws], [gm.grad for gm in gs]
+
+    (ref, ref_w, ref_g), (got, got_w, got_g) = run(False), run(True)
+    assert [o.shape for o in got] == [o.shape for o in ref]
+    assert all(torch.equal(a.detach(), b.detach()) for a, b in zip(got, ref))
+    assert all(torch.equal(a, b) for a, b in zip(got_w, ref_w))
+    assert all(b.abs() > 0 for b in ref_g[:2])  # clipped matrices: their clip gets a gradient
+    assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-5) for a, b in zip(got_g, ref_g))
+
+
+def test_grouped_quantizer_refuses_what_it_cannot_quantize():
+    with pytest.raises(ValueError, match="16 bits"):
+        fake.fake_quant_group([_w()], 16, "gguf", [torch.tensor(1.0)])
+    with pytest.raises(ValueError, match="not whole 256-element blocks"):
+        fake.fake_quant_group([torch.randn(4, 512), torch.randn(4, 96)], "Q4_K", "gguf", [torch.tensor(1.0)] * 2)
+    with pytest.raises(ValueError, match="2 weights but 1"):
+        fake.fake_quant_group([_w(), _w(1)], 4, "gguf", [torch.tensor(1.0)])
