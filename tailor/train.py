@@ -59,6 +59,18 @@ class TrainSpec:
     checkpointing: bool = False
 
 
+PROGRESS_S = 60.0  # seconds between progress lines when stdout is not a terminal
+
+
+def progress_line(desc: str, step: int, steps: int, start: int, loss: float, seconds: float, tokens: int) -> str:
+    """One plain progress line: steps done, the last step's loss, student tokens/s and the time left at
+    this run's rate (`start`: the step it resumed from, so a resumed run's rate is its own)."""
+    done = step - start
+    left = (steps - step) * seconds / done if done else float("nan")
+    return (f"{desc}: step {step}/{steps} loss {loss:.4f} {tokens / max(seconds, 1e-9):,.0f} tok/s, "
+            f"{left / 60:.1f} min left")
+
+
 def lr_factor(spec: TrainSpec, step: int) -> float:
     """The lr multiplier at 0-based `step`: a pure function of the step, so a resumed run needs no
     scheduler state to continue on the same curve."""
@@ -227,8 +239,11 @@ def train_kd(student: TailorForCausalLM, teacher: torch.nn.Module, data: torch.T
                                                      find_unused_parameters=True) if world > 1 and not fsdp
            else HeadInputs(model) if spec.kd_chunk else model)
     t0 = time.perf_counter()
+    tty = os.isatty(1)
+    # Without a terminal (nightly runs, detached jobs) the bar is off: a plain line every PROGRESS_S instead
+    quiet_until = time.perf_counter() + PROGRESS_S
     with Progress(TextColumn(f"[bold]{desc}"), BarColumn(), TextColumn("{task.completed}/{task.total} loss {task.fields[loss]}"),
-                  TimeRemainingColumn(), transient=False, disable=not os.isatty(1)) as bar:
+                  TimeRemainingColumn(), transient=False, disable=not tty) as bar:
         task = bar.add_task(desc, total=spec.steps, completed=start, loss="-")
         for step in range(start, spec.steps):
             ts = time.perf_counter()
@@ -266,6 +281,10 @@ def train_kd(student: TailorForCausalLM, teacher: torch.nn.Module, data: torch.T
             point = {"step": step + 1, "loss": total / len(switches), "tokens_per_s": n_tok / (time.perf_counter() - ts)}
             result.curve.append(point)
             bar.update(task, advance=1, loss=f"{point['loss']:.4f}")
+            if not tty and rank == 0 and (time.perf_counter() >= quiet_until or step + 1 == spec.steps):
+                quiet_until = time.perf_counter() + PROGRESS_S
+                print(progress_line(desc, step + 1, spec.steps, start, point["loss"], time.perf_counter() - t0,
+                                    result.tokens), flush=True)
             if ckpt_dir and ((step + 1) % spec.ckpt_every == 0 or step + 1 == spec.steps):
                 # ranks hold identical weights (or, under FSDP, gather them whole): one writes, all resume from it
                 weights, opt_full = ((tfsdp.full_state(model), tfsdp.full_optim_state(opt)) if fsdp

@@ -83,3 +83,18 @@ def test_checkpoint_dir_keeps_one_configuration(tmp_path):
     b = checkpoint_dir(tmp_path, "config-b")
     assert a != b and not a.exists()
     assert checkpoint_dir(tmp_path, "config-b") == b
+
+
+def test_progress_lines_without_a_terminal(monkeypatch, capsys):
+    """Nightly runs and detached jobs have no terminal, so no progress bar: a plain line every
+    PROGRESS_S seconds (here every step) and one at the end, with the step, loss, rate and time left."""
+    import tailor.train as tt
+
+    monkeypatch.setattr(tt, "PROGRESS_S", 0.0)
+    monkeypatch.setattr(tt.os, "isatty", lambda fd: False)
+    _, res = _run(3, None)
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("train: step")]
+    assert [ln.split()[2] for ln in lines] == ["1/3", "2/3", "3/3"]
+    assert f"loss {res.curve[-1]['loss']:.4f}" in lines[-1] and lines[-1].endswith("0.0 min left")
+    # the time left is this run's rate (10 steps since it resumed at 50, in 20 s) times the 40 steps left
+    assert tt.progress_line("ft", 60, 100, 50, 0.5, 20.0, 1000) == "ft: step 60/100 loss 0.5000 50 tok/s, 1.3 min left"
