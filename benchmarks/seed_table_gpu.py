@@ -293,7 +293,7 @@ def wait(out: Path, timeout: float, every: float = 30.0) -> bool:
             done = [r for r in job["rows"] if (d / slug(r) / "meta.json").is_file()]
             up = alive(spec["pids"][str(i)])
             log = (d / "log").read_text(errors="replace").replace("\r", "\n").strip().splitlines() if (d / "log").is_file() else []
-            # train_kd's progress bar does not reach a file: the newest checkpoint says how far a job is
+            # the last log line: train_kd's plain progress line (every 60 s without a terminal); the newest checkpoint too
             steps = sorted(p.name for p in d.glob("*/ckpt*/step-*"))
             lines.append(f"job{i} gpu{job['gpu']} {job['schedule']}-{job['lr']:.0e} {len(done)}/{len(job['rows'])} "
                          f"{'running' if up else 'exited'}{' ' + steps[-1] if steps else ''} | {log[-1][-110:] if log else ''}")
