@@ -406,6 +406,17 @@ class Search:
         (self.work / "jobs" / "jobs.json").write_text(json.dumps({"jobs": self.jobs, "pids": self.pids}))
         self.mark(f"fine-tune {rid} started (pid {pid})")
 
+    def free_search_memory(self) -> None:
+        import gc
+
+        import torch
+
+        del self.model, self.teacher, self.t_val, self.tables
+        gc.collect()
+        torch.cuda.empty_cache()
+        if torch.cuda.is_available():
+            self.mark(f"search's GPU memory freed: {torch.cuda.memory_allocated() / 1e9:.1f} GB still allocated")
+
     def ft_steps(self, rid: str) -> int:
         """Fine-tune steps of row `rid`: --ft-steps or the profile's, twice that for a "+2x" variant."""
         n = self.args.ft_steps or self.params.finetune.steps
@@ -434,6 +445,24 @@ class Search:
         self.setup(base, data)
         self.mark("setup")
         plan = rows_plan(self.args.profile == "tiny", self.args.rows)
+        if self.args.configs:  # an earlier search's subnets: no supernet, no search, the fine-tunes at once
+            self.res["rows"] = json.loads(self.args.configs.read_text())["rows"]
+            self.res["configs_from"] = str(self.args.configs)
+            cfgs = {}
+            for row in plan:
+                src = self.res["rows"].get(row.get("of", row["id"]), {})
+                if row["kind"] == "uniform":
+                    cfgs[row["id"]] = SubnetConfig.uniform(self.space.arch, "IQ4_NL", embed_bits=EMBED_BITS)
+                elif "config" in src:
+                    cfgs[row["id"]] = SubnetConfig.from_dict(src["config"])
+                else:
+                    raise SystemExit(f"kquant_gpu: --configs {self.args.configs}: no subnet for row {row['id']}")
+            self.free_search_memory()
+            for rid, cfg in cfgs.items():
+                self.start(rid, cfg, base, data)
+            self.res["done"] = True
+            self.save()
+            return
         for row in (r for r in plan if r["kind"] == "uniform"):
             self.start(row["id"], SubnetConfig.uniform(self.space.arch, "IQ4_NL", embed_bits=EMBED_BITS), base, data)
         self.res["supernet"] = self.supernet()
@@ -465,15 +494,7 @@ class Search:
             else:
                 self.start(rid, SubnetConfig.from_dict(res["config"]), base, data)
         if found:  # the search's own GPU memory (model, teacher, its logits) freed before the fine-tunes start
-            import gc
-
-            import torch
-
-            del self.model, self.teacher, self.t_val, self.tables
-            gc.collect()
-            torch.cuda.empty_cache()
-            if torch.cuda.is_available():
-                self.mark(f"search's GPU memory freed: {torch.cuda.memory_allocated() / 1e9:.1f} GB still allocated")
+            self.free_search_memory()
             for rid, cfg in found:
                 self.start(rid, cfg, base, data)
         self.res["done"] = True
@@ -751,6 +772,8 @@ def main() -> None:
     a.add_argument("--kd-chunk", type=int, default=0, help="tokens per chunk of the KD loss (0: whole batch)")
     a.add_argument("--ft-lr", type=float, default=None, help="fine-tune peak learning rate instead of the full profile's")
     a.add_argument("--rows", nargs="*", default=None, help="rows by id instead of the default four (rows_plan)")
+    a.add_argument("--configs", type=Path, default=None,
+                   help="an earlier search.json: fine-tune its rows' subnets at once, no supernet or search")
     a.add_argument("--start-after-search", action="store_true",
                    help="start the fine-tunes once every row is searched and the search's GPU memory is freed")
     a.add_argument("--ft-eager", action="store_true", help="fine-tunes without torch.compile (finetune --eager)")
