@@ -94,8 +94,15 @@ class QLinear(nn.Linear):
         return (self.weight._version, self.qclip._version, self.active_out, self.active_in, self.bits, self.fmt,
                 w.device, w.dtype)
 
+    def sliced(self) -> torch.Tensor:
+        """The active prefix of the weight; the weight itself when the whole of it is active (a full-range
+        slice would still cost its backward a zero-filled copy of the whole gradient)."""
+        if (self.active_out, self.active_in) == (self.out_features, self.in_features):
+            return self.weight
+        return self.weight[: self.active_out, : self.active_in]
+
     def active_weight(self) -> torch.Tensor:
-        w = self.weight[: self.active_out, : self.active_in]
+        w = self.sliced()
         if self.bits == 16:
             return w
         if self.trains_quant():
@@ -156,8 +163,14 @@ def grouped_weights(linears: list[QLinear]):
             groups.setdefault((q.fmt, q.bits), []).append(q)
     try:
         for (fmt, bits), qs in groups.items():
-            ws = [q.weight[: q.active_out, : q.active_in] for q in qs]
-            for q, w, wq in zip(qs, ws, fake_quant_group(ws, bits, fmt, [q.gamma() for q in qs])):
+            ws = [q.sliced() for q in qs]
+            dev = ws[0].device.type
+            # under autocast F.linear would cast each weight alone: cast the group once (same rounding)
+            dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
+            # the clips as one gather from the stacked tables: per matrix, its gradient lands without
+            # the zero-filled copies two selects of its own table would cost
+            gammas = torch.stack([q.qclip for q in qs])[:, FMT_INDEX[fmt], clip_slot(fmt, bits)]
+            for q, w, wq in zip(qs, ws, fake_quant_group(ws, bits, fmt, gammas, dtype)):
                 q._pre = (q._key(w), wq)
         yield
     finally:

@@ -104,8 +104,8 @@ def fake_quant(w: torch.Tensor, bits: Choice, fmt: str, gamma: torch.Tensor | No
     return _fake_quant(w, bits, fmt, gamma)
 
 
-def fake_quant_group(ws: list[torch.Tensor], bits: Choice, fmt: str,
-                     gammas: list[torch.Tensor]) -> list[torch.Tensor]:
+def fake_quant_group(ws: list[torch.Tensor], bits: Choice, fmt: str, gammas: list[torch.Tensor] | torch.Tensor,
+                     dtype: torch.dtype | None = None) -> list[torch.Tensor]:
     """`[fake_quant(w, bits, fmt, g) for w, g in zip(ws, gammas)]` in one quantizer call: equal bit for bit,
     gradients included.
 
@@ -118,7 +118,9 @@ def fake_quant_group(ws: list[torch.Tensor], bits: Choice, fmt: str,
     fusion as in torch._foreach_*; the stacking costs one copy of the weights.
 
     ws: [out_i, in_i] weights (slices are fine), every in_i a whole number of blocks of `bits`; gammas:
-    each matrix's clipping factor (a 0-d tensor: learned clipping, as `QLinear.gamma`). Returns tensors
+    each matrix's clipping factor (0-d tensors: learned clipping, as `QLinear.gamma`), or all of them as
+    one [len(ws)] tensor (fewer gradient kernels: one expansion to the blocks); dtype: cast the
+    results to it in one kernel (autocast's bf16: what F.linear would cast each matrix to). Returns tensors
     of the ws' shapes. ValueError if a width is not whole blocks, or bits is 16."""
     if bits == 16:
         raise ValueError("fake_quant_group: 16 bits is no quantization (use the weights)")
@@ -130,9 +132,15 @@ def fake_quant_group(ws: list[torch.Tensor], bits: Choice, fmt: str,
             raise ValueError(f"{fmt} {bits!r}: {w.shape[-1]} columns are not whole {blk}-element blocks")
     rows = [w.numel() // blk for w in ws]
     stacked = torch.cat([w.reshape(n, blk) for w, n in zip(ws, rows)])
-    g = torch.cat([gm.reshape(1).expand(n) for gm, n in zip(gammas, rows)]).reshape(-1, 1, 1)
+    gvec = gammas if isinstance(gammas, torch.Tensor) else torch.stack(list(gammas))
+    counts = torch.tensor(rows)
+    if gvec.is_cuda:  # from pinned memory: a pageable copy would wait for the GPU's queue (a host sync)
+        counts = counts.pin_memory().to(gvec.device, non_blocking=True)
+    g = torch.repeat_interleave(gvec.reshape(-1), counts, output_size=stacked.shape[0]).reshape(-1, 1, 1)
     fq = _compiled if _compiled is not None and stacked.is_cuda else _fake_quant
     out = fq(stacked, bits, fmt, g)
+    if dtype is not None:
+        out = out.to(dtype)
     return [o.reshape(w.shape) for o, w in zip(out.split(rows), ws)]
 
 

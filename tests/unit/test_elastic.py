@@ -146,12 +146,14 @@ def test_bake_clip_keeps_outputs_and_bakes_a_trained_embedding_clip():
     torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("fmt", ["gguf", "onnx"])
-def test_grouped_quantization_trains_the_same_subnet(fmt, monkeypatch):
+@pytest.mark.parametrize("fmt,amp", [("gguf", False), ("onnx", False), ("gguf", True)])
+def test_grouped_quantization_trains_the_same_subnet(fmt, amp, monkeypatch):
     """A training forward with the layers' weights quantized in one call per grid (`grouped_quant`, the
     default on CUDA) computes the per-matrix forward's logits and weight gradients bit for bit (clips up
-    to summation order), in a subnet that mixes bit-widths, slices and a dropped layer; the stacked
-    weights do not outlive the forward."""
+    to summation order), in a subnet that mixes bit-widths, slices and a dropped layer, also under bf16
+    autocast (there the group is cast once); the stacked weights do not outlive the forward."""
+    import contextlib
+
     from tailor.quant import fake
 
     gen = torch.Generator().manual_seed(5)
@@ -168,7 +170,8 @@ def test_grouped_quantization_trains_the_same_subnet(fmt, monkeypatch):
         model.grouped_quant = grouped
         set_active(model, cfg, fmt)
         model.train()
-        logits = model(IDS).logits
+        with torch.autocast("cpu", dtype=torch.bfloat16) if amp else contextlib.nullcontext():
+            logits = model(IDS).logits
         logits.square().mean().backward()
         assert all(q._pre is None for q in model.modules() if isinstance(q, QLinear))
         return logits, {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
