@@ -122,7 +122,8 @@ def k_params(profile: str, ft_steps: int | None = None, kd_chunk: int = 0, ft_lr
 
 
 VARIANTS = {"emb": "QAT trains the tied embedding too (finetune.train_embeddings)",
-            "2x": "twice the fine-tune steps (and tokens), the same schedule stretched"}
+            "2x": "twice the fine-tune steps (and tokens), the same schedule stretched",
+            "sn": "the fine-tune starts from the trained supernet's weights (as steps/finetune.py), not the base's"}
 
 
 def rows_plan(tiny: bool, ids: list[str] | None = None) -> list[dict]:
@@ -371,8 +372,17 @@ class Search:
             return {"infeasible": tried, "sensitivity_s": round(t_mip - t, 1)}
         cfg = best.config
         bpp_file = 8 * (best.nbytes + self.overhead) / self.n_params
+        # where its fine-tune could start: the subnet cut from the permuted base (this script's rows) or from
+        # the trained supernet (the pipeline's finetune stage, a "+sn" row); the validation KL of each
+        from tailor.distill import mean_kl
+        from tailor.elastic.supernet import export_active
+
+        start_kl = {w: mean_kl(export_active(m, cfg, "gguf"), self.val, self.t_val)
+                    for w, m in (("base", self.teacher), ("supernet", self.model))}
+        set_max(self.model)
         return {"budget_bytes": budget, "file_bpp_predicted": round(bpp_file, 4), "infeasible": tried,
                 "weight_bytes": best.nbytes, "search_kl": best.kl, "predicted_kl": table.predict(cfg),
+                "kl_before_from": start_kl,
                 "kept_layers": len(cfg.kept), "kv_groups": [lc.kv_groups for lc in cfg.layers if lc.keep],
                 "ffn": [lc.ffn for lc in cfg.layers if lc.keep],
                 "types": bq._hist([str(b) for lc in cfg.layers if lc.keep for b in lc.bits.values()]),
@@ -390,7 +400,8 @@ class Search:
                "--base", str(base), "--data", str(data), "--importance", str(self.work / "importance.safetensors"),
                "--profile", self.args.profile, "--kd-chunk", str(self.args.kd_chunk)] \
             + (["--steps", str(self.ft_steps(rid))] if self.args.ft_steps or "+2x" in rid else []) \
-            + (["--train-embeddings"] if "+emb" in rid else []) \
+            + (["--train-embeddings"] if "emb" in rid.split("+")[1:] else []) \
+            + (["--from-supernet", str(self.work / "supernet.safetensors")] if "sn" in rid.split("+")[1:] else []) \
             + (["--lr", str(self.args.ft_lr)] if getattr(self.args, "ft_lr", None) else []) \
             + (["--eager"] if self.args.ft_eager else []) + (["--checkpointing"] if self.args.ft_checkpointing else [])
         k = len(self.jobs)
@@ -405,6 +416,13 @@ class Search:
         # seed_table_gpu.wait reads this layout: jobs.json {"jobs", "pids"} and job<i>/<row>/meta.json
         (self.work / "jobs" / "jobs.json").write_text(json.dumps({"jobs": self.jobs, "pids": self.pids}))
         self.mark(f"fine-tune {rid} started (pid {pid})")
+
+    def save_supernet(self) -> None:
+        """The trained supernet's weights (importance-permuted, clips included), for "+sn" fine-tunes."""
+        from tailor.models.base import save_state
+
+        save_state({k: v.detach().cpu() for k, v in self.model.state_dict().items() if k != "lm_head.weight"},
+                   self.work / "supernet.safetensors")
 
     def free_search_memory(self) -> None:
         import gc
@@ -448,6 +466,8 @@ class Search:
         if self.args.configs:  # an earlier search's subnets: no supernet, no search, the fine-tunes at once
             self.res["rows"] = json.loads(self.args.configs.read_text())["rows"]
             self.res["configs_from"] = str(self.args.configs)
+            if any("sn" in row.get("variants", []) for row in plan):
+                raise SystemExit("kquant_gpu: --configs trains no supernet, so a +sn row has no weights to start from")
             cfgs = {}
             for row in plan:
                 src = self.res["rows"].get(row.get("of", row["id"]), {})
@@ -466,6 +486,7 @@ class Search:
         for row in (r for r in plan if r["kind"] == "uniform"):
             self.start(row["id"], SubnetConfig.uniform(self.space.arch, "IQ4_NL", embed_bits=EMBED_BITS), base, data)
         self.res["supernet"] = self.supernet()
+        self.save_supernet()
         self.mark("supernet")
         found = []
         for row in (r for r in plan if r["kind"] != "uniform"):
@@ -549,9 +570,17 @@ def finetune(args) -> None:
     except Exception:  # noqa: BLE001 (another transformers version: the GGUF's vocabulary comes from the template)
         tok = None
     importance.permute_(model, sg.load_importance(args.importance))
+    teacher = copy.deepcopy(model)  # the permuted base, whichever weights the student starts from
+    if args.from_supernet:  # a "+sn" row: the trained supernet's weights, as the pipeline's finetune stage
+        from safetensors.torch import load_file as _load
+
+        missing, unexpected = model.load_state_dict(_load(args.from_supernet), strict=False)
+        if [k for k in missing if k != "lm_head.weight"] or unexpected:
+            raise SystemExit(f"kquant_gpu finetune: {args.from_supernet}: not this model's supernet")
+        model.tie_weights()
     cfg = SubnetConfig.from_json((args.job / "config.json").read_text())
     student = export_active(model, cfg, "gguf").to(dev)
-    teacher = model.to(dev).requires_grad_(False).eval()
+    teacher = teacher.to(dev).requires_grad_(False).eval()
     seq = 64 if args.profile == "tiny" else None
     train = load_file(args.data / "train.safetensors")["input_ids"][:, :seq]
     val = load_file(args.data / "val.safetensors")["input_ids"][:, :seq][: p.search.val_seqs]
@@ -790,6 +819,7 @@ def main() -> None:
     a.add_argument("--steps", type=int, default=None)
     a.add_argument("--lr", type=float, default=None)
     a.add_argument("--train-embeddings", action="store_true", help="QAT trains the tied embedding too (a +emb row)")
+    a.add_argument("--from-supernet", type=Path, default=None, help="start from these supernet weights (a +sn row)")
     a.add_argument("--kd-chunk", type=int, default=0)
     a.add_argument("--eager", action="store_true", help="no torch.compile (on Qwen2.5-0.5B's shapes Inductor hung in "
                    "sympy for minutes, then segfaulted)")

@@ -355,3 +355,41 @@ def test_disable_compile_returns_the_quantizer_and_kd_loss_to_eager():
     finally:
         accel.disable_compile()
     assert (fake._compiled, distill._compiled, distill._kd_chunk_compiled) == (None, None, None)
+
+
+def test_row_variants_reuse_their_base_rows_subnet_and_change_only_the_recipe(tmp_path, monkeypatch):
+    """`tailor-k@4.0+emb+2x` is issue 19's lever on the subnet `tailor-k@4.0` found: its fine-tune gets the
+    embedding QAT flag and twice the steps; `+sn` starts from the saved supernet; unknown variants and a
+    variant whose base row is absent are refused by name."""
+    import argparse
+
+    plan = kg.rows_plan(False, ["tailor-k@4.0", "tailor-k@4.0+emb+2x", "tailor-k@4.0+sn"])
+    assert [(r["kind"], r.get("of"), r.get("variants")) for r in plan] == [
+        ("joint", None, None), ("variant", "tailor-k@4.0", ["emb", "2x"]), ("variant", "tailor-k@4.0", ["sn"])]
+    with pytest.raises(SystemExit, match="'fast'"):
+        kg.rows_plan(False, ["tailor-k@4.0+fast"])
+    started = []
+
+    class FakePopen:
+        def __init__(self, cmd, **kw):
+            self.pid = 1000 + len(started)
+            started.append(cmd)
+
+    monkeypatch.setattr(kg.subprocess, "Popen", FakePopen)
+    monkeypatch.setattr(kg.Search, "repo_copy", lambda self: ROOT)
+    args = argparse.Namespace(profile="tiny", ft_steps=None, kd_chunk=0, overhead=0, dest=tmp_path, out=tmp_path,
+                              ft_eager=True, ft_checkpointing=False, max_jobs=0, ft_lr=None)
+    s = kg.Search(args)
+    from tailor.arch import SubnetConfig
+    from tailor.elastic.supernet import arch_of
+
+    cfg = SubnetConfig.max(arch_of(tiny_model()))
+    for rid in ("tailor-k@4.0", "tailor-k@4.0+emb+2x", "tailor-k@4.0+sn"):
+        s.start(rid, cfg, tmp_path, tmp_path)
+    steps = s.params.finetune.steps
+    plain, varied, from_sn = started
+    assert "--steps" not in plain and "--train-embeddings" not in plain and "--from-supernet" not in plain
+    assert varied[varied.index("--steps") + 1] == str(2 * steps) and "--train-embeddings" in varied
+    assert from_sn[from_sn.index("--from-supernet") + 1].endswith("supernet.safetensors") and "--steps" not in from_sn
+    k = kg.k_params("tiny", None, 0, None, True)
+    assert k.finetune.train_embeddings and not kg.k_params("tiny").finetune.train_embeddings
