@@ -35,8 +35,8 @@ LEVERS = [
 ]
 NOT_MEASURED = [
     "QAT of the tied embedding (`finetune.train_embeddings`; `seed_table_gpu.py --train-embeddings` exists, never run)",
-    "the search's decisions from the full profile's supernet instead of a short one (session 11's K-grid supernet "
-    "ran 60 sandwich steps)",
+    "the search's decisions from a longer-trained supernet, fine-tuned (session 14 searched on a 331-step K-grid "
+    "supernet, 5.5x session 11's, but lost the fine-tunes: only each subnet's KL before fine-tuning is measured, above)",
     "more fine-tune tokens for the rows that cut structure (every row so far: 1,000 x 32 x 512 = 16.4 M tokens)",
     "distillation data covering what PIQA and BoolQ ask (the calibrate corpora)",
 ]
@@ -46,7 +46,18 @@ TARGETS = {"<= 4.0": {"wiki": 0.03, "passages": 0.03, "piqa": 0.98}, "<= 3.0": {
 def load(bench: Path = BENCH) -> dict[str, Any]:
     seed = json.loads((bench / "seed_table_gpu.json").read_text())
     k = json.loads((bench / "kquant_table.json").read_text())
-    return {"seed": seed, "k": k}
+    s14 = bench / "kquant_gpu_s14.json"
+    return {"seed": seed, "k": k, "pre": json.loads(s14.read_text()).get("kl_before_cpu") if s14.is_file() else None}
+
+
+def pre_finetune(src: dict[str, Any]) -> list[dict[str, Any]]:
+    """Levers measured only on the validation KL before fine-tuning (the issue's first check, not a row):
+    each budget's subnet from session 11's search beside session 14's, both cut from the permuted base."""
+    pre = src.get("pre") or {}
+    return [{"budget": f"<= {rid.split('@')[1]}", "lever": "search on a 331-step K-grid supernet instead of a 60-step one (14)",
+             "before": v["s11_search_60_step_supernet"], "after": v["s14_search_331_step_supernet"],
+             "verdict": "better" if v["s14_search_331_step_supernet"] < v["s11_search_60_step_supernet"] else "worse"}
+            for rid, v in pre.items() if rid.startswith("tailor-k@")]
 
 
 def metrics(src: dict[str, Any], ref: tuple) -> dict[str, Any]:
@@ -157,6 +168,11 @@ def fmt_md(res: dict[str, Any]) -> str:
         gap = "-" if t["gap"] is None else (f"{t['gap']:.3f}" if "PIQA" in t["target"] else f"{t['gap']:+.1%}")
         lines.append(f"| {t['budget']} | {t['target']} | {t['row']} | {got} | {'yes' if t['met'] else 'no' if t['met'] is False else '-'} "
                      f"| {gap} |")
+    if res.get("pre_finetune"):
+        lines += ["", "## Measured before fine-tuning only (validation KL of the subnet cut from the base; not a row)", "",
+                  "| budget | lever (session) | KL before -> after | verdict |", "|---|---|---|---|"]
+        lines += [f"| {r['budget']} | {r['lever']} | {r['before']:.3f} -> {r['after']:.3f} | {r['verdict']} |"
+                  for r in res["pre_finetune"]]
     lines += ["", "## Not measured yet", ""] + [f"- {x}" for x in res["not_measured"]]
     return "\n".join(lines) + "\n"
 
@@ -168,8 +184,9 @@ def main() -> None:
     a = ap.parse_args()
     src = load(Path(a.bench))
     rows = ablation(src)
-    res = {"sources": ["seed_table_gpu.json", "kquant_table.json"], "base": base(src), "ablation": rows,
-           "targets": targets(src, rows), "not_measured": NOT_MEASURED}
+    res = {"sources": ["seed_table_gpu.json", "kquant_table.json"] + (["kquant_gpu_s14.json"] if src.get("pre") else []),
+           "base": base(src), "ablation": rows,
+           "targets": targets(src, rows), "pre_finetune": pre_finetune(src), "not_measured": NOT_MEASURED}
     out = Path(a.out)
     out.write_text(json.dumps(res, indent=1))
     out.with_suffix(".md").write_text(fmt_md(res))

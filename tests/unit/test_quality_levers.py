@@ -55,3 +55,12 @@ def test_a_lever_whose_after_row_is_worse_everywhere_says_so_and_a_missing_row_i
     src["k"]["rows"] = [r for r in src["k"]["rows"] if r["id"] != "tailor-k@3.0"]
     with pytest.raises(KeyError, match="tailor-k@3.0"):
         ql.ablation(src)
+
+
+def test_pre_finetune_levers_compare_the_kl_each_subnet_starts_from():
+    pre = {"tailor-k@4.0": {"s11_search_60_step_supernet": 0.8, "s14_search_331_step_supernet": 0.7},
+           "tailor-k@3.0": {"s11_search_60_step_supernet": 1.9, "s14_search_331_step_supernet": 2.1}, "what": "..."}
+    rows = ql.pre_finetune({"pre": pre})
+    assert [(r["budget"], r["before"], r["after"], r["verdict"]) for r in rows] == [
+        ("<= 4.0", 0.8, 0.7, "better"), ("<= 3.0", 1.9, 2.1, "worse")]
+    assert ql.pre_finetune({"pre": None}) == []
