@@ -49,6 +49,18 @@ most, `--max-jobs 2` queues a third). Then `wait`, `collect` (metas only), here 
 --model smollm2-135m --calib .bwq/calibrate_full`, `stage-gguf` of each part into /tmp/kqg, then `search --gguf
 /tmp/kqg/model.gguf --data /tmp/kqg/kqdata --dest /tmp/kqg --profile tiny` (after copying a staged site/ there).
 
+Issue 19's levers as row variants (`--rows tailor-k@4.0 tailor-k@4.0+emb+2x ...`, VARIANTS): a `+` suffix
+fine-tunes the subnet its base row found by another recipe: `+emb` QAT of the tied embedding, `+2x` twice the
+steps, `+sn` from the trained supernet's weights (saved as kq/supernet.safetensors) instead of the base's. Each
+searched row records `kl_before_from` {base, supernet}: where a fine-tune would start. `--configs <search.json>`
+fine-tunes an earlier search's subnets at once (no supernet, no search; not with `+sn`).
+
+What session 14 learnt on the H200 (reports/bench/kquant_gpu_s14.json): with the grouped quantizer the K-grid
+supernet runs 331 steps in 300 s (0.91 s a step; session 11: 60 in 240 s). One fine-tune alone, eager, takes
+0.47 s a step (35 k tokens/s: 1000 steps in ~8 min); four compiled fine-tunes started at once had not reached
+step 250 after 8.5 min. Plan a row's fine-tune at ~8 min alone, eager (`--ft-eager`), at most two at once, and
+read `wait`'s last log line (train_kd prints a progress line every 60 s without a terminal).
+
 A CPU check at toy size (SmolLM2 sliced to 2 layers, a few steps) runs every step:
     python benchmarks/blockwise_quality.py stage --src .bwq/a --dest /tmp/kqt && \\
     python benchmarks/kquant_gpu.py search --src .bwq/b --dest /tmp/kqt --out /tmp/kqt/out --profile tiny
