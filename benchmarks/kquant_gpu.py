@@ -58,8 +58,9 @@ fine-tunes an earlier search's subnets at once (no supernet, no search; not with
 What session 14 learnt on the H200 (reports/bench/kquant_gpu_s14.json): with the grouped quantizer the K-grid
 supernet runs 331 steps in 300 s (0.91 s a step; session 11: 60 in 240 s). One fine-tune alone, eager, takes
 0.47 s a step (35 k tokens/s: 1000 steps in ~8 min); four compiled fine-tunes started at once had not reached
-step 250 after 8.5 min. Plan a row's fine-tune at ~8 min alone, eager (`--ft-eager`), at most two at once, and
-read `wait`'s last log line (train_kd prints a progress line every 60 s without a terminal).
+step 250 after 8.5 min. Plan a row's fine-tune at ~8 min alone, eager (`--ft-eager`); two at once is untested
+(the GPU was idle half of a launch-bound step, so two may share it well); read `wait`'s last log line (train_kd
+prints a progress line every 60 s without a terminal).
 
 A CPU check at toy size (SmolLM2 sliced to 2 layers, a few steps) runs every step:
     python benchmarks/blockwise_quality.py stage --src .bwq/a --dest /tmp/kqt && \\
