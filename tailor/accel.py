@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 from tailor import distill
+from tailor.models import model
 from tailor.quant import fake
 
 
 def enable_compile() -> None:
-    """torch.compile the paths made of many small kernels: the per-matrix quantizer and the KD loss.
-    The decoder blocks stay eager: elastic widths and per-matrix bit-widths would recompile them for
-    nearly every sampled subnet."""
+    """torch.compile the paths made of many small kernels: the quantizer, the KD loss, and the blocks'
+    elementwise chains (norms, RoPE, SwiGLU; training only). Whole decoder blocks stay eager: elastic widths
+    and per-matrix bit-widths would recompile them for nearly every sampled subnet."""
     import torch._dynamo
 
     # One quantizer graph per (grid, bit-width) and a few shape regimes: Dynamo's default limit of 8
@@ -16,6 +17,7 @@ def enable_compile() -> None:
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     fake.enable_compile()
     distill.enable_compile()
+    model.enable_compile()
 
 
 def disable_compile() -> None:
@@ -23,3 +25,4 @@ def disable_compile() -> None:
     caller that falls back to eager training calls this first)."""
     fake._compiled = None
     distill._compiled = distill._kd_chunk_compiled = None
+    model.disable_compile()

@@ -179,6 +179,43 @@ def grouped_weights(linears: list[QLinear]):
                 q._pre = None
 
 
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    dtype = x.dtype
+    x = x.float()
+    x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x.to(dtype)
+
+
+def _rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+
+
+def _swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return F.silu(gate) * up
+
+
+# A block's elementwise chains (norms, RoPE, SwiGLU: ~25 small kernels a layer and pass, forward and backward),
+# fused by torch.compile for CUDA training (`enable_compile`, through tailor.accel): a small model's supernet
+# step is bound by kernel launches. Inference stays eager, so what evaluate and export see never changes.
+_fused: dict[str, Any] = {}
+
+
+def _chain(name: str, eager: Any, x: torch.Tensor) -> Any:
+    f = _fused.get(name)
+    return f if f is not None and x.is_cuda and torch.is_grad_enabled() else eager
+
+
+def enable_compile() -> None:
+    """Compile the blocks' elementwise chains (dynamic shapes: one graph across elastic widths)."""
+    for name, fn in (("rms_norm", _rms_norm), ("rope", _rope), ("swiglu", _swiglu)):
+        if name not in _fused:
+            _fused[name] = torch.compile(fn, dynamic=True)
+
+
+def disable_compile() -> None:
+    _fused.clear()
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -186,10 +223,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        return _chain("rms_norm", _rms_norm, x)(x, self.weight, self.eps)
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None = None) -> torch.Tensor:
@@ -252,8 +286,7 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(B, T, nq, hd).transpose(1, 2)  # (B, nq, T, hd)
         k = self.k_proj(x).view(B, T, nkv, hd).transpose(1, 2)  # (B, nkv, T, hd)
         v = self.v_proj(x).view(B, T, nkv, hd).transpose(1, 2)
-        q = q * cos + _rotate_half(q) * sin
-        k = k * cos + _rotate_half(k) * sin
+        q, k = _chain("rope", _rope, q)(q, k, cos, sin)
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)  # (B, nq, T, hd)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, nq * hd))
 
@@ -270,7 +303,8 @@ class MLP(nn.Module):
         self.gate_proj.active_out = self.up_proj.active_out = self.down_proj.active_in = ffn
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate = self.gate_proj(x)
+        return self.down_proj(_chain("swiglu", _swiglu, gate)(gate, self.up_proj(x)))
 
 
 class Block(nn.Module):

@@ -39,3 +39,35 @@ def test_save_and_from_pretrained_roundtrip(tmp_path):
     ids = torch.randint(0, model.config.vocab_size, (1, 9))
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids).logits, model(ids).logits)
+
+
+def test_enable_compile_compiles_the_blocks_elementwise_chains_for_cuda_training_only(monkeypatch):
+    """accel.enable_compile also compiles RMSNorm, RoPE and SwiGLU (dynamic shapes, once each); they serve
+    only training forwards on CUDA, so inference and every CPU forward stay the eager code."""
+    import tailor.models.model as mm
+    from tailor import accel
+
+    calls = []
+
+    def compile_(fn, **kw):
+        calls.append((fn.__name__, kw))
+        return lambda *a: ("compiled", fn.__name__)
+
+    monkeypatch.setattr(mm, "_fused", {})
+    monkeypatch.setattr(torch, "compile", compile_)
+    mm.enable_compile()
+    mm.enable_compile()
+    assert calls == [("_rms_norm", {"dynamic": True}), ("_rope", {"dynamic": True}), ("_swiglu", {"dynamic": True})]
+    x = torch.ones(2, 4)
+
+    class Cuda:  # what _chain reads of a CUDA tensor
+        is_cuda = True
+
+    assert mm._chain("rope", mm._rope, x) is mm._rope  # a CPU tensor: eager
+    assert mm._chain("rope", mm._rope, Cuda())(0) == ("compiled", "_rope")
+    with torch.no_grad():
+        assert mm._chain("rope", mm._rope, Cuda()) is mm._rope  # inference: eager
+    monkeypatch.setattr(accel.fake, "_compiled", None)
+    monkeypatch.setattr(accel.distill, "_compiled", None)
+    accel.disable_compile()
+    assert mm._fused == {}
