@@ -415,7 +415,9 @@ class TailorForCausalLM(PreTrainedModel, GenerationMixin):
         ckpt = getattr(self, "activation_checkpointing", False) and torch.is_grad_enabled()
         active = [block for block in self.model.layers if block.active]
         g = getattr(self, "grouped_quant", None)
-        group = torch.is_grad_enabled() and (g or (g is None and x.is_cuda))
+        # not under checkpointing: its recompute in backward quantizes per matrix, and must save what the
+        # forward saved
+        group = torch.is_grad_enabled() and (g or (g is None and x.is_cuda)) and not ckpt
         with grouped_weights([q for b in active for q in b.modules() if isinstance(q, QLinear)] if group else []):
             for block in active:
                 x = checkpoint(block, x, cos, sin, use_reentrant=False) if ckpt else block(x, cos, sin)

@@ -188,3 +188,23 @@ def test_grouped_quantization_trains_the_same_subnet(fmt, amp, monkeypatch):
     calls.clear()
     run(None)  # the default on a CPU: each matrix alone (stacking leaves the caches there)
     assert calls == []
+
+
+def test_grouped_quantization_steps_aside_under_activation_checkpointing():
+    """Checkpointing recomputes a block in backward and checks that it saves what the forward saved; the
+    recompute quantizes per matrix, so the forward must too: with `grouped_quant` on and checkpointing,
+    training runs and equals the per-matrix model exactly."""
+    gen = torch.Generator().manual_seed(3)
+    cfg = _space(tiny_model(n_layers=4)).sample(gen)
+
+    def run(grouped):
+        model = tiny_model(n_layers=4)
+        model.grouped_quant, model.activation_checkpointing = grouped, True
+        set_active(model, cfg, "gguf")
+        model.train()
+        logits = model(IDS).logits
+        logits.square().mean().backward()
+        return logits, {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+    (ref, ref_g), (got, got_g) = run(False), run(True)
+    assert torch.equal(got, ref) and all(torch.equal(got_g[n], ref_g[n]) for n in ref_g)
