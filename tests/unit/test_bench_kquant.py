@@ -274,8 +274,13 @@ def test_running_sees_a_finished_child_as_ended_even_unreaped():
         done.wait()
 
 
-def test_max_jobs_queues_each_later_row_behind_the_job_that_many_back(tmp_path, monkeypatch):
+def _start_rows(tmp_path, monkeypatch, rids, **args) -> tuple[kg.Search, list[list[str]]]:
+    """Search.start for each row id on a tiny subnet, its fine-tune processes faked: (the search, each
+    started command line; pids 1000, 1001, ...)."""
     import argparse
+
+    from tailor.arch import SubnetConfig
+    from tailor.elastic.supernet import arch_of
 
     started = []
 
@@ -286,15 +291,17 @@ def test_max_jobs_queues_each_later_row_behind_the_job_that_many_back(tmp_path, 
 
     monkeypatch.setattr(kg.subprocess, "Popen", FakePopen)
     monkeypatch.setattr(kg.Search, "repo_copy", lambda self: ROOT)
-    args = argparse.Namespace(profile="tiny", ft_steps=None, kd_chunk=0, overhead=0, dest=tmp_path, out=tmp_path,
-                              ft_eager=True, ft_checkpointing=False, max_jobs=2, ft_lr=5e-5)
-    s = kg.Search(args)
-    from tailor.arch import SubnetConfig
-    from tailor.elastic.supernet import arch_of
-
+    s = kg.Search(argparse.Namespace(**{**dict(profile="tiny", ft_steps=None, kd_chunk=0, overhead=0, dest=tmp_path,
+                                                out=tmp_path, ft_eager=True, ft_checkpointing=False, max_jobs=0,
+                                                ft_lr=None), **args}))
     cfg = SubnetConfig.max(arch_of(tiny_model()))
-    for rid in ("a", "b", "c", "d"):
+    for rid in rids:
         s.start(rid, cfg, tmp_path, tmp_path)
+    return s, started
+
+
+def test_max_jobs_queues_each_later_row_behind_the_job_that_many_back(tmp_path, monkeypatch):
+    _, started = _start_rows(tmp_path, monkeypatch, ("a", "b", "c", "d"), max_jobs=2, ft_lr=5e-5)
     after = [c[c.index("--after") + 1] if "--after" in c else None for c in started]
     assert after == [None, None, "1000", "1001"]
     assert all("--eager" in c and "--checkpointing" not in c for c in started)
@@ -359,33 +366,14 @@ def test_disable_compile_returns_the_quantizer_and_kd_loss_to_eager():
 
 def test_row_variants_reuse_their_base_rows_subnet_and_change_only_the_recipe(tmp_path, monkeypatch):
     """`tailor-k@4.0+emb+2x` is issue 19's lever on the subnet `tailor-k@4.0` found: its fine-tune gets the
-    embedding QAT flag and twice the steps; `+sn` starts from the saved supernet; unknown variants and a
-    variant whose base row is absent are refused by name."""
-    import argparse
-
+    embedding QAT flag and twice the steps; `+sn` starts from the saved supernet; an unknown variant is
+    refused by name."""
     plan = kg.rows_plan(False, ["tailor-k@4.0", "tailor-k@4.0+emb+2x", "tailor-k@4.0+sn"])
     assert [(r["kind"], r.get("of"), r.get("variants")) for r in plan] == [
         ("joint", None, None), ("variant", "tailor-k@4.0", ["emb", "2x"]), ("variant", "tailor-k@4.0", ["sn"])]
     with pytest.raises(SystemExit, match="'fast'"):
         kg.rows_plan(False, ["tailor-k@4.0+fast"])
-    started = []
-
-    class FakePopen:
-        def __init__(self, cmd, **kw):
-            self.pid = 1000 + len(started)
-            started.append(cmd)
-
-    monkeypatch.setattr(kg.subprocess, "Popen", FakePopen)
-    monkeypatch.setattr(kg.Search, "repo_copy", lambda self: ROOT)
-    args = argparse.Namespace(profile="tiny", ft_steps=None, kd_chunk=0, overhead=0, dest=tmp_path, out=tmp_path,
-                              ft_eager=True, ft_checkpointing=False, max_jobs=0, ft_lr=None)
-    s = kg.Search(args)
-    from tailor.arch import SubnetConfig
-    from tailor.elastic.supernet import arch_of
-
-    cfg = SubnetConfig.max(arch_of(tiny_model()))
-    for rid in ("tailor-k@4.0", "tailor-k@4.0+emb+2x", "tailor-k@4.0+sn"):
-        s.start(rid, cfg, tmp_path, tmp_path)
+    s, started = _start_rows(tmp_path, monkeypatch, ("tailor-k@4.0", "tailor-k@4.0+emb+2x", "tailor-k@4.0+sn"))
     steps = s.params.finetune.steps
     plain, varied, from_sn = started
     assert "--steps" not in plain and "--train-embeddings" not in plain and "--from-supernet" not in plain
