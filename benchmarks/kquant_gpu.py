@@ -139,6 +139,11 @@ VARIANTS = {"emb": "QAT trains the tied embedding too (finetune.train_embeddings
             "sn": "the fine-tune starts from the trained supernet's weights (as steps/finetune.py), not the base's"}
 
 
+def variants_of(rid: str) -> list[str]:
+    """The recipe variants of row id `rid` ("tailor-k@4.0+emb+2x" -> ["emb", "2x"])."""
+    return rid.split("+")[1:]
+
+
 def rows_plan(tiny: bool, ids: list[str] | None = None) -> list[dict]:
     """Searched rows first (their fine-tunes start as each search ends), the uniform row started at once.
     `ids` picks rows by name instead of the default four: iq4nl-qat, tailor-k@<bpp> (joint), bits-k (the
@@ -148,7 +153,7 @@ def rows_plan(tiny: bool, ids: list[str] | None = None) -> list[dict]:
     if ids:
         plan = []
         for full_id in ids:
-            rid, *variants = full_id.split("+")
+            rid, variants = full_id.split("+")[0], variants_of(full_id)
             bad = [v for v in variants if v not in VARIANTS]
             if bad:
                 raise SystemExit(f"kquant_gpu: --rows {full_id}: unknown variant {'+'.join(bad)!r} "
@@ -412,9 +417,9 @@ class Search:
         cmd = [sys.executable, str(repo / "benchmarks" / "kquant_gpu.py"), "finetune", "--row", rid, "--job", str(d),
                "--base", str(base), "--data", str(data), "--importance", str(self.work / "importance.safetensors"),
                "--profile", self.args.profile, "--kd-chunk", str(self.args.kd_chunk)] \
-            + (["--steps", str(self.ft_steps(rid))] if self.args.ft_steps or "+2x" in rid else []) \
-            + (["--train-embeddings"] if "emb" in rid.split("+")[1:] else []) \
-            + (["--from-supernet", str(self.work / "supernet.safetensors")] if "sn" in rid.split("+")[1:] else []) \
+            + (["--steps", str(self.ft_steps(rid))] if self.args.ft_steps or "2x" in variants_of(rid) else []) \
+            + (["--train-embeddings"] if "emb" in variants_of(rid) else []) \
+            + (["--from-supernet", str(self.work / "supernet.safetensors")] if "sn" in variants_of(rid) else []) \
             + (["--lr", str(self.args.ft_lr)] if getattr(self.args, "ft_lr", None) else []) \
             + (["--eager"] if self.args.ft_eager else []) + (["--checkpointing"] if self.args.ft_checkpointing else [])
         k = len(self.jobs)
@@ -451,7 +456,7 @@ class Search:
     def ft_steps(self, rid: str) -> int:
         """Fine-tune steps of row `rid`: --ft-steps or the profile's, twice that for a "+2x" variant."""
         n = self.args.ft_steps or self.params.finetune.steps
-        return 2 * n if "2x" in rid.split("+")[1:] else n
+        return 2 * n if "2x" in variants_of(rid) else n
 
     def repo_copy(self) -> Path:
         """The code the fine-tunes run, copied once: the device re-syncs the checkout at every call, under
@@ -499,7 +504,8 @@ class Search:
         for row in (r for r in plan if r["kind"] == "uniform"):
             self.start(row["id"], SubnetConfig.uniform(self.space.arch, "IQ4_NL", embed_bits=EMBED_BITS), base, data)
         self.res["supernet"] = self.supernet()
-        self.save_supernet()
+        if any("sn" in row.get("variants", []) for row in plan):  # ~0.5 GB written only for a row that reads it
+            self.save_supernet()
         self.mark("supernet")
         found = []
         for row in (r for r in plan if r["kind"] != "uniform"):
