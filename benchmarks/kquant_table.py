@@ -209,6 +209,44 @@ def gpu_rows(ctx: st.Ctx, evalset: dict) -> list[dict]:
     return rows
 
 
+def carried_rows(path: Path, built: list[dict], rel_tol: float = 1e-3) -> list[dict]:
+    """The rows of an earlier table (`path`, this script's JSON) that this workspace did not build: a fresh
+    workspace re-scores only what changed (new GPU rows) and keeps the rest. The base is always built here,
+    and it must reproduce the earlier table's base perplexities to `rel_tol`: otherwise the items or the
+    scoring changed, and the old rows would not compare. (The same F16 file, same items, scored ~2e-4 apart
+    on two sessions' CPUs: llama.cpp's float sums differ across machines, so not bit for bit.)
+    Each carried row says so (`carried_from`, and the base it was compared with, `base_then`).
+    Raises SystemExit on a base that does not reproduce."""
+    old = json.loads(path.read_text())
+    have = {r["id"] for r in built}
+    base = next((r for r in built if r["id"] == "base"), None)
+    old_base = next((r for r in old["rows"] if r["id"] == "base"), None)
+    if base is None or old_base is None:
+        raise SystemExit(f"kquant_table: --carry-from {path}: both tables need their base row")
+    for k in ("ppl_wiki", "ppl_boolq_passages", "piqa"):
+        if abs(base[k] - old_base[k]) > rel_tol * max(abs(old_base[k]), 1e-12):
+            raise SystemExit(f"kquant_table: --carry-from {path}: its base {k} {old_base[k]!r} is not reproduced here "
+                             f"({base[k]!r}): other items or scoring, its rows would not compare")
+    then = {k: old_base[k] for k in ("ppl_wiki", "ppl_boolq_passages", "piqa")}
+    return [{**r, "carried_from": str(path), "base_tokens_per_s_then": old["base_tokens_per_s"], "base_then": then}
+            for r in old["rows"]
+            if r["id"] not in have and not r["id"].startswith("seed:")]  # seed: rows are re-read from seed_table_gpu
+
+
+def carried_piqa(path: Path, piqa: dict, rows: list[dict]) -> dict:
+    """`piqa` (this table's PIQA-1500 runs) plus the earlier table's runs of the rows carried from it, kept
+    only when both tables' base runs scored the same base file (sha256): the ratios are to that file's
+    accuracy. Raises SystemExit when the bases differ; an earlier table without PIQA-1500 adds nothing."""
+    old = json.loads(path.read_text()).get("piqa_all") or {}
+    carried = {r["id"] for r in rows if r.get("carried_from") == str(path)} & set(old)
+    if not carried:
+        return piqa
+    if "base" not in piqa or piqa["base"]["sha256"] != old["base"]["sha256"]:
+        raise SystemExit(f"kquant_table: --carry-from {path}: its PIQA-1500 runs are of another base file than this "
+                         "table's (pass base=JSON of the same file to --piqa)")
+    return {**piqa, **{rid: {**old[rid], "carried_from": str(path)} for rid in sorted(carried) if rid not in piqa}}
+
+
 def tailor_rows(path: Path) -> tuple[list[dict], dict]:
     """Tailor's trained rows of the GPU seed table (Q4_0 / Q5_1 / Q8_0 grid), as that table measured them."""
     src = json.loads(path.read_text())
@@ -318,7 +356,8 @@ def piqa_all(files: dict[str, str], rows: list[dict]) -> dict:
 def speedup(r: dict, res: dict) -> float:
     """Decode tok/s over the base F16 file's tok/s of the same timing session (this table's, or the seed table's
     for the copied Tailor rows): speeds timed in different sessions on a shared CPU compare only this way."""
-    base = res["seed_base"]["tokens_per_s"] if r["id"].startswith("seed:") else res["base_tokens_per_s"]
+    base = res["seed_base"]["tokens_per_s"] if r["id"].startswith("seed:") else r.get("base_tokens_per_s_then",
+                                                                                         res["base_tokens_per_s"])
     return r["tokens_per_s"] / base
 
 
@@ -366,7 +405,7 @@ def fmt_md(res: dict) -> str:
         mats = ", ".join(f"{k} {v}" for k, v in r["types"]["matrices"].items())
         emb = ", ".join(r["types"]["embedding"])
         imat = {True: "yes", False: "no"}.get(r.get("imatrix"), "-")
-        tps = num(r["tokens_per_s"], ".0f") + ("†" if r["id"].startswith("seed:") else "")
+        tps = num(r["tokens_per_s"], ".0f") + ("†" if r["id"].startswith("seed:") else "‡" if "carried_from" in r else "")
         lines.append(f"| {r['id']} | {r['source']} | {imat} | {r['file_bytes'] / 1e6:.1f} | {r['bits_per_param']:.2f} | "
                      f"{r['ppl_wiki']:.1f} | {r['ppl_boolq_passages']:.1f} | {r['piqa']:.3f} | {tps} | "
                      f"{speedup(r, res):.2f} | {mats} | {emb} |")
@@ -375,7 +414,10 @@ def fmt_md(res: dict) -> str:
               f"first {st.PASSAGE_TOKENS} tokens; PIQA {n['piqa']}). tok/s: decode, llama.cpp, {st.THREADS} thread, "
               f"{res['timing']}." + (f" † Tailor rows: copied from seed_table_gpu.json; their files are not here, so their tok/s is "
               f"that table's timing session (its base F16 file: {res['seed_base']['tokens_per_s']:.0f} tok/s there, "
-              f"{res['base_tokens_per_s']:.0f} here)." if res["seed_base"] else ""),
+              f"{res['base_tokens_per_s']:.0f} here)." if res["seed_base"] else "")
+              + (" ‡ carried from an earlier table (" + ", ".join(sorted({r["carried_from"] for r in res["rows"] if "carried_from" in r}))
+                 + "): scored and timed in its session; tok/s ÷ base uses that session's base."
+                 if any("carried_from" in r for r in res["rows"]) else ""),
               f"Importance matrix: llama-imatrix on the F16 file, {res['imatrix']['train_seqs']} x {res['imatrix']['seq_len']} "
               f"tokens of the calibrate stage's train shard (decoded to text, one sequence per line), {res['imatrix']['ctx']}-token "
               f"chunks, {res['imatrix']['seconds']:.0f} s.", "", "Where llama.cpp wins and loses:", ""]
@@ -484,6 +526,8 @@ def main() -> None:
     ap.add_argument("--tools", default=os.environ.get("LLAMA_TOOLS", str(ROOT / ".cache" / "llama-tools")))
     ap.add_argument("--seed-table", default=str(ROOT / "reports" / "bench" / "seed_table_gpu.json"))
     ap.add_argument("--only", default=None, help="comma list of row ids to build (others: cached ones are reported)")
+    ap.add_argument("--carry-from", default=None, help="an earlier table's JSON: its rows this workspace did not build "
+                    "are kept (the base, always built, must reproduce its base)")
     ap.add_argument("--retime", action="store_true", help="time every built file again at the end, files taking turns")
     ap.add_argument("--piqa", nargs="*", default=[], help="ROW=JSON of seed_table_gpu.py piqa (all 1500 items; base=... "
                                                           "needed): accuracy against the base's, paired 95%% interval")
@@ -495,10 +539,14 @@ def main() -> None:
     a.profile = a.profile or profile
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     tools = Path(a.tools) / "bin"
-    for t in ("llama-quantize", "llama-imatrix"):
+    work = Path(a.work)
+    # with --carry-from, a mix not named by --only (nor cached here) is kept from the earlier table, not rebuilt
+    only = set(a.only.split(",")) if a.only else (set() if a.carry_from else None)
+    todo = [p for p in row_plan() if p[1] and not (work / "rows" / p[0] / "row.json").is_file()
+            and (only is None or p[0] in only)]
+    for t in ("llama-quantize", "llama-imatrix") if todo else ():  # only a llama.cpp mix still to build needs them
         if not (tools / t).is_file():
             raise SystemExit(f"kquant_table: {tools / t}: missing (run scripts/build_llama_tools.sh)")
-    work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
     prepare_calibrate(work, a.model, a.profile)
     import llama_cpp
@@ -507,7 +555,6 @@ def main() -> None:
     torch.set_num_threads(1)
     ctx = st.Ctx(work, a.model)
     evalset = table_evalset(ctx)
-    only = set(a.only.split(",")) if a.only else None
     rows = []
     for rid, ftype, imat in row_plan():
         if only is not None and rid not in only and rid != "base" and not (work / "rows" / rid / "row.json").is_file():
@@ -518,11 +565,17 @@ def main() -> None:
               f"{r['ppl_boolq_passages']:.2f}, piqa {r['piqa']:.3f}, {r['tokens_per_s']:.1f} tok/s", flush=True)
         rows.append(r)
     rows += gpu_rows(ctx, evalset)
+    if a.carry_from:
+        rows += carried_rows(Path(a.carry_from), rows)
     timing = "best of 3 within each row's evaluation (rows built at different times on a shared CPU)"
     if a.retime:
-        st.retime(ctx, work, rows, files={r["id"]: row_file(work, r["id"]) for r in rows})
+        here = [r for r in rows if "carried_from" not in r]
+        st.retime(ctx, work, here, files={r["id"]: row_file(work, r["id"]) for r in here})
     if rows and all(r.get("retimed") for r in rows):
         timing = "best of 3, every file of this table timed in one session, the files taking turns (CPU shared)"
+    if any("carried_from" in r for r in rows):
+        timing += ("; rows marked carried were scored and timed in the session of the table they come from (their "
+                   "perplexity and PIQA are deterministic, the base's reproduced exactly; compare speeds within a session)")
     seed, seed_base = tailor_rows(Path(a.seed_table)) if a.model is None else ([], None)
     llama = [r for r in rows if r["source"] == "llama.cpp"]
     imat_info = json.loads((work / "imatrix" / "imatrix.json").read_text()) if (work / "imatrix" / "imatrix.json").is_file() \
@@ -538,7 +591,8 @@ def main() -> None:
            "rows": rows + seed, "verdicts": verdicts(llama, [r for r in rows if r["source"].startswith("Tailor")] + seed)
            if llama else [],
            "imatrix_effects": imatrix_effects(llama), "kgrid_effects": kgrid_effects(rows + seed),
-           "piqa_all": piqa_all(dict(x.split("=", 1) for x in a.piqa), rows),
+           "piqa_all": carried_piqa(Path(a.carry_from), piqa_all(dict(x.split("=", 1) for x in a.piqa), rows), rows)
+           if a.carry_from else piqa_all(dict(x.split("=", 1) for x in a.piqa), rows),
            "notes": notes + (gpu_run(ROOT / "reports" / "bench" / "kquant_gpu.json") if a.model is None else []),
            "missing": missing}
     st.write_report(res, Path(a.out), fmt_md)

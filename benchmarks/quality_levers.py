@@ -20,24 +20,32 @@ ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "reports" / "bench"
 
 # (budget, lever, session, before, after): a row is (table, id[, recipe]); table "seed" = seed_table_gpu.json,
-# "seed-recipe" = its recipe sweep (held-out KL and PyTorch wiki perplexity only), "k" = kquant_table.json
+# "seed-recipe" = its recipe sweep (held-out KL and PyTorch wiki perplexity only), "k" = kquant_table.json,
+# "k11" = kquant_table_s11.json (the table as session 11 left it: its tailor-k rows were rebuilt since)
 LEVERS = [
     ("<= 4.0", "fine-tune recipe: constant 1e-5 -> cosine 3e-4", 5,
      ("seed-recipe", "tailor@4.0", "constant-1e-05"), ("seed-recipe", "tailor@4.0", "cosine-3e-04")),
     ("<= 4.0", "grid: Q4_0 / Q5_1 / Q8_0 -> llama.cpp K-quants + IQ4_NL (search and QAT on it)", 11,
-     ("seed", "tailor@4.0"), ("k", "tailor-k@4.0")),
+     ("seed", "tailor@4.0"), ("k11", "tailor-k@4.0")),
+    ("<= 4.0", "search on a 331-step K-grid supernet instead of a 60-step one, fine-tuned", 15,
+     ("k11", "tailor-k@4.0"), ("k", "tailor-k@4.0")),
+    ("<= 4.0", "QAT of the tied embedding too (finetune.train_embeddings)", 15,
+     ("k", "tailor-k@4.0"), ("k", "tailor-k@4.0+emb")),
     ("<= 3.0", "fine-tune recipe: constant 1e-5 -> cosine 3e-4", 5,
      ("seed-recipe", "tailor@3.0", "constant-1e-05"), ("seed-recipe", "tailor@3.0", "cosine-3e-04")),
     ("<= 3.0", "grid: Q4_0 / Q5_1 / Q8_0 -> llama.cpp K-quants + IQ4_NL (search and QAT on it)", 11,
-     ("seed", "tailor@3.0"), ("k", "tailor-k@3.0")),
+     ("seed", "tailor@3.0"), ("k11", "tailor-k@3.0")),
+    ("<= 3.0", "both at once: the 331-step supernet's search and QAT of the tied embedding", 15,
+     ("k11", "tailor-k@3.0"), ("k", "tailor-k@3.0+emb")),
     ("4.61 (uniform)", "every layer matrix Q4_0 -> IQ4_NL (same bytes)", 11,
-     ("seed", "qat4"), ("k", "iq4nl-qat")),
+     ("seed", "qat4"), ("k11", "iq4nl-qat")),
 ]
 NOT_MEASURED = [
-    "QAT of the tied embedding (`finetune.train_embeddings`; `seed_table_gpu.py --train-embeddings` exists, never run)",
-    "the search's decisions from a longer-trained supernet, fine-tuned (session 14 searched on a 331-step K-grid "
-    "supernet, 5.5x session 11's, but lost the fine-tunes: only each subnet's KL before fine-tuning is measured, above)",
-    "more fine-tune tokens for the rows that cut structure (every row so far: 1,000 x 32 x 512 = 16.4 M tokens)",
+    "more fine-tune tokens for the rows that cut structure (every row so far: 1,000 x 32 x 512 = 16.4 M tokens; "
+    "`kquant_gpu.py --rows tailor-k@4.0+2x`)",
+    "the fine-tune started from the trained supernet's weights instead of the base's (`+sn`; the pipeline's finetune "
+    "stage does this)",
+    "<= 3.0: the 331-step supernet's search without embedding QAT (only both at once were fine-tuned)",
     "distillation data covering what PIQA and BoolQ ask (the calibrate corpora)",
 ]
 TARGETS = {"<= 4.0": {"wiki": 0.03, "passages": 0.03, "piqa": 0.98}, "<= 3.0": {"wiki": 0.10, "passages": 0.10}}
@@ -46,8 +54,10 @@ TARGETS = {"<= 4.0": {"wiki": 0.03, "passages": 0.03, "piqa": 0.98}, "<= 3.0": {
 def load(bench: Path = BENCH) -> dict[str, Any]:
     seed = json.loads((bench / "seed_table_gpu.json").read_text())
     k = json.loads((bench / "kquant_table.json").read_text())
+    k11 = bench / "kquant_table_s11.json"
     s14 = bench / "kquant_gpu_s14.json"
-    return {"seed": seed, "k": k, "pre": json.loads(s14.read_text()).get("kl_before_cpu") if s14.is_file() else None}
+    return {"seed": seed, "k": k, "k11": json.loads(k11.read_text()) if k11.is_file() else None,
+            "pre": json.loads(s14.read_text()).get("kl_before_cpu") if s14.is_file() else None}
 
 
 def pre_finetune(src: dict[str, Any]) -> list[dict[str, Any]]:
@@ -69,17 +79,18 @@ def metrics(src: dict[str, Any], ref: tuple) -> dict[str, Any]:
         if not hit:
             raise KeyError(f"seed_table_gpu.json recipes: no {rid} at {ref[2]}")
         return {"kl": hit[0]["kl_after"], "wiki_torch": hit[0]["torch_ppl_wiki"], "source": f"seed_table_gpu.json recipes {ref[2]}"}
-    d = src["seed" if table == "seed" else "k"]
-    row = next((r for r in d["rows"] if r["id"] == rid), None)
+    name = {"seed": "seed_table_gpu.json", "k": "kquant_table.json", "k11": "kquant_table_s11.json"}[table]
+    d = src[table]
+    row = None if d is None else next((r for r in d["rows"] if r["id"] == rid), None)
     if row is None:
-        raise KeyError(f"{'seed_table_gpu' if table == 'seed' else 'kquant_table'}.json: no row {rid}")
+        raise KeyError(f"{name}: no row {rid}")
     kl = (row.get("build") or {}).get("kl_after") if table == "seed" else (row.get("gpu") or {}).get("kl_after")
     piqa = d.get("piqa_all", {}).get(rid, {})
     ratio = piqa.get("ratio", (piqa.get("vs_base") or {}).get("ratio"))
     ci = piqa.get("ci95", (piqa.get("vs_base") or {}).get("ci95"))
     return {"kl": kl, "bpp": row["bits_per_param"], "wiki": row["ppl_wiki"], "passages": row["ppl_boolq_passages"],
             "piqa1500": ratio, "piqa1500_ci95": ci,
-            "source": ("seed_table_gpu.json" if table == "seed" else "kquant_table.json") + f" {rid}"}
+            "source": f"{name} {rid}"}
 
 
 def base(src: dict[str, Any]) -> dict[str, float]:
@@ -184,7 +195,8 @@ def main() -> None:
     a = ap.parse_args()
     src = load(Path(a.bench))
     rows = ablation(src)
-    res = {"sources": ["seed_table_gpu.json", "kquant_table.json"] + (["kquant_gpu_s14.json"] if src.get("pre") else []),
+    res = {"sources": ["seed_table_gpu.json", "kquant_table.json"] + (["kquant_table_s11.json"] if src.get("k11") else [])
+           + (["kquant_gpu_s14.json"] if src.get("pre") else []),
            "base": base(src), "ablation": rows,
            "targets": targets(src, rows), "pre_finetune": pre_finetune(src), "not_measured": NOT_MEASURED}
     out = Path(a.out)

@@ -66,8 +66,10 @@ WHEELS = ("annotated_types", "gguf", "pydantic-", "pydantic_core", "typing_exten
 
 
 def slug(rid: str) -> str:
-    """A row id ("tailor@4.0") or recipe/row key ("cosine-3e-04/tailor@4.0") as one file name."""
-    return rid.replace("@", "_").replace("/", "_")
+    """A row id ("tailor@4.0", "tailor-k@4.0+emb") or recipe/row key ("cosine-3e-04/tailor@4.0") as one file
+    name of letters, digits and `._-` only: the device returns no file whose name has other characters
+    (session 15 lost a first collect of "+emb" parts to that)."""
+    return rid.replace("@", "_").replace("/", "_").replace("+", "_with_")
 
 
 def row_dir(work: Path, rid: str) -> Path:

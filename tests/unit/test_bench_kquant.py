@@ -177,6 +177,44 @@ def test_piqa_all_pairs_each_row_with_the_base_and_refuses_a_changed_file(tmp_pa
     assert kt.piqa_all({}, []) == {}
 
 
+def test_carried_rows_keep_what_was_not_rebuilt_only_when_the_base_reproduces(tmp_path):
+    def row(rid, wiki, src="llama.cpp"):
+        return {"id": rid, "source": src, "ppl_wiki": wiki, "ppl_boolq_passages": 17.5, "piqa": 0.5, "tokens_per_s": 9.0}
+
+    old = tmp_path / "old.json"
+    old.write_text(json.dumps({"base_tokens_per_s": 20.0, "rows": [
+        row("base", 245.7, "base"), row("q4_k_m", 258.5), row("tailor-k@4.0", 236.2, "Tailor K-grid"),
+        row("seed:qat4", 223.2, "Tailor (seed_table_gpu)")]}))
+    built = [row("base", 245.7, "base"), row("tailor-k@4.0", 230.0, "Tailor K-grid")]
+    got = kt.carried_rows(old, built)
+    assert [r["id"] for r in got] == ["q4_k_m"]  # the rebuilt row wins; seed: rows are re-read elsewhere
+    assert got[0]["carried_from"] == str(old) and got[0]["base_tokens_per_s_then"] == 20.0
+    assert kt.speedup(got[0], {"base_tokens_per_s": 30.0, "seed_base": None}) == pytest.approx(9.0 / 20.0)
+    assert got[0]["base_then"]["ppl_wiki"] == 245.7
+    built[0]["ppl_wiki"] = 245.7 * (1 + 2e-4)  # another CPU's float sums: still the same base
+    assert [r["id"] for r in kt.carried_rows(old, built)] == ["q4_k_m"]
+    built[0]["ppl_wiki"] = 245.7 * (1 + 1e-2)  # another base: the old rows no longer compare
+    with pytest.raises(SystemExit, match="base ppl_wiki .* is not reproduced"):
+        kt.carried_rows(old, built)
+    with pytest.raises(SystemExit, match="need their base row"):
+        kt.carried_rows(old, built[1:])
+
+
+def test_carried_piqa_runs_only_beside_the_same_base_file(tmp_path):
+    old = tmp_path / "old.json"
+    run = {"acc": 0.6, "n": 1500, "sha256": "b1", "seconds": 1.0}
+    old.write_text(json.dumps({"piqa_all": {"base": run, "tailor-k@3.0": {**run, "sha256": "t3"},
+                                            "tailor-k@4.0": {**run, "sha256": "old4"}}}))
+    rows = [{"id": "tailor-k@3.0", "carried_from": str(old)}, {"id": "tailor-k@4.0"}]  # 4.0 rebuilt here
+    here = {"base": run, "tailor-k@4.0": {**run, "sha256": "new4"}}
+    got = kt.carried_piqa(old, here, rows)
+    assert set(got) == {"base", "tailor-k@3.0", "tailor-k@4.0"}
+    assert got["tailor-k@3.0"]["carried_from"] == str(old) and got["tailor-k@4.0"]["sha256"] == "new4"
+    with pytest.raises(SystemExit, match="another base file"):
+        kt.carried_piqa(old, {**here, "base": {**run, "sha256": "b2"}}, rows)
+    assert kt.carried_piqa(old, here, rows[1:]) == here  # nothing carried, nothing added
+
+
 def test_rows_by_id_pick_kind_and_budget_and_refuse_an_unknown_one():
     plan = kg.rows_plan(False, ["tailor-k@4.0", "bits-k@3.0", "bits-k", "iq4nl-qat"])
     assert [(r["kind"], r.get("bpp")) for r in plan] == [("joint", 4.0), ("bits", 3.0), ("bits", None), ("uniform", None)]

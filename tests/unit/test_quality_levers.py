@@ -17,13 +17,18 @@ def _tables(tmp_path, k_wiki=236.0, k_passages=18.1):
                      row("tailor@3.0", 270.0, 23.6, 0.6, build={"kl_after": 0.6}),
                      row("qat4", 223.0, 17.8, 0.12, build={"kl_after": 0.12})],
             "piqa_all": {"tailor@4.0": {"ratio": 0.95, "ci95": [0.92, 0.98]}}}
+    k11 = {"rows": [row("base", 250.0, 17.5, None), row("q4_k_m", 257.0, 18.4, None),
+                    row("tailor-k@4.0", 237.0, 18.5, None, gpu={"kl_after": 0.22}),
+                    row("tailor-k@3.0", 260.0, 22.0, None, gpu={"kl_after": 0.5}),
+                    row("iq4nl-qat", 238.0, 17.7, None, gpu={"kl_after": 0.10})],
+           "piqa_all": {"tailor-k@4.0": {"vs_base": {"ratio": 0.96, "ci95": [0.93, 0.99]}}}}
     k = {"rows": [row("base", 250.0, 17.5, None), row("q4_k_m", 258.0, 18.5, None),
-                  row("tailor-k@4.0", k_wiki, k_passages, None, gpu={"kl_after": 0.22}),
-                  row("tailor-k@3.0", 260.0, 22.0, None, gpu={"kl_after": 0.5}),
-                  row("iq4nl-qat", 238.0, 17.7, None, gpu={"kl_after": 0.10})],
-         "piqa_all": {"tailor-k@4.0": {"vs_base": {"ratio": 0.99, "ci95": [0.97, 1.01]}}}}
-    (tmp_path / "seed_table_gpu.json").write_text(json.dumps(seed))
-    (tmp_path / "kquant_table.json").write_text(json.dumps(k))
+                  row("tailor-k@4.0", 240.0, 18.3, None, gpu={"kl_after": 0.21}),
+                  row("tailor-k@4.0+emb", k_wiki, k_passages, None, gpu={"kl_after": 0.20}),
+                  row("tailor-k@3.0+emb", 255.0, 21.0, None, gpu={"kl_after": 0.49})],
+         "piqa_all": {"tailor-k@4.0+emb": {"vs_base": {"ratio": 0.99, "ci95": [0.97, 1.01]}}}}
+    for name, t in (("seed_table_gpu", seed), ("kquant_table_s11", k11), ("kquant_table", k)):
+        (tmp_path / f"{name}.json").write_text(json.dumps(t))
     return ql.load(tmp_path)
 
 
@@ -31,17 +36,23 @@ def test_each_lever_reads_its_two_rows_and_the_targets_use_base_and_q4_k_m(tmp_p
     src = _tables(tmp_path)
     rows = ql.ablation(src)
     grid4 = rows[1]
-    assert (grid4["before"]["wiki"], grid4["after"]["wiki"], grid4["after"]["kl"]) == (238.0, 236.0, 0.22)
-    assert (grid4["before"]["piqa1500"], grid4["after"]["piqa1500"]) == (0.95, 0.99)
+    assert (grid4["before"]["wiki"], grid4["after"]["wiki"], grid4["after"]["kl"]) == (238.0, 237.0, 0.22)
+    assert grid4["after"]["source"] == "kquant_table_s11.json tailor-k@4.0"
+    assert (grid4["before"]["piqa1500"], grid4["after"]["piqa1500"]) == (0.95, 0.96)
     assert grid4["verdict"] == "better"
     assert rows[0]["before"]["wiki_torch"] == 240.0 and rows[0]["verdict"] == "better"
-    assert rows[4]["verdict"] == "mixed"  # IQ4_NL: KL and passages better, wiki worse
+    search4, emb4 = rows[2], rows[3]  # session 15's: the old table's row against the rebuilt one, then +emb
+    assert (search4["before"]["kl"], search4["after"]["kl"], search4["verdict"]) == (0.22, 0.21, "mixed")
+    assert (emb4["before"]["source"], emb4["after"]["source"]) == ("kquant_table.json tailor-k@4.0",
+                                                                  "kquant_table.json tailor-k@4.0+emb")
+    assert rows[6]["after"]["passages"] == 21.0 and rows[6]["verdict"] == "better"
+    assert rows[7]["verdict"] == "mixed"  # IQ4_NL: KL and passages better, wiki worse
     t = {(x["budget"], x["target"].split(" (")[0]): x for x in ql.targets(src, rows)}
     assert t[("<= 4.0", "wiki perplexity within +3% of base")]["got"] == pytest.approx(236 / 250 - 1, abs=1e-4)
     assert t[("<= 4.0", "passages perplexity within +3% of base")]["met"] is False  # 18.1 / 17.5: +3.4%
     assert t[("<= 4.0", "PIQA")]["met"] is True
     assert t[("<= 4.0", "passages perplexity below llama.cpp Q4_K_M's")]["met"] is True  # 18.1 < 18.5
-    assert t[("<= 3.0", "passages perplexity within +10% of base")]["met"] is False  # 22 / 17.5 = +25.7%
+    assert t[("<= 3.0", "passages perplexity within +10% of base")]["got"] == pytest.approx(21 / 17.5 - 1, abs=1e-4)
     md = ql.fmt_md({"sources": ["a"], "base": ql.base(src), "ablation": rows, "targets": ql.targets(src, rows),
                     "not_measured": ql.NOT_MEASURED})
     assert "236.00 (-5.6%)" in md and "0.990 [0.970, 1.010]" in md
@@ -49,11 +60,11 @@ def test_each_lever_reads_its_two_rows_and_the_targets_use_base_and_q4_k_m(tmp_p
 
 def test_a_lever_whose_after_row_is_worse_everywhere_says_so_and_a_missing_row_is_named(tmp_path):
     src = _tables(tmp_path, k_wiki=300.0, k_passages=20.0)
-    src["k"]["rows"][2]["gpu"]["kl_after"] = 0.5
-    src["k"]["piqa_all"]["tailor-k@4.0"]["vs_base"]["ratio"] = 0.9
-    assert ql.ablation(src)[1]["verdict"] == "worse"
-    src["k"]["rows"] = [r for r in src["k"]["rows"] if r["id"] != "tailor-k@3.0"]
-    with pytest.raises(KeyError, match="tailor-k@3.0"):
+    src["k"]["rows"][3]["gpu"]["kl_after"] = 0.5
+    src["k"]["piqa_all"]["tailor-k@4.0+emb"]["vs_base"]["ratio"] = 0.9
+    assert ql.ablation(src)[3]["verdict"] == "worse"
+    src["k"]["rows"] = [r for r in src["k"]["rows"] if r["id"] != "tailor-k@3.0+emb"]
+    with pytest.raises(KeyError, match="kquant_table.json: no row tailor-k@3.0"):
         ql.ablation(src)
 
 

@@ -161,3 +161,24 @@ def test_gpu_jobs_collect_and_gather_round_trip(tmp_path, monkeypatch, capsys):
     assert sorted(p.name for p in rows[0].iterdir()) == ["meta.json", "part00", "part01", "part02"]
     assert (rows[0] / "part02").read_bytes() == bytes([2]) * 10
     assert json.loads((rows[0] / "meta.json").read_text()) == meta
+
+
+def test_collected_file_names_use_only_characters_the_device_returns(tmp_path):
+    """The device drops a returned file whose name has characters beyond letters, digits and `._-`: a row
+    variant's "+" (tailor-k@4.0+emb) must not reach a file name, and gather must still find the row."""
+    import json
+    import re
+
+    out = tmp_path / "jobs"
+    d = out / "job0" / gpu.slug("tailor-k@4.0+emb")
+    d.mkdir(parents=True)
+    meta = {"id": "tailor-k@4.0+emb", "recipe": "kgrid", "kl_after": 0.2, "torch_ppl": 280.0}
+    (d / "meta.json").write_text(json.dumps(meta))
+    (d / "part00").write_bytes(b"x")
+    ret = tmp_path / "ret"
+    gpu.collect(out, ret, ["kgrid/tailor-k@4.0+emb:0-0"])
+    names = sorted(p.name for p in ret.iterdir())
+    assert len(names) == 2 and all(re.fullmatch(r"[A-Za-z0-9._-]+", n) for n in names), names
+    rows = gpu.gather([ret], tmp_path / "back")
+    assert len(rows) == 1 and json.loads((rows[0] / "meta.json").read_text())["id"] == "tailor-k@4.0+emb"
+    assert (rows[0] / "part00").read_bytes() == b"x"
