@@ -244,7 +244,8 @@ def carried_piqa(path: Path, piqa: dict, rows: list[dict]) -> dict:
     if "base" not in piqa or piqa["base"]["sha256"] != old["base"]["sha256"]:
         raise SystemExit(f"kquant_table: --carry-from {path}: its PIQA-1500 runs are of another base file than this "
                          "table's (pass base=JSON of the same file to --piqa)")
-    return {**piqa, **{rid: {**old[rid], "carried_from": str(path)} for rid in sorted(carried) if rid not in piqa}}
+    return {**piqa, **{rid: {**old[rid], "carried_from": str(path), "base_acc_then": old["base"]["acc"]}
+                       for rid in sorted(carried) if rid not in piqa}}
 
 
 def tailor_rows(path: Path) -> tuple[list[dict], dict]:
@@ -427,7 +428,9 @@ def fmt_md(res: dict) -> str:
         b = res["piqa_all"]["base"]
         lines += ["", f"PIQA on all {b['n']:,} items (base {b['acc']:.4f}; ratio to the base, paired 95% bootstrap interval):", ""]
         lines += [f"- {k}: {v['acc']:.4f} = {v['vs_base']['ratio']:.3f} x base [{v['vs_base']['ci95'][0]:.3f}, "
-                  f"{v['vs_base']['ci95'][1]:.3f}]" for k, v in res["piqa_all"].items() if k != "base"]
+                  f"{v['vs_base']['ci95'][1]:.3f}]" + (" ‡ (carried: against its session's base run, "
+                                                        f"{v['base_acc_then']:.4f})" if "carried_from" in v else "")
+                  for k, v in res["piqa_all"].items() if k != "base"]
     if res.get("kgrid_effects"):
         lines += ["", "What training on the K-quant grid does (same bytes, same fine-tune recipe):", ""] \
             + [f"- {v}" for v in res["kgrid_effects"]]
@@ -574,11 +577,12 @@ def main() -> None:
     if rows and all(r.get("retimed") for r in rows):
         timing = "best of 3, every file of this table timed in one session, the files taking turns (CPU shared)"
     if any("carried_from" in r for r in rows):
-        timing += ("; rows marked carried were scored and timed in the session of the table they come from (their "
-                   "perplexity and PIQA are deterministic, the base's reproduced exactly; compare speeds within a session)")
+        timing += ("; rows marked carried were scored and timed in the session of the table they come from (the same "
+                   "base file scored here within 2e-4 of that session's perplexities; compare speeds within a session)")
     seed, seed_base = tailor_rows(Path(a.seed_table)) if a.model is None else ([], None)
     llama = [r for r in rows if r["source"] == "llama.cpp"]
     imat_info = json.loads((work / "imatrix" / "imatrix.json").read_text()) if (work / "imatrix" / "imatrix.json").is_file() \
+        else json.loads(Path(a.carry_from).read_text())["imatrix"] if a.carry_from \
         else {"train_seqs": 0, "seq_len": 0, "ctx": IMATRIX_CTX, "seconds": 0}
     base = next(r for r in rows if r["id"] == "base")
     res = {"model": label, "profile": a.profile, "n_params": ctx.n_params,
