@@ -62,6 +62,11 @@ step 250 after 8.5 min. Plan a row's fine-tune at ~8 min alone, eager (`--ft-eag
 (the GPU was idle half of a launch-bound step, so two may share it well); read `wait`'s last log line (train_kd
 prints a progress line every 60 s without a terminal).
 
+Session 15 (reports/bench/kquant_gpu_s15.json): three eager fine-tunes at once ran 73.7 k tokens/s together, 2.1x
+one alone, ~12 min for all three with their exports (43 GB each: a fourth needs --kd-chunk); `--configs` with session
+14's search.json reproduced its importance order and starting KL. Collected parts are named by seed_table_gpu.slug
+(`+` -> `_with_`): the device drops a returned file whose name has a `+`.
+
 A CPU check at toy size (SmolLM2 sliced to 2 layers, a few steps) runs every step:
     python benchmarks/blockwise_quality.py stage --src .bwq/a --dest /tmp/kqt && \\
     python benchmarks/kquant_gpu.py search --src .bwq/b --dest /tmp/kqt --out /tmp/kqt/out --profile tiny
