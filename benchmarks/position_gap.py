@@ -1,7 +1,7 @@
 """Where in a sequence a compressed file loses to the base: mean next-token NLL (nats) by token position, on
 the two held-out sets of reports/bench/kquant_table.md, measured from the GGUF files in llama.cpp.
 
-    python benchmarks/position_gap.py [--work /tmp/kquanttable] [--rows tailor-k@4.0,tailor-k@4.0+emb]
+    python benchmarks/position_gap.py [--work $TMPDIR/kquanttable] [--rows tailor-k@4.0,tailor-k@4.0+emb]
                                       [--out reports/bench/position_gap.json]
 
 Why: issue 19's <= 4.0 row meets the wiki target and misses the BoolQ-passage one. The wiki items are single
@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -63,7 +64,7 @@ def token_nlls(path: Path, seqs: list[list[int]]) -> list[np.ndarray]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--work", default="/tmp/kquanttable", help="kquant_table's workspace")
+    ap.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "kquanttable"), help="kquant_table's workspace")
     ap.add_argument("--rows", default="tailor-k@4.0,tailor-k@4.0+emb,tailor-k@3.0+emb")
     ap.add_argument("--out", default=str(ROOT / "reports" / "bench" / "position_gap.json"))
     a = ap.parse_args()
