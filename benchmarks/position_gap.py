@@ -48,20 +48,6 @@ def gaps(rows: dict[str, dict], base: str = "base") -> dict[str, dict[str, dict[
             for rid, r in rows.items() if rid != base}
 
 
-def token_nlls(path: Path, seqs: list[list[int]]) -> list[np.ndarray]:
-    """Per-token NLL of every sequence, each scored alone from position 0 in llama.cpp (1 thread)."""
-    from tailor.export import llamacpp
-
-    out = []
-    with llamacpp._llama(path, max(len(s) for s in seqs), logits_all=True, n_threads=1) as llm:
-        for s in seqs:
-            llm.reset()
-            llm.eval(s)
-            logp = llamacpp._log_softmax(llm.scores[: len(s) - 1])
-            out.append(-logp[np.arange(len(s) - 1), s[1:]])
-    return out
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "kquanttable"), help="kquant_table's workspace")
@@ -70,6 +56,7 @@ def main() -> None:
     a = ap.parse_args()
     from benchmarks import kquant_table as kt
     from benchmarks import seed_table as st
+    from tailor.export import llamacpp
 
     work = Path(a.work)
     evalset = kt.table_evalset(st.Ctx(work, None))
@@ -78,7 +65,7 @@ def main() -> None:
         f = work / "rows" / rid / "model.gguf"
         if not f.is_file():
             raise SystemExit(f"position_gap: {f}: no such file (kquant_table builds the workspace)")
-        rows[rid] = {s: bucket_means(token_nlls(f, [list(x) for x in evalset[s] if len(x) >= 2])) for s in ("wiki", "passages")}
+        rows[rid] = {s: bucket_means(llamacpp.token_nlls(f, evalset[s], n_threads=1)) for s in ("wiki", "passages")}
         print(f"position_gap: {rid}: " + json.dumps({s: {k: round(v['nll'], 3) for k, v in b.items()} for s, b in rows[rid].items()}),
               flush=True)
     res = {"what": __doc__.splitlines()[0], "edges": list(EDGES), "evalset_sha256": kt.evalset_sha256(evalset),

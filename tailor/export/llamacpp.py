@@ -88,20 +88,26 @@ def logits(path: Path, seq: Sequence[int], n_threads: int | None = None) -> np.n
         return np.array(llm.scores[: len(seq)], dtype=np.float32)
 
 
-def perplexity(path: Path, seqs: Sequence[Sequence[int]], n_threads: int | None = None) -> float:
-    """exp(total NLL / predicted tokens), each sequence scored alone from position 0."""
+def token_nlls(path: Path, seqs: Sequence[Sequence[int]], n_threads: int | None = None) -> list[np.ndarray]:
+    """Next-token NLL (nats) of every sequence of two or more tokens, each scored alone from position 0:
+    element t of a sequence's array is -log p(token t+1 | tokens 0..t), shape (T-1,). ValueError if none."""
     seqs = [list(s) for s in seqs if len(s) >= 2]
     if not seqs:
         raise ValueError("perplexity needs at least one sequence of two or more tokens")
-    total, n = 0.0, 0
+    out = []
     with _llama(path, max(len(s) for s in seqs), logits_all=True, n_threads=n_threads) as llm:
         for s in seqs:
             llm.reset()  # position 0 again; eval() drops the stale KV cells
             llm.eval(s)
             logp = _log_softmax(llm.scores[: len(s) - 1])  # (T-1, V)
-            total -= float(logp[np.arange(len(s) - 1), s[1:]].sum())
-            n += len(s) - 1
-    return math.exp(total / n)
+            out.append(-logp[np.arange(len(s) - 1), s[1:]])
+    return out
+
+
+def perplexity(path: Path, seqs: Sequence[Sequence[int]], n_threads: int | None = None) -> float:
+    """exp(total NLL / predicted tokens), each sequence scored alone from position 0."""
+    nll = token_nlls(path, seqs, n_threads)
+    return math.exp(float(sum(float(x.sum()) for x in nll)) / sum(len(x) for x in nll))
 
 
 def _greedy(llm: Any, ids: list[int], n_tokens: int, eos: int | None) -> list[int]:
