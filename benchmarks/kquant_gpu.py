@@ -53,7 +53,8 @@ Issue 19's levers as row variants (`--rows tailor-k@4.0 tailor-k@4.0+emb+2x ...`
 fine-tunes the subnet its base row found by another recipe: `+emb` QAT of the tied embedding, `+2x` twice the
 steps, `+sn` from the trained supernet's weights (saved as kq/supernet.safetensors) instead of the base's. Each
 searched row records `kl_before_from` {base, supernet}: where a fine-tune would start. `--configs <search.json>`
-fine-tunes an earlier search's subnets at once (no supernet, no search; not with `+sn`).
+fine-tunes an earlier search's subnets (no search); with a `+sn` row it trains the supernet first (--supernet-s)
+and records each subnet's `kl_before_from`, so `+sn` differs from its base-started row in the start alone.
 
 What session 14 learnt on the H200 (reports/bench/kquant_gpu_s14.json): with the grouped quantizer the K-grid
 supernet runs 331 steps in 300 s (0.91 s a step; session 11: 60 in 240 s). One fine-tune alone, eager, takes
@@ -395,14 +396,7 @@ class Search:
             return {"infeasible": tried, "sensitivity_s": round(t_mip - t, 1)}
         cfg = best.config
         bpp_file = 8 * (best.nbytes + self.overhead) / self.n_params
-        # where its fine-tune could start: the subnet cut from the permuted base (this script's rows) or from
-        # the trained supernet (the pipeline's finetune stage, a "+sn" row); the validation KL of each
-        from tailor.distill import mean_kl
-        from tailor.elastic.supernet import export_active
-
-        start_kl = {w: mean_kl(export_active(m, cfg, "gguf"), self.val, self.t_val)
-                    for w, m in (("base", self.teacher), ("supernet", self.model))}
-        set_max(self.model)
+        start_kl = self.start_kls(cfg)
         return {"budget_bytes": budget, "file_bpp_predicted": round(bpp_file, 4), "infeasible": tried,
                 "weight_bytes": best.nbytes, "search_kl": best.kl, "predicted_kl": table.predict(cfg),
                 "kl_before_from": start_kl,
@@ -412,6 +406,17 @@ class Search:
                 "candidates": [{"hash": c.config.hash, "bytes": c.nbytes, "kl": c.kl} for c in cands],
                 "sensitivity_s": round(t_mip - t, 1), "mip_score_s": round(time.time() - t_mip, 1),
                 "config": cfg.to_dict()}
+
+    def start_kls(self, cfg) -> dict[str, float]:
+        """Where subnet `cfg`'s fine-tune could start: cut from the permuted base (this script's rows) or from
+        the trained supernet (the pipeline's finetune stage, a "+sn" row); the validation KL of each."""
+        from tailor.distill import mean_kl
+        from tailor.elastic.supernet import export_active, set_max
+
+        kls = {w: mean_kl(export_active(m, cfg, "gguf"), self.val, self.t_val)
+               for w, m in (("base", self.teacher), ("supernet", self.model))}
+        set_max(self.model)
+        return kls
 
     def start(self, rid: str, cfg, base: Path, data: Path) -> None:
         """Write the row's config and start its fine-tune, detached (it outlives this command)."""
@@ -486,11 +491,9 @@ class Search:
         self.setup(base, data)
         self.mark("setup")
         plan = rows_plan(self.args.profile == "tiny", self.args.rows)
-        if self.args.configs:  # an earlier search's subnets: no supernet, no search, the fine-tunes at once
+        if self.args.configs:  # an earlier search's subnets: no search; a supernet only for "+sn" rows
             self.res["rows"] = json.loads(self.args.configs.read_text())["rows"]
             self.res["configs_from"] = str(self.args.configs)
-            if any("sn" in row.get("variants", []) for row in plan):
-                raise SystemExit("kquant_gpu: --configs trains no supernet, so a +sn row has no weights to start from")
             cfgs = {}
             for row in plan:
                 src = self.res["rows"].get(row.get("of", row["id"]), {})
@@ -500,6 +503,13 @@ class Search:
                     cfgs[row["id"]] = SubnetConfig.from_dict(src["config"])
                 else:
                     raise SystemExit(f"kquant_gpu: --configs {self.args.configs}: no subnet for row {row['id']}")
+            if any("sn" in row.get("variants", []) for row in plan):
+                # the same subnets, started from a supernet trained as a search run trains it: "+sn" against
+                # the base-started rows with nothing else changed
+                self.res["supernet"] = self.supernet()
+                self.save_supernet()
+                self.mark("supernet")
+                self.res["kl_before_from"] = {rid: self.start_kls(cfg) for rid, cfg in cfgs.items()}
             self.free_search_memory()
             for rid, cfg in cfgs.items():
                 self.start(rid, cfg, base, data)
@@ -826,7 +836,7 @@ def main() -> None:
     a.add_argument("--ft-lr", type=float, default=None, help="fine-tune peak learning rate instead of the full profile's")
     a.add_argument("--rows", nargs="*", default=None, help="rows by id instead of the default four (rows_plan)")
     a.add_argument("--configs", type=Path, default=None,
-                   help="an earlier search.json: fine-tune its rows' subnets at once, no supernet or search")
+                   help="an earlier search.json: fine-tune its rows' subnets, no search (a supernet only for +sn rows)")
     a.add_argument("--start-after-search", action="store_true",
                    help="start the fine-tunes once every row is searched and the search's GPU memory is freed")
     a.add_argument("--ft-eager", action="store_true", help="fine-tunes without torch.compile (finetune --eager)")
