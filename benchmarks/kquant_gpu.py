@@ -492,7 +492,8 @@ class Search:
         self.mark("setup")
         plan = rows_plan(self.args.profile == "tiny", self.args.rows)
         if self.args.configs:  # an earlier search's subnets: no search; a supernet only for "+sn" rows
-            self.res["rows"] = json.loads(self.args.configs.read_text())["rows"]
+            src = json.loads(self.args.configs.read_text())  # a search.json, or a device record holding one
+            self.res["rows"] = src["rows"] if "rows" in src else src["search"]["rows"]
             self.res["configs_from"] = str(self.args.configs)
             cfgs = {}
             for row in plan:
