@@ -46,6 +46,18 @@ def restored(config: dict[str, Any], kind: str, kv_groups: int, ffn: int) -> dic
     return c
 
 
+def per_mb(kl: dict[str, dict[str, Any]]) -> dict[str, float | None]:
+    """KL removed per MB spent restoring, for each restored kind against "searched"; None where the restore
+    adds no bytes (the subnet had no cut of that kind)."""
+    s = kl["searched"]
+    out: dict[str, float | None] = {}
+    for k, v in kl.items():
+        if k != "searched":
+            mb = (v["weight_bytes"] - s["weight_bytes"]) / 1e6
+            out[k] = round((s["all"] - v["all"]) / mb, 4) if mb else None
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--base", type=Path, required=True)
@@ -69,7 +81,8 @@ def main() -> None:
     model = load_model_dir(a.base).eval()
     importance.permute_(model, sg.load_importance(a.importance))
     arch = arch_of(model)
-    rows = json.loads(a.search.read_text())["rows"]
+    src = json.loads(a.search.read_text())  # a search.json, or a device record holding one (kquant_gpu_s14.json)
+    rows = src["rows"] if "rows" in src else src.get("search", {}).get("rows", {})
     if a.row not in rows or "config" not in rows[a.row]:
         raise SystemExit(f"cut_attribution: {a.search}: no config for row {a.row}")
     val = load_file(a.val)["input_ids"][: a.seqs].long()
@@ -88,9 +101,7 @@ def main() -> None:
             row.update(all=round(float(kl.mean()), 4), weight_bytes=cfg.nbytes(arch, "gguf"))
             res["kl"][kind] = row
             print(f"cut_attribution: {kind}: {json.dumps(row)}", flush=True)
-    s = res["kl"]["searched"]
-    res["per_mb"] = {k: round((s["all"] - v["all"]) / ((v["weight_bytes"] - s["weight_bytes"]) / 1e6), 4)
-                     for k, v in res["kl"].items() if k != "searched"}  # KL removed per MB spent restoring
+    res["per_mb"] = per_mb(res["kl"])
     a.out.write_text(json.dumps(res, indent=1) + "\n")
     print(json.dumps(res["per_mb"]))
 

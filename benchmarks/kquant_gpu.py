@@ -511,6 +511,9 @@ class Search:
                 self.save_supernet()
                 self.mark("supernet")
                 self.res["kl_before_from"] = {rid: self.start_kls(cfg) for rid, cfg in cfgs.items()}
+                for r in self.res["rows"].values():  # the earlier search's, from another supernet: kept under its name
+                    if "kl_before_from" in r:
+                        r["kl_before_from_searched"] = r.pop("kl_before_from")
             self.free_search_memory()
             for rid, cfg in cfgs.items():
                 self.start(rid, cfg, base, data)

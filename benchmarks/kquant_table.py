@@ -228,7 +228,8 @@ def carried_rows(path: Path, built: list[dict], rel_tol: float = 1e-3) -> list[d
             raise SystemExit(f"kquant_table: --carry-from {path}: its base {k} {old_base[k]!r} is not reproduced here "
                              f"({base[k]!r}): other items or scoring, its rows would not compare")
     then = {k: old_base[k] for k in ("ppl_wiki", "ppl_boolq_passages", "piqa")}
-    return [{**r, "carried_from": str(path), "base_tokens_per_s_then": old["base_tokens_per_s"], "base_then": then}
+    # a row the earlier table itself carried keeps where it was measured and against which base
+    return [{"carried_from": str(path), "base_tokens_per_s_then": old["base_tokens_per_s"], "base_then": then, **r}
             for r in old["rows"]
             if r["id"] not in have and not r["id"].startswith("seed:")]  # seed: rows are re-read from seed_table_gpu
 
@@ -238,13 +239,17 @@ def carried_piqa(path: Path, piqa: dict, rows: list[dict]) -> dict:
     only when both tables' base runs scored the same base file (sha256): the ratios are to that file's
     accuracy. Raises SystemExit when the bases differ; an earlier table without PIQA-1500 adds nothing."""
     old = json.loads(path.read_text()).get("piqa_all") or {}
-    carried = {r["id"] for r in rows if r.get("carried_from") == str(path)} & set(old)
+    carried = {r["id"] for r in rows if "carried_from" in r} & (set(old) - {"base"})
     if not carried:
         return piqa
-    if "base" not in piqa or piqa["base"]["sha256"] != old["base"]["sha256"]:
+    if "base" not in piqa:
+        raise SystemExit(f"kquant_table: --carry-from {path}: it has PIQA-1500 runs, so --piqa needs base=JSON "
+                         "(a run of this table's base file)")
+    if piqa["base"]["sha256"] != old["base"]["sha256"]:
         raise SystemExit(f"kquant_table: --carry-from {path}: its PIQA-1500 runs are of another base file than this "
                          "table's (pass base=JSON of the same file to --piqa)")
-    return {**piqa, **{rid: {**old[rid], "carried_from": str(path), "base_acc_then": old["base"]["acc"]}
+    # a run the earlier table itself carried keeps its own source and base accuracy
+    return {**piqa, **{rid: {"carried_from": str(path), "base_acc_then": old["base"]["acc"], **old[rid]}
                        for rid in sorted(carried) if rid not in piqa}}
 
 
@@ -543,8 +548,14 @@ def main() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     tools = Path(a.tools) / "bin"
     work = Path(a.work)
-    # with --carry-from, a mix not named by --only (nor cached here) is kept from the earlier table, not rebuilt
-    only = set(a.only.split(",")) if a.only else (set() if a.carry_from else None)
+    # with --carry-from, a mix the earlier table has is kept from it (not rebuilt) unless --only names it
+    carry = json.loads(Path(a.carry_from).read_text()) if a.carry_from else None
+    only = set(a.only.split(",")) if a.only else None
+    if carry is not None and only is None:
+        only = {rid for rid, _, _ in row_plan()} - {r["id"] for r in carry["rows"]}
+    if carry is not None and (carry.get("piqa_all") or {}) and not any(x.startswith("base=") for x in a.piqa):
+        raise SystemExit(f"kquant_table: --carry-from {a.carry_from} has PIQA-1500 runs: --piqa needs base=JSON "
+                         "(a run of this table's base file) to keep them")
     todo = [p for p in row_plan() if p[1] and not (work / "rows" / p[0] / "row.json").is_file()
             and (only is None or p[0] in only)]
     for t in ("llama-quantize", "llama-imatrix") if todo else ():  # only a llama.cpp mix still to build needs them
@@ -574,15 +585,15 @@ def main() -> None:
     if a.retime:
         here = [r for r in rows if "carried_from" not in r]
         st.retime(ctx, work, here, files={r["id"]: row_file(work, r["id"]) for r in here})
-    if rows and all(r.get("retimed") for r in rows):
-        timing = "best of 3, every file of this table timed in one session, the files taking turns (CPU shared)"
+    if rows and all(r.get("retimed") for r in rows if "carried_from" not in r):
+        timing = "best of 3, every file scored here timed in one session, the files taking turns (CPU shared)"
     if any("carried_from" in r for r in rows):
         timing += ("; rows marked carried were scored and timed in the session of the table they come from (the same "
                    "base file scored here within 2e-4 of that session's perplexities; compare speeds within a session)")
     seed, seed_base = tailor_rows(Path(a.seed_table)) if a.model is None else ([], None)
     llama = [r for r in rows if r["source"] == "llama.cpp"]
     imat_info = json.loads((work / "imatrix" / "imatrix.json").read_text()) if (work / "imatrix" / "imatrix.json").is_file() \
-        else json.loads(Path(a.carry_from).read_text())["imatrix"] if a.carry_from \
+        else carry["imatrix"] if carry is not None \
         else {"train_seqs": 0, "seq_len": 0, "ctx": IMATRIX_CTX, "seconds": 0}
     base = next(r for r in rows if r["id"] == "base")
     res = {"model": label, "profile": a.profile, "n_params": ctx.n_params,

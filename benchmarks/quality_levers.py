@@ -93,6 +93,20 @@ def metrics(src: dict[str, Any], ref: tuple) -> dict[str, Any]:
             "source": f"{name} {rid}"}
 
 
+def piqa_bases(src: dict[str, Any]) -> dict[str, float]:
+    """The base accuracy each table's PIQA-1500 ratios are against (the same base file can score an item apart
+    on two CPUs: llama.cpp's float sums differ)."""
+    names = {"seed": "seed_table_gpu.json", "k11": "kquant_table_s11.json", "k": "kquant_table.json"}
+    out = {}
+    for key, name in names.items():
+        runs = (src.get(key) or {}).get("piqa_all") or {}
+        acc = runs.get("base", {}).get("acc") if key != "seed" else next(
+            (r.get("base_acc") for r in runs.values() if isinstance(r, dict) and r.get("base_acc") is not None), None)
+        if acc is not None:
+            out[name] = acc
+    return out
+
+
 def base(src: dict[str, Any]) -> dict[str, float]:
     row = next(r for r in src["k"]["rows"] if r["id"] == "base")
     return {"wiki": row["ppl_wiki"], "passages": row["ppl_boolq_passages"]}
@@ -172,6 +186,11 @@ def fmt_md(res: dict[str, Any]) -> str:
         lines.append(f"| {r['budget']} | {r['lever']} ({r['session']}) | {b['source']} -> {a['source']} | "
                      f"{b['kl']:.3f} -> {a['kl']:.3f} | {ppl(b, 'wiki')} -> {ppl(a, 'wiki')} | "
                      f"{ppl(b, 'passages')} -> {ppl(a, 'passages')} | {piqa(b)} -> {piqa(a)} | {r['verdict']} |")
+    bases = res.get("piqa_bases") or {}
+    if len(set(bases.values())) > 1:
+        lines += ["", "PIQA ratios are each against its own table's base run: " + ", ".join(
+            f"{k} {v:.4f}" for k, v in bases.items()) + " (the base F16 file scored in different sessions: an item apart), so a "
+            "lever across two tables carries that much (~0.001 of the ratio) besides its own effect."]
     lines += ["", "## Against the targets (each budget's latest row)", "", "| budget | target | row | got | met | gap |",
               "|---|---|---|---|---|---|"]
     for t in res["targets"]:
@@ -198,7 +217,8 @@ def main() -> None:
     res = {"sources": ["seed_table_gpu.json", "kquant_table.json"] + (["kquant_table_s11.json"] if src.get("k11") else [])
            + (["kquant_gpu_s14.json"] if src.get("pre") else []),
            "base": base(src), "ablation": rows,
-           "targets": targets(src, rows), "pre_finetune": pre_finetune(src), "not_measured": NOT_MEASURED}
+           "targets": targets(src, rows), "pre_finetune": pre_finetune(src), "piqa_bases": piqa_bases(src),
+           "not_measured": NOT_MEASURED}
     out = Path(a.out)
     out.write_text(json.dumps(res, indent=1))
     out.with_suffix(".md").write_text(fmt_md(res))

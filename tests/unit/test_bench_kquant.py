@@ -198,6 +198,12 @@ def test_carried_rows_keep_what_was_not_rebuilt_only_when_the_base_reproduces(tm
         kt.carried_rows(old, built)
     with pytest.raises(SystemExit, match="need their base row"):
         kt.carried_rows(old, built[1:])
+    # carried again from a table that itself carried it: it keeps where it was measured and its base's speed
+    built[0]["ppl_wiki"] = 245.7
+    newer = tmp_path / "newer.json"
+    newer.write_text(json.dumps({"base_tokens_per_s": 34.0, "rows": [row("base", 245.7, "base"), *got]}))
+    again = kt.carried_rows(newer, built)
+    assert [(r["id"], r["carried_from"], r["base_tokens_per_s_then"]) for r in again] == [("q4_k_m", str(old), 20.0)]
 
 
 def test_carried_piqa_runs_only_beside_the_same_base_file(tmp_path):
@@ -212,6 +218,8 @@ def test_carried_piqa_runs_only_beside_the_same_base_file(tmp_path):
     assert got["tailor-k@3.0"]["carried_from"] == str(old) and got["tailor-k@4.0"]["sha256"] == "new4"
     with pytest.raises(SystemExit, match="another base file"):
         kt.carried_piqa(old, {**here, "base": {**run, "sha256": "b2"}}, rows)
+    with pytest.raises(SystemExit, match="needs base=JSON"):
+        kt.carried_piqa(old, {"tailor-k@4.0": here["tailor-k@4.0"]}, rows)
     assert kt.carried_piqa(old, here, rows[1:]) == here  # nothing carried, nothing added
 
 

@@ -20,3 +20,9 @@ def test_each_kind_restores_only_its_own_cut():
     assert CFG["layers"][0]["kv_groups"] == 2  # the caller's config is not changed
     with pytest.raises(ValueError, match="kind 'bits'"):
         ca.restored(CFG, "bits", 3, 1536)
+
+
+def test_per_mb_is_kl_removed_per_restored_megabyte_and_none_without_a_cut():
+    kl = {"searched": {"all": 0.6, "weight_bytes": 10_000_000}, "kv": {"all": 0.5, "weight_bytes": 12_000_000},
+          "ffn": {"all": 0.6, "weight_bytes": 10_000_000}}
+    assert ca.per_mb(kl) == {"kv": pytest.approx(0.05), "ffn": None}
