@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-EDGES = (0, 16, 32, 64, 128, 256)  # position buckets [a, b) of the predicted token's context length
+EDGES = (0, 16, 32, 64, 128, 256)  # buckets [a, b) of the position predicting the next token (context: position + 1 tokens)
 
 
 def bucket_means(nlls: list[np.ndarray], edges: tuple[int, ...] = EDGES) -> dict[str, dict[str, float]]:
