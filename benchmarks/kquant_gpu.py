@@ -55,6 +55,7 @@ steps, `+sn` from the trained supernet's weights (saved as kq/supernet.safetenso
 searched row records `kl_before_from` {base, supernet}: where a fine-tune would start. `--configs <search.json>`
 fine-tunes an earlier search's subnets (no search); with a `+sn` row it trains the supernet first (--supernet-s)
 and records each subnet's `kl_before_from`, so `+sn` differs from its base-started row in the start alone.
+`--search-min-kv-groups N` holds every searched layer at N or more KV groups (the supernet still trains them all).
 
 What session 14 learnt on the H200 (reports/bench/kquant_gpu_s14.json): with the grouped quantizer the K-grid
 supernet runs 331 steps in 300 s (0.91 s a step; session 11: 60 in 240 s). One fine-tune alone, eager, takes
@@ -269,13 +270,13 @@ class Search:
         self.model, self.imp = model, imp
         self.space = space_for(p, model, imp.drop_order(), p.supernet_formats()["gguf"])  # what the supernet trains
         a = self.space.arch  # what the searches choose from: the table at Q4_0, as steps/search.device_space
-        self.search_space = SearchSpace.build(a, list(self.space.bits), [EMBED_BITS], p.supernet.min_ffn_frac,
-                                              p.supernet.min_kv_groups, p.supernet.max_drop_frac, imp.drop_order())
+        self.search_space = self.joint_space(imp.drop_order())
         self.t_val = teacher_logits(self.teacher, self.val)
         from tailor.arch import SubnetConfig
 
         self.n_params = SubnetConfig.max(a).param_count(a)
         self.res.update(n_params=self.n_params, overhead=self.overhead, drop_order=imp.drop_order(), space_bits=[str(b) for b in self.space.bits],
+                        search_min_kv_groups=self.search_space.min_kv,
                         ffn_widths=self.space.ffn_widths(), data={"train": list(self.train.shape), "val": list(self.val.shape)})
 
     def supernet(self) -> dict:
@@ -337,6 +338,19 @@ class Search:
         set_max(self.model)
         out["max"] = mean_kl(self.model, self.val, self.t_val)
         return {k: round(v, 5) for k, v in out.items()}
+
+    def joint_space(self, drop_order: list[int]):
+        """What the joint searches choose from: the supernet's space (the profile's FFN, KV-group and depth
+        floors), or with --search-min-kv-groups every kept layer holding at least that many KV groups (issue
+        19's check of a search that pays for its bytes in FFN width, depth or bits, not in attention)."""
+        from tailor.elastic.space import SearchSpace
+
+        p, a = self.params, self.space.arch
+        kv = getattr(self.args, "search_min_kv_groups", None) or p.supernet.min_kv_groups
+        if not 1 <= kv <= a.n_kv_heads:
+            raise SystemExit(f"kquant_gpu: --search-min-kv-groups {kv}: the model has {a.n_kv_heads} KV groups a layer")
+        return SearchSpace.build(a, list(self.space.bits), [EMBED_BITS], p.supernet.min_ffn_frac, kv,
+                                 p.supernet.max_drop_frac, drop_order)
 
     def fixed_space(self):
         """The bits-only space: every layer, every KV group, the full FFN width; bits free."""
@@ -841,6 +855,8 @@ def main() -> None:
     a.add_argument("--rows", nargs="*", default=None, help="rows by id instead of the default four (rows_plan)")
     a.add_argument("--configs", type=Path, default=None,
                    help="an earlier search.json: fine-tune its rows' subnets, no search (a supernet only for +sn rows)")
+    a.add_argument("--search-min-kv-groups", type=int, default=None,
+                   help="joint searches keep at least this many KV groups a layer (default: the profile's floor)")
     a.add_argument("--start-after-search", action="store_true",
                    help="start the fine-tunes once every row is searched and the search's GPU memory is freed")
     a.add_argument("--ft-eager", action="store_true", help="fine-tunes without torch.compile (finetune --eager)")

@@ -80,6 +80,27 @@ def test_joint_search_fits_its_budget_and_cuts_something():
     assert res["search_kl"] == min(c["kl"] for c in res["candidates"] if c["bytes"] <= budget)
 
 
+def test_search_min_kv_groups_holds_every_layers_attention_and_refuses_an_impossible_floor():
+    import argparse
+
+    from tailor.arch import SubnetConfig
+
+    s = _search()
+    a = s.space.arch
+    s.args = argparse.Namespace(search_min_kv_groups=a.n_kv_heads)
+    s.search_space = s.joint_space([2, 1, 0])
+    assert s.search_space.min_kv == a.n_kv_heads
+    res = s.search_row({"id": "j", "kind": "joint", "frac": 0.7})
+    cfg = SubnetConfig.from_dict(res["config"])
+    assert all(lc.kv_groups == a.n_kv_heads for lc in cfg.layers if lc.keep)
+    assert cfg.nbytes(a, "gguf") <= res["budget_bytes"]
+    s.args = argparse.Namespace(search_min_kv_groups=None)  # the profile's floor: cuts allowed
+    assert s.joint_space([2, 1, 0]).min_kv == s.params.supernet.min_kv_groups < a.n_kv_heads
+    s.args = argparse.Namespace(search_min_kv_groups=a.n_kv_heads + 1)
+    with pytest.raises(SystemExit, match="KV groups a layer"):
+        s.joint_space([2, 1, 0])
+
+
 def test_bits_only_keeps_the_structure_and_reports_a_budget_below_its_floor():
     from tailor.arch import SubnetConfig
 
