@@ -287,6 +287,12 @@ class Search:
         from tailor.train import TrainSpec, train_kd
 
         sp = self.params.supernet
+        if self.args.supernet_steps == 0:  # no training: the searches rank subnets on the base's own weights
+            self.model.eval()
+            set_max(self.model)
+            kls = self.val_kls()
+            return {"steps": 0, "step_cap": 0, "seconds": 0.0, "compile": "off", "student_tokens": 0,
+                    "val_kl_before": kls, "val_kl_after": kls, "loss_first_last": None}
         steps = sp.steps if self.args.profile == "tiny" else min(sp.steps, self.args.supernet_steps)
         stop = time.time() + self.args.supernet_s
         box = {"steps": 0}
@@ -842,7 +848,8 @@ def main() -> None:
     a.add_argument("--out", type=Path, default=Path(os.environ.get("OUT") or DEST / "out"))
     a.add_argument("--profile", choices=("full", "tiny"), default="full")
     a.add_argument("--supernet-s", type=float, default=240.0, help="seconds of supernet training at most")
-    a.add_argument("--supernet-steps", type=int, default=400, help="sandwich steps at most")
+    a.add_argument("--supernet-steps", type=int, default=400,
+                   help="sandwich steps at most; 0: no training, the searches rank subnets on the base's weights")
     a.add_argument("--supernet-compile", action="store_true",
                    help="torch.compile the quantizer in the supernet's training too (CUDA; session 11 ran it eager: "
                         "60 steps in 240 s beside a fine-tune)")

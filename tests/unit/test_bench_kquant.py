@@ -101,6 +101,18 @@ def test_search_min_kv_groups_holds_every_layers_attention_and_refuses_an_imposs
         s.joint_space([2, 1, 0])
 
 
+def test_zero_supernet_steps_leave_the_weights_as_they_are():
+    import argparse
+
+    s = _search()
+    before = {k: v.clone() for k, v in s.model.state_dict().items()}
+    s.args = argparse.Namespace(profile="full", supernet_steps=0, supernet_s=60.0, supernet_compile=False)
+    res = s.supernet()
+    assert res["steps"] == 0 and res["val_kl_before"] == res["val_kl_after"]
+    assert res["val_kl_after"]["max"] < 1e-6 < res["val_kl_after"]["min"]  # the base itself at max; cuts cost
+    assert all(torch.equal(v, s.model.state_dict()[k]) for k, v in before.items())
+
+
 def test_bits_only_keeps_the_structure_and_reports_a_budget_below_its_floor():
     from tailor.arch import SubnetConfig
 
