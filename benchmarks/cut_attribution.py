@@ -72,6 +72,7 @@ def main() -> None:
     from safetensors.torch import load_file
 
     from benchmarks import seed_table_gpu as sg
+    from benchmarks.kquant_gpu import search_rows
     from tailor.arch import SubnetConfig
     from tailor.elastic import importance
     from tailor.elastic.supernet import arch_of, export_active
@@ -81,8 +82,7 @@ def main() -> None:
     model = load_model_dir(a.base).eval()
     importance.permute_(model, sg.load_importance(a.importance))
     arch = arch_of(model)
-    src = json.loads(a.search.read_text())  # a search.json, or a device record holding one (kquant_gpu_s14.json)
-    rows = src["rows"] if "rows" in src else src.get("search", {}).get("rows", {})
+    rows = search_rows(a.search)  # a search.json, or a device record holding one (kquant_gpu_s14.json)
     if a.row not in rows or "config" not in rows[a.row]:
         raise SystemExit(f"cut_attribution: {a.search}: no config for row {a.row}")
     val = load_file(a.val)["input_ids"][: a.seqs].long()

@@ -141,6 +141,16 @@ def k_params(profile: str, ft_steps: int | None = None, kd_chunk: int = 0, ft_lr
     return parse_params(raw, name)
 
 
+def search_rows(path: Path) -> dict[str, dict]:
+    """The searched rows (id -> result, its "config" included) of a search.json, or of a device record that
+    holds one under "search" (reports/bench/kquant_gpu_s14.json). SystemExit naming the file if neither."""
+    src = json.loads(path.read_text())
+    rows = src["rows"] if "rows" in src else (src.get("search") or {}).get("rows")
+    if not isinstance(rows, dict):
+        raise SystemExit(f"kquant_gpu: {path}: neither a search.json nor a record holding one")
+    return rows
+
+
 VARIANTS = {"emb": "QAT trains the tied embedding too (finetune.train_embeddings)",
             "2x": "twice the fine-tune steps (and tokens), the same schedule stretched",
             "sn": "the fine-tune starts from the trained supernet's weights (as steps/finetune.py), not the base's"}
@@ -512,8 +522,7 @@ class Search:
         self.mark("setup")
         plan = rows_plan(self.args.profile == "tiny", self.args.rows)
         if self.args.configs:  # an earlier search's subnets: no search; a supernet only for "+sn" rows
-            src = json.loads(self.args.configs.read_text())  # a search.json, or a device record holding one
-            self.res["rows"] = src["rows"] if "rows" in src else src["search"]["rows"]
+            self.res["rows"] = search_rows(self.args.configs)
             self.res["configs_from"] = str(self.args.configs)
             cfgs = {}
             for row in plan:

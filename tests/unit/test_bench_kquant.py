@@ -460,3 +460,13 @@ def test_row_variants_reuse_their_base_rows_subnet_and_change_only_the_recipe(tm
     assert from_sn[from_sn.index("--from-supernet") + 1].endswith("supernet.safetensors") and "--steps" not in from_sn
     k = kg.k_params("tiny", None, 0, None, True)
     assert k.finetune.train_embeddings and not kg.k_params("tiny").finetune.train_embeddings
+
+
+def test_search_rows_read_a_search_json_or_a_device_record_and_refuse_anything_else(tmp_path):
+    rows = {"tailor-k@4.0": {"config": {"layers": []}}}
+    for name, doc in (("s.json", {"rows": rows}), ("rec.json", {"what": "x", "search": {"rows": rows}})):
+        (tmp_path / name).write_text(json.dumps(doc))
+        assert kg.search_rows(tmp_path / name) == rows
+    (tmp_path / "bad.json").write_text(json.dumps({"what": "x"}))
+    with pytest.raises(SystemExit, match="bad.json: neither"):
+        kg.search_rows(tmp_path / "bad.json")
