@@ -449,12 +449,18 @@ class Search:
         return kls
 
     def start(self, rid: str, cfg, base: Path, data: Path) -> None:
-        """Write the row's config and start its fine-tune, detached (it outlives this command)."""
+        """Write the row's config and start its fine-tune, detached (it outlives this command); a row left out
+        of --finetune is only searched (its subnet and starting KLs in search.json)."""
+        chosen = getattr(self.args, "finetune", None)
+        if chosen is not None and rid not in chosen and not (rid.startswith("bits-k@") and "bits-k" in chosen):
+            self.mark(f"{rid}: searched only (not in --finetune)")
+            return
         d = self.work / "jobs" / f"job{len(self.jobs)}"
         d.mkdir(parents=True, exist_ok=True)
         (d / "config.json").write_text(cfg.to_json())
         repo = self.repo_copy()
-        cmd = [sys.executable, str(repo / "benchmarks" / "kquant_gpu.py"), "finetune", "--row", rid, "--job", str(d),
+        row_id = rid + (getattr(self.args, "id_suffix", None) or "")  # what its meta.json and folder are named
+        cmd = [sys.executable, str(repo / "benchmarks" / "kquant_gpu.py"), "finetune", "--row", row_id, "--job", str(d),
                "--base", str(base), "--data", str(data), "--importance", str(self.work / "importance.safetensors"),
                "--profile", self.args.profile, "--kd-chunk", str(self.args.kd_chunk)] \
             + (["--steps", str(self.ft_steps(rid))] if self.args.ft_steps or "2x" in variants_of(rid) else []) \
@@ -469,11 +475,11 @@ class Search:
                "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "4", "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
         with open(d / "log", "ab") as f:
             pid = subprocess.Popen(cmd, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True).pid
-        self.jobs.append({"gpu": 0, "rows": [rid], "schedule": self.params.finetune.schedule, "lr": self.params.finetune.lr})
+        self.jobs.append({"gpu": 0, "rows": [row_id], "schedule": self.params.finetune.schedule, "lr": self.params.finetune.lr})
         self.pids[str(len(self.jobs) - 1)] = pid
         # seed_table_gpu.wait reads this layout: jobs.json {"jobs", "pids"} and job<i>/<row>/meta.json
         (self.work / "jobs" / "jobs.json").write_text(json.dumps({"jobs": self.jobs, "pids": self.pids}))
-        self.mark(f"fine-tune {rid} started (pid {pid})")
+        self.mark(f"fine-tune {row_id} started (pid {pid})")
 
     def save_supernet(self) -> None:
         """The trained supernet's weights (importance-permuted, clips included), for "+sn" fine-tunes."""
@@ -514,13 +520,17 @@ class Search:
     def main(self) -> None:
         from tailor.arch import SubnetConfig
 
+        plan = rows_plan(self.args.profile == "tiny", self.args.rows)
+        unknown = sorted(set(getattr(self.args, "finetune", None) or []) - {r["id"] for r in plan})
+        if unknown:  # before any GPU minute is spent
+            raise SystemExit(f"kquant_gpu: --finetune {' '.join(unknown)}: not among the rows "
+                             f"({' '.join(r['id'] for r in plan)})")
         if self.args.gguf is not None:  # any model source's GGUF (staged with stage-gguf), its shard beside
             base, data = convert_base(self.args.gguf, self.args.data / "tok"), self.args.data
         else:  # SmolLM2: its GGUF halves carried in .bwq/a and .bwq/b
             base, data = bq.unpack(self.args.src, self.args.dest), self.args.dest / "data"
         self.setup(base, data)
         self.mark("setup")
-        plan = rows_plan(self.args.profile == "tiny", self.args.rows)
         if self.args.configs:  # an earlier search's subnets: no search; a supernet only for "+sn" rows
             self.res["rows"] = search_rows(self.args.configs)
             self.res["configs_from"] = str(self.args.configs)
@@ -873,6 +883,11 @@ def main() -> None:
                    help="an earlier search.json: fine-tune its rows' subnets, no search (a supernet only for +sn rows)")
     a.add_argument("--search-min-kv-groups", type=int, default=None,
                    help="joint searches keep at least this many KV groups a layer (default: the profile's floor)")
+    a.add_argument("--finetune", nargs="*", default=None,
+                   help="fine-tune only these of the rows (none: search only); default every row")
+    a.add_argument("--id-suffix", default=None,
+                   help="appended to each fine-tuned row's id, naming what this run's search changed (e.g. +bw: "
+                        "ranked on the base's weights, --supernet-steps 0), so its rows stand beside earlier ones")
     a.add_argument("--start-after-search", action="store_true",
                    help="start the fine-tunes once every row is searched and the search's GPU memory is freed")
     a.add_argument("--ft-eager", action="store_true", help="fine-tunes without torch.compile (finetune --eager)")

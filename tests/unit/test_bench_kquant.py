@@ -462,6 +462,23 @@ def test_row_variants_reuse_their_base_rows_subnet_and_change_only_the_recipe(tm
     assert k.finetune.train_embeddings and not kg.k_params("tiny").finetune.train_embeddings
 
 
+def test_finetune_picks_which_searched_rows_train_and_refuses_a_row_not_listed(tmp_path, monkeypatch):
+    """`--finetune` trains a chosen few of the rows (a `+sn` variant without its plain base row); an id that
+    is not a row stops the run before the base is even unpacked."""
+    rids = ("tailor-k@4.0", "tailor-k@4.0+emb+sn", "bits-k@4.25")
+    s, started = _start_rows(tmp_path, monkeypatch, rids, finetune=["tailor-k@4.0+emb+sn", "bits-k"])
+    assert [c[c.index("--row") + 1] for c in started] == ["tailor-k@4.0+emb+sn", "bits-k@4.25"]
+    assert any("tailor-k@4.0: searched only" in m for m, _ in s.res["timeline"])
+    _, everything = _start_rows(tmp_path / "all", monkeypatch, rids, id_suffix="+bw")
+    assert [c[c.index("--row") + 1] for c in everything] == [r + "+bw" for r in rids]
+    spec = json.loads((tmp_path / "all" / "kq" / "jobs" / "jobs.json").read_text())  # what `wait` looks for
+    assert [j["rows"] for j in spec["jobs"]] == [[r + "+bw"] for r in rids]
+    s.args.rows, s.args.finetune = list(rids[:2]), ["tailor-k@3.0+emb"]
+    monkeypatch.setattr(kg.bq, "unpack", lambda *a: pytest.fail("unpacked before the rows were checked"))
+    with pytest.raises(SystemExit, match=r"--finetune tailor-k@3.0\+emb: not among the rows"):
+        s.main()
+
+
 def test_search_rows_read_a_search_json_or_a_device_record_and_refuse_anything_else(tmp_path):
     rows = {"tailor-k@4.0": {"config": {"layers": []}}}
     for name, doc in (("s.json", {"rows": rows}), ("rec.json", {"what": "x", "search": {"rows": rows}})):
