@@ -51,11 +51,15 @@ most, `--max-jobs 2` queues a third). Then `wait`, `collect` (metas only), here 
 
 Issue 19's levers as row variants (`--rows tailor-k@4.0 tailor-k@4.0+emb+2x ...`, VARIANTS): a `+` suffix
 fine-tunes the subnet its base row found by another recipe: `+emb` QAT of the tied embedding, `+2x` twice the
-steps, `+sn` from the trained supernet's weights (saved as kq/supernet.safetensors) instead of the base's. Each
+steps, `+sn` from the trained supernet's weights (saved as kq/supernet.safetensors) instead of the base's, `+gen`
+with `--gen-seqs` sequences sampled from the base joining the corpus shard (drawn once a run, before any fine-tune
+starts, kq/generated.safetensors). Each
 searched row records `kl_before_from` {base, supernet}: where a fine-tune would start. `--configs <search.json>`
 fine-tunes an earlier search's subnets (no search); with a `+sn` row it trains the supernet first (--supernet-s)
 and records each subnet's `kl_before_from`, so `+sn` differs from its base-started row in the start alone.
 `--search-min-kv-groups N` holds every searched layer at N or more KV groups (the supernet still trains them all).
+`--finetune ROW ...` trains only those of the rows (none: a search-only run); `--id-suffix +bw` names a search
+variant's rows apart from earlier ones (session 16: `--supernet-steps 0`, ranked on the base's weights).
 
 What session 14 learnt on the H200 (reports/bench/kquant_gpu_s14.json): with the grouped quantizer the K-grid
 supernet runs 331 steps in 300 s (0.91 s a step; session 11: 60 in 240 s). One fine-tune alone, eager, takes
@@ -105,6 +109,7 @@ BITS_ONLY_BPP = (4.0, 4.25, 4.5)
 EMBED_BITS = 4  # the tied table at Q4_0, as every seed-table Tailor row at these budgets
 RECIPE = "kgrid"  # the `recipe` field seed_table_gpu's wait / collect / gather key the rows by
 DEST = Path(tempfile.gettempdir()) / "bwq"
+GENERATED = "generated.safetensors"  # a run's teacher samples (+gen rows), in its kq/ folder
 
 
 def log(*a) -> None:
@@ -153,7 +158,9 @@ def search_rows(path: Path) -> dict[str, dict]:
 
 VARIANTS = {"emb": "QAT trains the tied embedding too (finetune.train_embeddings)",
             "2x": "twice the fine-tune steps (and tokens), the same schedule stretched",
-            "sn": "the fine-tune starts from the trained supernet's weights (as steps/finetune.py), not the base's"}
+            "sn": "the fine-tune starts from the trained supernet's weights (as steps/finetune.py), not the base's",
+            "gen": "--gen-seqs sequences sampled from the base (LLM-QAT's data-free KD, finetune.generated_seqs) join "
+                   "the corpus shard: fewer repeats of its 3,600 sequences (1000 x 32 draws ~ 8.9 epochs)"}
 
 
 def variants_of(rid: str) -> list[str]:
@@ -466,6 +473,7 @@ class Search:
             + (["--steps", str(self.ft_steps(rid))] if self.args.ft_steps or "2x" in variants_of(rid) else []) \
             + (["--train-embeddings"] if "emb" in variants_of(rid) else []) \
             + (["--from-supernet", str(self.work / "supernet.safetensors")] if "sn" in variants_of(rid) else []) \
+            + (["--generated", str(self.work / GENERATED)] if "gen" in variants_of(rid) else []) \
             + (["--lr", str(self.args.ft_lr)] if getattr(self.args, "ft_lr", None) else []) \
             + (["--eager"] if self.args.ft_eager else []) + (["--checkpointing"] if self.args.ft_checkpointing else [])
         k = len(self.jobs)
@@ -480,6 +488,26 @@ class Search:
         # seed_table_gpu.wait reads this layout: jobs.json {"jobs", "pids"} and job<i>/<row>/meta.json
         (self.work / "jobs" / "jobs.json").write_text(json.dumps({"jobs": self.jobs, "pids": self.pids}))
         self.mark(f"fine-tune {row_id} started (pid {pid})")
+
+    def generate(self, n: int) -> dict:
+        """`n` sequences sampled from the (permuted) base once for every "+gen" row of this run, before any
+        of them starts: kq/generated.safetensors. Permuting heads and neurons leaves the base's function, so
+        the samples are the base's."""
+        import torch
+
+        from tailor.distill import teacher_samples
+        from tailor.models.base import save_state
+
+        t = time.time()
+        seqs = teacher_samples(self.teacher, n, self.train.shape[1], self.train[:, 0].unique(), self.params.finetune.seed,
+                               batch_size=self.args.gen_batch)
+        if self.dev.type == "cuda":
+            torch.cuda.empty_cache()
+        save_state({"input_ids": seqs}, self.work / GENERATED)
+        secs = time.time() - t
+        self.mark(f"{n} sequences sampled from the base")
+        return {"seqs": n, "seq_len": int(seqs.shape[1]), "batch": self.args.gen_batch, "seconds": round(secs, 1),
+                "tokens_per_s": round(seqs.numel() / secs), "distinct_first_tokens": int(seqs[:, 0].unique().numel())}
 
     def save_supernet(self) -> None:
         """The trained supernet's weights (importance-permuted, clips included), for "+sn" fine-tunes."""
@@ -531,6 +559,8 @@ class Search:
             base, data = bq.unpack(self.args.src, self.args.dest), self.args.dest / "data"
         self.setup(base, data)
         self.mark("setup")
+        if any("gen" in row.get("variants", []) for row in plan):  # shared by the +gen rows, drawn before any starts
+            self.res["generated"] = self.generate(self.args.gen_seqs)
         if self.args.configs:  # an earlier search's subnets: no search; a supernet only for "+sn" rows
             self.res["rows"] = search_rows(self.args.configs)
             self.res["configs_from"] = str(self.args.configs)
@@ -660,6 +690,12 @@ def finetune(args) -> None:
     teacher = teacher.to(dev).requires_grad_(False).eval()
     seq = 64 if args.profile == "tiny" else None
     train = load_file(args.data / "train.safetensors")["input_ids"][:, :seq]
+    n_corpus = len(train)
+    if args.generated:  # a "+gen" row: the search run's teacher samples beside the corpus rows
+        gen = load_file(args.generated)["input_ids"]
+        if gen.shape[1] != train.shape[1]:
+            raise SystemExit(f"kquant_gpu finetune: {args.generated}: {gen.shape[1]}-token samples, shard {train.shape[1]}")
+        train = torch.cat([train, gen.to(train.dtype)])
     val = load_file(args.data / "val.safetensors")["input_ids"][:, :seq][: p.search.val_seqs]
     t_val = teacher_logits(teacher, val)
     kl_before = mean_kl(student, val, t_val)
@@ -714,6 +750,7 @@ def finetune(args) -> None:
     meta = {"id": args.row, "recipe": RECIPE, **scored, "config_hash": cfg.hash, "config": cfg.to_dict(),
             "gpu": torch.cuda.get_device_name(0) if dev.type == "cuda" else "cpu", "torch": torch.__version__,
             "finetune": ft.model_dump(), "seq_len": int(train.shape[1]),
+            "train_seqs": {"corpus": n_corpus, "generated": len(train) - n_corpus},
             "tokens": ft.steps * ft.batch_size * int(train.shape[1]), "train_seconds": round(train_s, 1),
             "tokens_per_s": round(ft.steps * ft.batch_size * int(train.shape[1]) / train_s),
             "resumed_from": r.resumed_from, "compile": compiled, "kl_before": kl_before, "kl_after": kl_after,
@@ -885,6 +922,9 @@ def main() -> None:
                    help="joint searches keep at least this many KV groups a layer (default: the profile's floor)")
     a.add_argument("--finetune", nargs="*", default=None,
                    help="fine-tune only these of the rows (none: search only); default every row")
+    a.add_argument("--gen-seqs", type=int, default=10_800,
+                   help="teacher-sampled sequences for +gen rows (default 3x the full profile's 3,600-sequence shard)")
+    a.add_argument("--gen-batch", type=int, default=512, help="sequences sampled at once (KV cache: batch x seq)")
     a.add_argument("--id-suffix", default=None,
                    help="appended to each fine-tuned row's id, naming what this run's search changed (e.g. +bw: "
                         "ranked on the base's weights, --supernet-steps 0), so its rows stand beside earlier ones")
@@ -905,6 +945,7 @@ def main() -> None:
     a.add_argument("--lr", type=float, default=None)
     a.add_argument("--train-embeddings", action="store_true", help="QAT trains the tied embedding too (a +emb row)")
     a.add_argument("--from-supernet", type=Path, default=None, help="start from these supernet weights (a +sn row)")
+    a.add_argument("--generated", type=Path, default=None, help="teacher samples joining the shard (a +gen row)")
     a.add_argument("--kd-chunk", type=int, default=0)
     a.add_argument("--eager", action="store_true", help="no torch.compile (on Qwen2.5-0.5B's shapes Inductor hung in "
                    "sympy for minutes, then segfaulted)")

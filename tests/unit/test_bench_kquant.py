@@ -452,10 +452,13 @@ def test_row_variants_reuse_their_base_rows_subnet_and_change_only_the_recipe(tm
         ("joint", None, None), ("variant", "tailor-k@4.0", ["emb", "2x"]), ("variant", "tailor-k@4.0", ["sn"])]
     with pytest.raises(SystemExit, match="'fast'"):
         kg.rows_plan(False, ["tailor-k@4.0+fast"])
-    s, started = _start_rows(tmp_path, monkeypatch, ("tailor-k@4.0", "tailor-k@4.0+emb+2x", "tailor-k@4.0+sn"))
+    s, started = _start_rows(tmp_path, monkeypatch, ("tailor-k@4.0", "tailor-k@4.0+emb+2x", "tailor-k@4.0+sn",
+                                                     "tailor-k@4.0+gen"))
     steps = s.params.finetune.steps
-    plain, varied, from_sn = started
-    assert "--steps" not in plain and "--train-embeddings" not in plain and "--from-supernet" not in plain
+    plain, varied, from_sn, with_gen = started
+    assert not {"--steps", "--train-embeddings", "--from-supernet", "--generated"} & set(plain)
+    assert with_gen[with_gen.index("--generated") + 1] == str(tmp_path / "kq" / kg.GENERATED)
+    assert "--generated" not in varied + from_sn
     assert varied[varied.index("--steps") + 1] == str(2 * steps) and "--train-embeddings" in varied
     assert from_sn[from_sn.index("--from-supernet") + 1].endswith("supernet.safetensors") and "--steps" not in from_sn
     k = kg.k_params("tiny", None, 0, None, True)

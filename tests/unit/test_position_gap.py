@@ -18,3 +18,15 @@ def test_gaps_are_row_minus_base_per_set_and_bucket():
     base = {"passages": {"0-16": {"nll": 4.0, "tokens": 9}, "all": {"nll": 3.0, "tokens": 9}}}
     row = {"passages": {"0-16": {"nll": 4.25, "tokens": 9}, "all": {"nll": 2.5, "tokens": 9}}}
     assert pg.gaps({"base": base, "r": row}) == {"r": {"passages": {"0-16": 0.25, "all": -0.5}}}
+
+
+def test_shard_sets_take_the_first_sequences_of_train_and_val_and_name_a_missing_file(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    save_file({"input_ids": torch.arange(40, dtype=torch.int32).reshape(4, 10)}, str(tmp_path / "train.safetensors"))
+    with pytest.raises(SystemExit, match="no val.safetensors"):
+        pg.shard_sets(tmp_path, 2, 3)
+    save_file({"input_ids": -torch.arange(40, dtype=torch.int32).reshape(4, 10)}, str(tmp_path / "val.safetensors"))
+    got = pg.shard_sets(tmp_path, 2, 3)
+    assert got == {"shard_train": [[0, 1, 2], [10, 11, 12]], "shard_val": [[0, -1, -2], [-10, -11, -12]]}
