@@ -31,22 +31,28 @@ LEVERS = [
      ("k11", "tailor-k@4.0"), ("k", "tailor-k@4.0")),
     ("<= 4.0", "QAT of the tied embedding too (finetune.train_embeddings)", 15,
      ("k", "tailor-k@4.0"), ("k", "tailor-k@4.0+emb")),
+    ("<= 4.0", "subnet ranked on the base's own weights (no supernet) and fine-tuned from them; embedding QAT", 16,
+     ("k", "tailor-k@4.0+emb"), ("k", "tailor-k@4.0+emb+bw")),
+    ("<= 4.0", "the pipeline's order: a 326-step supernet's subnet fine-tuned from the supernet's weights; embedding QAT",
+     16, ("k", "tailor-k@4.0+emb"), ("k", "tailor-k@4.0+emb+sn")),
     ("<= 3.0", "fine-tune recipe: constant 1e-5 -> cosine 3e-4", 5,
      ("seed-recipe", "tailor@3.0", "constant-1e-05"), ("seed-recipe", "tailor@3.0", "cosine-3e-04")),
     ("<= 3.0", "grid: Q4_0 / Q5_1 / Q8_0 -> llama.cpp K-quants + IQ4_NL (search and QAT on it)", 11,
      ("seed", "tailor@3.0"), ("k11", "tailor-k@3.0")),
     ("<= 3.0", "both at once: the 331-step supernet's search and QAT of the tied embedding", 15,
      ("k11", "tailor-k@3.0"), ("k", "tailor-k@3.0+emb")),
+    ("<= 3.0", "the pipeline's order: a 326-step supernet's subnet fine-tuned from the supernet's weights; embedding QAT",
+     16, ("k", "tailor-k@3.0+emb"), ("k", "tailor-k@3.0+emb+sn")),
     ("4.61 (uniform)", "every layer matrix Q4_0 -> IQ4_NL (same bytes)", 11,
      ("seed", "qat4"), ("k11", "iq4nl-qat")),
 ]
 NOT_MEASURED = [
+    "distillation data beyond the 3,600-sequence corpus shard, which the full profile's fine-tune draws ~8.9 times "
+    "(teacher samples: `kquant_gpu.py --rows tailor-k@4.0+emb+gen`; at 12.9 k tokens/s the sampler needs ~7 min on the "
+    "H200 for 3x the shard)",
     "more fine-tune tokens for the rows that cut structure (every row so far: 1,000 x 32 x 512 = 16.4 M tokens; "
-    "`kquant_gpu.py --rows tailor-k@4.0+2x`)",
-    "the fine-tune started from the trained supernet's weights instead of the base's (`+sn`; the pipeline's finetune "
-    "stage does this)",
+    "`kquant_gpu.py --rows tailor-k@4.0+2x`); on the same shard that is ~18 epochs",
     "<= 3.0: the 331-step supernet's search without embedding QAT (only both at once were fine-tuned)",
-    "distillation data covering what PIQA and BoolQ ask (the calibrate corpora)",
 ]
 TARGETS = {"<= 4.0": {"wiki": 0.03, "passages": 0.03, "piqa": 0.98}, "<= 3.0": {"wiki": 0.10, "passages": 0.10}}
 
@@ -55,19 +61,40 @@ def load(bench: Path = BENCH) -> dict[str, Any]:
     seed = json.loads((bench / "seed_table_gpu.json").read_text())
     k = json.loads((bench / "kquant_table.json").read_text())
     k11 = bench / "kquant_table_s11.json"
-    s14 = bench / "kquant_gpu_s14.json"
+    s14, s16 = bench / "kquant_gpu_s14.json", bench / "kquant_gpu_s16.json"
     return {"seed": seed, "k": k, "k11": json.loads(k11.read_text()) if k11.is_file() else None,
-            "pre": json.loads(s14.read_text()).get("kl_before_cpu") if s14.is_file() else None}
+            "pre": json.loads(s14.read_text()).get("kl_before_cpu") if s14.is_file() else None,
+            "s16": json.loads(s16.read_text()).get("search") if s16.is_file() else None}
+
+
+# session 16's three searches (kquant_gpu_s16.json "search"): (lever, (run, start weights) before, after); a run's
+# rows record where a fine-tune of their subnet starts (kl_before_from), on 64 x 512 validation tokens
+S16_STARTS = [
+    ("subnet ranked on the base's own weights (no supernet) instead of a 326-step supernet's; start: base (16)",
+     ("B_supernet", "base"), ("A_base_weights", "base")),
+    ("every searched layer holds its 3 KV groups (ranked on the base's weights; start: base) (16)",
+     ("A_base_weights", "base"), ("C_base_weights_kv3", "base")),
+    ("the 326-step supernet's subnet started from the supernet's weights (+sn) instead of the base's (16)",
+     ("B_supernet", "base"), ("B_supernet", "supernet")),
+]
 
 
 def pre_finetune(src: dict[str, Any]) -> list[dict[str, Any]]:
     """Levers measured only on the validation KL before fine-tuning (the issue's first check, not a row):
     each budget's subnet from session 11's search beside session 14's, both cut from the permuted base."""
     pre = src.get("pre") or {}
-    return [{"budget": f"<= {rid.split('@')[1]}", "lever": "search on a 331-step K-grid supernet instead of a 60-step one (14)",
+    out = [{"budget": f"<= {rid.split('@')[1]}", "lever": "search on a 331-step K-grid supernet instead of a 60-step one (14)",
              "before": v["s11_search_60_step_supernet"], "after": v["s14_search_331_step_supernet"],
              "verdict": "better" if v["s14_search_331_step_supernet"] < v["s11_search_60_step_supernet"] else "worse"}
             for rid, v in pre.items() if rid.startswith("tailor-k@")]
+    runs = src.get("s16") or {}
+    for lever, (run_b, w_b), (run_a, w_a) in S16_STARTS if runs else ():
+        for rid in ("tailor-k@4.0", "tailor-k@3.0"):
+            b = runs[run_b]["rows"][rid]["kl_before_from"][w_b]
+            a = runs[run_a]["rows"][rid]["kl_before_from"][w_a]
+            out.append({"budget": f"<= {rid.split('@')[1]}", "lever": lever, "before": b, "after": a,
+                        "verdict": "better" if a < b else "worse"})
+    return out
 
 
 def metrics(src: dict[str, Any], ref: tuple) -> dict[str, Any]:
@@ -135,29 +162,44 @@ def ablation(src: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
-def targets(src: dict[str, Any], rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Each budget's latest row (the last lever's `after`) against #19's targets, with the gap."""
-    ref = base(src)
-    out = []
-    for budget, t in TARGETS.items():
-        last = [r for r in rows if r["budget"] == budget][-1]["after"]
-        for key, limit in t.items():
-            if key == "piqa":
-                got = last.get("piqa1500")
-                met = None if got is None else got >= limit
-                out.append({"budget": budget, "target": f"PIQA (1,500 items) >= {limit:.0%} of base", "row": last["source"],
-                            "got": got, "met": met, "gap": None if got is None else round(limit - got, 4)})
-            else:
-                rel = last[key] / ref[key] - 1
-                out.append({"budget": budget, "target": f"{key} perplexity within +{limit:.0%} of base", "row": last["source"],
-                            "got": round(rel, 4), "met": rel <= limit, "gap": round(rel - limit, 4)})
-    at4 = [r for r in rows if r["budget"] == "<= 4.0"][-1]["after"]
-    q4km = next(r for r in src["k"]["rows"] if r["id"] == "q4_k_m")  # llama.cpp's mix, same session and items
-    for key, name in (("wiki", "ppl_wiki"), ("passages", "ppl_boolq_passages")):
-        rel = at4[key] / q4km[name] - 1
-        out.append({"budget": "<= 4.0", "target": f"{key} perplexity below llama.cpp Q4_K_M's ({q4km[name]:.2f})",
-                    "row": at4["source"], "got": round(rel, 4), "met": rel < 0, "gap": round(rel, 4)})
+def target_rows(rows: list[dict[str, Any]], budget: str) -> list[dict[str, Any]]:
+    """The rows of kquant_table.json that a lever at `budget` ends on, in lever order, each once: the latest
+    table's candidates for the targets (an older table's rows were rebuilt since)."""
+    seen, out = set(), []
+    for r in rows:
+        a = r["after"]
+        if r["budget"] == budget and a["source"].startswith("kquant_table.json ") and a["source"] not in seen:
+            seen.add(a["source"])
+            out.append(a)
     return out
+
+
+def row_targets(budget: str, row: dict[str, Any], ref: dict[str, float], q4km: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row against its budget's #19 targets (TARGETS; at <= 4.0 also below Q4_K_M's perplexities), with gaps."""
+    out = []
+    for key, limit in TARGETS[budget].items():
+        if key == "piqa":
+            got = row.get("piqa1500")
+            out.append({"budget": budget, "target": f"PIQA (1,500 items) >= {limit:.0%} of base", "row": row["source"],
+                        "got": got, "met": None if got is None else got >= limit,
+                        "gap": None if got is None else round(limit - got, 4)})
+        else:
+            rel = row[key] / ref[key] - 1
+            out.append({"budget": budget, "target": f"{key} perplexity within +{limit:.0%} of base", "row": row["source"],
+                        "got": round(rel, 4), "met": rel <= limit, "gap": round(rel - limit, 4)})
+    if budget == "<= 4.0":
+        for key, name in (("wiki", "ppl_wiki"), ("passages", "ppl_boolq_passages")):
+            rel = row[key] / q4km[name] - 1
+            out.append({"budget": budget, "target": f"{key} perplexity below llama.cpp Q4_K_M's ({q4km[name]:.2f})",
+                        "row": row["source"], "got": round(rel, 4), "met": rel < 0, "gap": round(rel, 4)})
+    return out
+
+
+def targets(src: dict[str, Any], rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Every latest-table row of each budget (target_rows) against #19's targets."""
+    ref = base(src)
+    q4km = next(r for r in src["k"]["rows"] if r["id"] == "q4_k_m")  # llama.cpp's mix, same session and items
+    return [t for budget in TARGETS for row in target_rows(rows, budget) for t in row_targets(budget, row, ref, q4km)]
 
 
 def fmt_md(res: dict[str, Any]) -> str:
@@ -191,13 +233,24 @@ def fmt_md(res: dict[str, Any]) -> str:
         lines += ["", "PIQA ratios are each against its own table's base run: " + ", ".join(
             f"{k} {v:.4f}" for k, v in bases.items()) + " (the base F16 file scored in different sessions: an item apart), so a "
             "lever across two tables carries that much (~0.001 of the ratio) besides its own effect."]
-    lines += ["", "## Against the targets (each budget's latest row)", "", "| budget | target | row | got | met | gap |",
-              "|---|---|---|---|---|---|"]
-    for t in res["targets"]:
-        got = "-" if t["got"] is None else (f"{t['got']:.3f}" if "PIQA" in t["target"] else f"{t['got']:+.1%}")
-        gap = "-" if t["gap"] is None else (f"{t['gap']:.3f}" if "PIQA" in t["target"] else f"{t['gap']:+.1%}")
-        lines.append(f"| {t['budget']} | {t['target']} | {t['row']} | {got} | {'yes' if t['met'] else 'no' if t['met'] is False else '-'} "
-                     f"| {gap} |")
+    lines += ["", "## Against the targets (every row of the latest table at each budget)"]
+    for budget in dict.fromkeys(t["budget"] for t in res["targets"]):
+        ts = [t for t in res["targets"] if t["budget"] == budget]
+        names = list(dict.fromkeys(t["target"] for t in ts))
+        lines += ["", f"{budget} bits/param: each cell is the row's value, then met or the gap.", "",
+                  "| row | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+        for row in dict.fromkeys(t["row"] for t in ts):
+            cells = []
+            for name in names:
+                t = next(x for x in ts if x["row"] == row and x["target"] == name)
+                piqa = "PIQA" in name
+                if t["got"] is None:
+                    cells.append("-")
+                    continue
+                got = f"{t['got']:.3f}" if piqa else f"{t['got']:+.1%}"
+                cells.append(f"{got} **met**" if t["met"] else f"{got} (misses by {abs(t['gap']):.3f})" if piqa
+                             else f"{got} (misses by {t['gap']:.1%})")
+            lines.append(f"| {row.removeprefix('kquant_table.json ')} | " + " | ".join(cells) + " |")
     if res.get("pre_finetune"):
         lines += ["", "## Measured before fine-tuning only (validation KL of the subnet cut from the base; not a row)", "",
                   "| budget | lever (session) | KL before -> after | verdict |", "|---|---|---|---|"]
@@ -215,7 +268,7 @@ def main() -> None:
     src = load(Path(a.bench))
     rows = ablation(src)
     res = {"sources": ["seed_table_gpu.json", "kquant_table.json"] + (["kquant_table_s11.json"] if src.get("k11") else [])
-           + (["kquant_gpu_s14.json"] if src.get("pre") else []),
+           + (["kquant_gpu_s14.json"] if src.get("pre") else []) + (["kquant_gpu_s16.json"] if src.get("s16") else []),
            "base": base(src), "ablation": rows,
            "targets": targets(src, rows), "pre_finetune": pre_finetune(src), "piqa_bases": piqa_bases(src),
            "not_measured": NOT_MEASURED}

@@ -25,8 +25,12 @@ def _tables(tmp_path, k_wiki=236.0, k_passages=18.1):
     k = {"rows": [row("base", 250.0, 17.5, None), row("q4_k_m", 258.0, 18.5, None),
                   row("tailor-k@4.0", 240.0, 18.3, None, gpu={"kl_after": 0.21}),
                   row("tailor-k@4.0+emb", k_wiki, k_passages, None, gpu={"kl_after": 0.20}),
-                  row("tailor-k@3.0+emb", 255.0, 21.0, None, gpu={"kl_after": 0.49})],
-         "piqa_all": {"tailor-k@4.0+emb": {"vs_base": {"ratio": 0.99, "ci95": [0.97, 1.01]}}}}
+                  row("tailor-k@4.0+emb+bw", 230.0, 17.9, None, gpu={"kl_after": 0.21}),
+                  row("tailor-k@4.0+emb+sn", 231.0, 18.0, None, gpu={"kl_after": 0.22}),
+                  row("tailor-k@3.0+emb", 255.0, 21.0, None, gpu={"kl_after": 0.49}),
+                  row("tailor-k@3.0+emb+sn", 254.0, 19.0, None, gpu={"kl_after": 0.48})],
+         "piqa_all": {"tailor-k@4.0+emb": {"vs_base": {"ratio": 0.99, "ci95": [0.97, 1.01]}},
+                      "tailor-k@4.0+emb+bw": {"vs_base": {"ratio": 0.97, "ci95": [0.94, 1.0]}}}}
     for name, t in (("seed_table_gpu", seed), ("kquant_table_s11", k11), ("kquant_table", k)):
         (tmp_path / f"{name}.json").write_text(json.dumps(t))
     return ql.load(tmp_path)
@@ -45,17 +49,27 @@ def test_each_lever_reads_its_two_rows_and_the_targets_use_base_and_q4_k_m(tmp_p
     assert (search4["before"]["kl"], search4["after"]["kl"], search4["verdict"]) == (0.22, 0.21, "mixed")
     assert (emb4["before"]["source"], emb4["after"]["source"]) == ("kquant_table.json tailor-k@4.0",
                                                                   "kquant_table.json tailor-k@4.0+emb")
-    assert rows[6]["after"]["passages"] == 21.0 and rows[6]["verdict"] == "better"
-    assert rows[7]["verdict"] == "mixed"  # IQ4_NL: KL and passages better, wiki worse
-    t = {(x["budget"], x["target"].split(" (")[0]): x for x in ql.targets(src, rows)}
-    assert t[("<= 4.0", "wiki perplexity within +3% of base")]["got"] == pytest.approx(236 / 250 - 1, abs=1e-4)
-    assert t[("<= 4.0", "passages perplexity within +3% of base")]["met"] is False  # 18.1 / 17.5: +3.4%
-    assert t[("<= 4.0", "PIQA")]["met"] is True
-    assert t[("<= 4.0", "passages perplexity below llama.cpp Q4_K_M's")]["met"] is True  # 18.1 < 18.5
-    assert t[("<= 3.0", "passages perplexity within +10% of base")]["got"] == pytest.approx(21 / 17.5 - 1, abs=1e-4)
-    md = ql.fmt_md({"sources": ["a"], "base": ql.base(src), "ablation": rows, "targets": ql.targets(src, rows),
+    both3, iq4 = rows[8], rows[-1]
+    assert both3["after"]["passages"] == 21.0 and both3["verdict"] == "better"
+    assert iq4["verdict"] == "mixed"  # IQ4_NL: KL and passages better, wiki worse
+    targets = ql.targets(src, rows)
+    t = {(x["row"].split()[-1], x["target"].split(" (")[0]): x for x in targets}
+    # every latest-table row a <= 4.0 lever ends on, once each and in lever order; none of session 11's table
+    assert list(dict.fromkeys(x["row"].split()[-1] for x in targets if x["budget"] == "<= 4.0")) == [
+        "tailor-k@4.0", "tailor-k@4.0+emb", "tailor-k@4.0+emb+bw", "tailor-k@4.0+emb+sn"]
+    assert t[("tailor-k@4.0+emb", "wiki perplexity within +3% of base")]["got"] == pytest.approx(236 / 250 - 1, abs=1e-4)
+    assert t[("tailor-k@4.0+emb", "passages perplexity within +3% of base")]["met"] is False  # 18.1 / 17.5: +3.4%
+    assert t[("tailor-k@4.0+emb+bw", "passages perplexity within +3% of base")]["met"] is True  # 17.9: +2.3%
+    assert t[("tailor-k@4.0+emb", "PIQA")]["met"] is True
+    assert t[("tailor-k@4.0+emb+bw", "PIQA")]["met"] is False and t[("tailor-k@4.0+emb+bw", "PIQA")]["gap"] == 0.01
+    assert t[("tailor-k@4.0+emb+sn", "PIQA")]["met"] is None  # no PIQA-1500 run: not judged
+    assert t[("tailor-k@4.0+emb", "passages perplexity below llama.cpp Q4_K_M's")]["met"] is True  # 18.1 < 18.5
+    assert t[("tailor-k@3.0+emb", "passages perplexity within +10% of base")]["got"] == pytest.approx(21 / 17.5 - 1, abs=1e-4)
+    assert ("tailor-k@3.0+emb+sn", "passages perplexity within +10% of base") in t
+    md = ql.fmt_md({"sources": ["a"], "base": ql.base(src), "ablation": rows, "targets": targets,
                     "not_measured": ql.NOT_MEASURED})
     assert "236.00 (-5.6%)" in md and "0.990 [0.970, 1.010]" in md
+    assert "| tailor-k@4.0+emb+bw | -8.0% **met** | +2.3% **met** | 0.970 (misses by 0.010) |" in md
 
 
 def test_a_lever_whose_after_row_is_worse_everywhere_says_so_and_a_missing_row_is_named(tmp_path):
@@ -63,7 +77,7 @@ def test_a_lever_whose_after_row_is_worse_everywhere_says_so_and_a_missing_row_i
     src["k"]["rows"][3]["gpu"]["kl_after"] = 0.5
     src["k"]["piqa_all"]["tailor-k@4.0+emb"]["vs_base"]["ratio"] = 0.9
     assert ql.ablation(src)[3]["verdict"] == "worse"
-    src["k"]["rows"] = [r for r in src["k"]["rows"] if r["id"] != "tailor-k@3.0+emb"]
+    src["k"]["rows"] = [r for r in src["k"]["rows"] if r["id"] != "tailor-k@3.0+emb+sn"]
     with pytest.raises(KeyError, match="kquant_table.json: no row tailor-k@3.0"):
         ql.ablation(src)
 
@@ -75,3 +89,15 @@ def test_pre_finetune_levers_compare_the_kl_each_subnet_starts_from():
     assert [(r["budget"], r["before"], r["after"], r["verdict"]) for r in rows] == [
         ("<= 4.0", 0.8, 0.7, "better"), ("<= 3.0", 1.9, 2.1, "worse")]
     assert ql.pre_finetune({"pre": None}) == []
+
+
+def test_session_16_starts_compare_each_search_runs_starting_kl_by_weights():
+    rows = lambda k4, k3: {"rows": {"tailor-k@4.0": {"kl_before_from": k4},  # noqa: E731
+                                    "tailor-k@3.0": {"kl_before_from": k3}}}
+    s16 = {"A_base_weights": rows({"base": 0.69, "supernet": 0.69}, {"base": 1.91, "supernet": 1.91}),
+           "B_supernet": rows({"base": 0.80, "supernet": 0.63}, {"base": 2.08, "supernet": 1.47}),
+           "C_base_weights_kv3": rows({"base": 0.71, "supernet": 0.71}, {"base": 2.08, "supernet": 2.08})}
+    got = [(r["budget"], r["before"], r["after"], r["verdict"]) for r in ql.pre_finetune({"pre": None, "s16": s16})]
+    assert got == [("<= 4.0", 0.80, 0.69, "better"), ("<= 3.0", 2.08, 1.91, "better"),  # base-ranked vs supernet's
+                   ("<= 4.0", 0.69, 0.71, "worse"), ("<= 3.0", 1.91, 2.08, "worse"),  # KV groups held
+                   ("<= 4.0", 0.80, 0.63, "better"), ("<= 3.0", 2.08, 1.47, "better")]  # +sn's start
