@@ -73,6 +73,10 @@ one alone, ~12 min for all three with their exports (43 GB each: a fourth needs 
 14's search.json reproduced its importance order and starting KL. Collected parts are named by seed_table_gpu.slug
 (`+` -> `_with_`): the device drops a returned file whose name has a `+`.
 
+Session 16 (reports/bench/kquant_gpu_s16.json): two search runs side by side in one call, each in its own --dest
+(stage .bwq/a into both first): a `--supernet-steps 0` run (searched in ~80 s) started its fine-tune while the other
+trained its supernet. The teacher sampler (+gen) ran 12.9 k tokens/s on the H200: 4,096 sequences in 163 s.
+
 A CPU check at toy size (SmolLM2 sliced to 2 layers, a few steps) runs every step:
     python benchmarks/blockwise_quality.py stage --src .bwq/a --dest /tmp/kqt && \\
     python benchmarks/kquant_gpu.py search --src .bwq/b --dest /tmp/kqt --out /tmp/kqt/out --profile tiny
