@@ -53,7 +53,9 @@ Issue 19's levers as row variants (`--rows tailor-k@4.0 tailor-k@4.0+emb+2x ...`
 fine-tunes the subnet its base row found by another recipe: `+emb` QAT of the tied embedding, `+2x` twice the
 steps, `+sn` from the trained supernet's weights (saved as kq/supernet.safetensors) instead of the base's, `+gen`
 with `--gen-seqs` sequences sampled from the base joining the corpus shard (drawn once a run, before any fine-tune
-starts, kq/generated.safetensors). Each
+starts, kq/generated.safetensors), `+data` on every corpus document left after val and calib (`pack-data` here
+builds it, calibrate.train_seqs: null, 7,365 sequences against the profile's 3,600, and packs it as .bwq/c/
+train_all.tar.xz, 3.9 MiB: carry it with .bwq/b and untar it into the search's data folder first). Each
 searched row records `kl_before_from` {base, supernet}: where a fine-tune would start. `--configs <search.json>`
 fine-tunes an earlier search's subnets (no search); with a `+sn` row it trains the supernet first (--supernet-s)
 and records each subnet's `kl_before_from`, so `+sn` differs from its base-started row in the start alone.
@@ -114,6 +116,7 @@ EMBED_BITS = 4  # the tied table at Q4_0, as every seed-table Tailor row at thes
 RECIPE = "kgrid"  # the `recipe` field seed_table_gpu's wait / collect / gather key the rows by
 DEST = Path(tempfile.gettempdir()) / "bwq"
 GENERATED = "generated.safetensors"  # a run's teacher samples (+gen rows), in its kq/ folder
+TRAIN_ALL = "train_all.safetensors"  # +data rows' train split, beside the shard (pack-data here, its tar there)
 
 
 def log(*a) -> None:
@@ -163,6 +166,8 @@ def search_rows(path: Path) -> dict[str, dict]:
 VARIANTS = {"emb": "QAT trains the tied embedding too (finetune.train_embeddings)",
             "2x": "twice the fine-tune steps (and tokens), the same schedule stretched",
             "sn": "the fine-tune starts from the trained supernet's weights (as steps/finetune.py), not the base's",
+            "data": "the train split takes every corpus document left after val and calib (calibrate.train_seqs: null; "
+                    "TRAIN_ALL, carried by pack-data) in place of the profile's 3,600 sequences",
             "gen": "--gen-seqs sequences sampled from the base (LLM-QAT's data-free KD, finetune.generated_seqs) join "
                    "the corpus shard: fewer repeats of its 3,600 sequences (1000 x 32 draws ~ 8.9 epochs)"}
 
@@ -478,6 +483,7 @@ class Search:
             + (["--train-embeddings"] if "emb" in variants_of(rid) else []) \
             + (["--from-supernet", str(self.work / "supernet.safetensors")] if "sn" in variants_of(rid) else []) \
             + (["--generated", str(self.work / GENERATED)] if "gen" in variants_of(rid) else []) \
+            + (["--train-file", TRAIN_ALL] if "data" in variants_of(rid) else []) \
             + (["--lr", str(self.args.ft_lr)] if getattr(self.args, "ft_lr", None) else []) \
             + (["--eager"] if self.args.ft_eager else []) + (["--checkpointing"] if self.args.ft_checkpointing else [])
         k = len(self.jobs)
@@ -561,6 +567,9 @@ class Search:
             base, data = convert_base(self.args.gguf, self.args.data / "tok"), self.args.data
         else:  # SmolLM2: its GGUF halves carried in .bwq/a and .bwq/b
             base, data = bq.unpack(self.args.src, self.args.dest), self.args.dest / "data"
+        if any("data" in row.get("variants", []) for row in plan) and not (data / TRAIN_ALL).is_file():
+            raise SystemExit(f"kquant_gpu: a +data row needs {data / TRAIN_ALL}: `pack-data` here, then untar "
+                             f"its train_all.tar.xz into {data} there")
         self.setup(base, data)
         self.mark("setup")
         if any("gen" in row.get("variants", []) for row in plan):  # shared by the +gen rows, drawn before any starts
@@ -693,7 +702,7 @@ def finetune(args) -> None:
     student = export_active(model, cfg, "gguf").to(dev)
     teacher = teacher.to(dev).requires_grad_(False).eval()
     seq = 64 if args.profile == "tiny" else None
-    train = load_file(args.data / "train.safetensors")["input_ids"][:, :seq]
+    train = load_file(args.data / args.train_file)["input_ids"][:, :seq]
     n_corpus = len(train)
     if args.generated:  # a "+gen" row: the search run's teacher samples beside the corpus rows
         gen = load_file(args.generated)["input_ids"]
@@ -754,7 +763,7 @@ def finetune(args) -> None:
     meta = {"id": args.row, "recipe": RECIPE, **scored, "config_hash": cfg.hash, "config": cfg.to_dict(),
             "gpu": torch.cuda.get_device_name(0) if dev.type == "cuda" else "cpu", "torch": torch.__version__,
             "finetune": ft.model_dump(), "seq_len": int(train.shape[1]),
-            "train_seqs": {"corpus": n_corpus, "generated": len(train) - n_corpus},
+            "train_seqs": {"corpus": n_corpus, "generated": len(train) - n_corpus}, "train_file": args.train_file,
             "tokens": ft.steps * ft.batch_size * int(train.shape[1]), "train_seconds": round(train_s, 1),
             "tokens_per_s": round(ft.steps * ft.batch_size * int(train.shape[1]) / train_s),
             "resumed_from": r.resumed_from, "compile": compiled, "kl_before": kl_before, "kl_after": kl_after,
@@ -832,6 +841,38 @@ def pack_gguf(model: str, dest: Path, chunk: int, calib: Path | None = None) -> 
     (data / "wiki_ids.json").write_text(json.dumps([tok(t)["input_ids"] for t in texts]))
     shutil.rmtree(dest / ".calibrate", ignore_errors=True)
     log(f"pack-gguf: {model}: {n} parts of <= {chunk:,} B in {dest}/p*, the shard in {data}")
+
+
+def pack_data(calib: Path, calib_all: Path, dest: Path) -> Path:
+    """Here: the full profile's calibrate build with `train_seqs: null` (every corpus document left after val
+    and calib) into `calib_all` if missing, its train split as dest/train_all.tar.xz (data/TRAIN_ALL) for the
+    +data rows. SystemExit when its val split differs from `calib`'s: the rows must share one held-out set."""
+    import hashlib
+    import tarfile
+
+    import yaml
+    from transformers import AutoTokenizer
+
+    from tailor.config import parse_params
+    from tailor.data import build
+    from tailor.models.base import base_dir
+
+    if not (calib_all / "train.safetensors").is_file():
+        p = parse_params(yaml.safe_load((ROOT / "params.yaml").read_text()), "full").calibrate
+        build(p.model_copy(update={"train_seqs": None}), AutoTokenizer.from_pretrained(base_dir()), calib_all)
+    sha = {d: hashlib.sha256((d / "val.safetensors").read_bytes()).hexdigest() for d in (calib, calib_all)}
+    if sha[calib] != sha[calib_all]:
+        raise SystemExit(f"kquant_gpu pack-data: {calib_all}/val.safetensors differs from {calib}'s: "
+                         "not the same calibrate params but train_seqs")
+    dest.mkdir(parents=True, exist_ok=True)
+    out = dest / "train_all.tar.xz"
+    with tarfile.open(dest / ".train_all.tmp", "w:xz") as tar:
+        tar.add(calib_all / "train.safetensors", f"data/{TRAIN_ALL}")
+    os.replace(dest / ".train_all.tmp", out)
+    shard = json.loads((calib_all / "data_report.json").read_text())["shards"]["train"]
+    log(f"pack-data: {shard['seqs']} train sequences ({shard['docs']} documents) -> {out} "
+        f"({out.stat().st_size / 2**20:.1f} MiB)")
+    return out
 
 
 def stage_gguf(src: Path, dest: Path) -> Path | None:
@@ -950,6 +991,7 @@ def main() -> None:
     a.add_argument("--train-embeddings", action="store_true", help="QAT trains the tied embedding too (a +emb row)")
     a.add_argument("--from-supernet", type=Path, default=None, help="start from these supernet weights (a +sn row)")
     a.add_argument("--generated", type=Path, default=None, help="teacher samples joining the shard (a +gen row)")
+    a.add_argument("--train-file", default="train.safetensors", help=f"the train split in --data ({TRAIN_ALL}: a +data row)")
     a.add_argument("--kd-chunk", type=int, default=0)
     a.add_argument("--eager", action="store_true", help="no torch.compile (on Qwen2.5-0.5B's shapes Inductor hung in "
                    "sympy for minutes, then segfaulted)")
@@ -971,6 +1013,10 @@ def main() -> None:
     a.add_argument("--model", required=True)
     a.add_argument("--work", type=Path, required=True, help="the model's kquant_table workspace")
     a.add_argument("--dest", type=Path, default=ROOT / ".kqg" / "p8", help="the carry folder of the shard")
+    a = sub.add_parser("pack-data", help="here: every corpus document left as a train split, for +data rows")
+    a.add_argument("--calib", type=Path, default=ROOT / ".bwq" / "calibrate_full")
+    a.add_argument("--calib-all", type=Path, default=ROOT / ".bwq" / "calibrate_all")
+    a.add_argument("--dest", type=Path, default=ROOT / ".bwq" / "c")
     a = sub.add_parser("stage-gguf", help="device: one carried part (or the shard); joins when all are there")
     a.add_argument("--src", type=Path, required=True)
     a.add_argument("--dest", type=Path, default=DEST)
@@ -994,6 +1040,8 @@ def main() -> None:
         pack_gguf(args.model, args.dest, args.chunk, args.calib)
     elif args.cmd == "pack-evalset":
         pack_evalset(args.model, args.work, args.dest)
+    elif args.cmd == "pack-data":
+        pack_data(args.calib, args.calib_all, args.dest)
     elif args.cmd == "stage-gguf":
         stage_gguf(args.src, args.dest)
     elif args.cmd == "wait":

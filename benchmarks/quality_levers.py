@@ -47,9 +47,9 @@ LEVERS = [
      ("seed", "qat4"), ("k11", "iq4nl-qat")),
 ]
 NOT_MEASURED = [
-    "distillation data beyond the 3,600-sequence corpus shard, which the full profile's fine-tune draws ~8.9 times "
-    "(teacher samples: `kquant_gpu.py --rows tailor-k@4.0+emb+gen`; at 12.9 k tokens/s the sampler needs ~7 min on the "
-    "H200 for 3x the shard)",
+    "distillation data beyond the 3,600-sequence corpus shard, which the full profile's fine-tune draws ~8.9 times: "
+    "every corpus document left (`+data`, 7,365 sequences: 2.6x the BoolQ passages) and teacher samples (`+gen`; at "
+    "12.9 k tokens/s the sampler needs ~2.4 min on the H200 for 3,600 sequences)",
     "more fine-tune tokens for the rows that cut structure (every row so far: 1,000 x 32 x 512 = 16.4 M tokens; "
     "`kquant_gpu.py --rows tailor-k@4.0+2x`); on the same shard that is ~18 epochs",
     "<= 3.0: the 331-step supernet's search without embedding QAT (only both at once were fine-tuned)",

@@ -41,7 +41,8 @@ class ModelParams(Strict):
 class CalibrateParams(Strict):
     corpora: list[Literal["boolq", "bold", "shakespeare"]] = ["boolq", "bold", "shakespeare"]
     seq_len: int = Field(256, gt=7, description="tokens per training sequence")
-    train_seqs: int = Field(512, gt=0)
+    train_seqs: int | None = Field(512, gt=0, description="training sequences, shared evenly by the corpora; null: "
+                                   "every document each corpus has left after val and calib (uneven shares)")
     val_seqs: int = Field(64, gt=0)
     calib_seqs: int = Field(32, gt=0)
     min_chars: int = Field(20, ge=0, description="shorter documents are dropped")

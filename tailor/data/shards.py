@@ -4,11 +4,14 @@ Token shards: each corpus's documents are shuffled with the seed and consumed in
 then calib, then train. Every split is packed from its own documents (doc + EOS + doc + EOS ...) cut
 into `seq_len` windows; the tail of the last document is dropped, so no document straddles two splits.
 Taking val first keeps val and calib identical when only `train_seqs` changes, so runs stay comparable.
-Each split's quota is shared evenly by the corpora; within a split the sequences are shuffled.
+Each split's quota is shared evenly by the corpora; within a split the sequences are shuffled. A train quota
+of None takes every document a corpus has left (its whole tail, cut into windows), so the corpora's shares are
+then as uneven as their sizes.
 """
 from __future__ import annotations
 
 import json
+import math
 import random
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -45,9 +48,11 @@ def _token_stream(docs: Sequence[str], tokenizer: Tokenizer) -> Iterator[list[in
         yield from tokenizer(list(docs[i:i + TOKENIZE_BATCH]), add_special_tokens=False)["input_ids"]
 
 
-def pack_corpus(name: str, docs: Sequence[str], tokenizer: Tokenizer, quotas: dict[str, int], seq_len: int,
+def pack_corpus(name: str, docs: Sequence[str], tokenizer: Tokenizer, quotas: dict[str, int | None], seq_len: int,
                 seed: int, where: str) -> tuple[dict[str, np.ndarray], dict[str, int]]:
-    """Split one corpus into {split: int32 [quota, seq_len]}; also returns documents used per split."""
+    """Split one corpus into {split: int32 [quota, seq_len]}; also returns documents used per split. A quota
+    of None (train only: it comes last) takes every document left, [len(tokens) // seq_len, seq_len].
+    DataError naming the corpus when it cannot fill a quota, or None finds less than one window left."""
     eos = tokenizer.eos_token_id
     if eos is None:
         raise DataError("tokenizer has no eos_token_id (documents are joined with EOS)")
@@ -57,18 +62,27 @@ def pack_corpus(name: str, docs: Sequence[str], tokenizer: Tokenizer, quotas: di
     out: dict[str, np.ndarray] = {}
     used: dict[str, int] = {}
     for split in SPLITS:
-        need = quotas[split] * seq_len
+        rest = quotas[split] is None  # every document left: only the last split can take them
+        if rest and split != SPLITS[-1]:
+            raise DataError(f"corpus {name}: only {SPLITS[-1]} can take every document left, not {split}")
+        need = math.inf if rest else quotas[split] * seq_len
         buf: list[int] = []
         n_docs = 0
         while len(buf) < need:
             ids = next(stream, None)
             if ids is None:
+                if rest:
+                    break
                 raise DataError(f"corpus {name} ({where}): {len(buf)} tokens left for {split}, need {need} "
                                 f"({quotas[split]} seqs x seq_len {seq_len}); lower calibrate.*_seqs or seq_len")
             buf += ids
             buf.append(eos)
             n_docs += 1
-        out[split] = np.asarray(buf[:need], dtype=np.int32).reshape(quotas[split], seq_len)  # (N, T)
+        n = len(buf) // seq_len if rest else quotas[split]
+        if n == 0:
+            raise DataError(f"corpus {name} ({where}): {len(buf)} tokens left for {split}, less than one "
+                            f"sequence of seq_len {seq_len}; set calibrate.{split}_seqs or lower val/calib")
+        out[split] = np.asarray(buf[:n * seq_len], dtype=np.int32).reshape(n, seq_len)  # (N, T)
         used[split] = n_docs
     return out, used
 

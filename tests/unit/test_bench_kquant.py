@@ -453,12 +453,13 @@ def test_row_variants_reuse_their_base_rows_subnet_and_change_only_the_recipe(tm
     with pytest.raises(SystemExit, match="'fast'"):
         kg.rows_plan(False, ["tailor-k@4.0+fast"])
     s, started = _start_rows(tmp_path, monkeypatch, ("tailor-k@4.0", "tailor-k@4.0+emb+2x", "tailor-k@4.0+sn",
-                                                     "tailor-k@4.0+gen"))
+                                                     "tailor-k@4.0+gen", "tailor-k@4.0+data"))
     steps = s.params.finetune.steps
-    plain, varied, from_sn, with_gen = started
-    assert not {"--steps", "--train-embeddings", "--from-supernet", "--generated"} & set(plain)
+    plain, varied, from_sn, with_gen, all_data = started
+    assert not {"--steps", "--train-embeddings", "--from-supernet", "--generated", "--train-file"} & set(plain)
     assert with_gen[with_gen.index("--generated") + 1] == str(tmp_path / "kq" / kg.GENERATED)
-    assert "--generated" not in varied + from_sn
+    assert all_data[all_data.index("--train-file") + 1] == kg.TRAIN_ALL
+    assert "--generated" not in varied + from_sn + all_data and "--train-file" not in with_gen
     assert varied[varied.index("--steps") + 1] == str(2 * steps) and "--train-embeddings" in varied
     assert from_sn[from_sn.index("--from-supernet") + 1].endswith("supernet.safetensors") and "--steps" not in from_sn
     k = kg.k_params("tiny", None, 0, None, True)
@@ -480,6 +481,37 @@ def test_finetune_picks_which_searched_rows_train_and_refuses_a_row_not_listed(t
     monkeypatch.setattr(kg.bq, "unpack", lambda *a: pytest.fail("unpacked before the rows were checked"))
     with pytest.raises(SystemExit, match=r"--finetune tailor-k@3.0\+emb: not among the rows"):
         s.main()
+
+
+def test_a_data_row_without_its_train_split_stops_before_setup(tmp_path, monkeypatch):
+    s, _ = _start_rows(tmp_path, monkeypatch, ())
+    s.args.rows, s.args.finetune, s.args.gguf, s.args.src = ["tailor-k@4.0", "tailor-k@4.0+data"], None, None, tmp_path
+    (tmp_path / "data").mkdir()
+    monkeypatch.setattr(kg.bq, "unpack", lambda src, dest: dest / "base")
+    monkeypatch.setattr(kg.Search, "setup", lambda *a: pytest.fail("set up without the +data row's train split"))
+    with pytest.raises(SystemExit, match=r"\+data row needs .*train_all.safetensors: `pack-data`"):
+        s.main()
+
+
+def test_pack_data_refuses_a_build_whose_val_split_differs(tmp_path):
+    """+data rows are scored against the same held-out split as every other row: a calibrate_all whose val
+    differs (other params than train_seqs) is refused; a matching one is packed as data/train_all."""
+    import tarfile
+
+    calib, calib_all = tmp_path / "full", tmp_path / "all"
+    for d, val in ((calib, b"v1"), (calib_all, b"v1")):
+        d.mkdir()
+        (d / "val.safetensors").write_bytes(val)
+    (calib_all / "train.safetensors").write_bytes(b"every document")
+    (calib_all / "data_report.json").write_text(json.dumps({"shards": {"train": {"seqs": 9, "docs": {"boolq": 3}}}}))
+    out = kg.pack_data(calib, calib_all, tmp_path / "c")
+    with tarfile.open(out) as tar:
+        assert tar.getnames() == [f"data/{kg.TRAIN_ALL}"]
+        assert tar.extractfile(f"data/{kg.TRAIN_ALL}").read() == b"every document"
+    (calib_all / "val.safetensors").write_bytes(b"v2")
+    with pytest.raises(SystemExit, match="val.safetensors differs"):
+        kg.pack_data(calib, calib_all, tmp_path / "c2")
+    assert not (tmp_path / "c2").exists()
 
 
 def test_search_rows_read_a_search_json_or_a_device_record_and_refuse_anything_else(tmp_path):

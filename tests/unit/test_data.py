@@ -146,6 +146,25 @@ def test_val_and_calib_do_not_move_when_train_grows(built, tmp_path):
         assert (a / f).read_bytes() == (tmp_path / "b" / f).read_bytes()
 
 
+def test_train_seqs_none_takes_every_document_left_and_keeps_val_and_calib(built, tmp_path):
+    """`train_seqs: null` packs each corpus's whole tail after val and calib: every document not in val or
+    calib appears in train (bar the last one's cut tail), the shares follow the corpora's sizes, and val and
+    calib are the bytes an even-share build writes."""
+    src, a, _ = built
+    m = run(src, tmp_path / "all", train_seqs=None)
+    out = tmp_path / "all"
+    for f in ("val.safetensors", "calib.safetensors"):
+        assert (a / f).read_bytes() == (out / f).read_bytes()
+    train = load_file(str(out / "train.safetensors"))["input_ids"]
+    held = {int(t) for f in ("val", "calib") for t in load_file(str(out / f"{f}.safetensors"))["input_ids"].ravel() if t >= 1000}
+    seen = {int(t) for t in train.ravel() if t >= 1000}
+    boolq = {1000 + i for i in range(40)}  # the synthetic BoolQ passages doc0..doc39
+    assert len(boolq - held - seen) <= 1  # at most the document whose tail was cut off
+    assert train.shape[0] > 6 and m["train_tokens"] == train.shape[0] * 8
+    report = json.loads((out / "data_report.json").read_text())["shards"]["train"]["docs"]
+    assert len(set(report.values())) > 1  # uneven: each corpus gave what it had
+
+
 def test_wiki_sentences_found_in_a_corpus_are_held_out(src, tmp_path):
     leaked = "Held out sentence number 3 about delta."
     rows = [{"question": "q", "passage": f"Some words before. {leaked} And after."}]
