@@ -116,6 +116,7 @@ EMBED_BITS = 4  # the tied table at Q4_0, as every seed-table Tailor row at thes
 RECIPE = "kgrid"  # the `recipe` field seed_table_gpu's wait / collect / gather key the rows by
 DEST = Path(tempfile.gettempdir()) / "bwq"
 GENERATED = "generated.safetensors"  # a run's teacher samples (+gen rows), in its kq/ folder
+GEN_DTYPES = {"fp32": None, "bf16": "bfloat16"}  # teacher_samples' dtype (a torch attribute name, resolved there)
 TRAIN_ALL = "train_all.safetensors"  # +data rows' train split, beside the shard (pack-data here, its tar there)
 
 
@@ -510,13 +511,14 @@ class Search:
 
         t = time.time()
         seqs = teacher_samples(self.teacher, n, self.train.shape[1], self.train[:, 0].unique(), self.params.finetune.seed,
-                               batch_size=self.args.gen_batch)
+                               batch_size=self.args.gen_batch, dtype=GEN_DTYPES[self.args.gen_dtype])
         if self.dev.type == "cuda":
             torch.cuda.empty_cache()
         save_state({"input_ids": seqs}, self.work / GENERATED)
         secs = time.time() - t
         self.mark(f"{n} sequences sampled from the base")
-        return {"seqs": n, "seq_len": int(seqs.shape[1]), "batch": self.args.gen_batch, "seconds": round(secs, 1),
+        return {"seqs": n, "seq_len": int(seqs.shape[1]), "batch": self.args.gen_batch, "dtype": self.args.gen_dtype,
+                "seconds": round(secs, 1),
                 "tokens_per_s": round(seqs.numel() / secs), "distinct_first_tokens": int(seqs[:, 0].unique().numel())}
 
     def save_supernet(self) -> None:
@@ -875,6 +877,43 @@ def pack_data(calib: Path, calib_all: Path, dest: Path) -> Path:
     return out
 
 
+def gen_speed(args) -> dict:
+    """Device: teacher_samples' speed on the base, one batch of `--seq-len` tokens per (dtype, batch size),
+    every setting in one process on one GPU: sequences/s and tokens/s, peak memory. Writes gen_speed.json
+    into --out. Session 16's probe: fp32, batch 1024, 12.9 k tokens/s (reports/bench/kquant_gpu_s16.json)."""
+    import torch
+    from safetensors.torch import load_file
+
+    from tailor.distill import teacher_samples
+    from tailor.models.base import load_model_dir
+
+    base = bq.unpack(args.src, args.dest)
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = load_model_dir(base).to(dev).eval()
+    first = load_file(args.dest / "data" / "train.safetensors")["input_ids"][:, 0].unique()
+    rows = []
+    teacher_samples(model, 2, 8, first, 0, batch_size=2)  # warm-up: kernels and allocator, not timed
+    for dtype in args.dtypes:
+        for batch in args.batches:
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+            t = time.time()
+            out = teacher_samples(model, batch, args.seq_len, first, 0, batch_size=batch, dtype=GEN_DTYPES[dtype])
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            secs = time.time() - t
+            rows.append({"dtype": dtype, "batch": batch, "seq_len": args.seq_len, "seconds": round(secs, 2),
+                         "tokens_per_s": round(out.numel() / secs), "ms_per_step": round(1000 * secs / args.seq_len, 1),
+                         "peak_gb": round(torch.cuda.max_memory_allocated() / 1e9, 1) if dev.type == "cuda" else None})
+            log(f"gen-speed: {rows[-1]}")
+    res = {"what": gen_speed.__doc__.split(".")[0], "gpu": torch.cuda.get_device_name(0) if dev.type == "cuda" else None,
+           "torch": torch.__version__, "rows": rows}
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "gen_speed.json").write_text(json.dumps(res, indent=1))
+    return res
+
+
 def stage_gguf(src: Path, dest: Path) -> Path | None:
     """Device, once per carry folder: keep its part (or the shard); when every part is there, join them
     into dest/model.gguf and check the sha256. Returns the joined file, or None while parts are missing."""
@@ -970,6 +1009,8 @@ def main() -> None:
     a.add_argument("--gen-seqs", type=int, default=10_800,
                    help="teacher-sampled sequences for +gen rows (default 3x the full profile's 3,600-sequence shard)")
     a.add_argument("--gen-batch", type=int, default=512, help="sequences sampled at once (KV cache: batch x seq)")
+    a.add_argument("--gen-dtype", choices=tuple(GEN_DTYPES), default="fp32",
+                   help="the sampling copy of the base in this dtype (bf16: half the KV cache's bytes; gen-speed)")
     a.add_argument("--id-suffix", default=None,
                    help="appended to each fine-tuned row's id, naming what this run's search changed (e.g. +bw: "
                         "ranked on the base's weights, --supernet-steps 0), so its rows stand beside earlier ones")
@@ -1017,6 +1058,13 @@ def main() -> None:
     a.add_argument("--calib", type=Path, default=ROOT / ".bwq" / "calibrate_full")
     a.add_argument("--calib-all", type=Path, default=ROOT / ".bwq" / "calibrate_all")
     a.add_argument("--dest", type=Path, default=ROOT / ".bwq" / "c")
+    a = sub.add_parser("gen-speed", help="device: the teacher sampler's speed by dtype and batch, side by side")
+    a.add_argument("--src", type=Path, default=Path(".bwq/b"))
+    a.add_argument("--dest", type=Path, default=DEST)
+    a.add_argument("--out", type=Path, default=Path(os.environ.get("OUT") or DEST / "out"))
+    a.add_argument("--dtypes", nargs="+", choices=tuple(GEN_DTYPES), default=list(GEN_DTYPES))
+    a.add_argument("--batches", nargs="+", type=int, default=[256, 1024])
+    a.add_argument("--seq-len", type=int, default=512)
     a = sub.add_parser("stage-gguf", help="device: one carried part (or the shard); joins when all are there")
     a.add_argument("--src", type=Path, required=True)
     a.add_argument("--dest", type=Path, default=DEST)
@@ -1040,6 +1088,8 @@ def main() -> None:
         pack_gguf(args.model, args.dest, args.chunk, args.calib)
     elif args.cmd == "pack-evalset":
         pack_evalset(args.model, args.work, args.dest)
+    elif args.cmd == "gen-speed":
+        gen_speed(args)
     elif args.cmd == "pack-data":
         pack_data(args.calib, args.calib_all, args.dest)
     elif args.cmd == "stage-gguf":

@@ -120,7 +120,7 @@ class HeadInputs(torch.nn.Module):
 
 @torch.no_grad()
 def teacher_logits_chunked(teacher: torch.nn.Module, ids: torch.Tensor, chunk: int = 4096,
-                           dtype: torch.dtype | None = None) -> torch.Tensor:
+                           dtype: torch.dtype | str | None = None) -> torch.Tensor:
     """The teacher's logits of a batch as one (B*T, V) tensor, its head applied `chunk` tokens at a time,
     in `dtype`: by default bf16 on CUDA (2 bytes per token and vocabulary entry, never the fp32
     (B, T, V) that `teacher(ids).logits` is) and float32 on the CPU (which trains in float32)."""
@@ -195,15 +195,21 @@ def _hf_llama(model: torch.nn.Module) -> torch.nn.Module:
 
 @torch.no_grad()
 def teacher_samples(teacher: torch.nn.Module, n: int, seq_len: int, first_tokens: torch.Tensor, seed: int,
-                    batch_size: int = 64, temperature: float = 1.0, progress: Callable[[int], None] | None = None
-                    ) -> torch.Tensor:
+                    batch_size: int = 64, temperature: float = 1.0, progress: Callable[[int], None] | None = None,
+                    dtype: torch.dtype | str | None = None) -> torch.Tensor:
     """`n` sequences of `seq_len` tokens sampled from the teacher itself ([n, seq_len] int32), for
     distillation on the teacher's own distribution (LLM-QAT's data-free KD, Liu et al. 2023), for when
     the calibration corpora are too narrow (on SmolLM2's three they were not: reports/bench/teacher_samples*.json).
     Each sequence starts at a token drawn from `first_tokens` (the
     corpus's tokens, so starts are real words), then samples at `temperature` (1.0 = the teacher's own
-    distribution, what KD matches); an end-of-text token just starts a new document, as in packed data."""
+    distribution, what KD matches); an end-of-text token just starts a new document, as in packed data.
+    `dtype` (torch.bfloat16 or "bfloat16") runs the sampling copy of the teacher in it, the teacher itself untouched:
+    half the KV cache's bytes a step; the probabilities are still taken in float32 from its logits, so the
+    samples follow the bf16 teacher, not the float32 one the KD loss then matches (H200 speed: kquant_gpu.py
+    gen-speed)."""
     hf = _hf_llama(teacher)
+    if dtype is not None:
+        hf = hf.to(getattr(torch, dtype) if isinstance(dtype, str) else dtype)
     dev = next(hf.parameters()).device
     # drawn where the logits are: moving [batch, 49152] probabilities to the host each token cost more than
     # the forward on a GPU. So the samples are seeded per device type, not the same on CPU and CUDA.

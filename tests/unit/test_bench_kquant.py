@@ -522,3 +522,27 @@ def test_search_rows_read_a_search_json_or_a_device_record_and_refuse_anything_e
     (tmp_path / "bad.json").write_text(json.dumps({"what": "x"}))
     with pytest.raises(SystemExit, match="bad.json: neither"):
         kg.search_rows(tmp_path / "bad.json")
+
+
+def test_gen_speed_times_every_dtype_and_batch_and_writes_them(tmp_path, monkeypatch):
+    import argparse
+
+    import torch
+    from safetensors.torch import save_file
+
+    from tailor.models import base as mb
+    from tailor.models.tiny import tiny_model
+
+    (tmp_path / "data").mkdir()
+    save_file({"input_ids": torch.randint(0, 300, (6, 8), dtype=torch.int32)}, str(tmp_path / "data" / "train.safetensors"))
+    monkeypatch.setattr(kg.bq, "unpack", lambda src, dest: dest / "base")
+    monkeypatch.setattr(mb, "load_model_dir", lambda d: tiny_model(seed=1, n_layers=2, num_attention_heads=4,
+                                                                    num_key_value_heads=2, head_dim=16))
+    args = argparse.Namespace(src=tmp_path, dest=tmp_path, out=tmp_path / "out", dtypes=["fp32", "bf16"],
+                              batches=[2, 3], seq_len=5)
+    clock = iter(range(100))  # every reading 1 s after the last: each timed batch takes 1 s
+    monkeypatch.setattr(kg.time, "time", lambda: float(next(clock)))
+    res = kg.gen_speed(args)
+    assert [(r["dtype"], r["batch"]) for r in res["rows"]] == [("fp32", 2), ("fp32", 3), ("bf16", 2), ("bf16", 3)]
+    assert [r["tokens_per_s"] for r in res["rows"]] == [10, 15, 10, 15] and res["rows"][0]["ms_per_step"] == 200.0
+    assert json.loads((tmp_path / "out" / "gen_speed.json").read_text())["rows"] == res["rows"]

@@ -43,6 +43,32 @@ def test_samples_are_seeded_shaped_and_start_on_corpus_tokens():
     assert set(a[:, 0].tolist()) <= {7, 9, 11}
 
 
+def test_sampling_in_bf16_leaves_the_teacher_as_it_was_and_stays_seeded(monkeypatch):
+    from tailor import distill
+
+    seen = set()
+
+    def watched(m):  # the sampling copy, its forward's weight dtype recorded
+        hf = _hf_llama(m)
+        hf.register_forward_pre_hook(lambda mod, args: seen.add(next(mod.parameters()).dtype))
+        return hf
+
+    monkeypatch.setattr(distill, "_hf_llama", watched)
+    model = llama_shaped(8, 2)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    first = torch.tensor([3, 4, 5])
+    a = teacher_samples(model, 4, 6, first, seed=3, batch_size=2, dtype=torch.bfloat16)
+    b = teacher_samples(model, 4, 6, first, seed=3, batch_size=2, dtype=torch.bfloat16)
+    assert a.shape == (4, 6) and a.dtype == torch.int32 and torch.equal(a, b)
+    assert seen == {torch.bfloat16}
+    assert int(a.max()) < 320 and set(a[:, 0].tolist()) <= {3, 4, 5}
+    assert all(v.dtype == before[k].dtype and torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    greedy = teacher_samples(model, 2, 6, first, seed=0, batch_size=2, temperature=1e-4, dtype=torch.bfloat16)
+    for row in greedy.long():  # what the bf16 copy of the teacher itself would pick
+        logits = _hf_llama(model).to(torch.bfloat16)(input_ids=row[None, :-1]).logits[0]
+        assert torch.equal(logits.float().argmax(-1), row[1:])
+
+
 def test_a_subnet_cannot_be_the_sampling_teacher():
     model = tiny_model(seed=6, n_layers=2)
     space = SearchSpace.build(arch_of(model), [4, 8, 16], [8, 16], 0.25, 1, 0.25, None)
