@@ -848,7 +848,9 @@ def pack_gguf(model: str, dest: Path, chunk: int, calib: Path | None = None) -> 
 def pack_data(calib: Path, calib_all: Path, dest: Path) -> Path:
     """Here: the full profile's calibrate build with `train_seqs: null` (every corpus document left after val
     and calib) into `calib_all` if missing, its train split as dest/train_all.tar.xz (data/TRAIN_ALL) for the
-    +data rows. SystemExit when its val split differs from `calib`'s: the rows must share one held-out set."""
+    +data rows. SystemExit naming the file before any build when `calib` lacks its outputs, and when
+    `calib_all` was not built with train_seqs null or differs from `calib` in anything else (params, val or
+    calib bytes): every row must be scored against one held-out split."""
     import hashlib
     import tarfile
 
@@ -859,18 +861,31 @@ def pack_data(calib: Path, calib_all: Path, dest: Path) -> Path:
     from tailor.data import build
     from tailor.models.base import base_dir
 
+    for f in ("val.safetensors", "calib.safetensors", "data_report.json"):  # before any build: one line, no traceback
+        if not (calib / f).is_file():
+            raise SystemExit(f"kquant_gpu pack-data: --calib {calib}: no {f} (the full profile's calibrate output)")
     if not (calib_all / "train.safetensors").is_file():
         p = parse_params(yaml.safe_load((ROOT / "params.yaml").read_text()), "full").calibrate
         build(p.model_copy(update={"train_seqs": None}), AutoTokenizer.from_pretrained(base_dir()), calib_all)
-    sha = {d: hashlib.sha256((d / "val.safetensors").read_bytes()).hexdigest() for d in (calib, calib_all)}
-    if sha[calib] != sha[calib_all]:
-        raise SystemExit(f"kquant_gpu pack-data: {calib_all}/val.safetensors differs from {calib}'s: "
-                         "not the same calibrate params but train_seqs")
+    params = {d: json.loads((d / "data_report.json").read_text())["params"] for d in (calib, calib_all)}
+    if params[calib_all].get("train_seqs", 0) is not None:
+        raise SystemExit(f"kquant_gpu pack-data: --calib-all {calib_all} was built with train_seqs "
+                         f"{params[calib_all].get('train_seqs')}, not null (every document left)")
+    other = sorted(k for k in params[calib] if k != "train_seqs" and params[calib][k] != params[calib_all].get(k))
+    if other:
+        raise SystemExit(f"kquant_gpu pack-data: --calib-all {calib_all} differs from {calib} in {', '.join(other)}: "
+                         "only train_seqs may differ")
+    for f in ("val.safetensors", "calib.safetensors"):  # the rows must share one held-out set (and one calib)
+        if hashlib.sha256((calib / f).read_bytes()).digest() != hashlib.sha256((calib_all / f).read_bytes()).digest():
+            raise SystemExit(f"kquant_gpu pack-data: {calib_all}/{f} differs from {calib}'s")
     dest.mkdir(parents=True, exist_ok=True)
-    out = dest / "train_all.tar.xz"
-    with tarfile.open(dest / ".train_all.tmp", "w:xz") as tar:
-        tar.add(calib_all / "train.safetensors", f"data/{TRAIN_ALL}")
-    os.replace(dest / ".train_all.tmp", out)
+    out, tmp = dest / "train_all.tar.xz", dest / ".train_all.tmp"
+    try:
+        with tarfile.open(tmp, "w:xz") as tar:
+            tar.add(calib_all / "train.safetensors", f"data/{TRAIN_ALL}")
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
     shard = json.loads((calib_all / "data_report.json").read_text())["shards"]["train"]
     log(f"pack-data: {shard['seqs']} train sequences ({shard['docs']} documents) -> {out} "
         f"({out.stat().st_size / 2**20:.1f} MiB)")

@@ -149,6 +149,7 @@ def build(params: CalibrateParams, tokenizer: Tokenizer, out_dir: Path, sources:
             os.chmod(tmp / f"{s}.safetensors", 0o644)  # safetensors writes 0600
             report["shards"][s] = {"seqs": int(shards[s].shape[0]), "tokens": int(shards[s].size),
                                    "docs": {n: used[n][s] for n in corpora},
+                                   "seqs_by_corpus": {n: int(parts[s][i].shape[0]) for i, n in enumerate(corpora)},
                                    "sha256": sha256_file(tmp / f"{s}.safetensors")}
         (tmp / "eval").mkdir()
         for fname, rows in evals.items():
@@ -237,12 +238,17 @@ def render_card(report: dict[str, Any]) -> str:
         for n, e in inputs.items())
     sources = "\n".join(f"- **{n}**: {e['license']} ({e['license_source']})" for n, e in inputs.items())
     shards = "\n".join(f"| {s} | {v['seqs']} | {v['tokens']} | "
-                       f"{', '.join(f'{n} {d}' for n, d in v['docs'].items())} | `{v['sha256'][:12]}` |"
+                       f"{', '.join(f'{n} {d}' for n, d in v['docs'].items())} | "
+                       f"{', '.join(f'{n} {k}' for n, k in (v.get('seqs_by_corpus') or {}).items()) or '-'} | "
+                       f"`{v['sha256'][:12]}` |"
                        for s, v in report["shards"].items())
     evals = "\n".join(f"| {k} | {v['rows']} | `{v['sha256'][:12]}` |" for k, v in report["eval"].items())
     p = report["params"]
     tmpl = Template((Path(__file__).with_name("DATA_CARD.md")).read_text())
-    return tmpl.substitute(inputs=table, licenses=sources, shards=shards, evals=evals,
+    shares = ("Val and calib are shared evenly by the corpora; train (calibrate.train_seqs: null) takes every "
+              "document each corpus has left after them, so its shares follow the corpora's sizes."
+              if report["params"].get("train_seqs", 0) is None else "Each split's size is shared evenly by the corpora.")
+    return tmpl.substitute(inputs=table, licenses=sources, shards=shards, evals=evals, shares=shares,
                            seq_len=p["seq_len"], seed=p["seed"], min_chars=p["min_chars"],
                            max_chars=p["max_chars"], max_duplicate_ratio=p["max_duplicate_ratio"],
                            corpora=", ".join(p["corpora"]))

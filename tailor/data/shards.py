@@ -78,10 +78,11 @@ def pack_corpus(name: str, docs: Sequence[str], tokenizer: Tokenizer, quotas: di
             buf += ids
             buf.append(eos)
             n_docs += 1
-        n = len(buf) // seq_len if rest else quotas[split]
-        if n == 0:
-            raise DataError(f"corpus {name} ({where}): {len(buf)} tokens left for {split}, less than one "
-                            f"sequence of seq_len {seq_len}; set calibrate.{split}_seqs or lower val/calib")
+        n = len(buf) // seq_len if rest else quotas[split]  # an int quota may be 0: fewer seqs than corpora
+        if rest and n == 0:
+            raise DataError(f"corpus {name} ({where}): {len(buf)} tokens left for {split} after val and calib, less "
+                            f"than one sequence of seq_len {seq_len}; lower calibrate.val_seqs, calib_seqs or seq_len, "
+                            f"or drop {name} from calibrate.corpora")
         out[split] = np.asarray(buf[:n * seq_len], dtype=np.int32).reshape(n, seq_len)  # (N, T)
         used[split] = n_docs
     return out, used

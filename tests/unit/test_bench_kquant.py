@@ -493,25 +493,46 @@ def test_a_data_row_without_its_train_split_stops_before_setup(tmp_path, monkeyp
         s.main()
 
 
-def test_pack_data_refuses_a_build_whose_val_split_differs(tmp_path):
-    """+data rows are scored against the same held-out split as every other row: a calibrate_all whose val
-    differs (other params than train_seqs) is refused; a matching one is packed as data/train_all."""
+def test_pack_data_packs_only_a_null_build_that_matches_the_shard_in_all_else(tmp_path, monkeypatch):
+    """+data rows are scored against the same held-out split as every other row: calibrate_all must be the
+    full shard's build with train_seqs null and nothing else changed (params, val and calib bytes); a missing
+    --calib is named before anything is built."""
     import tarfile
 
+    from tailor import data as tdata
+
     calib, calib_all = tmp_path / "full", tmp_path / "all"
-    for d, val in ((calib, b"v1"), (calib_all, b"v1")):
+    params = {"seq_len": 512, "seed": 0, "val_seqs": 256}
+    for d, train_seqs in ((calib, 3600), (calib_all, None)):
         d.mkdir()
-        (d / "val.safetensors").write_bytes(val)
+        (d / "val.safetensors").write_bytes(b"v1")
+        (d / "calib.safetensors").write_bytes(b"c1")
+        (d / "data_report.json").write_text(json.dumps({"params": {**params, "train_seqs": train_seqs},
+                                                        "shards": {"train": {"seqs": 9, "docs": {"boolq": 3}}}}))
     (calib_all / "train.safetensors").write_bytes(b"every document")
-    (calib_all / "data_report.json").write_text(json.dumps({"shards": {"train": {"seqs": 9, "docs": {"boolq": 3}}}}))
     out = kg.pack_data(calib, calib_all, tmp_path / "c")
     with tarfile.open(out) as tar:
         assert tar.getnames() == [f"data/{kg.TRAIN_ALL}"]
         assert tar.extractfile(f"data/{kg.TRAIN_ALL}").read() == b"every document"
-    (calib_all / "val.safetensors").write_bytes(b"v2")
-    with pytest.raises(SystemExit, match="val.safetensors differs"):
+    assert [f.name for f in (tmp_path / "c").iterdir()] == ["train_all.tar.xz"]
+
+    def report(**change):
+        (calib_all / "data_report.json").write_text(json.dumps({"params": {**params, "train_seqs": None, **change}}))
+
+    report(train_seqs=3600)
+    with pytest.raises(SystemExit, match="built with train_seqs 3600, not null"):
+        kg.pack_data(calib, calib_all, tmp_path / "c2")
+    report(seed=1)
+    with pytest.raises(SystemExit, match="differs from .* in seed: only train_seqs may differ"):
+        kg.pack_data(calib, calib_all, tmp_path / "c2")
+    report()
+    (calib_all / "calib.safetensors").write_bytes(b"c2")
+    with pytest.raises(SystemExit, match="calib.safetensors differs"):
         kg.pack_data(calib, calib_all, tmp_path / "c2")
     assert not (tmp_path / "c2").exists()
+    monkeypatch.setattr(tdata, "build", lambda *a, **k: pytest.fail("built before --calib was checked"))
+    with pytest.raises(SystemExit, match="--calib .*nowhere: no val.safetensors"):
+        kg.pack_data(tmp_path / "nowhere", tmp_path / "fresh", tmp_path / "c3")
 
 
 def test_search_rows_read_a_search_json_or_a_device_record_and_refuse_anything_else(tmp_path):

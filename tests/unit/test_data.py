@@ -161,8 +161,19 @@ def test_train_seqs_none_takes_every_document_left_and_keeps_val_and_calib(built
     boolq = {1000 + i for i in range(40)}  # the synthetic BoolQ passages doc0..doc39
     assert len(boolq - held - seen) <= 1  # at most the document whose tail was cut off
     assert train.shape[0] > 6 and m["train_tokens"] == train.shape[0] * 8
-    report = json.loads((out / "data_report.json").read_text())["shards"]["train"]["docs"]
-    assert len(set(report.values())) > 1  # uneven: each corpus gave what it had
+    train_report = json.loads((out / "data_report.json").read_text())["shards"]["train"]
+    by_corpus = train_report["seqs_by_corpus"]
+    assert sum(by_corpus.values()) == train.shape[0] and len(set(by_corpus.values())) > 1  # uneven: what each had
+    card = (out / "DATA_CARD.md").read_text()
+    assert "takes every document each corpus has left" in card and "shared evenly by the corpora." not in card
+    assert "Each split's size is shared evenly" in (a / "DATA_CARD.md").read_text()
+
+
+def test_a_split_smaller_than_the_corpora_count_leaves_a_corpus_out(src, tmp_path):
+    """train_seqs 2 over 3 corpora: one corpus gives no sequence, as before train_seqs could be null."""
+    m = run(src, tmp_path / "out", train_seqs=2)
+    report = json.loads((tmp_path / "out" / "data_report.json").read_text())["shards"]["train"]
+    assert m["train_tokens"] == 2 * 8 and sorted(report["seqs_by_corpus"].values()) == [0, 1, 1]
 
 
 def test_wiki_sentences_found_in_a_corpus_are_held_out(src, tmp_path):
