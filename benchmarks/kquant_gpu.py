@@ -851,7 +851,6 @@ def pack_data(calib: Path, calib_all: Path, dest: Path) -> Path:
     +data rows. SystemExit naming the file before any build when `calib` lacks its outputs, and when
     `calib_all` was not built with train_seqs null or differs from `calib` in anything else (params, val or
     calib bytes): every row must be scored against one held-out split."""
-    import hashlib
     import tarfile
 
     import yaml
@@ -859,6 +858,7 @@ def pack_data(calib: Path, calib_all: Path, dest: Path) -> Path:
 
     from tailor.config import parse_params
     from tailor.data import build
+    from tailor.hashing import sha256_file
     from tailor.models.base import base_dir
 
     for f in ("val.safetensors", "calib.safetensors", "data_report.json"):  # before any build: one line, no traceback
@@ -876,7 +876,7 @@ def pack_data(calib: Path, calib_all: Path, dest: Path) -> Path:
         raise SystemExit(f"kquant_gpu pack-data: --calib-all {calib_all} differs from {calib} in {', '.join(other)}: "
                          "only train_seqs may differ")
     for f in ("val.safetensors", "calib.safetensors"):  # the rows must share one held-out set (and one calib)
-        if hashlib.sha256((calib / f).read_bytes()).digest() != hashlib.sha256((calib_all / f).read_bytes()).digest():
+        if sha256_file(calib / f) != sha256_file(calib_all / f):
             raise SystemExit(f"kquant_gpu pack-data: {calib_all}/{f} differs from {calib}'s")
     dest.mkdir(parents=True, exist_ok=True)
     out, tmp = dest / "train_all.tar.xz", dest / ".train_all.tmp"

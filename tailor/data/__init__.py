@@ -130,8 +130,8 @@ def build(params: CalibrateParams, tokenizer: Tokenizer, out_dir: Path, sources:
     # every input is read and validated before any tokenizing, so a bad file fails fast
     evals, eval_report = _eval_sets(p, sources, validator, Overlap([d for n in corpora for d in docs[n]]), report)
 
-    quotas = {s: [None] * len(corpora) if getattr(p, f"{s}_seqs") is None else share(getattr(p, f"{s}_seqs"), len(corpora))
-              for s in SPLITS}  # only train_seqs may be None: every document left
+    sizes = {s: getattr(p, f"{s}_seqs") for s in SPLITS}  # only train_seqs may be None: every document left
+    quotas = {s: [None] * len(corpora) if n is None else share(n, len(corpora)) for s, n in sizes.items()}
     parts: dict[str, list] = {s: [] for s in SPLITS}
     used: dict[str, dict[str, int]] = {}
     for i, name in enumerate(corpora):
