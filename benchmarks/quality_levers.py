@@ -35,6 +35,12 @@ LEVERS = [
      ("k", "tailor-k@4.0+emb"), ("k", "tailor-k@4.0+emb+bw")),
     ("<= 4.0", "the pipeline's order: a 326-step supernet's subnet fine-tuned from the supernet's weights; embedding QAT",
      16, ("k", "tailor-k@4.0+emb"), ("k", "tailor-k@4.0+emb+sn")),
+    ("<= 4.0", "distillation data: every corpus document left after val and calib (7,365 sequences) instead of the "
+     "3,600-sequence shard; same subnet, start and tokens as +bw", 17,
+     ("k", "tailor-k@4.0+emb+bw"), ("k", "tailor-k@4.0+emb+data+bw")),
+    ("<= 4.0", "distillation data: the shard plus 3,600 sequences sampled from the base (7,200, half generated); "
+     "same subnet, start and tokens as +bw", 17,
+     ("k", "tailor-k@4.0+emb+bw"), ("k", "tailor-k@4.0+emb+gen+bw")),
     ("<= 3.0", "fine-tune recipe: constant 1e-5 -> cosine 3e-4", 5,
      ("seed-recipe", "tailor@3.0", "constant-1e-05"), ("seed-recipe", "tailor@3.0", "cosine-3e-04")),
     ("<= 3.0", "grid: Q4_0 / Q5_1 / Q8_0 -> llama.cpp K-quants + IQ4_NL (search and QAT on it)", 11,
@@ -43,15 +49,18 @@ LEVERS = [
      ("k11", "tailor-k@3.0"), ("k", "tailor-k@3.0+emb")),
     ("<= 3.0", "the pipeline's order: a 326-step supernet's subnet fine-tuned from the supernet's weights; embedding QAT",
      16, ("k", "tailor-k@3.0+emb"), ("k", "tailor-k@3.0+emb+sn")),
+    ("<= 3.0", "both at once: the subnet ranked on the base's own weights (started from them) and every corpus "
+     "document (7,365 sequences) as distillation data", 17,
+     ("k", "tailor-k@3.0+emb"), ("k", "tailor-k@3.0+emb+data+bw")),
     ("4.61 (uniform)", "every layer matrix Q4_0 -> IQ4_NL (same bytes)", 11,
      ("seed", "qat4"), ("k11", "iq4nl-qat")),
 ]
 NOT_MEASURED = [
-    "distillation data beyond the 3,600-sequence corpus shard, which the full profile's fine-tune draws ~8.9 times: "
-    "every corpus document left (`+data`, 7,365 sequences: 2.6x the BoolQ passages) and teacher samples (`+gen`; at "
-    "12.9 k tokens/s the sampler needs ~2.4 min on the H200 for 3,600 sequences)",
     "more fine-tune tokens for the rows that cut structure (every row so far: 1,000 x 32 x 512 = 16.4 M tokens; "
-    "`kquant_gpu.py --rows tailor-k@4.0+2x`); on the same shard that is ~18 epochs",
+    "`kquant_gpu.py --rows tailor-k@4.0+emb+data+2x`); on the 7,365-sequence data that is ~8.7 epochs, as 1x was on "
+    "the shard",
+    "<= 3.0: the base-weights search (+bw) and the 7,365-sequence data (+data) apart (only both at once were "
+    "fine-tuned)",
     "<= 3.0: the 331-step supernet's search without embedding QAT (only both at once were fine-tuned)",
 ]
 TARGETS = {"<= 4.0": {"wiki": 0.03, "passages": 0.03, "piqa": 0.98}, "<= 3.0": {"wiki": 0.10, "passages": 0.10}}

@@ -27,8 +27,11 @@ def _tables(tmp_path, k_wiki=236.0, k_passages=18.1):
                   row("tailor-k@4.0+emb", k_wiki, k_passages, None, gpu={"kl_after": 0.20}),
                   row("tailor-k@4.0+emb+bw", 230.0, 17.9, None, gpu={"kl_after": 0.21}),
                   row("tailor-k@4.0+emb+sn", 231.0, 18.0, None, gpu={"kl_after": 0.22}),
+                  row("tailor-k@4.0+emb+data+bw", 229.0, 17.8, None, gpu={"kl_after": 0.20}),
+                  row("tailor-k@4.0+emb+gen+bw", 232.0, 18.2, None, gpu={"kl_after": 0.215}),
                   row("tailor-k@3.0+emb", 255.0, 21.0, None, gpu={"kl_after": 0.49}),
-                  row("tailor-k@3.0+emb+sn", 254.0, 19.0, None, gpu={"kl_after": 0.48})],
+                  row("tailor-k@3.0+emb+sn", 254.0, 19.0, None, gpu={"kl_after": 0.48}),
+                  row("tailor-k@3.0+emb+data+bw", 252.0, 20.5, None, gpu={"kl_after": 0.47})],
          "piqa_all": {"tailor-k@4.0+emb": {"vs_base": {"ratio": 0.99, "ci95": [0.97, 1.01]}},
                       "tailor-k@4.0+emb+bw": {"vs_base": {"ratio": 0.97, "ci95": [0.94, 1.0]}}}}
     for name, t in (("seed_table_gpu", seed), ("kquant_table_s11", k11), ("kquant_table", k)):
@@ -49,14 +52,20 @@ def test_each_lever_reads_its_two_rows_and_the_targets_use_base_and_q4_k_m(tmp_p
     assert (search4["before"]["kl"], search4["after"]["kl"], search4["verdict"]) == (0.22, 0.21, "mixed")
     assert (emb4["before"]["source"], emb4["after"]["source"]) == ("kquant_table.json tailor-k@4.0",
                                                                   "kquant_table.json tailor-k@4.0+emb")
-    both3, iq4 = rows[8], rows[-1]
+    data4, gen4 = rows[6], rows[7]  # session 17's: each against +bw (same subnet, start and tokens)
+    assert (data4["before"]["source"], data4["after"]["source"]) == ("kquant_table.json tailor-k@4.0+emb+bw",
+                                                                    "kquant_table.json tailor-k@4.0+emb+data+bw")
+    assert (data4["verdict"], gen4["verdict"]) == ("better", "worse")
+    assert rows[12]["after"]["source"] == "kquant_table.json tailor-k@3.0+emb+data+bw"
+    both3, iq4 = rows[10], rows[-1]
     assert both3["after"]["passages"] == 21.0 and both3["verdict"] == "better"
     assert iq4["verdict"] == "mixed"  # IQ4_NL: KL and passages better, wiki worse
     targets = ql.targets(src, rows)
     t = {(x["row"].split()[-1], x["target"].split(" (")[0]): x for x in targets}
     # every latest-table row a <= 4.0 lever ends on, once each and in lever order; none of session 11's table
     assert list(dict.fromkeys(x["row"].split()[-1] for x in targets if x["budget"] == "<= 4.0")) == [
-        "tailor-k@4.0", "tailor-k@4.0+emb", "tailor-k@4.0+emb+bw", "tailor-k@4.0+emb+sn"]
+        "tailor-k@4.0", "tailor-k@4.0+emb", "tailor-k@4.0+emb+bw", "tailor-k@4.0+emb+sn", "tailor-k@4.0+emb+data+bw",
+        "tailor-k@4.0+emb+gen+bw"]
     assert t[("tailor-k@4.0+emb", "wiki perplexity within +3% of base")]["got"] == pytest.approx(236 / 250 - 1, abs=1e-4)
     assert t[("tailor-k@4.0+emb", "passages perplexity within +3% of base")]["met"] is False  # 18.1 / 17.5: +3.4%
     assert t[("tailor-k@4.0+emb+bw", "passages perplexity within +3% of base")]["met"] is True  # 17.9: +2.3%
