@@ -11,6 +11,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -92,6 +93,52 @@ def run_stage(target: str, root: str, parent_run: str | None, wait_for_lock: boo
     return {"target": target, "skipped": False, "seconds": round(seconds, 1)}
 
 
+class EarlyBaseEval:
+    """`python -m steps.evaluate --base-only` as a child process: the base model's evaluate suite into its
+    result cache, started right after calibrate so that it runs beside supernet, search and finetune
+    (`runner.base_eval`; the command itself decides what `auto` means on this machine). A process, not a task:
+    on Dask it would hold a worker that a device branch needs. It never fails the flow: an evaluate stage that
+    finds no cached result scores the base itself (waiting on the cache's lock while this one still runs),
+    and reports a real error then."""
+    TARGET = "base-eval (early)"
+
+    def __init__(self, root: str):
+        self.t0 = time.perf_counter()
+        self.out = tempfile.TemporaryFile(mode="w+")  # a file, not a pipe: nobody reads a pipe while it runs
+        self.proc = subprocess.Popen([sys.executable, *EARLY_BASE_EVAL], cwd=root, env=stage_env(None),
+                                     stdout=self.out, stderr=subprocess.STDOUT, text=True)
+
+    def finish(self, log) -> dict:
+        """Wait for it; one summary row (skipped: it failed, and the evaluate stages scored the base)."""
+        code = self.proc.wait()
+        seconds = round(time.perf_counter() - self.t0, 1)
+        self.out.seek(0)
+        said = [ln for ln in self.out.read().splitlines() if ln.strip()]
+        self.out.close()
+        last = said[-1] if said else "no output"
+        if code != 0:
+            log.warning("%s failed (exit %d): %s; the evaluate stages scored the base themselves", self.TARGET, code, last)
+        else:
+            log.info("%s: %s (%.1f s)", self.TARGET, last, seconds)
+        return {"target": self.TARGET, "skipped": code != 0, "seconds": seconds}
+
+    def stop(self) -> None:
+        """The flow failed: end the child rather than leave it scoring for minutes."""
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait()
+        self.out.close()
+
+
+def wants_early_base_eval(todo: list[str], base_eval: str) -> bool:
+    """Whether to start `EarlyBaseEval` once calibrate is done: some evaluate stage may run, and
+    `runner.base_eval` does not keep the base's suite inside the stage."""
+    return base_eval != "in-stage" and any(t.startswith("evaluate@") for t in todo)
+
+
+EARLY_BASE_EVAL = ["-m", "steps.evaluate", "--base-only"]  # run by this interpreter in the project root
+
+
 @task(retries=2, retry_delay_seconds=[2, 5])
 def push(root: str) -> None:
     """Store artifacts in the DVC remote (a local directory outside the repo by default)."""
@@ -160,21 +207,31 @@ def nightly(devices: list[str] | None = None, root: str = ".") -> list[dict]:
     devs = pick_devices(params, devices)
     lock = run_lock(rootp)  # held until the finally below; the OS drops it if this process dies
     parent = tracking.start_parent("nightly", {"tailor.profile": params.profile, "tailor.devices": ",".join(devs)})
-    results, status = [], "FAILED"
+    results, status, early = [], "FAILED", []
     try:
         if base_model_changed(rootp, params.model.source):
             get_run_logger().info("model.source %s changed since calibrate ran: re-running it", params.model.source)
             results.append(run_stage("calibrate", str(rootp), parent, force=True))
         done = {r["target"] for r in results}
         todo = [t for t in targets(rootp, devs) if t not in done]
+        def after(target: str) -> None:  # the base's suite reads calibrate's eval sets: start it once they exist
+            if target == "calibrate" and not early and wants_early_base_eval(todo, params.runner.base_eval):
+                early.append(EarlyBaseEval(str(rootp)))
+
+        if "calibrate" in done:
+            after("calibrate")
         if params.runner.kind == "local":
             for target in todo:
                 results.append(run_stage(target, str(rootp), parent))
+                after(target)
         else:
-            results += _fan_out(todo, devs, str(rootp), parent)
+            results += _fan_out(todo, devs, str(rootp), parent, after)
+        results += [e.finish(get_run_logger()) for e in early]
         push(str(rootp))
         status = "FINISHED"
     finally:
+        for e in early:
+            e.stop()
         md, rows = summary(rootp, devs, results)
         tracking.end_parent(parent, status, {f"{r['device']}.{k}": v for r in rows for k, v in r.items()
                                              if isinstance(v, (int, float)) and not isinstance(v, bool)})
@@ -185,10 +242,14 @@ def nightly(devices: list[str] | None = None, root: str = ".") -> list[dict]:
     return rows
 
 
-def _fan_out(all_targets: list[str], devices: list[str], root: str, parent: str | None) -> list[dict]:
-    """Shared stages in order here, then one chain of tasks per device, the chains side by side on the
-    flow's task runner (Dask when `runner.kind` is dask: see `for_params`)."""
-    results = [run_stage(t, root, parent) for t in all_targets if "@" not in t]
+def _fan_out(all_targets: list[str], devices: list[str], root: str, parent: str | None,
+             after=lambda target: None) -> list[dict]:
+    """Shared stages in order here (`after(target)` once each is done), then one chain of tasks per device,
+    the chains side by side on the flow's task runner (Dask when `runner.kind` is dask: see `for_params`)."""
+    results = []
+    for t in (t for t in all_targets if "@" not in t):
+        results.append(run_stage(t, root, parent))
+        after(t)
     futures = []
     for d in devices:
         prev = None

@@ -1,8 +1,15 @@
 """evaluate (per device): lm-eval tasks and bias slices of the compressed model beside the base model,
-with paired bootstrap CIs, and the release gates."""
+with paired bootstrap CIs, and the release gates.
+
+`python -m steps.evaluate --base-only` is not a DVC stage: it fills the base model's result cache (what every
+evaluate stage reads first), and the nightly flow starts it right after calibrate when `runner.base_eval` says
+so, so that the base's suite runs beside supernet, search and finetune instead of inside the first evaluate."""
 from __future__ import annotations
 
+import fcntl
 import hashlib
+import logging
+import sys
 import json
 import os
 from pathlib import Path
@@ -29,16 +36,38 @@ def _base_cache(params: Params, eval_dir: Path) -> Path:
 
 
 def base_suite(params: Params, eval_dir: Path, dev) -> SuiteResult:
+    """The base model's suite on eval_dir, from the content cache or scored now and cached.
+
+    One process scores a cache entry at a time (an flock beside it): the flow's early `--base-only` run and
+    the per-device evaluate stages may all arrive at once, and whoever comes later waits and reads the
+    result instead of scoring the base again. The OS drops the lock when its holder dies."""
     cached = _base_cache(params, eval_dir)
-    if cached.is_file():
-        return SuiteResult.from_dict(json.loads(cached.read_text()))
-    base, tok = load_base(params.model.source, params.model.n_layers, device=dev)
-    result = run_suite(base, tok, eval_dir, device=str(dev), **suite_options(params.evaluate))
     cached.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cached.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result.to_dict()))
-    os.replace(tmp, cached)
-    return result
+    with open(cached.with_suffix(".lock"), "a+") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if cached.is_file():
+            return SuiteResult.from_dict(json.loads(cached.read_text()))
+        base, tok = load_base(params.model.source, params.model.n_layers, device=dev)
+        result = run_suite(base, tok, eval_dir, device=str(dev), **suite_options(params.evaluate))
+        tmp = cached.with_suffix(".tmp")
+        tmp.write_text(json.dumps(result.to_dict()))
+        os.replace(tmp, cached)
+        return result
+
+
+def base_only(params: Params) -> str:
+    """`--base-only`: score the base's suite into the cache now, unless `runner.base_eval` keeps it in the
+    stage (in-stage, or auto without CUDA). Returns what it did, for the log."""
+    import torch
+
+    mode = params.runner.base_eval
+    if mode == "in-stage" or (mode == "auto" and not torch.cuda.is_available()):
+        return f"runner.base_eval {mode}: left to the evaluate stage"
+    eval_dir = artifact_dir("calibrate") / "eval"
+    validate_eval_dir(eval_dir, suite_parts(eval_dir, suite_options(params.evaluate)["tasks"]))
+    dev = pick_device("auto")
+    base_suite(params, eval_dir, dev)
+    return f"base suite cached ({_base_cache(params, eval_dir).name}) on {dev}"
 
 
 def run(params: Params, device: str, model_dir: Path, eval_dir: Path) -> dict:
@@ -74,4 +103,10 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    if "--base-only" in sys.argv[1:]:
+        sys.argv.remove("--base-only")
+        logging.basicConfig(level=logging.INFO, format="%(message)s")
+        main_for("evaluate", lambda params, _: logging.getLogger("tailor.evaluate").info(
+            "evaluate --base-only: %s", base_only(params)))
+    else:
+        main()

@@ -271,6 +271,10 @@ class RunnerParams(Strict):
     kind: Literal["local", "dask"] = Field("local", description="task runner: local threads or a Dask cluster")
     workers: int = Field(2, gt=0, description="Dask worker processes of a LocalCluster (one thread each)")
     address: str | None = Field(None, description="scheduler of a running Dask cluster, e.g. tcp://host:8786")
+    base_eval: Literal["auto", "early", "in-stage"] = Field(
+        "auto", description="early: the flow scores the base model's evaluate suite right after calibrate, beside "
+        "supernet/search/finetune, and the evaluate stages read it from the cache; in-stage: the first evaluate "
+        "stage scores it; auto: early on a CUDA machine (on a small CPU the two would compete for the cores)")
 
     @model_validator(mode="after")
     def _check(self) -> "RunnerParams":

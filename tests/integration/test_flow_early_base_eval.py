@@ -1,0 +1,71 @@
+"""The nightly flow starts the base model's evaluate suite right after calibrate, beside the training stages
+(`runner.base_eval: early`), and not at all with `in-stage`. A small DVC project with the real flow, params
+and DVC; the early command is a script that meets the supernet stage while both run."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.integration
+
+# each of `early` and `supernet` touches its marker and waits (up to 120 s) for the other's: run one after the
+# other, they never meet, and whoever came first records None
+MEET = '''import json, sys, time
+from pathlib import Path
+me, other = sys.argv[1], sys.argv[2]
+Path("sync").mkdir(exist_ok=True)
+Path(f"sync/{me}").touch()
+start, saw = time.time(), None
+while other and saw is None and time.time() - start < 120:
+    saw = other if Path(f"sync/{other}").exists() else None
+    time.sleep(0.05)
+Path("out").mkdir(exist_ok=True)
+Path(f"out/{me}.json").write_text(json.dumps({"saw": saw}))
+'''
+DVC_YAML = {"stages": {
+    "calibrate": {"cmd": "python meet.py calibrate ''", "deps": ["meet.py"], "outs": ["out/calibrate.json"]},
+    "supernet": {"cmd": "python meet.py supernet {other}", "deps": ["out/calibrate.json"], "outs": ["out/supernet.json"]},
+    "evaluate": {"foreach": "${devices}", "do": {"cmd": "python meet.py evaluate${key} ''",
+                                                 "deps": ["out/supernet.json"], "outs": ["out/evaluate${key}.json"]}}}}
+
+
+def _project(tmp: Path, base_eval: str, kind: str) -> Path:
+    root = tmp / f"proj-{base_eval}"
+    root.mkdir()
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw["runner"] = {"kind": kind, "workers": 2, "address": None, "base_eval": base_eval}
+    (root / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    stages = json.loads(json.dumps(DVC_YAML).replace("{other}", "early" if base_eval == "early" else "''"))
+    (root / "dvc.yaml").write_text(yaml.safe_dump(stages, sort_keys=False))
+    (root / "meet.py").write_text(MEET)
+    exe = str(Path(sys.executable).parent / "dvc")
+    subprocess.run(["git", "init", "-q"], cwd=root, check=True)
+    for args in (["init", "-q"], ["remote", "add", "-d", "local", str(tmp / f"remote-{base_eval}")]):
+        subprocess.run([exe, *args], cwd=root, check=True, capture_output=True)
+    return root
+
+
+@pytest.mark.parametrize("base_eval,kind", [("early", "local"), ("early", "dask"), ("in-stage", "local")])
+def test_the_base_suite_starts_after_calibrate_beside_the_supernet(tmp_path, mlflow_uri, monkeypatch, prefect_harness,
+                                                                   base_eval, kind):
+    from flows import nightly
+
+    if kind == "dask":
+        pytest.importorskip("prefect_dask")
+    root = _project(tmp_path, base_eval, kind)
+    monkeypatch.chdir(root)
+    monkeypatch.setattr(nightly, "EARLY_BASE_EVAL", ["meet.py", "early", "supernet"])
+    nightly.for_params(root / "params.yaml")(root=str(root))
+    supernet = json.loads((root / "out/supernet.json").read_text())
+    if base_eval == "early":
+        # they met: the early run was going while the supernet stage ran (no timing threshold)
+        assert supernet["saw"] == "early"
+        assert json.loads((root / "out/early.json").read_text())["saw"] == "supernet"
+    else:
+        assert not (root / "sync/early").exists()  # never started
