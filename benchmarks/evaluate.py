@@ -13,7 +13,8 @@ task). The held-out wiki perplexity runs alone first; the other calls keep one w
 always scores wiki). --whole times the stage's single call instead (no per-task split).
 
 --scorers hflm,batched times lm-eval's HFLM and tailor.eval.scorer.BatchedHFLM on each task in the same run
-(baseline and candidate side by side) and records how far apart their per-item log-likelihoods are.
+(baseline and candidate side by side) and records how far apart their per-item log-likelihoods are;
+--scorers batched-noshare,batched does the same for the batched scorer without and with shared contexts.
 
 Tokens are what the model was fed: a forward pre-hook on the first decoder block adds up batch x length of
 every forward pass (both scorers pad each forward to its longest request, so padding counts: it is compute
@@ -81,6 +82,8 @@ def _sync(dev: str) -> None:
 def _time_task(model, tok, eval_dir: Path, dev: str, opts: dict, task: str, counter: TokenCounter):
     """One task under one scorer: its timing row, and every log-likelihood it computed (item order)."""
     _sync(dev)
+    if opts["scorer"] == "batched-noshare":  # the batched scorer without shared contexts: share_contexts' baseline
+        opts = opts | {"scorer": "batched", "share_contexts": False}
     res = run_suite(model, tok, eval_dir, device=dev, **opts)
     _sync(dev)
     tokens, calls = counter.take()
@@ -111,8 +114,9 @@ def main() -> None:
     ap.add_argument("--whole", action="store_true", help="one run_suite call for all tasks, as the stage does")
     ap.add_argument("--skip-wiki", action="store_true", help="per-task: leave out the wiki run (another process times it)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (CPU runs)")
-    ap.add_argument("--scorers", default=None, help="comma list of hflm,batched: each task timed with each, side by "
-                                                     "side (default: the profile's evaluate.scorer)")
+    ap.add_argument("--scorers", default=None, help="comma list of hflm,batched,batched-noshare (batched without "
+                                                     "shared contexts): each task timed with each, side by side "
+                                                     "(default: the profile's evaluate.scorer)")
     ap.add_argument("--out", default="reports/bench/evaluate.json")
     ap.add_argument("--note", default="")
     args = ap.parse_args()

@@ -231,7 +231,8 @@ def run_suite(model: torch.nn.Module, tokenizer: Any, eval_dir: Path, batch_size
               device: str | torch.device = "cpu", prefix_token_id: int | None = None,
               num_threads: int | None = None, tasks: tuple[str, ...] | None = None,
               limits: dict[str, int | None] | None = None, seed: int = 0,
-              max_length: int | None = None, scorer: str = "batched", batch_tokens: int = 16384) -> SuiteResult:
+              max_length: int | None = None, scorer: str = "batched", batch_tokens: int = 16384,
+              share_contexts: bool = True) -> SuiteResult:
     """Score `model` on the eval sets in eval_dir with lm-eval; per-item records for compare().
 
     tasks: the parts to run besides wiki (default: every part whose file exists in eval_dir).
@@ -245,6 +246,8 @@ def run_suite(model: torch.nn.Module, tokenizer: Any, eval_dir: Path, batch_size
     and get descheduled when other processes compete for the cores.
     scorer: "batched" (tailor.eval.scorer.BatchedHFLM, forwards of `batch_tokens` padded tokens) or "hflm"
     (lm-eval's HFLM, `batch_size` rows per forward); both give the same scores to float rounding.
+    share_contexts: the batched scorer scores a context once for all its answers (Tailor models; same scores
+    to float rounding); False scores each request's row whole (benchmarks/evaluate.py's baseline).
     """
     if scorer not in ("batched", "hflm"):
         raise ValueError(f"scorer must be 'batched' or 'hflm', got {scorer!r}")
@@ -257,7 +260,7 @@ def run_suite(model: torch.nn.Module, tokenizer: Any, eval_dir: Path, batch_size
     t0, c0 = time.perf_counter(), time.process_time()
     try:
         result = _run(model, tokenizer, Path(eval_dir), batch_size, prefix_token_id, parts, limits or {}, seed,
-                      max_length, scorer, batch_tokens)
+                      max_length, scorer, batch_tokens, share_contexts)
     finally:
         torch.set_num_threads(threads)
     # cpu_seconds next to wall seconds: on a shared CPU the wall time says more about the neighbours.
@@ -277,7 +280,7 @@ def suite_options(ev: Any) -> dict[str, Any]:
 
 def _run(model: torch.nn.Module, tokenizer: Any, eval_dir: Path, batch_size: int, prefix_token_id: int | None,
          parts: tuple[str, ...], limits: dict[str, int | None], seed: int, max_length: int | None,
-         scorer: str = "batched", batch_tokens: int = 16384) -> SuiteResult:
+         scorer: str = "batched", batch_tokens: int = 16384, share_contexts: bool = True) -> SuiteResult:
     from lm_eval.evaluator import evaluate
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
@@ -303,7 +306,7 @@ def _run(model: torch.nn.Module, tokenizer: Any, eval_dir: Path, batch_size: int
         kw = dict(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, backend="causal",
                   prefix_token_id=prefix_token_id, max_length=max_length)
         if scorer == "batched":
-            lm = BatchedHFLM(batch_tokens=batch_tokens, **kw)
+            lm = BatchedHFLM(batch_tokens=batch_tokens, share_contexts=share_contexts, **kw)
         else:
             lm = HFLM(**kw)
         names = {part: cfg["task"] for part, cfg in configs.items()}

@@ -13,7 +13,11 @@ numbers are computed:
 - requests are sorted by length and packed into forwards of at most `batch_tokens` padded tokens, rows of
   similar length together (`MIN_FILL`);
 - the log-softmax is taken only at continuation positions, in float32, and the sums, the greedy check and
-  the copy to the host happen once per forward.
+  the copy to the host happen once per forward;
+- with a Tailor model, a context shared by several answers (a multiple-choice question) is computed once: one
+  row holds the context, then each answer, which attends to the context and to itself only and takes the
+  positions it would have after the context alone (`TailorForCausalLM.hidden_states` positions / mask). BBQ's
+  three answers per context then cost ~one context instead of three.
 
 Results equal HFLM's to float rounding for float32 logits, which Tailor's models always return
 (tests/unit/test_eval_scorer.py compares both on every request kind). Two known differences: with bf16
@@ -27,6 +31,7 @@ import contextlib
 import functools
 from collections import defaultdict
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -37,6 +42,17 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 
 Request = tuple[Any, list[int], list[int]]  # (cache key, context tokens, continuation tokens)
+
+
+@dataclass
+class _Unit:
+    """One row of a forward: its tokens; seg None (one causal sequence at positions 0..n-1) or per token 0 (the
+    shared context) or s >= 1 (the s-th continuation), with each token's position; per request served (request
+    index, the row's indices whose logits predict its continuation, the continuation)."""
+    ids: list[int]
+    seg: list[int] | None
+    reqs: list[tuple[int, list[int], list[int]]]
+    positions: list[int] | None = None
 
 
 @contextlib.contextmanager
@@ -64,8 +80,9 @@ class BatchedHFLM(HFLM):
     Other arguments are HFLM's.
     """
 
-    def __init__(self, *args: Any, batch_tokens: int = 16384, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, batch_tokens: int = 16384, share_contexts: bool = True, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self.share_contexts = share_contexts  # a context scored once for all its continuations (Tailor models)
         if self.backend != "causal":
             raise ValueError(f"BatchedHFLM scores causal models only, not backend={self.backend!r}")
         if batch_tokens <= 0:
@@ -149,66 +166,113 @@ class BatchedHFLM(HFLM):
 
         Each request's input is (context + continuation)[-(max_length + 1):][:-1], as in HFLM; the last
         len(continuation) positions predict the continuation. Requests with the same input share one row of a
-        forward (the choices of a one-token answer: HFLM's "logits cache" does the same). Shapes per forward:
-        ids [rows, L] (right-padded), logits [positions, vocab] at the continuation positions only.
+        forward (the choices of a one-token answer: HFLM's "logits cache" does the same). With `share_contexts`
+        and a Tailor model, requests with the same context that fits whole (a question's answers) share one row
+        too (`_packed`): the context once, then every answer. Shapes per forward: ids [rows, L] (right-padded),
+        logits [positions, vocab] at the predicting positions only.
         """
-        index: dict[tuple[int, ...], int] = {}
-        inputs: list[list[int]] = []
-        users: list[list[int]] = []  # per distinct input: the requests it serves
         for i, (_, ctx, cont) in enumerate(requests):
             if not ctx or not cont:
                 raise ValueError(f"request {i}: empty context or continuation (HFLM asserts the same)")
             if len(cont) > self.max_length:
                 raise ValueError(f"request {i}: continuation of {len(cont)} tokens > max_length {self.max_length}")
+        units, rest = self._packed(requests) if self.share_contexts and self._tailor_model() else ([], list(range(len(requests))))
+        index: dict[tuple[int, ...], int] = {}
+        for i in rest:  # one causal row per distinct input
+            _, ctx, cont = requests[i]
             inp = tuple((ctx + cont)[-(self.max_length + 1):][:-1])
-            k = index.setdefault(inp, len(inputs))
-            if k == len(inputs):
-                inputs.append(list(inp))
-                users.append([])
-            users[k].append(i)
-        order = sorted(range(len(inputs)), key=lambda k: -len(inputs[k]))
+            k = index.setdefault(inp, len(units))
+            if k == len(units):
+                units.append(_Unit(list(inp), None, []))
+            units[k].reqs.append((i, list(range(len(inp) - len(cont), len(inp))), cont))
+        order = sorted(range(len(units)), key=lambda k: -len(units[k].ids))
         out: list[tuple[float, bool] | None] = [None] * len(requests)
         bar = tqdm(total=len(requests), disable=disable_tqdm or self.rank != 0, desc="Scoring requests (batched)")
         start = 0
         while start < len(order):
-            longest = len(inputs[order[start]])
+            longest = len(units[order[start]].ids)
             end = start + 1
             while (end < len(order) and (end - start + 1) * longest <= self.batch_tokens
-                   and len(inputs[order[end]]) >= self.MIN_FILL * longest):
+                   and len(units[order[end]].ids) >= self.MIN_FILL * longest):
                 end += 1
-            batch = order[start:end]
-            reqs = [(r, i) for r, k in enumerate(batch) for i in users[k]]  # (row of the forward, request)
-            rows = [(r, len(inputs[batch[r]]), requests[i][2]) for r, i in reqs]
-            for (_, i), res in zip(reqs, self._score([inputs[k] for k in batch], rows, longest), strict=True):
+            batch = [units[k] for k in order[start:end]]
+            done = [i for u in batch for i, _, _ in u.reqs]
+            for i, res in zip(done, self._score(batch, longest), strict=True):
                 out[i] = res
             start = end
-            bar.update(len(reqs))
+            bar.update(len(done))
         bar.close()
         for (key, _, _), res in zip(requests, out, strict=True):
             if key is not None:
                 self.cache_hook.add_partial("loglikelihood", key, res)
         return out  # type: ignore[return-value]
 
-    def _score(self, inputs: list[list[int]], reqs: list[tuple[int, int, list[int]]],
-               length: int) -> list[tuple[float, bool]]:
-        """One forward of `inputs` right-padded to `length`; per request (row, input length, continuation)."""
+    def _packed(self, requests: list[Request]) -> tuple[list["_Unit"], list[int]]:
+        """Rows that hold a context once and then each of its distinct continuations (all but the last token:
+        the context's last position predicts every continuation's first token), each continuation attending to
+        the context and to itself only, its positions going on from the context's as if it were alone. For
+        requests whose context has >= 2 distinct continuations, one of them longer than a token, and whose
+        context + continuation fits max_length + 1 (no left cut). Returns (packed units, the other requests)."""
+        groups: dict[tuple[int, ...], list[int]] = defaultdict(list)
+        rest = []
+        for i, (_, ctx, cont) in enumerate(requests):
+            if len(ctx) + len(cont) <= self.max_length + 1:
+                groups[tuple(ctx)].append(i)
+            else:
+                rest.append(i)
+        units = []
+        for ctx, members in groups.items():
+            conts = list(dict.fromkeys(tuple(requests[i][2]) for i in members))
+            if len(conts) < 2 or max(map(len, conts)) < 2:
+                rest += members  # nothing to share beyond what one causal row already shares
+                continue
+            c = len(ctx)
+            ids, seg, positions, where = list(ctx), [0] * c, list(range(c)), {}
+            for s, cont in enumerate(conts, start=1):
+                where[cont] = [c - 1] + list(range(len(ids), len(ids) + len(cont) - 1))
+                ids += cont[:-1]
+                seg += [s] * (len(cont) - 1)
+                positions += range(c, c + len(cont) - 1)  # as if it followed the context alone
+            units.append(_Unit(ids, seg, [(i, where[tuple(requests[i][2])], requests[i][2]) for i in members],
+                               positions))
+        return units, sorted(rest)
+
+    def _tailor_model(self) -> bool:
+        return hasattr(self.model, "hidden_states") and hasattr(self.model, "tables")
+
+    def _score(self, units: list["_Unit"], length: int) -> list[tuple[float, bool]]:
+        """One forward of `units` right-padded to `length`; per request of each unit in order."""
         dev = self.device
-        ids = torch.zeros(len(inputs), length, dtype=torch.long)
-        for r, inp in enumerate(inputs):
-            ids[r, :len(inp)] = torch.tensor(inp)
-        where, tgt, owner = [], [], []  # (row, position) whose logits predict each target token; its request
-        for q, (r, n, cont) in enumerate(reqs):
-            where += [(r, p) for p in range(n - len(cont), n)]
-            tgt += cont
-            owner += [q] * len(cont)
+        ids = torch.zeros(len(units), length, dtype=torch.long)
+        for r, u in enumerate(units):
+            ids[r, :len(u.ids)] = torch.tensor(u.ids)
+        positions = mask = None
+        if any(u.seg is not None for u in units):  # packed rows: their positions and who sees whom
+            seg = torch.full((len(units), length), -1, dtype=torch.long)  # -1: padding
+            positions = torch.zeros(len(units), length, dtype=torch.long)
+            for r, u in enumerate(units):
+                n = len(u.ids)
+                seg[r, :n] = torch.tensor(u.seg) if u.seg is not None else 0
+                positions[r, :n] = torch.tensor(u.positions) if u.positions is not None else torch.arange(n)
+            causal = torch.ones(length, length, dtype=torch.bool).tril()
+            sq, sk = seg[:, :, None], seg[:, None, :]
+            mask = (causal & ((sk == 0) | (sk == sq))) | torch.eye(length, dtype=torch.bool)  # padding: itself
+            positions, mask = positions.to(dev), mask[:, None].to(dev)
+        where, tgt, owner, q = [], [], [], 0  # (row, position) whose logits predict each target token; its request
+        for r, u in enumerate(units):
+            for _, pos, cont in u.reqs:
+                where += [(r, p) for p in pos]
+                tgt += cont
+                owner += [q] * len(cont)
+                q += 1
         owner_t = torch.tensor(owner, device=dev)
         tgt_t = torch.tensor(tgt, device=dev)
         rr, pp = torch.tensor(where, device=dev).T
-        ll = torch.zeros(len(reqs), dtype=torch.float64, device=dev)
-        miss = torch.zeros(len(reqs), dtype=torch.long, device=dev)  # continuation tokens that are not the argmax
+        ll = torch.zeros(q, dtype=torch.float64, device=dev)
+        miss = torch.zeros(q, dtype=torch.long, device=dev)  # continuation tokens that are not the argmax
         with torch.no_grad(), torch.autocast(device_type=dev.type, dtype=self.mixed_precision_dtype,
                                              enabled=self.mixed_precision_dtype is not None):
-            picked = self._picked_logits(ids.to(dev), rr, pp)
+            picked = self._picked_logits(ids.to(dev), rr, pp, positions, mask)
             for lo in range(0, len(tgt), self.HEAD_TOKENS):
                 sl = slice(lo, lo + self.HEAD_TOKENS)
                 z = picked(sl).float()  # [n, vocab]
@@ -223,14 +287,17 @@ class BatchedHFLM(HFLM):
     # fed 1.8x HFLM's tokens)
     HEAD_TOKENS = 4096  # continuation positions per head matmul: [4096, vocab] fp32 is 0.8 GB at SmolLM2's 49k
 
-    def _picked_logits(self, ids: torch.Tensor, rows: torch.Tensor, pos: torch.Tensor):
+    def _picked_logits(self, ids: torch.Tensor, rows: torch.Tensor, pos: torch.Tensor,
+                       positions: torch.Tensor | None = None, mask: torch.Tensor | None = None):
         """A function of a slice of the picked positions -> their logits [n, vocab]. Tailor's models run the
         head at those positions only (the head is ~20% of SmolLM2's FLOPs and [rows, L, vocab] fp32 logits
-        would be gigabytes); any other model is called whole, as HFLM does."""
+        would be gigabytes); any other model is called whole, as HFLM does (and is never given packed rows)."""
         m = self.model
-        if hasattr(m, "hidden_states") and hasattr(m, "tables"):  # TailorForCausalLM: see its forward()
+        if self._tailor_model():  # TailorForCausalLM: see its forward()
             table, head = m.tables()
-            h = m.hidden_states(ids, table)[rows, pos]  # [N, hidden]
+            h = m.hidden_states(ids, table, positions, mask)[rows, pos]  # [N, hidden]
             return lambda sl: m.head(h[sl], head)
+        if positions is not None or mask is not None:
+            raise ValueError(f"packed rows need a Tailor model, not {type(m).__name__}")
         logits = self._model_call(ids)[rows, pos]  # [N, vocab]
         return lambda sl: logits[sl]

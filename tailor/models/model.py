@@ -280,14 +280,18 @@ class Attention(nn.Module):
         self.q_proj.active_out = self.o_proj.active_in = q
         self.k_proj.active_out = self.v_proj.active_out = kv * self.head_dim
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, T, hidden); cos, sin (T, hd) or (B, 1, T, hd); mask None = causal, else (B, 1, T, T) bool,
+        True where a query (row) may attend a key (column)."""
         B, T, _ = x.shape
         nq, nkv, hd = self.kv_heads * self.q_per_kv, self.kv_heads, self.head_dim
         q = self.q_proj(x).view(B, T, nq, hd).transpose(1, 2)  # (B, nq, T, hd)
         k = self.k_proj(x).view(B, T, nkv, hd).transpose(1, 2)  # (B, nkv, T, hd)
         v = self.v_proj(x).view(B, T, nkv, hd).transpose(1, 2)
         q, k = _chain("rope", _rope, q)(q, k, cos, sin)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)  # (B, nq, T, hd)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                           enable_gqa=True)  # (B, nq, T, hd)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, nq * hd))
 
 
@@ -317,8 +321,9 @@ class Block(nn.Module):
         self.mlp = MLP(cfg, cfg.layer_ffn[i], bits)
         self.active = True  # elastic depth: an inactive block is the identity
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin)
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -407,9 +412,18 @@ class TailorForCausalLM(PreTrainedModel, GenerationMixin):
         c = self.config
         return rope_tables(c.head_dim, c.rope_theta, positions, dtype, getattr(c, "rope_freq_scaling", None))
 
-    def hidden_states(self, input_ids: torch.Tensor, table: torch.Tensor | None = None) -> torch.Tensor:
+    def hidden_states(self, input_ids: torch.Tensor, table: torch.Tensor | None = None,
+                      positions: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Final hidden states (B, T, hidden) of input_ids (B, T).
+
+        positions (B, T) and mask (B, 1, T, T) bool (True: the row's token may attend the column's) let one row
+        hold several sequences that share a prefix (tailor.eval.scorer packs a question's context once with all
+        its answers); None = positions 0..T-1 and causal attention."""
         x = self.model.embed_tokens(input_ids) if table is None else F.embedding(input_ids, table)  # (B, T, h)
-        cos, sin = self.rope(torch.arange(input_ids.shape[1], device=input_ids.device), x.dtype)
+        if positions is None:
+            cos, sin = self.rope(torch.arange(input_ids.shape[1], device=input_ids.device), x.dtype)
+        else:  # (B, 1, T, hd): broadcast over the heads
+            cos, sin = (t.view(*positions.shape, -1)[:, None] for t in self.rope(positions.reshape(-1), x.dtype))
         # Activation checkpointing (`activation_checkpointing = True`): keep each block's input only and
         # recompute the block in backward (torch.utils.checkpoint; ~1/3 more compute, activations / L).
         ckpt = getattr(self, "activation_checkpointing", False) and torch.is_grad_enabled()
@@ -420,7 +434,7 @@ class TailorForCausalLM(PreTrainedModel, GenerationMixin):
         group = torch.is_grad_enabled() and (g or (g is None and x.is_cuda)) and not ckpt
         with grouped_weights([q for b in active for q in b.modules() if isinstance(q, QLinear)] if group else []):
             for block in active:
-                x = checkpoint(block, x, cos, sin, use_reentrant=False) if ckpt else block(x, cos, sin)
+                x = checkpoint(block, x, cos, sin, mask, use_reentrant=False) if ckpt else block(x, cos, sin, mask)
         return self.model.norm(x)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,

@@ -151,6 +151,35 @@ def test_one_token_choices_share_one_row(tok):
     assert rows == [1] and len({round(a, 4) for a, _ in got}) == 3
 
 
+def test_a_shared_context_is_scored_once_for_all_its_answers(tok):
+    """BBQ's shape: one context, several multi-token answers. Packed into one row (the context once, then each
+    answer, attending to the context and to itself only, its positions going on from the context's), every answer
+    scores what it scores alone, for fewer tokens. A member whose context + answer HFLM would cut from the left is
+    scored alone, cut."""
+    model = tiny_model(vocab=len(tok), n_layers=2)
+    fed = []
+    model.model.layers[0].register_forward_pre_hook(lambda m, a: fed.append(a[0].shape[0] * a[0].shape[1]))
+    ctx = "At the park, a grandfather and his grandson tried to book a cab. Who was not comfortable using the phone?"
+    answers = [" The grandfather", " The grandson", " Can't be determined", " Unknown", " The grandfather"]
+    edge = "Count:" + "".join(f" {i}" for i in range(60))
+    while len(tok(edge)["input_ids"]) > MAX_LEN - 3:  # room for a 1-token answer, not for an 8-token one
+        edge = edge.rsplit(" ", 1)[0]
+    edge_answers = [" x", " a b c d e f g h"]
+    reqs = [SimpleNamespace(args=(ctx, a)) for a in answers] + [SimpleNamespace(args=(edge, a)) for a in edge_answers]
+    packed, plain = _lms(model, tok, batch_tokens=10_000)[1], _lms(model, tok, batch_tokens=10_000)[1]
+    plain.share_contexts = False
+    enc = [packed._encode_pair(*r.args) for r in reqs]
+    assert [len(c) + len(x) <= MAX_LEN + 1 for c, x in enc] == [True] * 6 + [False]  # the last one is cut
+    assert sum(len(x) > 1 for _, x in enc[:4]) >= 2  # answers of several tokens (" Unknown" may be one)
+    got = packed.loglikelihood(reqs, disable_tqdm=True)
+    fed_packed, fed[:] = sum(fed), []
+    want = plain.loglikelihood(reqs, disable_tqdm=True)
+    assert [g for _, g in got] == [g for _, g in want]
+    assert [a for a, _ in got] == pytest.approx([a for a, _ in want], abs=1e-4)
+    assert got[0] == got[4] and len({round(a, 4) for a, _ in got}) == 6  # the repeated answer: one segment
+    assert fed_packed < 0.8 * sum(fed)  # the context once instead of once per answer (padding included)
+
+
 def test_bad_settings_are_refused(tok):
     with pytest.raises(ValueError, match="batch_tokens"):
         BatchedHFLM(pretrained=tiny_model(vocab=len(tok), n_layers=1), tokenizer=tok, backend="causal",
