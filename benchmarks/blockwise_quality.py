@@ -243,6 +243,12 @@ def unpack(src: Path, work: Path) -> Path:
     if not (work / "staged").is_file():
         raise SystemExit(f"blockwise_quality: {work}/staged missing: run `stage` (call 1) on this machine first")
     sys.path.insert(0, str(work / "site"))
+    base, done = work / "base", work / "base" / ".rebuilt"  # holds the state sha256 once checked on this machine
+    if not (src / "manifest.json").is_file():  # not carried this call: an earlier call's checked base serves
+        if not done.is_file():
+            raise SystemExit(f"blockwise_quality: {src}/manifest.json missing and no base rebuilt in {work}: carry {src}")
+        log(f"unpack: {src} not carried; the base checked earlier in {base} (state sha256 {done.read_text()[:16]}) serves")
+        return base
     manifest = json.loads((src / "manifest.json").read_text())
     gguf = work / "base.gguf"
     if not gguf.is_file():
@@ -255,7 +261,6 @@ def unpack(src: Path, work: Path) -> Path:
     for name in ("base.tar.xz", "data.tar.xz"):
         with tarfile.open(src / name) as tar:
             tar.extractall(work, filter="data") if sys.version_info >= (3, 12) else tar.extractall(work)
-    base = work / "base"
     if not (base / "model.safetensors").is_file():
         from safetensors.torch import load_file, save_file
 
@@ -266,6 +271,7 @@ def unpack(src: Path, work: Path) -> Path:
             raise SystemExit("blockwise_quality: the rebuilt base differs from the converted one")
         save_file(state, str(base / ".model.tmp"), metadata={"format": "pt"})
         os.replace(base / ".model.tmp", base / "model.safetensors")
+        done.write_text(manifest["state_sha256"])
     log(f"unpack: base rebuilt bit for bit (state sha256 {manifest['state_sha256'][:16]}) in {base}")
     return base
 
