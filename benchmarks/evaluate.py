@@ -79,6 +79,9 @@ def _sync(dev: str) -> None:
         torch.cuda.synchronize()
 
 
+SCORERS = ("hflm", "batched", "batched-noshare")
+
+
 def _time_task(model, tok, eval_dir: Path, dev: str, opts: dict, task: str, counter: TokenCounter):
     """One task under one scorer: its timing row, and every log-likelihood it computed (item order)."""
     _sync(dev)
@@ -120,6 +123,12 @@ def main() -> None:
     ap.add_argument("--out", default="reports/bench/evaluate.json")
     ap.add_argument("--note", default="")
     args = ap.parse_args()
+    if args.scorers:  # before minutes of model loading and wiki timing
+        names = args.scorers.split(",")
+        bad = [n for n in names if n not in SCORERS]
+        if bad or len(set(names)) != len(names) or args.whole:
+            ap.error(f"--scorers {args.scorers}: " + (f"unknown {bad} (known: {', '.join(SCORERS)})" if bad else
+                     "a scorer named twice" if len(set(names)) != len(names) else "not with --whole (one call, one scorer)"))
     p = load_params(args.params, args.profile)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     opts = suite_options(p.evaluate) | ({"batch_size": args.batch_size} if args.batch_size else {})

@@ -101,10 +101,11 @@ class EarlyBaseEval:
     finds no cached result scores the base itself (waiting on the cache's lock while this one still runs),
     and reports a real error then."""
     TARGET = "base-eval (early)"
+    STOP_WAIT_S = 30  # after SIGTERM, before SIGKILL
 
     def __init__(self, root: str):
         self.t0 = time.perf_counter()
-        self.out = tempfile.TemporaryFile(mode="w+")  # a file, not a pipe: nobody reads a pipe while it runs
+        self.out = tempfile.TemporaryFile()  # a file, not a pipe: nobody reads a pipe while it runs
         self.proc = subprocess.Popen([sys.executable, *EARLY_BASE_EVAL], cwd=root, env=stage_env(None),
                                      stdout=self.out, stderr=subprocess.STDOUT, text=True)
 
@@ -112,8 +113,8 @@ class EarlyBaseEval:
         """Wait for it; one summary row (skipped: it failed, and the evaluate stages scored the base)."""
         code = self.proc.wait()
         seconds = round(time.perf_counter() - self.t0, 1)
-        self.out.seek(0)
-        said = [ln for ln in self.out.read().splitlines() if ln.strip()]
+        self.out.seek(max(0, self.out.seek(0, os.SEEK_END) - 8192))  # its last lines say what it did
+        said = [ln for ln in self.out.read().decode("utf-8", errors="replace").splitlines() if ln.strip()]
         self.out.close()
         last = said[-1] if said else "no output"
         if code != 0:
@@ -126,7 +127,11 @@ class EarlyBaseEval:
         """The flow failed: end the child rather than leave it scoring for minutes."""
         if self.proc.poll() is None:
             self.proc.terminate()
-            self.proc.wait()
+            try:
+                self.proc.wait(timeout=self.STOP_WAIT_S)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
         self.out.close()
 
 

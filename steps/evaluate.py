@@ -46,7 +46,11 @@ def base_suite(params: Params, eval_dir: Path, dev) -> SuiteResult:
     with open(cached.with_suffix(".lock"), "a+") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if cached.is_file():
-            return SuiteResult.from_dict(json.loads(cached.read_text()))
+            try:
+                return SuiteResult.from_dict(json.loads(cached.read_text()))
+            except (ValueError, KeyError, TypeError) as e:  # cut short (a power loss): score it again
+                logging.getLogger("tailor.evaluate").warning("%s: unreadable base result (%s): scoring the base again",
+                                                             cached, e)
         base, tok = load_base(params.model.source, params.model.n_layers, device=dev)
         result = run_suite(base, tok, eval_dir, device=str(dev), **suite_options(params.evaluate))
         tmp = cached.with_suffix(".tmp")

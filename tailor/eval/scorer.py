@@ -185,7 +185,8 @@ class BatchedHFLM(HFLM):
             if k == len(units):
                 units.append(_Unit(list(inp), None, []))
             units[k].reqs.append((i, list(range(len(inp) - len(cont), len(inp))), cont))
-        order = sorted(range(len(units)), key=lambda k: -len(units[k].ids))
+        # packed rows apart from plain ones: a forward of plain rows keeps the causal kernel (no explicit mask)
+        order = sorted(range(len(units)), key=lambda k: (units[k].seg is None, -len(units[k].ids)))
         out: list[tuple[float, bool] | None] = [None] * len(requests)
         bar = tqdm(total=len(requests), disable=disable_tqdm or self.rank != 0, desc="Scoring requests (batched)")
         start = 0
@@ -193,7 +194,8 @@ class BatchedHFLM(HFLM):
             longest = len(units[order[start]].ids)
             end = start + 1
             while (end < len(order) and (end - start + 1) * longest <= self.batch_tokens
-                   and len(units[order[end]].ids) >= self.MIN_FILL * longest):
+                   and len(units[order[end]].ids) >= self.MIN_FILL * longest
+                   and (units[order[end]].seg is None) == (units[order[start]].seg is None)):
                 end += 1
             batch = [units[k] for k in order[start:end]]
             done = [i for u in batch for i, _, _ in u.reqs]
@@ -207,16 +209,21 @@ class BatchedHFLM(HFLM):
                 self.cache_hook.add_partial("loglikelihood", key, res)
         return out  # type: ignore[return-value]
 
+    MIN_SHARED = 8  # context tokens worth sharing: a one-token context (the prefix token of every context-free
+    # request: CrowS, StereoSet) saves a token per answer and would gather thousands of requests in one group
+
     def _packed(self, requests: list[Request]) -> tuple[list["_Unit"], list[int]]:
         """Rows that hold a context once and then each of its distinct continuations (all but the last token:
         the context's last position predicts every continuation's first token), each continuation attending to
         the context and to itself only, its positions going on from the context's as if it were alone. For
-        requests whose context has >= 2 distinct continuations, one of them longer than a token, and whose
-        context + continuation fits max_length + 1 (no left cut). Returns (packed units, the other requests)."""
+        requests whose context of >= MIN_SHARED tokens has >= 2 distinct continuations, one of them longer than
+        a token, and whose context + continuation fits max_length + 1 (no left cut). A row holds at most
+        max_length tokens: a group with more continuations than that takes several rows, each with the context.
+        Returns (packed units, the other requests)."""
         groups: dict[tuple[int, ...], list[int]] = defaultdict(list)
         rest = []
         for i, (_, ctx, cont) in enumerate(requests):
-            if len(ctx) + len(cont) <= self.max_length + 1:
+            if len(ctx) >= self.MIN_SHARED and len(ctx) + len(cont) <= self.max_length + 1:
                 groups[tuple(ctx)].append(i)
             else:
                 rest.append(i)
@@ -227,14 +234,20 @@ class BatchedHFLM(HFLM):
                 rest += members  # nothing to share beyond what one causal row already shares
                 continue
             c = len(ctx)
-            ids, seg, positions, where = list(ctx), [0] * c, list(range(c)), {}
-            for s, cont in enumerate(conts, start=1):
-                where[cont] = [c - 1] + list(range(len(ids), len(ids) + len(cont) - 1))
-                ids += cont[:-1]
-                seg += [s] * (len(cont) - 1)
-                positions += range(c, c + len(cont) - 1)  # as if it followed the context alone
-            units.append(_Unit(ids, seg, [(i, where[tuple(requests[i][2])], requests[i][2]) for i in members],
-                               positions))
+            rows: list[_Unit] = []
+            where: dict[tuple[int, ...], tuple[_Unit, list[int]]] = {}
+            for cont in conts:  # each fits a row with the context alone (c + len(cont) - 1 <= max_length)
+                if not rows or len(rows[-1].ids) + len(cont) - 1 > self.max_length:
+                    rows.append(_Unit(list(ctx), [0] * c, [], list(range(c))))
+                u = rows[-1]
+                where[cont] = (u, [c - 1] + list(range(len(u.ids), len(u.ids) + len(cont) - 1)))
+                u.seg += [max(u.seg) + 1] * (len(cont) - 1)
+                u.ids += cont[:-1]
+                u.positions += range(c, c + len(cont) - 1)  # as if it followed the context alone
+            for i in members:
+                u, pos = where[tuple(requests[i][2])]
+                u.reqs.append((i, pos, requests[i][2]))
+            units += rows
         return units, sorted(rest)
 
     def _tailor_model(self) -> bool:

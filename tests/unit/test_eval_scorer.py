@@ -180,6 +180,39 @@ def test_a_shared_context_is_scored_once_for_all_its_answers(tok):
     assert fed_packed < 0.8 * sum(fed)  # the context once instead of once per answer (padding included)
 
 
+def test_packed_rows_stay_within_the_window_and_plain_forwards_keep_the_causal_kernel(tok):
+    """Context-free requests (CrowS, StereoSet: every one has the one-token prefix as its context) are not
+    gathered into one row; a context with more answers than one window holds takes several rows, each at most
+    max_length long; a forward of plain rows gets no mask. Scores equal the unshared path's throughout."""
+    model = tiny_model(vocab=len(tok), n_layers=1)
+    calls = []  # (rows, length, packed?) per forward
+    inner = model.hidden_states
+
+    def spy(ids, table=None, positions=None, mask=None):
+        calls.append((ids.shape[0], ids.shape[1], mask is not None))
+        return inner(ids, table, positions, mask)
+
+    model.hidden_states = spy
+    free = [SimpleNamespace(args=("", f"Sentence number {i} is {'long ' * (i % 5)}enough.")) for i in range(60)]
+    free += [SimpleNamespace(args=("", "word " * n)) for n in (36, 38, 40)]  # as long as the packed rows
+    ctx = "Choose the word that follows best in the sentence below, please:"  # >= MIN_SHARED tokens
+    many = [SimpleNamespace(args=(ctx, f" option {i} of many words")) for i in range(20)]  # > one window's worth
+    reqs = free + many
+    packed, plain = _lms(model, tok, batch_tokens=10_000)[1], _lms(model, tok, batch_tokens=10_000)[1]
+    plain.share_contexts = False
+    got = packed.loglikelihood(reqs, disable_tqdm=True)
+    seen, calls[:] = list(calls), []
+    want = plain.loglikelihood(reqs, disable_tqdm=True)
+    assert [g for _, g in got] == [g for _, g in want]
+    assert [a for a, _ in got] == pytest.approx([a for a, _ in want], abs=1e-4)
+    assert max(length for _, length, _ in seen) <= MAX_LEN
+    units, _ = packed._packed([(None, c, x) for c, x in packed.split_requests([r.args for r in reqs])])
+    assert 2 <= len(units) < len(many)  # the 20 answers share a few rows, not one over-long row
+    # masked forwards hold the packed rows and nothing else; the context-free rows run plain, causal kernel
+    assert sum(rows for rows, _, masked in seen if masked) == len(units)
+    assert any(not masked for _, _, masked in seen)
+
+
 def test_bad_settings_are_refused(tok):
     with pytest.raises(ValueError, match="batch_tokens"):
         BatchedHFLM(pretrained=tiny_model(vocab=len(tok), n_layers=1), tokenizer=tok, backend="causal",

@@ -59,6 +59,14 @@ def test_callers_at_once_score_the_base_once_and_all_read_that_result(monkeypatc
     assert (tmp_path / "cache" / "abc.json").is_file() and not (tmp_path / "cache" / "abc.tmp").exists()
 
 
+def test_an_unreadable_cached_result_is_scored_again(monkeypatch, tmp_path):
+    calls = _fake_scoring(monkeypatch, tmp_path)
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / "abc.json").write_text('{"n": 7')  # cut short
+    assert stage.base_suite(_params(), tmp_path, "cpu").n == 1 and calls == [1]
+    assert stage.base_suite(_params(), tmp_path, "cpu").n == 1 and calls == [1]  # now read, not scored
+
+
 def test_base_only_scores_now_only_where_runner_base_eval_says_so(monkeypatch, tmp_path):
     calls = _fake_scoring(monkeypatch, tmp_path)
     monkeypatch.setattr(stage, "artifact_dir", lambda name: tmp_path / name)
@@ -97,8 +105,19 @@ def test_a_failed_early_run_is_a_warning_and_a_skipped_row_not_a_failed_flow(mon
     assert row["target"] == "base-eval (early)" and row["skipped"] is True
     assert "exit 2" in caplog.text and "tailor evaluate: no eval sets" in caplog.text
 
-    monkeypatch.setattr(nightly, "EARLY_BASE_EVAL", ["-c", "import time; time.sleep(60)"])
+    # its last line, whatever came before: megabytes of progress bars, bytes that are not UTF-8
+    monkeypatch.setattr(nightly, "EARLY_BASE_EVAL", ["-c", "import sys; sys.stdout.buffer.write(b'\\xff\\xfe' * 2_000_000);"
+                                                     " print(); print('evaluate --base-only: base suite cached')"])
+    row = nightly.EarlyBaseEval(str(tmp_path)).finish(logging.getLogger("t"))
+    assert row["skipped"] is False
+
+    # the flow failed: the child ends now, even one that ignores SIGTERM
+    monkeypatch.setattr(nightly, "EARLY_BASE_EVAL", ["-c", "import signal, time; signal.signal(signal.SIGTERM, "
+                                                     "signal.SIG_IGN); print('ready', flush=True); time.sleep(120)"])
+    monkeypatch.setattr(nightly.EarlyBaseEval, "STOP_WAIT_S", 1)
     run = nightly.EarlyBaseEval(str(tmp_path))
+    while b"ready" not in Path(f"/proc/{run.proc.pid}/fd/1").read_bytes():  # its handler is in place
+        time.sleep(0.05)
     t0 = time.perf_counter()
-    run.stop()  # the flow failed: the child ends now, not in a minute
+    run.stop()
     assert run.proc.returncode is not None and time.perf_counter() - t0 < 30
