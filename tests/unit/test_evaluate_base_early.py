@@ -121,3 +121,24 @@ def test_a_failed_early_run_is_a_warning_and_a_skipped_row_not_a_failed_flow(mon
     t0 = time.perf_counter()
     run.stop()
     assert run.proc.returncode is not None and time.perf_counter() - t0 < 30
+
+
+def test_the_base_only_command_exits_2_with_one_line_on_bad_params_and_0_when_left_to_the_stage(tmp_path):
+    import subprocess
+    import sys
+
+    import yaml
+
+    root = Path(__file__).resolve().parents[2]
+    raw = yaml.safe_load((root / "params.yaml").read_text())
+    run = lambda f: subprocess.run([sys.executable, "-m", "steps.evaluate", "--base-only", "--params", str(f)],  # noqa: E731
+                                   cwd=root, capture_output=True, text=True, timeout=300)
+    raw["runner"]["base_eval"] = "sooner"
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(raw))
+    bad = run(tmp_path / "bad.yaml")
+    lines = bad.stderr.strip().splitlines()
+    assert bad.returncode == 2 and len(lines) == 1 and "runner.base_eval" in lines[0], bad.stderr
+    raw["runner"]["base_eval"] = "in-stage"
+    (tmp_path / "ok.yaml").write_text(yaml.safe_dump(raw))
+    ok = run(tmp_path / "ok.yaml")
+    assert ok.returncode == 0 and "left to the evaluate stage" in ok.stderr + ok.stdout, ok.stderr
