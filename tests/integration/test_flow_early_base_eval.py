@@ -4,6 +4,7 @@ and DVC; the early command is a script that meets the supernet stage while both 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -51,9 +52,10 @@ def _project(tmp: Path, base_eval: str, kind: str) -> Path:
     return root
 
 
-@pytest.mark.parametrize("base_eval,kind", [("early", "local"), ("early", "dask"), ("in-stage", "local")])
+@pytest.mark.parametrize("base_eval,kind,forced", [("early", "local", False), ("early", "dask", False),
+                                                   ("early", "local", True), ("in-stage", "local", False)])
 def test_the_base_suite_starts_after_calibrate_beside_the_supernet(tmp_path, mlflow_uri, monkeypatch, prefect_harness,
-                                                                   base_eval, kind):
+                                                                   base_eval, kind, forced):
     from flows import nightly
 
     if kind == "dask":
@@ -61,6 +63,8 @@ def test_the_base_suite_starts_after_calibrate_beside_the_supernet(tmp_path, mlf
     root = _project(tmp_path, base_eval, kind)
     monkeypatch.chdir(root)
     monkeypatch.setattr(nightly, "EARLY_BASE_EVAL", ["meet.py", "early", "supernet"])
+    if forced:  # the base model changed under its path: calibrate re-runs first, outside the stage loop
+        monkeypatch.setattr(nightly, "base_model_changed", lambda root, source: True)
     nightly.for_params(root / "params.yaml")(root=str(root))
     supernet = json.loads((root / "out/supernet.json").read_text())
     if base_eval == "early":
@@ -69,3 +73,22 @@ def test_the_base_suite_starts_after_calibrate_beside_the_supernet(tmp_path, mlf
         assert json.loads((root / "out/early.json").read_text())["saw"] == "supernet"
     else:
         assert not (root / "sync/early").exists()  # never started
+
+
+def test_a_failing_flow_ends_the_early_child(tmp_path, mlflow_uri, monkeypatch, prefect_harness):
+    from flows import nightly
+
+    root = _project(tmp_path, "early", "local")
+    stages = yaml.safe_load((root / "dvc.yaml").read_text())
+    stages["stages"]["supernet"]["cmd"] = ("python -c \"import pathlib, sys, time; "
+                                           "[time.sleep(0.05) for _ in range(2400) if not pathlib.Path('early.pid').exists()]; "
+                                           "sys.exit(1)\"")  # fails once the early child is running
+    (root / "dvc.yaml").write_text(yaml.safe_dump(stages, sort_keys=False))
+    monkeypatch.chdir(root)
+    monkeypatch.setattr(nightly, "EARLY_BASE_EVAL", ["-c", "import os, time; open('early.pid', 'w').write(str(os.getpid()));"
+                                                           " time.sleep(300)"])
+    with pytest.raises(Exception, match="supernet"):
+        nightly.for_params(root / "params.yaml")(root=str(root))
+    pid = int((root / "early.pid").read_text())
+    with pytest.raises(ProcessLookupError):  # ended and reaped by the flow, not left scoring for minutes
+        os.kill(pid, 0)
