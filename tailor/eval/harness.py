@@ -20,10 +20,12 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import inspect
 import json
 import logging
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from importlib.metadata import version
 from pathlib import Path
@@ -310,7 +312,8 @@ def _run(model: torch.nn.Module, tokenizer: Any, eval_dir: Path, batch_size: int
         else:
             lm = HFLM(**kw)
         names = {part: cfg["task"] for part, cfg in configs.items()}
-        with compiled_templates() if scorer == "batched" else contextlib.nullcontext():
+        with compiled_templates() if scorer == "batched" else contextlib.nullcontext(), \
+                requests_built_once(loaded["tasks"].values()):
             check_requests(lm, {p: loaded["tasks"][names[p]] for p in parts if p != "wiki"}, ids, eval_dir)
             out = evaluate(lm=lm, task_dict=loaded, log_samples=True, bootstrap_iters=0)
     samples = out["samples"]
@@ -318,6 +321,33 @@ def _run(model: torch.nn.Module, tokenizer: Any, eval_dir: Path, batch_size: int
                        tasks={p: _choice_items(samples[names[p]], PARTS[p][1], ids[p], p) for p in parts if p != "wiki"},
                        meta={"lm_eval": version("lm_eval"), "prefix_token_id": int(lm.prefix_token_id),
                              "n": {p: len(ids[p]) for p in parts}, "lm_eval_results": _aggregates(out)})
+
+
+@contextlib.contextmanager
+def requests_built_once(tasks: Any) -> Iterator[None]:
+    """lm-eval's `evaluate()` builds every task's requests (`Task.build_all_requests`) after `check_requests` has
+    built them: each document's prompts rendered twice. Inside this block a task asked to build again with the
+    same arguments (defaults filled in) keeps the instances it has; other arguments build anew. Restored on exit."""
+    tasks = list(tasks)
+    for task in tasks:
+        original = task.build_all_requests
+        sig = inspect.signature(original)
+        built: list[dict] = []
+
+        def build(*, _original=original, _sig=sig, _built=built, **kw: Any) -> None:
+            bound = _sig.bind(**kw)
+            bound.apply_defaults()
+            if _built and _built[-1] == bound.arguments:
+                return
+            _original(**kw)
+            _built.append(dict(bound.arguments))
+
+        task.build_all_requests = build  # an instance attribute: shadows the method until deleted
+    try:
+        yield
+    finally:
+        for task in tasks:
+            del task.build_all_requests
 
 
 def check_requests(lm: Any, tasks: dict[str, Any], ids: dict[str, list[int]], eval_dir: Path) -> None:

@@ -236,3 +236,27 @@ def test_templates_compile_once_and_render_the_same(monkeypatch):
         got = [lu.apply_template(tpl, d) for d in docs]
     assert got == want and calls == [tpl]  # five renders, one compile
     assert lu.apply_template is original
+
+
+def test_a_task_asked_to_build_its_requests_again_with_the_same_arguments_keeps_them():
+    """check_requests builds every task's requests, then lm-eval's evaluate() asks again (all arguments spelled
+    out, defaults included): the second build is skipped; different arguments build anew; the method is back
+    afterwards."""
+    from tailor.eval.harness import requests_built_once
+
+    class Task:
+        def __init__(self):
+            self.builds = []
+
+        def build_all_requests(self, *, limit=None, rank=0, world_size=1, apply_chat_template=False):
+            self.builds.append((limit, rank, world_size, apply_chat_template))
+
+    a, b = Task(), Task()
+    with requests_built_once([a, b]):
+        a.build_all_requests(limit=None, rank=0, world_size=1)  # check_requests
+        a.build_all_requests(limit=None, rank=0, world_size=1, apply_chat_template=False)  # evaluate(): kept
+        b.build_all_requests(limit=None, rank=0, world_size=1)
+        b.build_all_requests(limit=5, rank=0, world_size=1)  # not the same request set: built
+    assert a.builds == [(None, 0, 1, False)]
+    assert b.builds == [(None, 0, 1, False), (5, 0, 1, False)]
+    assert "build_all_requests" not in vars(a) and "build_all_requests" not in vars(b)
