@@ -12,6 +12,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -108,11 +109,19 @@ class EarlyBaseEval:
         self.out = tempfile.TemporaryFile()  # a file, not a pipe: nobody reads a pipe while it runs
         self.proc = subprocess.Popen([sys.executable, *EARLY_BASE_EVAL], cwd=root, env=stage_env(None),
                                      stdout=self.out, stderr=subprocess.STDOUT, text=True)
+        self.ended: float | None = None  # when it exited, stamped by a watcher: the flow collects it much later
+        self.watcher = threading.Thread(target=self._watch, daemon=True)
+        self.watcher.start()
+
+    def _watch(self) -> None:
+        self.proc.wait()
+        self.ended = time.perf_counter()
 
     def finish(self, log) -> dict:
         """Wait for it; one summary row (skipped: it failed, and the evaluate stages scored the base)."""
         code = self.proc.wait()
-        seconds = round(time.perf_counter() - self.t0, 1)
+        self.watcher.join()
+        seconds = round((self.ended or time.perf_counter()) - self.t0, 1)
         self.out.seek(max(0, self.out.seek(0, os.SEEK_END) - 8192))  # its last lines say what it did
         said = [ln for ln in self.out.read().decode("utf-8", errors="replace").splitlines() if ln.strip()]
         self.out.close()
