@@ -241,7 +241,7 @@ class BatchedHFLM(HFLM):
                     rows.append(_Unit(list(ctx), [0] * c, [], list(range(c))))
                 u = rows[-1]
                 where[cont] = (u, [c - 1] + list(range(len(u.ids), len(u.ids) + len(cont) - 1)))
-                u.seg += [max(u.seg) + 1] * (len(cont) - 1)
+                u.seg += [u.seg[-1] + 1] * (len(cont) - 1)  # ids only grow: the last is the largest
                 u.ids += cont[:-1]
                 u.positions += range(c, c + len(cont) - 1)  # as if it followed the context alone
             for i in members:
@@ -260,13 +260,12 @@ class BatchedHFLM(HFLM):
         for r, u in enumerate(units):
             ids[r, :len(u.ids)] = torch.tensor(u.ids)
         positions = mask = None
-        if any(u.seg is not None for u in units):  # packed rows: their positions and who sees whom
+        if units[0].seg is not None:  # a forward of packed rows (never mixed with plain ones): positions, who sees whom
             seg = torch.full((len(units), length), -1, dtype=torch.long)  # -1: padding
             positions = torch.zeros(len(units), length, dtype=torch.long)
             for r, u in enumerate(units):
-                n = len(u.ids)
-                seg[r, :n] = torch.tensor(u.seg) if u.seg is not None else 0
-                positions[r, :n] = torch.tensor(u.positions) if u.positions is not None else torch.arange(n)
+                seg[r, :len(u.ids)] = torch.tensor(u.seg)
+                positions[r, :len(u.ids)] = torch.tensor(u.positions)
             causal = torch.ones(length, length, dtype=torch.bool).tril()
             sq, sk = seg[:, :, None], seg[:, None, :]
             mask = (causal & ((sk == 0) | (sk == sq))) | torch.eye(length, dtype=torch.bool)  # padding: itself
