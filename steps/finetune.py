@@ -36,11 +36,7 @@ def run(params: Params, device: str, supernet_dir: Path, search_dir: Path, data_
     val = val[: params.search.val_seqs]
     t_val = teacher_logits(base, val)
     kl_before = mean_kl(student, val, t_val)
-    spec = TrainSpec(ft.steps, ft.batch_size, ft.lr, ft.kd_temperature, ft.seed, ckpt_every=max(1, ft.steps // 4),
-                     schedule=ft.schedule, warmup_steps=ft.warmup_steps, train_embeddings=ft.train_embeddings,
-                     parallel=ft.parallel,  # not in the fingerprint: a checkpoint resumes under either
-                     fingerprint=f"finetune:{device}:{cfg.hash}:{json.dumps(ft.model_dump(exclude={'parallel', 'nproc'}), sort_keys=True)}:"
-                                 f"{sha256_file(data_dir / 'train.safetensors')[:16]}")
+    spec = train_spec(ft, device, cfg.hash, sha256_file(data_dir / "train.safetensors"))
     ckpt = checkpoint_dir(ckpt_dir, spec.fingerprint)
     train = torch.cat([train, generated(base, train, ft, ckpt)]) if ft.generated_seqs else train
     result = train_kd(student, base, train, spec, lambda step, gen: [lambda: None], ckpt,
@@ -55,6 +51,20 @@ def run(params: Params, device: str, supernet_dir: Path, search_dir: Path, data_
     metrics = {"kl_before": kl_before, "kl_after": kl_after, "steps": ft.steps, "config_hash": cfg.hash,
                "resumed_from": result.resumed_from, "train_seconds": round(result.seconds, 2), "device": str(dev)}
     return {"metrics": metrics, "curve": result.curve}
+
+
+# How a run trains, not what it trains: a checkpoint resumes across these (another process count, eager/compiled)
+RESUMES_ACROSS = {"parallel", "nproc", "compile"}
+
+
+def train_spec(ft: FinetuneParams, device: str, config_hash: str, shard_sha256: str) -> TrainSpec:
+    """The fine-tune's TrainSpec; its fingerprint names what is trained (device, subnet, recipe, data) so a
+    checkpoint of another run is refused, and leaves out RESUMES_ACROSS."""
+    recipe = json.dumps(ft.model_dump(exclude=RESUMES_ACROSS), sort_keys=True)
+    return TrainSpec(ft.steps, ft.batch_size, ft.lr, ft.kd_temperature, ft.seed, ckpt_every=max(1, ft.steps // 4),
+                     schedule=ft.schedule, warmup_steps=ft.warmup_steps, train_embeddings=ft.train_embeddings,
+                     parallel=ft.parallel, compile=ft.compile,
+                     fingerprint=f"finetune:{device}:{config_hash}:{recipe}:{shard_sha256[:16]}")
 
 
 def generated(base: torch.nn.Module, train: torch.Tensor, ft: FinetuneParams, ckpt: Path) -> torch.Tensor:

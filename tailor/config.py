@@ -146,6 +146,7 @@ class FinetuneParams(Strict):
     generate_batch: int = Field(64, gt=0, description="sequences sampled at once (memory: batch x seq_len KV cache)")
     device: str = "auto"
     seed: int = 0
+    compile: bool = Field(False, description="torch.compile the quantizer, KD loss and block chains on CUDA")
     parallel: Parallel = Field("ddp", description=PARALLEL_DOC)
     nproc: int = Field(1, gt=0, description=NPROC_DOC)
 

@@ -59,18 +59,26 @@ PY
   # pip check lines naming click/rich/pluggy/... : install the small wheels carried in p4/opt over the image's
   echo "opt wheels (install into $OPT only those pip check names): $(ls $S/opt | tr "\n" " ")"
   touch $S/READY ;;
-run)
+run)   # run [PROFILE]: default full
   [ -f $S/READY ] || { echo "not staged"; exit 1; }
-  rm -rf $RUN && mkdir -p $RUN && tar -C "$PWD" --exclude=./.pipew --exclude=./.bwq -cf - . | tar -C $RUN -xf -
-  cd $RUN && dvc config --local core.no_scm true && dvc config --local core.check_update false || exit 1
-  setsid nohup env PYTHONUNBUFFERED=1 python3 -m tailor.cli run --profile full > $RUN/tailor_run.log 2>&1 < /dev/null &
+  rm -rf $RUN && mkdir -p $RUN && tar -C "$PWD" --exclude=./.pipew --exclude=./.bwq --exclude=./.evb -cf - . | tar -C $RUN -xf -
+  cd $RUN && { [ -d .dvc ] || dvc init -q --no-scm; } && dvc config --local core.no_scm true && dvc config --local core.check_update false || exit 1
+  date "+%s %H:%M:%S" > $RUN/t0   # epoch, and the local clock the log lines are stamped in
+  # the GPU's load every 5 s beside the run: is it busy?
+  setsid nohup nvidia-smi --query-gpu=timestamp,utilization.gpu,memory.used --format=csv,noheader -l 5 > $RUN/gpu.csv 2>/dev/null < /dev/null &
+  echo $! > $RUN/smi.pid
+  # the shell stamps the end itself (t1): the run's wall time to the second, whenever a poll looks
+  setsid nohup env PYTHONUNBUFFERED=1 PROFILE="${2:-full}" sh -c 'python3 -m tailor.cli run --profile "$PROFILE"; echo $? > rc; date "+%s %H:%M:%S" > t1' \
+    > $RUN/tailor_run.log 2>&1 < /dev/null &
   echo $! > $RUN/pid; echo "started pid $! at $(date +%T)"; sleep 20; tail -5 $RUN/tailor_run.log ;;
-poll)
+poll)  # poll SEC: wait up to SEC s or until the run ends; what is there so far always goes to $OUT
   end=$(( $(date +%s) + ${2:-560} ))
   alive() { kill -0 "$(cat $RUN/pid)" 2>/dev/null; }
-  while [ $(date +%s) -lt $end ] && alive; do sleep 10; done
-  grep -E "done in|unchanged|failed|Error|Traceback" $RUN/tailor_run.log | tail -25; tail -3 $RUN/tailor_run.log
-  if ! alive; then
-    echo "finished"; [ -n "${OUT:-}" ] && tar -C $RUN -czf $OUT/reports.tgz reports dvc.lock params.yaml tailor_run.log && ls -l $OUT
+  while [ $(date +%s) -lt $end ] && alive; do sleep 5; done
+  echo "elapsed $(( $(date +%s) - $(cut -d" " -f1 $RUN/t0) )) s"
+  grep -E "done in|unchanged|failed|Error|Traceback|base-eval" $RUN/tailor_run.log | tail -30; tail -4 $RUN/tailor_run.log
+  alive && echo "still running" || { echo "finished, exit $(cat $RUN/rc 2>/dev/null)"; kill "$(cat $RUN/smi.pid)" 2>/dev/null || true; }
+  if [ -n "${OUT:-}" ]; then
+    (cd $RUN && tar -czf $OUT/reports.tgz --ignore-failed-read reports dvc.lock params.yaml tailor_run.log gpu.csv t0 $(ls t1 rc 2>/dev/null)); ls -l $OUT
   fi ;;
 esac
