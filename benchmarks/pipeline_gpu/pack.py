@@ -10,7 +10,7 @@ wheels.tsv: name, version, bytes, part. Part opt/p5/p6 wheels live in .pipew/opt
 packages, installed only if `pip check` names them; p5 pyarrow, p6 onnxruntime). The others are spread over p1..p4
 (first fit, biggest first) and stage.sh installs them all at once after p4. Packing rewrites the bytes and part columns.
 """
-import argparse, hashlib, json, lzma, os, re, shutil, subprocess, sys, tarfile, tempfile
+import argparse, hashlib, io, json, lzma, os, re, shutil, subprocess, sys, tarfile, tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]          # the checkout
@@ -135,7 +135,6 @@ def _tar_add(t, name, data=None, path=None):
             t.addfile(ti, f)
     else:
         ti.size = len(data)
-        import io
         t.addfile(ti, io.BytesIO(data))
 
 
@@ -169,7 +168,10 @@ def build_data(dest=None):
     with lzma.open(tmp, "wb", preset=9) as xz, tarfile.open(fileobj=xz, mode="w", format=tarfile.PAX_FORMAT) as t:
         for rel in sorted(members):
             v = members[rel]
-            _tar_add(t, rel, path=v) if isinstance(v, Path) else _tar_add(t, rel, data=v)
+            if isinstance(v, Path):
+                _tar_add(t, rel, path=v)
+            else:
+                _tar_add(t, rel, data=v)
     with tempfile.TemporaryDirectory(prefix="pipew_data_") as d:      # the unpacked tar must read the same
         with tarfile.open(tmp) as t:
             t.extractall(d)
