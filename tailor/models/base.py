@@ -73,8 +73,9 @@ def _read_gguf(src: ModelSource) -> tuple[dict, dict, Any]:
     from gguf import GGUFReader
     from transformers import AutoModelForCausalLM
 
-    names = {t.name for t in GGUFReader(src.path).tensors}
-    tok = AutoTokenizer.from_pretrained(src.path.parent, gguf_file=src.path.name)
+    reader = GGUFReader(src.path)
+    names = {t.name for t in reader.tensors}
+    tok = gguf_special_tokens(AutoTokenizer.from_pretrained(src.path.parent, gguf_file=src.path.name), reader)
     hf = AutoModelForCausalLM.from_pretrained(src.path.parent, gguf_file=src.path.name, dtype=torch.float32)
     hf_config = hf.config.to_dict()
     hf_config["tie_word_embeddings"] = "output.weight" not in names  # the file decides, not a default
@@ -83,6 +84,27 @@ def _read_gguf(src: ModelSource) -> tuple[dict, dict, Any]:
     if hf_config["tie_word_embeddings"]:
         state.pop("lm_head.weight", None)
     return hf_config, state, tok
+
+
+GGUF_SPECIAL = {"bos_token": "tokenizer.ggml.bos_token_id", "eos_token": "tokenizer.ggml.eos_token_id",
+                "pad_token": "tokenizer.ggml.padding_token_id"}
+
+
+def gguf_special_tokens(tok: PreTrainedTokenizerBase, reader) -> PreTrainedTokenizerBase:
+    """Set the tokenizer's begin/end/padding tokens to the ids the GGUF file itself names (its
+    `tokenizer.ggml.*_token_id` keys, ggml's GGUF spec). transformers' GGUF reader does not always keep
+    them: 5.17 returns SmolLM2's <|im_start|> (1) as eos and no pad, where the file says eos 2, pad 2;
+    5.24 reads them right. The file decides. `reader`: a gguf.GGUFReader of the same file."""
+    for attr, key in GGUF_SPECIAL.items():
+        field = reader.fields.get(key)
+        if field is None:
+            continue
+        i = int(field.parts[field.data[0]][0])
+        if not 0 <= i < len(tok):
+            raise ModelFileError(f"{key} = {i}: outside the file's {len(tok)}-token vocabulary")
+        if getattr(tok, f"{attr}_id", None) != i:
+            setattr(tok, attr, tok.convert_ids_to_tokens(i))
+    return tok
 
 
 def _read_hf_dir(src: ModelSource) -> tuple[dict, dict, Any]:

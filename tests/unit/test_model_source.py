@@ -159,3 +159,40 @@ def test_two_processes_converting_one_source_both_get_the_cache_entry(tmp_path, 
     blocker.write_text("a file where the entry should go")
     with pytest.raises(OSError):  # no complete entry there: the failure is real
         _convert(resolve(str(d)), blocker)
+
+
+def test_gguf_special_tokens_come_from_the_file(monkeypatch):
+    """transformers 5.17 (the GPU machine's) reads SmolLM2's GGUF with eos = <|im_start|> and no pad; the
+    file's own tokenizer.ggml.*_token_id keys decide (eos 2, bos 1, pad 2), whatever the reader returns."""
+    from transformers import AutoTokenizer
+
+    from tailor.models import base as b
+
+    real = AutoTokenizer.from_pretrained
+
+    def like_5_17(*a, **k):
+        tok = real(*a, **k)
+        if k.get("gguf_file"):
+            tok.eos_token, tok.pad_token = tok.bos_token, None
+        return tok
+
+    monkeypatch.setattr(b.AutoTokenizer, "from_pretrained", like_5_17)
+    _, _, tok = b._read_gguf(resolve("smollm2-135m"))
+    assert (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) == (1, 2, 2)
+    assert tok.eos_token == "<|im_end|>"
+
+
+def test_gguf_special_token_outside_the_vocabulary_is_refused():
+    from types import SimpleNamespace
+
+    from tailor.models.base import gguf_special_tokens
+
+    class Tok:
+        eos_token_id = 0
+
+        def __len__(self):
+            return 10
+
+    reader = SimpleNamespace(fields={"tokenizer.ggml.eos_token_id": SimpleNamespace(parts=[[12]], data=[0])})
+    with pytest.raises(ModelFileError, match="tokenizer.ggml.eos_token_id = 12: outside the file's 10-token"):
+        gguf_special_tokens(Tok(), reader)
