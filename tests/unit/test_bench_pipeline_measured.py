@@ -25,7 +25,8 @@ def test_log_places_each_stage_where_it_ran_across_midnight():
     by = {s["target"]: s for s in got["stages"]}
     assert by["calibrate"] == {"target": "calibrate", "start_s": 13.5, "end_s": 52, "seconds": 38.5}
     assert by["supernet"]["end_s"] == 202 and by["supernet"]["start_s"] == 52
-    assert by["base-eval (early)"]["start_s"] == 312 - 250 and by["base-eval (early)"]["seconds"] == 250
+    # logged at the end when collected; it started as calibrate ended
+    assert by["base-eval (early)"] == {"target": "base-eval (early)", "start_s": 52.0, "end_s": 302.0, "seconds": 250.0}
     assert got["skipped"] == ["search@laptop"]
     assert got["last_line_s"] == 342 and not got["failed"]
 
@@ -33,6 +34,11 @@ def test_log_places_each_stage_where_it_ran_across_midnight():
 def test_a_failed_stage_marks_the_log_failed():
     bad = LOG + "00:06:00.000 | ERROR   | Task run 'finetune@phone' - finetune@phone failed (exit 1): boom\n"
     assert m.parse_log(bad, "23:59:48")["failed"]
+    crashed = LOG.replace("Finished in state Completed()", "Finished in state Failed('x')")
+    assert m.parse_log(crashed, "23:59:48")["failed"]
+    # Dask's shutdown logs a traceback of a closed connection in a run that completed
+    assert not m.parse_log(LOG + "Traceback (most recent call last):\ndistributed.comm.core.CommClosedError\n",
+                           "23:59:48")["failed"]
 
 
 def test_gpu_load():
