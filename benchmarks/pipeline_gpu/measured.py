@@ -2,7 +2,7 @@
 reports.tgz: reports/, dvc.lock, params.yaml, the flow's log, the GPU's load every 5 s, the start and end
 clocks) and write what it measured: reports/bench/pipeline.json `gpu_full.run` and reports/bench/pipeline_gpu.md.
 
-    python3 benchmarks/pipeline_gpu/measured.py --tgz DIR/reports.tgz [--machine "one NVIDIA H200 ..."]
+    python3 benchmarks/pipeline_gpu/measured.py --tgz DIR/reports.tgz --label s18-a [--machine "one NVIDIA H200 ..."]
 
 Stage times are the flow's own ("TARGET: done in X s", Prefect's log, one line a stage), placed on the run's
 clock by the line's time stamp, so overlapping branches (runner dask) and the base model's early evaluate
@@ -20,7 +20,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 PIPELINE = ROOT / "reports" / "bench" / "pipeline.json"
-REPORT = ROOT / "reports" / "bench" / "pipeline_gpu.md"
+REPORT = ROOT / "reports" / "bench" / "pipeline_gpu.md"  # the latest attempt
 TARGET_MIN = 20.0
 
 _STAMP = r"(?P<hms>\d\d:\d\d:\d\d)(?:\.\d+)?"
@@ -91,12 +91,13 @@ def expected_targets(dvc_yaml: dict, devices: list[str]) -> list[str]:
             for t in ([f"{name}@{d}" for d in devices] if "foreach" in st else [name])]
 
 
-def device_results(files: dict[str, bytes], devices: list[str]) -> dict:
-    """Per device: what the run shipped (search, finetune, evaluate, export metrics it wrote)."""
+def device_results(files: dict[str, bytes], devices: list[str], done: set[str]) -> dict:
+    """Per device: what the run shipped (search, finetune, evaluate, export metrics it wrote). Only stages
+    this run finished count: the working copy also holds the metrics of whatever run was committed."""
     out = {}
     for d in devices:
         def read(stage: str) -> dict:
-            raw = files.get(f"reports/{stage}/{d}/metrics.json")
+            raw = files.get(f"reports/{stage}/{d}/metrics.json") if f"{stage}@{d}" in done else None
             return json.loads(raw) if raw else {}
         se, ft, ev, ex = read("search"), read("finetune"), read("evaluate"), read("export")
         out[d] = {"bits_per_param": se.get("bits_per_param"), "kl_before": ft.get("kl_before"), "kl_after": ft.get("kl_after"),
@@ -119,14 +120,16 @@ def summarize(files: dict[str, bytes], machine: str) -> dict:
     done = {s["target"] for s in log["stages"]}
     missing = [t for t in expected_targets(dvc_yaml, devices) if t not in done and t not in log["skipped"]]
     ended = "t1" in files  # stamped by the shell that ran `tailor run`, as it returned
-    total = int(files["t1"].decode().split()[0]) - int(t0[0]) if ended else log["last_line_s"]
+    # unfinished: how long it had run when the last poll looked (at least that long)
+    stop = files.get("t1") or files.get("tpoll")
+    total = int(stop.decode().split()[0]) - int(t0[0]) if stop else log["last_line_s"]
     rc = int(files["rc"].decode().strip()) if "rc" in files else None
     complete = ended and rc == 0 and not missing and not log["failed"]
     return {"profile": profile, "machine": machine, "devices": devices, "complete": complete, "exit_code": rc,
             "missing_stages": missing, "flow_failed": log["failed"], "total_s": total,
             "total_minutes": round(total / 60, 2), "target_minutes": TARGET_MIN,
             "met": complete and total / 60 <= TARGET_MIN, "stages": log["stages"],
-            "gpu": gpu_load(files.get("gpu.csv", b"").decode()), "results": device_results(files, devices)}
+            "gpu": gpu_load(files.get("gpu.csv", b"").decode()), "results": device_results(files, devices, done)}
 
 
 def bar(start: float, end: float, total: float, width: int = 40) -> str:
@@ -136,10 +139,16 @@ def bar(start: float, end: float, total: float, width: int = 40) -> str:
 
 def markdown(run: dict) -> str:
     total = max(run["total_s"], 1)
-    lines = [f"# `tailor run --profile {run['profile']}` measured whole on {run['machine']}", "",
-             f"**Total {run['total_minutes']:.1f} min** (target ≤ {run['target_minutes']:.0f}: "
-             f"{'met' if run['met'] else 'missed' if run['complete'] else 'run incomplete'}), from the flow's start to "
-             "its last line; stage times are the flow's own, placed where they ran (`#` = running).", ""]
+    if run["complete"]:
+        head = [f"# `tailor run --profile {run['profile']}` measured whole on {run['machine']}", "",
+                f"**Total {run['total_minutes']:.1f} min** (target ≤ {run['target_minutes']:.0f}: "
+                f"{'met' if run['met'] else 'missed'}), from `tailor run`'s start to its exit."]
+    else:
+        head = [f"# `tailor run --profile {run['profile']}` on {run['machine']}: not finished", "",
+                f"**Not a total:** the run had gone {run['total_minutes']:.1f} min when it was last seen"
+                + (f" (exit {run['exit_code']})" if run["exit_code"] is not None else "") + "."]
+    lines = head + ([run["note"]] if run.get("note") else []) + [
+        "Stage times are the flow's own, placed where they ran (`#` = running).", ""]
     if run["missing_stages"]:
         lines += [f"Not finished: {', '.join(run['missing_stages'])}.", ""]
     lines += ["| stage | start (min) | seconds | timeline |", "|---|---|---|---|"]
@@ -174,6 +183,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--tgz", type=Path, required=True, help="reports.tgz from stage.sh poll")
     ap.add_argument("--machine", default="one NVIDIA H200 (16 CPU cores), torch 2.11")
+    ap.add_argument("--label", required=True, help="names this attempt in pipeline.json (a second one replaces it)")
+    ap.add_argument("--note", default="", help="what differed from the profile as committed, what happened")
     a = ap.parse_args(argv)
     if not a.tgz.is_file():
         print(f"measured: --tgz {a.tgz}: no such file", file=sys.stderr)
@@ -184,10 +195,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"measured: --tgz {a.tgz}: lacks {', '.join(need)} (not a stage.sh poll archive)", file=sys.stderr)
         return 2
     run = summarize(files, a.machine)
+    run["label"], run["note"] = a.label, a.note
     data = json.loads(PIPELINE.read_text())
-    data["gpu_full"]["run"] = run
-    data["gpu_full"]["measured"] = run["complete"]
-    PIPELINE.write_text(json.dumps(data, indent=1) + "\n")
+    full = data["gpu_full"]
+    full["attempts"] = [r for r in full.get("attempts", []) if r.get("label") != a.label] + [run]
+    if run["complete"]:  # the measured total: a finished run only
+        full["run"], full["measured"] = run, True
+    PIPELINE.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
     REPORT.write_text(markdown(run))
     print(markdown(run))
     return 0

@@ -93,7 +93,8 @@ poll)  # poll SEC: wait up to SEC s or until the run ends; what is there so far 
   echo "elapsed $(( $(date +%s) - $(cut -d" " -f1 $RUN/t0) )) s"
   grep -E "done in|unchanged|failed|Error|Traceback|base-eval" $RUN/tailor_run.log | tail -30; tail -4 $RUN/tailor_run.log
   alive && echo "still running" || { echo "finished, exit $(cat $RUN/rc 2>/dev/null)"; kill "$(cat $RUN/smi.pid)" 2>/dev/null || true; }
+  date "+%s %H:%M:%S" > $RUN/tpoll   # when this poll looked: an unfinished run had gone at least this long
   if [ -n "${OUT:-}" ]; then
-    (cd $RUN && tar -czf $OUT/reports.tgz --ignore-failed-read reports dvc.lock params.yaml tailor_run.log gpu.csv t0 $(ls t1 rc 2>/dev/null)); ls -l $OUT
+    (cd $RUN && tar -czf $OUT/reports.tgz --ignore-failed-read reports dvc.lock params.yaml tailor_run.log gpu.csv t0 tpoll $(ls t1 rc 2>/dev/null)); ls -l $OUT
   fi ;;
 esac

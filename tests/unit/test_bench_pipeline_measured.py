@@ -53,6 +53,7 @@ def _files(rc: int = 0, t1: bool = True, log: str = LOG) -> dict:
     params = {"profile": "full", "devices": {"phone": {}, "laptop": {}}}
     f = {"t0": b"1000 23:59:48", "params.yaml": yaml.safe_dump(params).encode(), "tailor_run.log": log.encode(),
          "rc": str(rc).encode(), "reports/search/phone/metrics.json": json.dumps({"bits_per_param": 4.2}).encode()}
+    f["reports/search/laptop/metrics.json"] = json.dumps({"bits_per_param": 5.0}).encode()  # search@laptop: skipped
     if t1:
         f["t1"] = b"2200 00:19:48"
     return f
@@ -63,14 +64,20 @@ def test_summary_marks_missing_stages_and_judges_the_target():
     assert run["total_s"] == 1200 and run["total_minutes"] == 20.0
     assert "finetune@phone" in run["missing_stages"] and "search@laptop" not in run["missing_stages"]
     assert not run["complete"] and not run["met"]  # stages never finished: not a measured total
+    # search@phone finished in this log; metrics of a stage that did not (stale, from the working copy) are left out
     assert run["results"]["phone"]["bits_per_param"] == 4.2
+    assert m.summarize(_files(), "h200")["results"]["laptop"]["bits_per_param"] is None
 
 
 def test_summary_complete_run(monkeypatch):
     monkeypatch.setattr(m, "expected_targets", lambda dvc, devs: ["calibrate", "supernet", "search@phone", "search@laptop"])
     assert m.summarize(_files(), "h200")["met"]  # 20.0 min: at the target
     assert not m.summarize(_files(rc=1), "h200")["complete"]
-    assert not m.summarize(_files(t1=False), "h200")["complete"]
+    unfinished = _files(t1=False)
+    assert not m.summarize(unfinished, "h200")["complete"]
+    assert m.summarize(unfinished, "h200")["total_s"] == 342  # no poll stamp: the last log line
+    unfinished["tpoll"] = b"1900 00:14:48"
+    assert m.summarize(unfinished, "h200")["total_s"] == 900  # the poll saw it still running at 15 min
     late = _files()
     late["t1"] = b"2201 00:19:49"
     assert m.summarize(late, "h200")["complete"] and not m.summarize(late, "h200")["met"]
@@ -83,6 +90,6 @@ def test_cli_refuses_an_archive_that_is_not_a_poll(tmp_path, capsys):
         info = tarfile.TarInfo("other.txt")
         info.size = len(data)
         t.addfile(info, io.BytesIO(data))
-    assert m.main(["--tgz", str(p)]) == 2
+    assert m.main(["--tgz", str(p), "--label", "x"]) == 2
     assert "lacks t0, params.yaml, tailor_run.log" in capsys.readouterr().err
-    assert m.main(["--tgz", str(tmp_path / "none.tgz")]) == 2
+    assert m.main(["--tgz", str(tmp_path / "none.tgz"), "--label", "x"]) == 2
