@@ -80,6 +80,21 @@ class Scorer:
         return list(self.seen.values())
 
 
+def fans_out(runner: RunnerParams, dev) -> bool:
+    """Whether the search scores its candidate batches on the Dask cluster of `runner`. A running cluster
+    (`address`): yes. A throwaway local one: only where its workers add compute, on the CPU (their own
+    cores) or on several GPUs (one each). On one GPU they would queue on the device this process holds,
+    after each loaded the supernet and the teacher logits: on an H200 the MIP's 5 subnets took 37.7 s
+    that way (reports/bench/pipeline.json, session 18)."""
+    if runner.kind != "dask":
+        return False
+    if runner.address is not None:
+        return True
+    import torch
+
+    return torch.device(dev).type != "cuda" or torch.cuda.device_count() > 1
+
+
 def run(params: Params, device: str, supernet_dir: Path, data_dir: Path, out_dir: Path) -> dict:
     prof, sp = params.device(device), params.search
     dev = pick_device(params.supernet.device)
@@ -91,10 +106,12 @@ def run(params: Params, device: str, supernet_dir: Path, data_dir: Path, out_dir
     if not cost(space.min(), arch, prof).fits:
         raise NoFeasibleSubnet(f"devices.{device}: budget {budget:,} B is below the smallest subnet "
                                f"({cost(space.min(), arch, prof).nbytes:,} B in {prof.format})")
+    t_setup = time.perf_counter()
     base, tok = load_base(params.model.source, params.model.n_layers, device=dev)
     val = load_shard(data_dir / "val.safetensors")[: sp.val_seqs]
     teacher = teacher_logits(base, val)
     t0 = time.perf_counter()
+    phases = {"setup": t0 - t_setup}  # seconds of each phase: where a search's time goes (metrics `phase_seconds`)
 
     # (0) the sensitivity table, cached by what it depends on (not the budget)
     sens_val = val[: sp.sens_seqs, : sp.sens_tokens]
@@ -102,14 +119,17 @@ def run(params: Params, device: str, supernet_dir: Path, data_dir: Path, out_dir
                                 prof.embed_bits, sens_val)
     table, cached = sensitivity.load_or_measure(cache_dir() / "sensitivity", key, model, space, prof.format,
                                                 prof.embed_bits, sens_val, teacher_logits(base, sens_val))
+    phases["sensitivity"] = time.perf_counter() - t0
+    t_lat = time.perf_counter()
     # the latency model's per-layer overhead, calibrated on the real runtime on this machine
     template = tokenizer_gguf(base_dir(params.model.source)) if prof.format == "gguf" and sp.latency_configs else None
     # a profile that names its types (K-quants, IQ4_NL, ...) also learns each type's decode cost per weight
     lat = (latency.run(model, space, prof.format, tok, sp.latency_configs, seeds(space), cache_dir() / "latency",
                        gguf_template=template, per_type=prof.allowed_types is not None) if sp.latency_configs else None)
     overhead = lat["layer_overhead_us"] / 1e6 if lat else None
+    phases["latency"] = time.perf_counter() - t_lat
     type_cost = latency.type_cost_s(lat)
-    fan_dir = tempfile.TemporaryDirectory(prefix="tailor-fanout-") if params.runner.kind == "dask" else None
+    fan_dir = tempfile.TemporaryDirectory(prefix="tailor-fanout-") if fans_out(params.runner, dev) else None
     fan = None
     if fan_dir is not None:  # workers read these files: a shared filesystem when `runner.address` is remote
         inputs = fanout.write_inputs(Path(fan_dir.name) / "inputs.safetensors", val.cpu(), [t.cpu() for t in teacher])
@@ -165,7 +185,9 @@ def run(params: Params, device: str, supernet_dir: Path, data_dir: Path, out_dir
         raise NoFeasibleSubnet(f"devices.{device}: no strategy found a subnet under {budget:,} B")
 
     # fairness: worst-group stereotype rise of the best-KL candidates, measured beside the base model
+    t_fair = time.perf_counter()
     fair = fairness_compare(params, model, base, tok, cands, budget, data_dir, prof.format, blind)
+    phases["fairness"] = time.perf_counter() - t_fair
     chosen = fair["aware_candidate"] if sp.fairness.enabled else blind
     set_max(model)
     with staged_dir(out_dir) as tmp:
@@ -183,6 +205,8 @@ def run(params: Params, device: str, supernet_dir: Path, data_dir: Path, out_dir
                "latency_mape": lat["latency_mape"] if lat else None,
                "latency_model": {k: v for k, v in lat.items() if k != "points"} if lat else None,
                "search_seconds": round(seconds, 2),
+               "phase_seconds": {k: round(v, 2) for k, v in phases.items()}
+               | {f"strategy.{k}": v["seconds"] for k, v in per_strategy.items()},
                "candidates_per_s": round(len(cands) / scorer.seconds, 3) if scorer.seconds else None}
     return {"metrics": metrics, "candidates": cands, "best": chosen, "table": table, "space": space,
             "latency_points": lat["points"] if lat else []}

@@ -116,6 +116,11 @@ def test_search(ws):
     assert (ws["art"] / "search" / "phone" / "sensitivity.json").is_file()
     cfg = SubnetConfig.from_json((ws["art"] / "search" / "phone" / "config.json").read_text())
     assert cfg.hash == m["chosen_hash"]
+    # where the time went: every phase, each strategy's own seconds, and together no more than the whole
+    ph = m["phase_seconds"]
+    assert set(ph) == {"setup", "sensitivity", "latency", "fairness"} | {f"strategy.{k}" for k in m["strategies"]}
+    assert all(v >= 0 for v in ph.values()) and ph["sensitivity"] > 0 and ph["fairness"] > 0
+    assert sum(v for k, v in ph.items() if k != "setup") <= m["search_seconds"] + 0.05
 
 
 @pytest.mark.slow  # 36 s; tests/integration/test_dask_search.py proves the fan-out itself in `make test`
