@@ -44,8 +44,10 @@ class Scorer:
     (tailor.search.fanout: the workers load the supernet and the teacher logits once, from files)."""
 
     def __init__(self, model, space: SearchSpace, prof, val, teacher, overhead: float | None,
-                 fan: tuple[ScoreJob, RunnerParams] | None = None, type_cost: dict[str, float] | None = None):
+                 fan: tuple[ScoreJob, RunnerParams] | None = None, type_cost: dict[str, float] | None = None,
+                 batch_size: int = 8):
         self.model, self.space, self.prof, self.val, self.teacher = model, space, prof, val, teacher
+        self.batch_size = batch_size  # sequences a forward; `teacher` is chunked alike
         self.overhead, self.fan, self.type_cost = overhead, fan, type_cost
         self.seen: dict[str, Candidate] = {}
         self.seconds = 0.0
@@ -59,7 +61,7 @@ class Scorer:
             return self.seen[cfg.hash]
         cand = self._candidate(cfg, origin)
         t0 = time.perf_counter()
-        score(self.model, cand, self.prof.format, self.val, self.teacher, 8)
+        score(self.model, cand, self.prof.format, self.val, self.teacher, self.batch_size)
         self.seconds += time.perf_counter() - t0
         self.seen[cfg.hash] = cand
         return cand
@@ -109,7 +111,7 @@ def run(params: Params, device: str, supernet_dir: Path, data_dir: Path, out_dir
     t_setup = time.perf_counter()
     base, tok = load_base(params.model.source, params.model.n_layers, device=dev)
     val = load_shard(data_dir / "val.safetensors")[: sp.val_seqs]
-    teacher = teacher_logits(base, val)
+    teacher = teacher_logits(base, val, sp.score_batch)
     t0 = time.perf_counter()
     phases = {"setup": t0 - t_setup}  # seconds of each phase: where a search's time goes (metrics `phase_seconds`)
 
@@ -136,8 +138,9 @@ def run(params: Params, device: str, supernet_dir: Path, data_dir: Path, out_dir
         # a local cluster scores where this stage runs (on a GPU machine, one worker per GPU); a remote
         # cluster's machines may have none, so its workers score on their CPUs
         where = str(dev) if params.runner.address is None else "cpu"
-        fan = (fanout.ScoreJob(str(supernet_dir / "model"), str(inputs), prof.format, device=where), params.runner)
-    scorer = Scorer(model, space, prof, val, teacher, overhead, fan, type_cost)
+        fan = (fanout.ScoreJob(str(supernet_dir / "model"), str(inputs), prof.format, batch_size=sp.score_batch,
+                               device=where), params.runner)
+    scorer = Scorer(model, space, prof, val, teacher, overhead, fan, type_cost, sp.score_batch)
     per_strategy: dict[str, dict] = {}
 
     def best_of(cands: list[Candidate]) -> Candidate | None:
@@ -165,7 +168,8 @@ def run(params: Params, device: str, supernet_dir: Path, data_dir: Path, out_dir
 
             nsga.run(space, prof.embed_bits, evaluate, budget, sp.n_candidates, sp.seed, mip_seeds)
         elif strategy == "gumbel":
-            res = gumbel.search(model, space, prof.format, prof.embed_bits, budget, val, teacher, sp.gumbel_steps, sp.seed)
+            res = gumbel.search(model, space, prof.format, prof.embed_bits, budget, val, teacher, sp.gumbel_steps, sp.seed,
+                                batch_size=sp.score_batch)
             cfg = res.config
             if not cost(cfg, arch, prof).fits:
                 import torch

@@ -119,6 +119,10 @@ class FairnessParams(Strict):
 class SearchParams(Strict):
     n_candidates: int = Field(48, gt=1, description="NSGA-II trials (and random candidates for 'sampled')")
     val_seqs: int = Field(16, gt=0, description="validation sequences each candidate is scored on")
+    score_batch: int = Field(8, gt=0, description="validation sequences a forward when scoring a candidate (GPU "
+                                                  "memory: score_batch x seq_len x vocabulary fp32 logits; a "
+                                                  "one-GPU search is bound by kernel launches, so fewer, larger "
+                                                  "forwards score faster)")
     seed: int = 0
     strategies: list[Literal["mip", "nsga", "gumbel", "sampled"]] = Field(
         ["mip", "nsga", "gumbel"], min_length=1, description="run and compared at the same budget; the best wins")

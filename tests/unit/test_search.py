@@ -68,3 +68,22 @@ def test_repaired_candidates_fill_a_tight_budget():
     assert len(cands) >= 10 and all(c.nbytes <= budget for c in cands)
     assert all(space.contains(c.config) for c in cands)
     assert any(c.origin == "repaired" for c in cands)
+
+
+def test_score_batch_changes_the_forwards_not_the_scores():
+    """search.score_batch: a candidate scored 2 or 8 sequences a forward (teacher chunked alike) gets the same KL
+    and loss; the stage's Scorer scores with its own batch, never a fixed 8."""
+    from steps.search import Scorer
+
+    model, base = tiny_model(n_layers=4), tiny_model(n_layers=4, seed=3)
+    space = SearchSpace.build(arch_of(model), [4, 8, 16], [8], 0.25, 1, 0.25, None)
+    dev = _device(fraction=0.35)
+    seqs = torch.randint(0, 320, (8, 16), generator=torch.Generator().manual_seed(0))
+    cfg = propose(space, dev, 3, seed=0)[-1].config
+    scores = {}
+    for b in (2, 8):
+        scorer = Scorer(model, space, dev, seqs, teacher_logits(base, seqs, b), None, batch_size=b)
+        c = scorer(cfg, "test")
+        scores[b] = (c.kl, c.val_loss)
+    assert scores[2][0] == pytest.approx(scores[8][0], rel=1e-5) and scores[2][1] == pytest.approx(scores[8][1], rel=1e-5)
+    assert scores[2][0] > 0
