@@ -10,6 +10,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
+
 from steps._common import artifact_dir, base_model_tags, load_shard, main_for, report_dir, staged_dir, write_csv, write_json
 from tailor import tracking
 from tailor.config import ConfigError, Params, RunnerParams
@@ -82,6 +84,9 @@ class Scorer:
         return list(self.seen.values())
 
 
+LATENCY_WAIT_S = 900.0  # the latency child's time before it is ended and this process measures instead
+
+
 def fans_out(runner: RunnerParams, dev) -> bool:
     """Whether the search scores its candidate batches on the Dask cluster of `runner`. A running cluster
     (`address`): yes. A throwaway local one: only where its workers add compute, on the CPU (their own
@@ -92,8 +97,6 @@ def fans_out(runner: RunnerParams, dev) -> bool:
         return False
     if runner.address is not None:
         return True
-    import torch
-
     return torch.device(dev).type != "cuda" or torch.cuda.device_count() > 1
 
 
@@ -109,6 +112,12 @@ def run(params: Params, device: str, supernet_dir: Path, data_dir: Path, out_dir
         raise NoFeasibleSubnet(f"devices.{device}: budget {budget:,} B is below the smallest subnet "
                                f"({cost(space.min(), arch, prof).nbytes:,} B in {prof.format})")
     t_setup = time.perf_counter()
+    template = tokenizer_gguf(base_dir(params.model.source)) if prof.format == "gguf" and sp.latency_configs else None
+    per_type = prof.allowed_types is not None  # a profile that names its types also learns each type's decode cost
+    # on a GPU machine the latency subnets are exported and timed by a child on the CPU, beside the GPU work below
+    lat_bg = (latency.Background(supernet_dir / "model", base_dir(params.model.source), space, prof.format,
+                                 sp.latency_configs, seeds(space), cache_dir() / "latency", template, per_type)
+              if sp.latency_configs and torch.device(dev).type == "cuda" else None)
     base, tok = load_base(params.model.source, params.model.n_layers, device=dev)
     val = load_shard(data_dir / "val.safetensors")[: sp.val_seqs]
     teacher = teacher_logits(base, val, sp.score_batch)
@@ -124,10 +133,9 @@ def run(params: Params, device: str, supernet_dir: Path, data_dir: Path, out_dir
     phases["sensitivity"] = time.perf_counter() - t0
     t_lat = time.perf_counter()
     # the latency model's per-layer overhead, calibrated on the real runtime on this machine
-    template = tokenizer_gguf(base_dir(params.model.source)) if prof.format == "gguf" and sp.latency_configs else None
-    # a profile that names its types (K-quants, IQ4_NL, ...) also learns each type's decode cost per weight
+    lat_child = lat_bg.wait(LATENCY_WAIT_S) if lat_bg else None  # then `run` reads its cache entry (or measures)
     lat = (latency.run(model, space, prof.format, tok, sp.latency_configs, seeds(space), cache_dir() / "latency",
-                       gguf_template=template, per_type=prof.allowed_types is not None) if sp.latency_configs else None)
+                       gguf_template=template, per_type=per_type) if sp.latency_configs else None)
     overhead = lat["layer_overhead_us"] / 1e6 if lat else None
     phases["latency"] = time.perf_counter() - t_lat
     type_cost = latency.type_cost_s(lat)
@@ -207,7 +215,8 @@ def run(params: Params, device: str, supernet_dir: Path, data_dir: Path, out_dir
                "sensitivity": {"cached": cached, "seconds": table.seconds, "entries": len(table.bits) + len(table.drop)
                                + len(table.kv) + len(table.ffn), "key": key},
                "latency_mape": lat["latency_mape"] if lat else None,
-               "latency_model": {k: v for k, v in lat.items() if k != "points"} if lat else None,
+               "latency_model": ({k: v for k, v in lat.items() if k != "points"} | {"background": lat_child})
+               if lat else None,
                "search_seconds": round(seconds, 2),
                "phase_seconds": {k: round(v, 2) for k, v in phases.items()}
                | {f"strategy.{k}": v["seconds"] for k, v in per_strategy.items()},

@@ -173,24 +173,82 @@ def cache_key(fmt: str, cfgs: list[SubnetConfig]) -> str:
 
 
 @torch.no_grad()
+def timed_configs(space: SearchSpace, fmt: str, n: int, pool: list[SubnetConfig], per_type: bool) -> list[SubnetConfig]:
+    """The subnets `run` times: `n` spread over `pool`, and with `per_type` one probe per type (`probes`)."""
+    cfgs = spread(space, fmt, n, pool)
+    if per_type:
+        cfgs += [c for c in probes(space) if c.hash not in {x.hash for x in cfgs}]
+    return cfgs
+
+
+def _store(path: Path, rows: list[dict]) -> None:
+    import json
+    import os
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # a child and its parent may both write: never one file
+    tmp.write_text(json.dumps(rows))
+    os.replace(tmp, path)
+
+
 def run(model, space: SearchSpace, fmt: str, tokenizer: Any, n: int, pool: list[SubnetConfig],
         cache: Path | None = None, gguf_template: Path | None = None, per_type: bool = False) -> dict:
     """Time `n` subnets spread over `pool` (and with `per_type`, one probe per type: `probes`) and fit."""
     import json
-    import os
 
-    cfgs = spread(space, fmt, n, pool)
-    if per_type:
-        cfgs += [c for c in probes(space) if c.hash not in {x.hash for x in cfgs}]
+    cfgs = timed_configs(space, fmt, n, pool, per_type)
     path = cache / f"{cache_key(fmt, cfgs)}.json" if cache else None
     if path is not None and path.is_file():
         rows, cached = json.loads(path.read_text()), True
     else:
         rows, cached = measure(model, cfgs, fmt, tokenizer, gguf_template), False
         if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.with_suffix(".tmp").write_text(json.dumps(rows))
-            os.replace(path.with_suffix(".tmp"), path)
+            _store(path, rows)
     out = calibrate([{k: v for k, v in r.items() if k != "predicted_ms_loo"} for r in rows], per_type)
     out["cached"] = cached
     return out
+
+
+class Background:
+    """`run`'s exports and timings in a child process, into `run`'s cache, so that a GPU machine's search
+    scores its sensitivity table on the GPU while the CPU exports and times the subnets (on the H200 12 of
+    them took ~140 s with the GPU idle: reports/bench/pipeline.json, session 18). Timing depends on the
+    structure, the runtime and the host, not on the weights, so the child may load the supernet itself, on
+    the CPU. `run` afterwards finds the cache entry; if the child failed or ran past `wait`'s timeout, `run`
+    measures in the calling process as it always did: only the overlap is lost.
+
+    Spawned, not forked: a fork of a process that holds a CUDA context is unsafe."""
+
+    def __init__(self, model_dir: Path, tokenizer_dir: Path, space: SearchSpace, fmt: str, n: int,
+                 pool: list[SubnetConfig], cache: Path, gguf_template: Path | None = None, per_type: bool = False):
+        import multiprocessing
+
+        self.proc = multiprocessing.get_context("spawn").Process(
+            target=_measure_into_cache, daemon=True,
+            args=(str(model_dir), str(tokenizer_dir), space, fmt, n, pool, str(cache),
+                  str(gguf_template) if gguf_template else None, per_type))
+        self.proc.start()
+
+    def wait(self, timeout_s: float) -> str:
+        """Join the child: "ok", "exit N" or "timed out" (then killed)."""
+        self.proc.join(timeout_s)
+        if self.proc.is_alive():
+            self.proc.kill()
+            self.proc.join()
+            return "timed out"
+        return "ok" if self.proc.exitcode == 0 else f"exit {self.proc.exitcode}"
+
+
+def _measure_into_cache(model_dir: str, tokenizer_dir: str, space: SearchSpace, fmt: str, n: int,
+                        pool: list[SubnetConfig], cache: str, gguf_template: str | None, per_type: bool) -> None:
+    from transformers import AutoTokenizer
+
+    from tailor.models.base import load_model_dir
+
+    cfgs = timed_configs(space, fmt, n, pool, per_type)
+    path = Path(cache) / f"{cache_key(fmt, cfgs)}.json"
+    if path.is_file():
+        return
+    model = load_model_dir(Path(model_dir))
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    _store(path, measure(model, cfgs, fmt, tok, Path(gguf_template) if gguf_template else None))

@@ -123,6 +123,31 @@ def test_search(ws):
     assert sum(v for k, v in ph.items() if k != "setup") <= m["search_seconds"] + 0.05
 
 
+def test_latency_child_fills_the_cache_the_search_reads(ws, tmp_path, monkeypatch):
+    """latency.Background (on a GPU machine the search's exports and timings run in a child, on the CPU, beside
+    the GPU work) leaves the cache entry that latency.run then reads: the same subnets, not timed again. A child
+    that fails says so, and run measures in-process as before."""
+    from steps.search import device_space
+    from tailor.models.base import base_dir, load_model_dir
+    from tailor.search import latency
+    from tailor.search.sampled import seeds
+
+    p, model_dir = ws["params"], ws["art"] / "supernet" / "model"
+    model = load_model_dir(model_dir)
+    space = device_space(p, "laptop", model, json.loads((ws["art"] / "supernet" / "space.json").read_text()))
+    cache = tmp_path / "latency"
+    bg = latency.Background(model_dir, base_dir(p.model.source), space, "onnx", 2, seeds(space), cache)
+    assert bg.wait(300) == "ok"
+    monkeypatch.setattr(latency, "measure", lambda *a, **k: pytest.fail("timed again"))
+    out = latency.run(model, space, "onnx", None, 2, seeds(space), cache)
+    assert out["cached"]
+    want = [c.hash for c in latency.timed_configs(space, "onnx", 2, seeds(space), False)]
+    assert sorted(pt["config_hash"] for pt in out["points"]) == sorted(want) and len(want) == 2
+    bad = latency.Background(tmp_path / "no-model", base_dir(p.model.source), space, "onnx", 2, seeds(space),
+                             tmp_path / "other")
+    assert bad.wait(300) == "exit 1" and not (tmp_path / "other").exists()
+
+
 @pytest.mark.slow  # 36 s; tests/integration/test_dask_search.py proves the fan-out itself in `make test`
 def test_search_fans_out_on_dask(ws, tmp_path):
     """runner.kind dask: the search stage scores its MIP and sampled candidates on a 2-worker Dask
