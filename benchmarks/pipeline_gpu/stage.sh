@@ -30,10 +30,10 @@ stage)
   [ "$want" = "$got" ] || { echo "GGUF sha256 mismatch"; exit 1; }
   echo "installed in $(( $(date +%s) - t0 )) s"
   # the small pins carried in p4/opt (click, rich, ...) go over the image's only where the image's is older
-  python3 - > $S/opt_needed <<'PY'
+  STAGE=$S python3 - > $S/opt_needed <<'PY'
 import glob, importlib.metadata as md, os
 from packaging.version import Version
-for w in sorted(glob.glob("/tmp/pipew_stage/opt/*.whl")):
+for w in sorted(glob.glob(os.path.join(os.environ["STAGE"], "opt", "*.whl"))):
     name, ver = os.path.basename(w).split("-")[:2]
     try:
         have = Version(md.version(name))
