@@ -112,10 +112,11 @@ def run(params: Params, device: str, supernet_dir: Path, data_dir: Path, out_dir
         raise NoFeasibleSubnet(f"devices.{device}: budget {budget:,} B is below the smallest subnet "
                                f"({cost(space.min(), arch, prof).nbytes:,} B in {prof.format})")
     t_setup = time.perf_counter()
-    template = tokenizer_gguf(base_dir(params.model.source)) if prof.format == "gguf" and sp.latency_configs else None
+    base_files = base_dir(params.model.source)  # the converted base: tokenizer files and the tokenizer GGUF
+    template = tokenizer_gguf(base_files) if prof.format == "gguf" and sp.latency_configs else None
     per_type = prof.allowed_types is not None  # a profile that names its types also learns each type's decode cost
     # on a GPU machine the latency subnets are exported and timed by a child on the CPU, beside the GPU work below
-    lat_bg = (latency.Background(supernet_dir / "model", base_dir(params.model.source), space, prof.format,
+    lat_bg = (latency.Background(supernet_dir / "model", base_files, space, prof.format,
                                  sp.latency_configs, seeds(space), cache_dir() / "latency", template, per_type)
               if sp.latency_configs and torch.device(dev).type == "cuda" else None)
     base, tok = load_base(params.model.source, params.model.n_layers, device=dev)
@@ -180,7 +181,6 @@ def run(params: Params, device: str, supernet_dir: Path, data_dir: Path, out_dir
                                 batch_size=sp.score_batch)
             cfg = res.config
             if not cost(cfg, arch, prof).fits:
-                import torch
                 cfg = shrink_to_fit(cfg, space, prof, torch.Generator().manual_seed(sp.seed))
             mine = [scorer(cfg, "gumbel")]
         else:  # "sampled": structured seeds + random subnets repaired to fit

@@ -10,7 +10,6 @@ suite show as they ran. A stage that never logged "done" did not finish: the run
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import re
 import statistics

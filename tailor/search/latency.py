@@ -81,6 +81,7 @@ def seconds_per_token(path: Path, fmt: str, tokenizer: Any, n_tokens: int = 32) 
     return backend(fmt).runner.seconds_per_token(path, tokenizer, n_tokens)
 
 
+@torch.no_grad()
 def measure(model, cfgs: list[SubnetConfig], fmt: str, tokenizer: Any, gguf_template: Path | None = None) -> list[dict]:
     """Export each subnet and time it in its runtime. `gguf_template`: the model's tokenizer GGUF."""
     be = backend(fmt)
@@ -172,13 +173,16 @@ def cache_key(fmt: str, cfgs: list[SubnetConfig]) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
-@torch.no_grad()
 def timed_configs(space: SearchSpace, fmt: str, n: int, pool: list[SubnetConfig], per_type: bool) -> list[SubnetConfig]:
     """The subnets `run` times: `n` spread over `pool`, and with `per_type` one probe per type (`probes`)."""
     cfgs = spread(space, fmt, n, pool)
     if per_type:
         cfgs += [c for c in probes(space) if c.hash not in {x.hash for x in cfgs}]
     return cfgs
+
+
+def cache_path(cache: Path, fmt: str, cfgs: list[SubnetConfig]) -> Path:
+    return Path(cache) / f"{cache_key(fmt, cfgs)}.json"
 
 
 def _store(path: Path, rows: list[dict]) -> None:
@@ -191,13 +195,14 @@ def _store(path: Path, rows: list[dict]) -> None:
     os.replace(tmp, path)
 
 
+@torch.no_grad()
 def run(model, space: SearchSpace, fmt: str, tokenizer: Any, n: int, pool: list[SubnetConfig],
         cache: Path | None = None, gguf_template: Path | None = None, per_type: bool = False) -> dict:
     """Time `n` subnets spread over `pool` (and with `per_type`, one probe per type: `probes`) and fit."""
     import json
 
     cfgs = timed_configs(space, fmt, n, pool, per_type)
-    path = cache / f"{cache_key(fmt, cfgs)}.json" if cache else None
+    path = cache_path(cache, fmt, cfgs) if cache else None
     if path is not None and path.is_file():
         rows, cached = json.loads(path.read_text()), True
     else:
@@ -246,7 +251,7 @@ def _measure_into_cache(model_dir: str, tokenizer_dir: str, space: SearchSpace, 
     from tailor.models.base import load_model_dir
 
     cfgs = timed_configs(space, fmt, n, pool, per_type)
-    path = Path(cache) / f"{cache_key(fmt, cfgs)}.json"
+    path = cache_path(Path(cache), fmt, cfgs)
     if path.is_file():
         return
     model = load_model_dir(Path(model_dir))
