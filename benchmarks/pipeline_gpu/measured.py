@@ -29,6 +29,7 @@ _EARLY = re.compile(_STAMP + r" \|.*? - base-eval \(early\): .*\((?P<s>[\d.]+) s
 _ANY = re.compile(_STAMP + r" \|")
 # the flow's own verdicts; a traceback alone is not one (Dask's shutdown logs a harmless CommClosedError)
 _FAILED = re.compile(r"failed \(exit \d+\)|Flow run .* - Finished in state (Failed|Crashed)")
+_COMPLETED = re.compile(r"Flow run .* - Finished in state Completed\(\)")
 
 
 def clock_s(hms: str) -> int:
@@ -63,7 +64,8 @@ def parse_log(text: str, start_hms: str) -> dict:
     if early is not None:
         at = next((s["end_s"] for s in stages if s["target"] == "calibrate"), 0)
         stages.append({"target": "base-eval (early)", "start_s": float(at), "end_s": round(at + early, 1), "seconds": early})
-    return {"stages": stages, "skipped": skipped, "last_line_s": last, "failed": bool(_FAILED.search(text))}
+    return {"stages": stages, "skipped": skipped, "last_line_s": last, "failed": bool(_FAILED.search(text)),
+            "flow_completed": bool(_COMPLETED.search(text))}
 
 
 def gpu_load(csv_text: str) -> dict | None:
@@ -118,13 +120,19 @@ def summarize(files: dict[str, bytes], machine: str) -> dict:
     log = parse_log(files["tailor_run.log"].decode("utf-8", errors="replace"), t0[1])
     done = {s["target"] for s in log["stages"]}
     missing = [t for t in expected_targets(dvc_yaml, devices) if t not in done and t not in log["skipped"]]
-    ended = "t1" in files  # stamped by the shell that ran `tailor run`, as it returned
-    # unfinished: how long it had run when the last poll looked (at least that long)
-    stop = files.get("t1") or files.get("tpoll")
-    total = int(stop.decode().split()[0]) - int(t0[0]) if stop else log["last_line_s"]
     rc = int(files["rc"].decode().strip()) if "rc" in files else None
-    complete = ended and rc == 0 and not missing and not log["failed"]
-    return {"profile": profile, "machine": machine, "devices": devices, "complete": complete, "exit_code": rc,
+    # how the end was seen: "exit" (the shell that ran `tailor run` stamped t1 and rc as it returned) or
+    # "flow log" (no exit seen, but the flow logged its own completion: session 19's last poll came 2 s after
+    # the flow's last line, with the process still shutting down). Then the total ends at that last line.
+    ended_by = "exit" if "t1" in files else "flow log" if log["flow_completed"] and rc is None else None
+    if ended_by == "flow log":
+        total = log["last_line_s"]
+    else:  # unfinished: how long it had run when the last poll looked (at least that long)
+        stop = files.get("t1") or files.get("tpoll")
+        total = int(stop.decode().split()[0]) - int(t0[0]) if stop else log["last_line_s"]
+    complete = (ended_by == "flow log" or (ended_by == "exit" and rc == 0)) and not missing and not log["failed"]
+    return {"profile": profile, "machine": machine, "devices": devices, "complete": complete, "ended_by": ended_by,
+            "exit_code": rc,
             "missing_stages": missing, "flow_failed": log["failed"], "total_s": total,
             "total_minutes": round(total / 60, 2), "target_minutes": TARGET_MIN,
             "met": complete and total / 60 <= TARGET_MIN, "stages": log["stages"],
@@ -141,7 +149,8 @@ def markdown(run: dict) -> str:
     if run["complete"]:
         head = [f"# `tailor run --profile {run['profile']}` measured whole on {run['machine']}", "",
                 f"**Total {run['total_minutes']:.1f} min** (target ≤ {run['target_minutes']:.0f}: "
-                f"{'met' if run['met'] else 'missed'}), from `tailor run`'s start to its exit."]
+                f"{'met' if run['met'] else 'missed'}), from `tailor run`'s start to "
+                + ("its exit." if run.get("ended_by") == "exit" else "the flow's last log line (its exit was not seen).")]
     else:
         head = [f"# `tailor run --profile {run['profile']}` on {run['machine']}: not finished", "",
                 f"**Not a total:** the run had gone {run['total_minutes']:.1f} min when it was last seen"

@@ -73,11 +73,19 @@ def test_summary_complete_run(monkeypatch):
     monkeypatch.setattr(m, "expected_targets", lambda dvc, devs: ["calibrate", "supernet", "search@phone", "search@laptop"])
     assert m.summarize(_files(), "h200")["met"]  # 20.0 min: at the target
     assert not m.summarize(_files(rc=1), "h200")["complete"]
-    unfinished = _files(t1=False)
+    unfinished = _files(t1=False, log=LOG.replace("Finished in state Completed()", "Task run 'x' - running"))
     assert not m.summarize(unfinished, "h200")["complete"]
     assert m.summarize(unfinished, "h200")["total_s"] == 342  # no poll stamp: the last log line
     unfinished["tpoll"] = b"1900 00:14:48"
     assert m.summarize(unfinished, "h200")["total_s"] == 900  # the poll saw it still running at 15 min
+    # no exit seen, but the flow logged its completion: complete, ending at the flow's last line, not the poll
+    seen = _files(t1=False)
+    del seen["rc"]
+    seen["tpoll"] = b"1900 00:14:48"
+    run = m.summarize(seen, "h200")
+    assert run["complete"] and run["ended_by"] == "flow log" and run["total_s"] == 342 and run["exit_code"] is None
+    seen["rc"] = b"1"  # an exit code other than 0 is never overruled by the log
+    assert not m.summarize(seen, "h200")["complete"]
     late = _files()
     late["t1"] = b"2201 00:19:49"
     assert m.summarize(late, "h200")["complete"] and not m.summarize(late, "h200")["met"]
