@@ -274,17 +274,39 @@ def _fan_out(all_targets: list[str], devices: list[str], root: str, parent: str 
     return results + [f.result() for f in futures]
 
 
+# Dask's nanny pins these to 1 before it spawns a worker (distributed.yaml `nanny.pre-spawn-environ`), and it
+# does so by os.environ.update in the spawning process, the flow's own. Every stage a worker or the flow then
+# started inherited one thread: on the H200 machine (16 cores) session 19's full run computed the export's
+# perplexity parity and the search's background latency timings on one core (export@phone 366 s).
+THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+
+
+def worker_env(workers: int, environ: dict[str, str] | None = None) -> dict[str, str]:
+    """Thread counts for the stages a Dask worker starts: the user's own setting where there is one, else
+    an equal share of this machine's cores per worker (the workers run stages side by side)."""
+    environ = os.environ if environ is None else environ
+    share = max(1, len(os.sched_getaffinity(0)) // max(1, workers))
+    return {k: environ.get(k, str(share)) for k in THREAD_VARS}
+
+
 def task_runner(runner: RunnerParams):
-    """The Prefect task runner for params.yaml's `runner`: None keeps the flow's default (local threads)."""
+    """The Prefect task runner for params.yaml's `runner`: None keeps the flow's default (local threads).
+
+    A local cluster's workers get `worker_env`'s thread counts instead of Dask's pins, and the flow's own
+    process keeps its environment (the pins are removed from this process's Dask config)."""
     if runner.kind == "local":
         return None
     from prefect_dask import DaskTaskRunner
 
     if runner.address:
         return DaskTaskRunner(address=runner.address)
+    import dask
+
+    dask.config.set({f"distributed.nanny.pre-spawn-environ.{k}": None for k in THREAD_VARS})
     # Processes, one thread each; no dashboard (no port to collide with, no bokeh needed).
     return DaskTaskRunner(cluster_kwargs={"n_workers": runner.workers, "threads_per_worker": 1,
-                                          "processes": True, "dashboard_address": None})
+                                          "processes": True, "dashboard_address": None,
+                                          "env": worker_env(runner.workers)})
 
 
 def on_runner(runner: RunnerParams | None):

@@ -4,6 +4,7 @@ afterwards, so the next run skips them all). A small DVC project with the real f
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +15,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.integration
 
-STAGE = '''import json, sys, time
+STAGE = '''import json, os, sys, time
 from pathlib import Path
 stage, dev = sys.argv[1], (sys.argv[2] if len(sys.argv) > 2 else "")
 start, saw = time.time(), None
@@ -25,7 +26,8 @@ if stage == "work":  # a rendezvous: each branch waits for the other's marker; b
         saw = next((p.name for p in Path("sync").iterdir() if p.name != dev), None)
         time.sleep(0.05)
 Path("out").mkdir(exist_ok=True)
-Path(f"out/{stage}{dev}.json").write_text(json.dumps({"start": start, "end": time.time(), "saw": saw}))
+Path(f"out/{stage}{dev}.json").write_text(json.dumps({"start": start, "end": time.time(), "saw": saw,
+                                                          "omp": os.environ.get("OMP_NUM_THREADS")}))
 '''
 DVC_YAML = {"stages": {
     "prep": {"cmd": "python stage.py prep", "deps": ["stage.py"], "outs": ["out/prep.json"]},
@@ -60,6 +62,8 @@ def test_device_branches_run_side_by_side_on_dask(tmp_path, mlflow_uri, monkeypa
 
     root = _project(tmp_path)
     monkeypatch.chdir(root)
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):  # as on a machine that sets none
+        monkeypatch.delenv(var, raising=False)
     flow = for_params(root / "params.yaml")
     assert type(flow.task_runner).__name__ == "DaskTaskRunner"
     flow(root=str(root))
@@ -69,6 +73,12 @@ def test_device_branches_run_side_by_side_on_dask(tmp_path, mlflow_uri, monkeypa
     span = {d: json.loads((root / f"out/work{d}.json").read_text()) for d in ("phone", "laptop")}
     assert {d: s["saw"] for d, s in span.items()} == {"phone": "laptop", "laptop": "phone"}, \
         f"branches did not run concurrently: {span}"
+    # Dask pins a worker to one thread, and by default the flow's own process too: the stages take a share
+    # of the cores instead, and the shared stage (run by the flow) and this process keep an unset variable unset
+    share = str(max(1, len(os.sched_getaffinity(0)) // 2))
+    assert {d: s["omp"] for d, s in span.items()} == {"phone": share, "laptop": share}
+    assert json.loads((root / "out/prep.json").read_text())["omp"] is None
+    assert "OMP_NUM_THREADS" not in os.environ
     assert json.loads(_dvc(root, "status", "--json") or "{}") == {}  # dvc.lock complete: nothing left to run
     lock = yaml.safe_load((root / "dvc.lock").read_text())["stages"]
     assert set(targets(root, ["phone", "laptop"])) == set(lock)
