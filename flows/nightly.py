@@ -37,6 +37,33 @@ def targets(root: Path, devices: list[str]) -> list[str]:
     return [t for name, st in stages.items() for t in ([f"{name}@{d}" for d in devices] if "foreach" in st else [name])]
 
 
+def _paths(entries: list | None, key: str | None) -> list[str]:
+    """dvc.yaml deps/outs entries (a path, or {path: options}) as paths, ${key} filled in."""
+    paths = [e if isinstance(e, str) else next(iter(e)) for e in entries or []]
+    return [p.replace("${key}", key) if key else p for p in paths]
+
+
+def stage_graph(root: Path, devices: list[str]) -> dict[str, list[str]]:
+    """Each target of `targets` -> the earlier targets whose outputs (outs, metrics, plots) it depends on:
+    a dep that is an output, lies inside one, or holds one. The flow starts a per-device target when these are
+    done, not when the one before it in dvc.yaml is: export@phone reads only finetune@phone's model, so it runs
+    beside evaluate@phone."""
+    stages = read_yaml(root / "dvc.yaml")["stages"]
+    rows = []  # (target, deps, outputs) in targets() order
+    for name, st in stages.items():
+        body = st.get("do", st)
+        for key in (devices if "foreach" in st else [None]):
+            outs = [p for field in ("outs", "metrics", "plots") for p in _paths(body.get(field), key)]
+            rows.append((f"{name}@{key}" if key else name, _paths(body.get("deps"), key), outs))
+
+    def reads(dep: str, out: str) -> bool:
+        dep, out = dep.rstrip("/"), out.rstrip("/")
+        return dep == out or dep.startswith(out + "/") or out.startswith(dep + "/")
+
+    return {t: [u for u, _, outs in rows[:i] if any(reads(d, o) for d in deps for o in outs)]
+            for i, (t, deps, _) in enumerate(rows)}
+
+
 def _bin(name: str) -> str:
     """Prefer the tool next to this interpreter (the project's venv)."""
     here = Path(sys.executable).parent / name
@@ -258,20 +285,19 @@ def nightly(devices: list[str] | None = None, root: str = ".") -> list[dict]:
 
 def _fan_out(all_targets: list[str], devices: list[str], root: str, parent: str | None,
              after=lambda target: None) -> list[dict]:
-    """Shared stages in order here (`after(target)` once each is done), then one chain of tasks per device,
-    the chains side by side on the flow's task runner (Dask when `runner.kind` is dask: see `for_params`)."""
+    """Shared stages in order here (`after(target)` once each is done), then the per-device tasks on the flow's
+    task runner (Dask when `runner.kind` is dask: see `for_params`), each as soon as the targets whose outputs
+    it reads are done (`stage_graph`): the devices side by side, and within a device evaluate beside export."""
     results = []
     for t in (t for t in all_targets if "@" not in t):
         results.append(run_stage(t, root, parent))
         after(t)
-    futures = []
-    for d in devices:
-        prev = None
-        for t in (t for t in all_targets if t.endswith(f"@{d}")):
-            prev = run_stage.submit(t, root, parent, wait_for_lock=True, wait_for=[prev] if prev else None)
-            futures.append(prev)
-    # Input order, not completion order: the summary reads the same whichever branch finished first.
-    return results + [f.result() for f in futures]
+    graph, futures = stage_graph(Path(root), devices), {}
+    for t in (t for t in all_targets if "@" in t):  # file order is topological: what t waits for is submitted
+        after_ = [futures[u] for u in graph[t] if u in futures]
+        futures[t] = run_stage.submit(t, root, parent, wait_for_lock=True, wait_for=after_ or None)
+    # Device by device in input order, not completion order: the summary reads the same whichever finished first.
+    return results + [futures[t].result() for d in devices for t in all_targets if t.endswith(f"@{d}")]
 
 
 # Dask's nanny pins these to 1 before it spawns a worker (distributed.yaml `nanny.pre-spawn-environ`), and it

@@ -36,3 +36,36 @@ def test_local_cluster_replaces_dasks_one_thread_pins(sixteen_cores, monkeypatch
     # no pin left for the nanny to write into this process's environment before it spawns a worker
     assert dask.config.get("distributed.nanny.pre-spawn-environ.OMP_NUM_THREADS") is None
     assert task_runner(RunnerParams(kind="local")) is None
+
+
+def test_stage_graph_of_the_real_dvc_yaml():
+    """export reads the fine-tuned model, not evaluate's reports: within a device the two run side by side;
+    register reads both. Devices never wait for each other."""
+    from pathlib import Path
+
+    from flows.nightly import stage_graph, targets
+
+    root = Path(__file__).resolve().parents[2]
+    g = stage_graph(root, ["phone", "laptop"])
+    assert list(g) == targets(root, ["phone", "laptop"])
+    assert g["export@phone"] == ["calibrate", "finetune@phone"]
+    assert g["evaluate@phone"] == ["calibrate", "finetune@phone"]
+    assert set(g["register@laptop"]) >= {"evaluate@laptop", "export@laptop", "search@laptop"}
+    assert g["finetune@phone"] == ["calibrate", "supernet", "search@phone"]
+    assert not [u for t, us in g.items() for u in us if "@" in t and "@" in u and u.split("@")[1] != t.split("@")[1]]
+
+
+def test_stage_graph_reads_deps_inside_and_around_outputs(tmp_path):
+    import yaml
+
+    from flows.nightly import stage_graph
+
+    (tmp_path / "dvc.yaml").write_text(yaml.safe_dump({"stages": {
+        "a": {"cmd": "x", "outs": ["art/a"], "metrics": [{"rep/a.json": {"cache": False}}]},
+        "b": {"foreach": "${devices}", "do": {"cmd": "x", "deps": ["art/a/model.bin"], "outs": ["art/b/${key}"]}},
+        "c": {"foreach": "${devices}", "do": {"cmd": "x", "deps": ["art/b", "rep/a.json"], "outs": ["art/c/${key}"]}},
+        "d": {"foreach": "${devices}", "do": {"cmd": "x", "deps": ["art/a2"], "outs": ["art/d/${key}"]}}}}))
+    g = stage_graph(tmp_path, ["p", "q"])
+    assert g["b@p"] == ["a"]  # a file inside an output folder
+    assert g["c@q"] == ["a", "b@p", "b@q"]  # a folder holding outputs; a metrics file
+    assert g["d@p"] == []  # art/a2 is not inside art/a
