@@ -18,9 +18,9 @@ from steps._common import artifact_dir, base_model_tags, main_for, report_dir, w
 from tailor import tracking
 from tailor.config import Params
 from tailor.eval.gates import check
-from tailor.eval.harness import SuiteResult, run_suite, suite_options, suite_parts, validate_eval_dir
+from tailor.eval.harness import ModelRef, SuiteResult, run_suite_sharded, suite_options, suite_parts, validate_eval_dir
 from tailor.eval.slices import compare
-from tailor.models.base import base_dir, cache_dir, load_base, load_model_dir, load_tokenizer, sha256_file
+from tailor.models.base import base_dir, cache_dir, sha256_file
 from tailor.train import pick_device
 
 
@@ -51,8 +51,8 @@ def base_suite(params: Params, eval_dir: Path, dev) -> SuiteResult:
             except (ValueError, KeyError, TypeError) as e:  # cut short (a power loss): score it again
                 logging.getLogger("tailor.evaluate").warning("%s: unreadable base result (%s): scoring the base again",
                                                              cached, e)
-        base, tok = load_base(params.model.source, params.model.n_layers, device=dev)
-        result = run_suite(base, tok, eval_dir, device=str(dev), **suite_options(params.evaluate))
+        result = run_suite_sharded(ModelRef(source=params.model.source, n_layers=params.model.n_layers), eval_dir,
+                                   str(dev), params.evaluate.shards, **suite_options(params.evaluate))
         tmp = cached.with_suffix(".tmp")
         tmp.write_text(json.dumps(result.to_dict()))
         os.replace(tmp, cached)
@@ -79,9 +79,8 @@ def run(params: Params, device: str, model_dir: Path, eval_dir: Path) -> dict:
     validate_eval_dir(eval_dir, suite_parts(eval_dir, suite_options(ev)["tasks"]))  # before any model loads
     dev = pick_device("auto")
     base = base_suite(params, eval_dir, dev)
-    model = load_model_dir(model_dir).to(dev)
-    tok = load_tokenizer(model_dir, model)  # refuses a tokenizer of another model
-    comp = run_suite(model, tok, eval_dir, device=str(dev), **suite_options(ev))
+    # the model loads (and its tokenizer is checked: another model's is refused) where the suite runs
+    comp = run_suite_sharded(ModelRef(model_dir=str(model_dir)), eval_dir, str(dev), ev.shards, **suite_options(ev))
     metrics, slices = compare(base, comp, ev.bootstrap, ev.seed)
     gates = check(metrics, slices, ev.gates)
     metrics["gates_passed"] = gates["passed"]

@@ -8,6 +8,8 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+import torch
+
 from steps._common import artifact_dir, base_model_tags, main_for, read_jsonl, report_dir, staged_dir, write_json
 from tailor import tracking
 from tailor.config import ConfigError, Params
@@ -53,12 +55,19 @@ def run(params: Params, device: str, model_dir: Path, eval_dir: Path, out_dir: P
     # The extracted model's config keeps the base dims; only its layer count is the kept one.
     arch = replace(BaseArch.from_hf(model.config), n_layers=len(cfg.layers))
     predicted = cfg.nbytes(arch, prof.format)
+    phases, clock = {}, [time.perf_counter()]
+
+    def phase(name: str) -> None:  # seconds since the previous phase ended (metrics `phase_seconds`)
+        now = time.perf_counter()
+        phases[name], clock[0] = round(now - clock[0], 2), now
+
     with staged_dir(out_dir) as tmp:
         # GGUF carries the model's own tokenizer (written once with the base; refused there by name if
         # llama.cpp cannot reproduce it)
         template = tokenizer_gguf(base_dir(params.model.source)) if be.needs_tokenizer_file else None
         kwargs = {"template": template} if template else {}
         info = writer.export(model, tok, tmp / name, **kwargs)
+        phase("write")
         if info["weight_bytes"] != predicted:  # the search's bytes are the file's, exactly
             raise ParityError(f"{name}: {info['weight_bytes']:,} weight bytes written, the cost model said "
                               f"{predicted:,} for subnet {cfg.hash}")
@@ -75,28 +84,32 @@ def run(params: Params, device: str, model_dir: Path, eval_dir: Path, out_dir: P
         if modelled and not abs(file_rel) <= MAX_FILE_REL_DIFF:
             raise ParityError(f"{name}: {info['file_bytes']:,} B written, the cost model predicted {predicted_file:,} B "
                               f"({file_rel:+.2%}, more than {MAX_FILE_REL_DIFF:.0%})")
-        t0 = time.perf_counter()
+        phase("check_size")
         runtime_ppl = runtime.perplexity(tmp / name, seqs)
-        runtime_s = time.perf_counter() - t0
+        phase("runtime_ppl")
         torch_ppl = perplexity(model, seqs)
+        phase("torch_ppl")
         rel = ppl_parity(name, runtime_ppl, torch_ppl, ex.max_ppl_rel_diff)
         gen_runtime = runtime.generate(tmp / name, tok, ex.prompt, ex.gen_tokens)
+        phase("generate")
         tps = runtime.tokens_per_s(tmp / name, tok)
+        phase("tokens_per_s")
         (tmp / "subnet.json").write_text(cfg.to_json())
     metrics = {"budget_bytes": budget, "runtime_ppl": runtime_ppl, "torch_ppl": torch_ppl, "fakequant_ppl": torch_ppl, "ppl_rel_diff": rel,
                "file_bytes": info["file_bytes"], "weight_bytes": info["weight_bytes"], "predicted_bytes": predicted,
                "predicted_file_bytes": predicted_file, "file_bytes_rel_diff": file_rel,
-               "sha256": info["sha256"], "tokens_per_s": tps, "runtime_ppl_seconds": round(runtime_s, 2),
+               "sha256": info["sha256"], "tokens_per_s": tps, "runtime_ppl_seconds": phases["runtime_ppl"],
                "format": prof.format, "runtime": prof.runtime, "n_seqs": len(seqs)}
     generation = {"prompt": ex.prompt, "runtime": gen_runtime,
                   "torch": _torch_generate(model, tok, ex.prompt, ex.gen_tokens)}
+    phase("torch_generate")
+    # torch's intra-op threads beside the phases: session 19's H200 run exported under Dask's one-thread pin
+    metrics.update(phase_seconds=phases, torch_threads=torch.get_num_threads())
     return {"metrics": metrics, "generation": generation, "file": out_dir / name, "files": be.files(out_dir)}
 
 
 def _torch_generate(model, tok, prompt: str, n: int) -> str:
     """Greedy continuation, stopping at EOS like the runtimes' generate."""
-    import torch
-
     ids = tok(prompt, return_tensors="pt")["input_ids"]
     start = ids.shape[1]
     with torch.no_grad():

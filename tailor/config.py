@@ -173,6 +173,8 @@ class EvaluateParams(Strict):
     scorer: Literal["batched", "hflm"] = Field(
         "batched", description="batched: tailor.eval.scorer (HFLM's numbers, no per-request Python); hflm: lm-eval's own")
     batch_tokens: int = Field(16384, gt=0, description="padded tokens per forward of the batched scorer")
+    shards: int = Field(1, gt=0, description="processes that each load the model and score every shards-th item "
+                        "(lm-eval's per-request Python on more cores; same scores to float rounding)")
     bootstrap: int = Field(1000, gt=0)
     seed: int = Field(0, description="bootstrap resamples and eval subsets")
     tasks: list[Literal[EVAL_TASKS]] = Field(  # type: ignore[valid-type]

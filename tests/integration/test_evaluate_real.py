@@ -111,6 +111,24 @@ def test_batched_scorer_scores_what_lm_evals_hflm_scores(env, model4, suite4):
         assert [i.acc for i in got] == [i.acc for i in want]
 
 
+def test_sharded_suite_scores_what_one_process_scores(env, suite4):
+    """evaluate.shards: 3 spawned processes, each loading the model and scoring every third row of each set,
+    merged back in row order; a shard's error reaches the caller."""
+    from tailor.eval.harness import ModelRef, run_suite_sharded
+
+    got = run_suite_sharded(ModelRef(n_layers=4), env, "cpu", shards=3, batch_size=8, num_threads=1)
+    assert got.meta["shards"] == 3 and got.meta["n"] == suite4.meta["n"]
+    assert [w.hash for w in got.wiki] == [w.hash for w in suite4.wiki]
+    assert got.ppl() == pytest.approx(suite4.ppl(), rel=1e-5)
+    for task in ("piqa", "crows"):
+        have, want = got.tasks[task], suite4.tasks[task]
+        assert [(i.id, i.hash, i.label, i.fields) for i in have] == [(i.id, i.hash, i.label, i.fields) for i in want]
+        assert [x for i in have for x in i.ll] == pytest.approx([x for i in want for x in i.ll], abs=1e-4)
+        assert [i.acc for i in have] == [i.acc for i in want]
+    with pytest.raises(Exception, match="no-such-model"):
+        run_suite_sharded(ModelRef(model_dir=str(env / "no-such-model")), env, "cpu", shards=2, num_threads=1)
+
+
 def test_wiki_nll_matches_tailor_ppl_with_the_prefix_token(env, model4, suite4):
     """lm-eval's rolling loglikelihood == tailor.eval.ppl.seq_nll of [BOS] + tokens (perplexity() on the bare
     tokens would skip the first token, the definition documented in tailor.eval.harness)."""

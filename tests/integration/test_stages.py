@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -213,9 +214,15 @@ def test_export(ws, device):
         search.run(ws["params"], device, art / "supernet", art / "calibrate", art / "search" / device)
         finetune.run(ws["params"], device, art / "supernet", art / "search" / device, art / "calibrate",
                      art / "finetune" / device, ws["root"] / "ckpt-ft2")
+    t0 = time.perf_counter()
     out = export.run(ws["params"], device, art / "finetune" / device, art / "calibrate" / "eval", art / "export" / device)
+    wall = time.perf_counter() - t0
     ws[f"export_{device}"] = out
     m = out["metrics"]
+    # where the stage's time goes: successive phases, so together no more than the call took
+    ph = m["phase_seconds"]
+    assert list(ph) == ["write", "check_size", "runtime_ppl", "torch_ppl", "generate", "tokens_per_s", "torch_generate"]
+    assert all(v >= 0 for v in ph.values()) and sum(ph.values()) <= wall and ph["runtime_ppl"] == m["runtime_ppl_seconds"]
     # read back from the file itself, not from what export.run reported about it
     from tailor.arch import BaseArch, SubnetConfig
     from tailor.models.base import load_model_dir, sha256_file

@@ -40,8 +40,7 @@ def _fake_scoring(monkeypatch, tmp_path: Path, seconds: float = 0.0) -> list[int
         return _Suite(len(calls))
 
     monkeypatch.setattr(stage, "_base_cache", lambda params, eval_dir: tmp_path / "cache" / "abc.json")
-    monkeypatch.setattr(stage, "load_base", lambda *a, **k: (object(), object()))
-    monkeypatch.setattr(stage, "run_suite", run_suite)
+    monkeypatch.setattr(stage, "run_suite_sharded", run_suite)
     monkeypatch.setattr(stage, "SuiteResult", _Suite)
     return calls
 
