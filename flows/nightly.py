@@ -37,31 +37,20 @@ def targets(root: Path, devices: list[str]) -> list[str]:
     return [t for name, st in stages.items() for t in ([f"{name}@{d}" for d in devices] if "foreach" in st else [name])]
 
 
-def _paths(entries: list | None, key: str | None) -> list[str]:
-    """dvc.yaml deps/outs entries (a path, or {path: options}) as paths, ${key} filled in."""
-    paths = [e if isinstance(e, str) else next(iter(e)) for e in entries or []]
-    return [p.replace("${key}", key) if key else p for p in paths]
-
-
 def stage_graph(root: Path, devices: list[str]) -> dict[str, list[str]]:
-    """Each target of `targets` -> the earlier targets whose outputs (outs, metrics, plots) it depends on:
-    a dep that is an output, lies inside one, or holds one. The flow starts a per-device target when these are
-    done, not when the one before it in dvc.yaml is: export@phone reads only finetune@phone's model, so it runs
-    beside evaluate@phone."""
-    stages = read_yaml(root / "dvc.yaml")["stages"]
-    rows = []  # (target, deps, outputs) in targets() order
-    for name, st in stages.items():
-        body = st.get("do", st)
-        for key in (devices if "foreach" in st else [None]):
-            outs = [p for field in ("outs", "metrics", "plots") for p in _paths(body.get(field), key)]
-            rows.append((f"{name}@{key}" if key else name, _paths(body.get("deps"), key), outs))
+    """Each target of `targets` -> the earlier targets whose outputs it depends on, from DVC's own stage graph
+    (`Repo.index.graph`: `vars` and `${}` interpolation, `wdir` and paths resolved as `dvc repro` resolves them).
+    The flow starts a per-device target when these are done, not when the one before it in dvc.yaml is:
+    export@phone reads only finetune@phone's model, so it runs beside evaluate@phone."""
+    from dvc.repo import Repo
 
-    def reads(dep: str, out: str) -> bool:
-        dep, out = dep.rstrip("/"), out.rstrip("/")
-        return dep == out or dep.startswith(out + "/") or out.startswith(dep + "/")
-
-    return {t: [u for u, _, outs in rows[:i] if any(reads(d, o) for d in deps for o in outs)]
-            for i, (t, deps, _) in enumerate(rows)}
+    order = targets(root, devices)
+    with Repo(str(root)) as repo:
+        graph = repo.index.graph  # an edge runs from a stage to a stage whose output it reads
+        # by name (`addressing` is relative to the working directory), of this dvc.yaml's stages only
+        ours = {s for s in graph.nodes if Path(s.dvcfile.path).resolve() == (Path(root) / "dvc.yaml").resolve()}
+        reads = {s.name: {u.name for u in graph.successors(s) if u in ours} for s in ours}
+    return {t: [u for u in order[:i] if u in reads.get(t, ())] for i, t in enumerate(order)}
 
 
 def _bin(name: str) -> str:

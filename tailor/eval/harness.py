@@ -293,7 +293,27 @@ class ModelRef:
         return model, load_tokenizer(Path(self.model_dir), model)
 
 
-def _suite_shard(ref: ModelRef, eval_dir: str, device: str, opts: dict[str, Any], k: int, n: int) -> SuiteResult:
+def _exit_with(parent: int) -> None:
+    """A shard's watchdog: end this process when `parent` is gone. A killed evaluate stage (the flow stops the
+    base's early suite with SIGTERM) would otherwise leave its shards behind, each holding the model and a CUDA
+    context, blocked on a pipe nobody writes to."""
+    import os
+    import threading
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True, name="tailor-shard-watchdog").start()
+
+
+def _suite_shard(ref: ModelRef, eval_dir: str, device: str, opts: dict[str, Any], k: int, n: int,
+                 parent: int) -> SuiteResult:
+    _exit_with(parent)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")  # a spawned process starts unconfigured
+    # the caller's share of the cores, split between the shards (each would otherwise take all of it)
+    opts = {**opts, "num_threads": opts.get("num_threads") or max(1, torch.get_num_threads() // n)}
     model, tok = ref.load(device)
     return run_suite(model, tok, Path(eval_dir), device=device, shard=(k, n), **opts)
 
@@ -306,20 +326,37 @@ def run_suite_sharded(ref: ModelRef, eval_dir: Path, device: str = "cpu", shards
     Why: on an H200 the full profile's suite (85,913 items) is bound by lm-eval's per-request Python (~2 ms an
     item: rendering, tokenizing, bookkeeping), one core's work while the GPU waits; shards spread it over cores
     and share the GPU. Scores equal one process's to float rounding (a row's batch neighbours differ).
-    shards=1 scores in this process. Raises what a shard raised."""
+    shards=1 scores in this process. The first shard to fail ends the others and its error is raised here;
+    shards end with this process if it is killed."""
     if shards <= 1:
         model, tok = ref.load(device)
         return run_suite(model, tok, eval_dir, device=device, **opts)
     import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
+    import os
+    from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
 
     t0 = time.perf_counter()
     validate_eval_dir(Path(eval_dir), suite_parts(Path(eval_dir), opts.get("tasks")))  # once, before any spawn
-    with ProcessPoolExecutor(shards, mp_context=multiprocessing.get_context("spawn")) as ex:
-        futures = [ex.submit(_suite_shard, ref, str(eval_dir), device, opts, k, shards) for k in range(shards)]
+    ex = ProcessPoolExecutor(shards, mp_context=multiprocessing.get_context("spawn"))
+    try:
+        futures = [ex.submit(_suite_shard, ref, str(eval_dir), device, opts, k, shards, os.getpid())
+                   for k in range(shards)]
+        done, _ = wait(futures, return_when=FIRST_EXCEPTION)
+        failed = [f for f in futures if f in done and f.exception() is not None]
+        if failed:  # raised now: the other shards' results would block until their whole suite is scored
+            raise failed[0].exception()
         results = [f.result() for f in futures]
+    except BaseException:
+        for proc in list(getattr(ex, "_processes", {}).values()):  # no public way to stop running work
+            proc.kill()
+        raise
+    finally:
+        ex.shutdown(wait=True, cancel_futures=True)
     merged = merge_shards(results)
-    merged.meta.update(seconds=round(time.perf_counter() - t0, 2), shards=shards, device=str(device))
+    merged.meta.update(seconds=round(time.perf_counter() - t0, 2), shards=shards, device=str(device),
+                       **{k: results[0].meta.get(k) for k in ("batch_size", "scorer", "batch_tokens")})
+    log.info("suite (%d shards): ppl %s, %s in %.1f s", shards, f"{merged.ppl():.3f}" if merged.wiki else "-",
+             ", ".join(f"{t} {merged.acc(t):.3f}" for t in merged.tasks if merged.tasks[t]), merged.meta["seconds"])
     return merged
 
 
