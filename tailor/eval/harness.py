@@ -271,9 +271,14 @@ def run_suite(model: torch.nn.Module, tokenizer: Any, eval_dir: Path, batch_size
     result.meta.update(seconds=round(time.perf_counter() - t0, 2), cpu_seconds=round(time.process_time() - c0, 2),
                        batch_size=batch_size, device=str(device), threads=num_threads or threads, scorer=scorer,
                        batch_tokens=batch_tokens)
-    log.info("suite: ppl %s, %s in %.1f s", f"{result.ppl():.3f}" if result.wiki else "-",
-             ", ".join(f"{t} {result.acc(t):.3f}" for t in result.tasks if result.tasks[t]), result.meta["seconds"])
+    _log_suite(result, "suite")
     return result
+
+
+def _log_suite(result: SuiteResult, what: str) -> None:
+    """One line: perplexity and each task's accuracy (a shard may hold no wiki row, or none of a task's)."""
+    log.info("%s: ppl %s, %s in %.1f s", what, f"{result.ppl():.3f}" if result.wiki else "-",
+             ", ".join(f"{t} {result.acc(t):.3f}" for t in result.tasks if result.tasks[t]), result.meta["seconds"])
 
 
 @dataclass(frozen=True)
@@ -355,15 +360,14 @@ def run_suite_sharded(ref: ModelRef, eval_dir: Path, device: str = "cpu", shards
     merged = merge_shards(results)
     merged.meta.update(seconds=round(time.perf_counter() - t0, 2), shards=shards, device=str(device),
                        **{k: results[0].meta.get(k) for k in ("batch_size", "scorer", "batch_tokens")})
-    log.info("suite (%d shards): ppl %s, %s in %.1f s", shards, f"{merged.ppl():.3f}" if merged.wiki else "-",
-             ", ".join(f"{t} {merged.acc(t):.3f}" for t in merged.tasks if merged.tasks[t]), merged.meta["seconds"])
+    _log_suite(merged, f"suite ({shards} shards)")
     return merged
 
 
 def merge_shards(results: list[SuiteResult]) -> SuiteResult:
     """The shards of one suite (`run_suite(shard=(k, n))` for k < n) as one result, items in row order."""
-    ids = {p for r in results for p in r.tasks}
-    order = [p for p in PARTS if p in ids]
+    scored = {p for r in results for p in r.tasks}
+    order = [p for p in PARTS if p in scored]
     prefix = {r.meta.get("prefix_token_id") for r in results}
     if len(prefix) != 1:
         raise ValueError(f"suite shards scored after different prefix tokens {sorted(prefix)}")
@@ -393,19 +397,18 @@ def _run(model: torch.nn.Module, tokenizer: Any, eval_dir: Path, batch_size: int
 
     with tempfile.TemporaryDirectory(prefix="tailor-eval-ds-") as tmp:
         tmp = Path(tmp)
-        ids, rows = {}, {}
-        for part in parts:  # the profile's subset of each set (this shard's rows of it)
+        ids = {}
+        for part in parts:  # the profile's subset of each set (this shard's rows of it), written where lm-eval reads it
             fname, _, groups = PARTS[part]
-            rows[part] = read_rows(eval_dir / fname)
-            ids[part] = select(rows[part], limits.get(part), groups, seed, part)
+            rows = read_rows(eval_dir / fname)
+            ids[part] = select(rows, limits.get(part), groups, seed, part)
             if shard is not None:
                 ids[part] = ids[part][shard[0]::shard[1]]
+            (tmp / fname).write_text("".join(json.dumps(rows[i], ensure_ascii=False) + "\n" for i in ids[part]),
+                                     encoding="utf-8")
         if shard is not None:  # a shard may get no row of a small set
             parts = tuple(p for p in parts if ids[p])
         configs = task_configs(eval_dir, tmp / "cache", parts, data_dir=tmp)
-        for part in parts:  # written where lm-eval reads it
-            (tmp / PARTS[part][0]).write_text("".join(json.dumps(rows[part][i], ensure_ascii=False) + "\n"
-                                                      for i in ids[part]), encoding="utf-8")
         # include_defaults=False: no scan of lm-eval's ~10k built-in YAMLs (seconds we'd pay per model).
         loaded = TaskManager(include_defaults=False).load(list(configs.values()))
         for task in loaded["tasks"].values():
