@@ -110,31 +110,34 @@ def run_stage(target: str, root: str, parent_run: str | None, wait_for_lock: boo
     return {"target": target, "skipped": False, "seconds": round(seconds, 1)}
 
 
-class EarlyBaseEval:
-    """`python -m steps.evaluate --base-only` as a child process: the base model's evaluate suite into its
-    result cache, started right after calibrate so that it runs beside supernet, search and finetune
-    (`runner.base_eval`; the command itself decides what `auto` means on this machine). A process, not a task:
-    on Dask it would hold a worker that a device branch needs. It never fails the flow: an evaluate stage that
-    finds no cached result scores the base itself (waiting on the cache's lock while this one still runs),
-    and reports a real error then."""
-    TARGET = "base-eval (early)"
+class EarlyJob:
+    """A side job (`python -m steps.<stage> --<flag>`, not a DVC stage) as a child process, started right after
+    calibrate so that it runs beside supernet, search and finetune. A process, not a task: on Dask it would hold a
+    worker that a device branch needs. It never fails the flow: the stage that reads what it leaves in a cache
+    does the work itself when it finds nothing there (waiting on the cache's lock while this one still runs),
+    and reports a real error then. Subclasses name the command (`argv`) and what the stages do without it."""
+    TARGET = "early job"
+    FALLBACK = "the stages did its work themselves"
     STOP_WAIT_S = 30  # after SIGTERM, before SIGKILL
 
-    def __init__(self, root: str):
+    def __init__(self, root: str, env: dict[str, str] | None = None):
         self.t0 = time.perf_counter()
         self.out = tempfile.TemporaryFile()  # a file, not a pipe: nobody reads a pipe while it runs
-        self.proc = subprocess.Popen([sys.executable, *EARLY_BASE_EVAL], cwd=root, env=stage_env(None),
+        self.proc = subprocess.Popen([sys.executable, *self.argv()], cwd=root, env=env or stage_env(None),
                                      stdout=self.out, stderr=subprocess.STDOUT, text=True)
         self.ended: float | None = None  # when it exited, stamped by a watcher: the flow collects it much later
         self.watcher = threading.Thread(target=self._watch, daemon=True)
         self.watcher.start()
+
+    def argv(self) -> list[str]:
+        raise NotImplementedError
 
     def _watch(self) -> None:
         self.proc.wait()
         self.ended = time.perf_counter()
 
     def finish(self, log) -> dict:
-        """Wait for it; one summary row (skipped: it failed, and the evaluate stages scored the base)."""
+        """Wait for it; one summary row (skipped: it failed, and the stages did its work)."""
         code = self.proc.wait()
         self.watcher.join()
         seconds = round((self.ended or time.perf_counter()) - self.t0, 1)
@@ -143,13 +146,13 @@ class EarlyBaseEval:
         self.out.close()
         last = said[-1] if said else "no output"
         if code != 0:
-            log.warning("%s failed (exit %d): %s; the evaluate stages scored the base themselves", self.TARGET, code, last)
+            log.warning("%s failed (exit %d): %s; %s", self.TARGET, code, last, self.FALLBACK)
         else:
             log.info("%s: %s (%.1f s)", self.TARGET, last, seconds)
         return {"target": self.TARGET, "skipped": code != 0, "seconds": seconds}
 
     def stop(self) -> None:
-        """The flow failed: end the child rather than leave it scoring for minutes."""
+        """The flow failed: end the child rather than leave it working for minutes."""
         if self.proc.poll() is None:
             self.proc.terminate()
             try:
@@ -160,13 +163,45 @@ class EarlyBaseEval:
         self.out.close()
 
 
+class EarlyBaseEval(EarlyJob):
+    """`python -m steps.evaluate --base-only`: the base model's evaluate suite into its result cache
+    (`runner.base_eval`; the command itself decides what `auto` means on this machine)."""
+    TARGET = "base-eval (early)"
+    FALLBACK = "the evaluate stages scored the base themselves"
+
+    def argv(self) -> list[str]:
+        return EARLY_BASE_EVAL
+
+
+class EarlyLatency(EarlyJob):
+    """`python -m steps.search --latency-only --devices ...`: each device's latency subnets exported and timed
+    into the latency cache, on the CPU beside the supernet's GPU training (the command does nothing without
+    CUDA). Session 20's H200 run: the phone's search waited 81 s for that work. Its torch threads are a quarter
+    of the cores (`worker_env`), unless the user set them: the supernet's own loop needs a core."""
+    TARGET = "latency (early)"
+    FALLBACK = "the search stages timed their subnets themselves"
+
+    def __init__(self, root: str, devices: list[str]):
+        self.devices = devices
+        super().__init__(root, env=stage_env(None) | worker_env(4))
+
+    def argv(self) -> list[str]:
+        return [*EARLY_LATENCY, "--devices", ",".join(self.devices)]
+
+
 def wants_early_base_eval(todo: list[str], base_eval: str) -> bool:
     """Whether to start `EarlyBaseEval` once calibrate is done: some evaluate stage may run, and
     `runner.base_eval` does not keep the base's suite inside the stage."""
     return base_eval != "in-stage" and any(t.startswith("evaluate@") for t in todo)
 
 
+def early_latency_devices(todo: list[str]) -> list[str]:
+    """The devices whose search may run (in `todo`'s order): what `EarlyLatency` times, once calibrate is done."""
+    return [t.split("@", 1)[1] for t in todo if t.startswith("search@")]
+
+
 EARLY_BASE_EVAL = ["-m", "steps.evaluate", "--base-only"]  # run by this interpreter in the project root
+EARLY_LATENCY = ["-m", "steps.search", "--latency-only"]
 
 
 @task(retries=2, retry_delay_seconds=[2, 5])
@@ -237,16 +272,21 @@ def nightly(devices: list[str] | None = None, root: str = ".") -> list[dict]:
     devs = pick_devices(params, devices)
     lock = run_lock(rootp)  # held until the finally below; the OS drops it if this process dies
     parent = tracking.start_parent("nightly", {"tailor.profile": params.profile, "tailor.devices": ",".join(devs)})
-    results, status, early = [], "FAILED", []
+    results, status, early, started = [], "FAILED", [], []
     try:
         if base_model_changed(rootp, params.model.source):
             get_run_logger().info("model.source %s changed since calibrate ran: re-running it", params.model.source)
             results.append(run_stage("calibrate", str(rootp), parent, force=True))
         done = {r["target"] for r in results}
         todo = [t for t in targets(rootp, devs) if t not in done]
-        def after(target: str) -> None:  # the base's suite reads calibrate's eval sets: start it once they exist
-            if target == "calibrate" and not early and wants_early_base_eval(todo, params.runner.base_eval):
+        def after(target: str) -> None:  # the side jobs read calibrate's outputs: start them once those exist
+            if target != "calibrate" or started:
+                return
+            started.append(target)
+            if wants_early_base_eval(todo, params.runner.base_eval):
                 early.append(EarlyBaseEval(str(rootp)))
+            if early_latency_devices(todo):
+                early.append(EarlyLatency(str(rootp), early_latency_devices(todo)))
 
         if "calibrate" in done:
             after("calibrate")

@@ -12,6 +12,7 @@ import logging
 import sys
 import json
 import os
+import time
 from pathlib import Path
 
 from steps._common import artifact_dir, base_model_tags, main_for, report_dir, write_json
@@ -78,13 +79,26 @@ def run(params: Params, device: str, model_dir: Path, eval_dir: Path) -> dict:
     ev = params.evaluate
     validate_eval_dir(eval_dir, suite_parts(eval_dir, suite_options(ev)["tasks"]))  # before any model loads
     dev = pick_device("auto")
+    t = [time.perf_counter()]
+
+    def lap() -> float:  # seconds since the previous lap (metrics `phase_seconds`: where the stage's time went)
+        now = time.perf_counter()
+        t.append(now)
+        return round(now - t[-2], 2)
+
     base = base_suite(params, eval_dir, dev)
+    phases = {"base": lap()}  # read from the cache, or waited for the flow's early run, or scored here
     # the model loads (and its tokenizer is checked: another model's is refused) where the suite runs
     comp = run_suite_sharded(ModelRef(model_dir=str(model_dir)), eval_dir, str(dev), ev.shards, **suite_options(ev))
+    phases["suite"] = lap()
     metrics, slices = compare(base, comp, ev.bootstrap, ev.seed)
+    phases["compare"] = lap()
     gates = check(metrics, slices, ev.gates)
     metrics["gates_passed"] = gates["passed"]
     metrics["gates_verdict"] = gates["verdict"]  # pass / fail / indicative (too few items to tell)
+    # each shard's scoring (lm-eval's requests and forwards) beside the suite's whole wall time: the rest is
+    # spawning, imports and model loads
+    metrics.update(phase_seconds=phases, suite_seconds=comp.meta.get("shard_seconds", [comp.meta.get("seconds")]))
     return {"metrics": metrics, "slices": slices, "gates": gates}
 
 

@@ -4,11 +4,15 @@ exactly in the device's format; the best (optionally fairness-aware) wins. Every
 MLflow child run."""
 from __future__ import annotations
 
+import argparse
 import json
+import logging
 import math
+import sys
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
@@ -20,14 +24,17 @@ from tailor.distill import teacher_logits
 from tailor.elastic.space import SearchSpace
 from tailor.elastic.supernet import arch_of, set_max
 from tailor.export.gguf_vocab import tokenizer_gguf
-from tailor.models.base import base_dir, cache_dir, load_base, load_model_dir, sha256_file
+from tailor.models.base import base_dir, cache_dir, load_base, load_model_dir, sha256_file, slice_config
+from tailor.models.model import TailorConfig
 from tailor.search import fairness, fanout, gumbel, latency, mip, nsga, plots, sensitivity
 from tailor.search.fanout import ScoreJob
 from tailor.search.sampled import Candidate, NoFeasibleSubnet, pareto, propose, score, seeds, shrink_to_fit
 from tailor.train import pick_device
 
 
-def device_space(params: Params, device: str, model, meta: dict) -> SearchSpace:
+def device_space(params: Params, device: str, model, meta: dict, by_importance: bool = True) -> SearchSpace:
+    """The device's search space on the supernet that wrote `meta` (its space.json). by_importance=False:
+    layers drop in the default order (`SearchSpace.build`'s) instead of the supernet's importance order."""
     prof = params.device(device)
     trained = meta["formats"].get(prof.format, [])
     bits = [b for b in trained if b in prof.choices]
@@ -36,7 +43,56 @@ def device_space(params: Params, device: str, model, meta: dict) -> SearchSpace:
         raise ConfigError(f"devices.{device}.{key}: none of {list(prof.choices)} was trained by the supernet "
                           f"on the {prof.format} grid (supernet.formats: {meta['formats']})")
     return SearchSpace.build(arch_of(model), bits, [prof.embed_bits], meta["min_ffn_frac"], meta["min_kv_groups"],
-                             meta["max_drop_frac"], meta["drop_order"])
+                             meta["max_drop_frac"], meta["drop_order"] if by_importance else None)
+
+
+def latency_space(params: Params, device: str, model, meta: dict | None = None) -> SearchSpace:
+    """The space the latency model's subnets are drawn from: the device's, with layers dropped in the default
+    order. A subnet's decode time depends on how many layers it keeps and at which widths and types, not on
+    which layers they are (all have one shape) nor on the weights; so these subnets calibrate the latency model
+    of any supernet, and with no importance order in them they are known before the supernet has trained
+    (`latency_only`). meta: the supernet's space.json; None: what the supernet stage will write (params)."""
+    sp = params.supernet
+    meta = meta or {"formats": params.supernet_formats(), "min_ffn_frac": sp.min_ffn_frac,
+                    "min_kv_groups": sp.min_kv_groups, "max_drop_frac": sp.max_drop_frac}
+    return device_space(params, device, model, meta, by_importance=False)
+
+
+def latency_only(params: Params, devices: list[str]) -> str:
+    """`python -m steps.search --latency-only --devices a,b`, not a DVC stage: export and time each device's
+    latency subnets (`latency_space`) into the latency cache from the base model, which the search stages then
+    read instead of timing them. The nightly flow starts it right after calibrate, so that on a GPU machine this
+    CPU work (session 20's phone search waited 81 s for it) runs beside the supernet's GPU training. Where the
+    supernet trains on the CPU (`supernet.device`) it does nothing: timings taken beside a CPU training run would
+    be slow, and cached. Unknown device names are refused (ConfigError) before anything runs. Returns what it
+    did, for the log."""
+    profs = {d: params.device(d) for d in devices}  # every name checked first
+    if pick_device(params.supernet.device).type != "cuda":
+        return "the supernet trains on the CPU: the search stages time their latency subnets themselves"
+    n = params.search.latency_configs
+    if not n or not devices:
+        return "nothing to time (latency_configs: 0, or no device)"
+    cfg = TailorConfig.from_pretrained(base_dir(params.model.source))  # the shape, without loading the weights
+    k = params.model.n_layers
+    shape = SimpleNamespace(config=slice_config(cfg, k) if k is not None and k < cfg.num_hidden_layers else cfg)
+    model = tok = None
+    done = []
+    for device, prof in profs.items():
+        space = latency_space(params, device, shape)
+        per_type = prof.allowed_types is not None
+        if latency.cache_path(cache_dir() / "latency", prof.format,
+                              latency.timed_configs(space, prof.format, n, seeds(space), per_type)).is_file():
+            done.append(f"{device} cached")
+            continue
+        if model is None:
+            model, tok = load_base(params.model.source, params.model.n_layers, device="cpu")
+        template = tokenizer_gguf(base_dir(params.model.source)) if prof.format == "gguf" else None
+        t0 = time.perf_counter()
+        out = latency.run(model, space, prof.format, tok, n, seeds(space), cache_dir() / "latency",
+                          gguf_template=template, per_type=per_type)
+        what = "cached" if out["cached"] else f"{len(out['points'])} subnets timed"
+        done.append(f"{device} {what} ({time.perf_counter() - t0:.1f} s)")
+    return "latency subnets: " + ", ".join(done)
 
 
 class Scorer:
@@ -115,10 +171,14 @@ def run(params: Params, device: str, supernet_dir: Path, data_dir: Path, out_dir
     base_files = base_dir(params.model.source)  # the converted base: tokenizer files and the tokenizer GGUF
     template = tokenizer_gguf(base_files) if prof.format == "gguf" and sp.latency_configs else None
     per_type = prof.allowed_types is not None  # a profile that names its types also learns each type's decode cost
+    lat_space = latency_space(params, device, model, meta)
+    lat_cached = latency.cache_path(cache_dir() / "latency", prof.format,
+                                    latency.timed_configs(lat_space, prof.format, sp.latency_configs, seeds(lat_space),
+                                                          per_type)).is_file()  # the flow's early `latency_only`
     # on a GPU machine the latency subnets are exported and timed by a child on the CPU, beside the GPU work below
-    lat_bg = (latency.Background(supernet_dir / "model", base_files, space, prof.format,
-                                 sp.latency_configs, seeds(space), cache_dir() / "latency", template, per_type)
-              if sp.latency_configs and torch.device(dev).type == "cuda" else None)
+    lat_bg = (latency.Background(supernet_dir / "model", base_files, lat_space, prof.format,
+                                 sp.latency_configs, seeds(lat_space), cache_dir() / "latency", template, per_type)
+              if sp.latency_configs and torch.device(dev).type == "cuda" and not lat_cached else None)
     base, tok = load_base(params.model.source, params.model.n_layers, device=dev)
     val = load_shard(data_dir / "val.safetensors")[: sp.val_seqs]
     teacher = teacher_logits(base, val, sp.score_batch)
@@ -134,9 +194,12 @@ def run(params: Params, device: str, supernet_dir: Path, data_dir: Path, out_dir
     phases["sensitivity"] = time.perf_counter() - t0
     t_lat = time.perf_counter()
     # the latency model's per-layer overhead, calibrated on the real runtime on this machine
-    lat_child = lat_bg.wait(LATENCY_WAIT_S) if lat_bg else None  # then `run` reads its cache entry (or measures)
-    lat = (latency.run(model, space, prof.format, tok, sp.latency_configs, seeds(space), cache_dir() / "latency",
-                       gguf_template=template, per_type=per_type) if sp.latency_configs else None)
+    # then `run` reads the cache entry the child (or the flow's early job) left, or measures; the two waits
+    # together at most LATENCY_WAIT_S
+    lat_child = lat_bg.wait(LATENCY_WAIT_S) if lat_bg else ("cached before the search" if lat_cached else None)
+    lat = (latency.run(model, lat_space, prof.format, tok, sp.latency_configs, seeds(lat_space), cache_dir() / "latency",
+                       gguf_template=template, per_type=per_type,
+                       wait_s=max(0.0, LATENCY_WAIT_S - (time.perf_counter() - t_lat))) if sp.latency_configs else None)
     overhead = lat["layer_overhead_us"] / 1e6 if lat else None
     phases["latency"] = time.perf_counter() - t_lat
     type_cost = latency.type_cost_s(lat)
@@ -282,4 +345,13 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    if "--latency-only" in sys.argv[1:]:
+        sys.argv.remove("--latency-only")
+        ap = argparse.ArgumentParser(prog="python -m steps.search --latency-only", add_help=False, allow_abbrev=False)
+        ap.add_argument("--devices", default="", help="comma-separated device names")
+        args, sys.argv[1:] = ap.parse_known_args(sys.argv[1:])
+        logging.basicConfig(level=logging.INFO, format="%(message)s")
+        main_for("search", lambda params, _: logging.getLogger("tailor.search").info(
+            "search --latency-only: %s", latency_only(params, [d.strip() for d in args.devices.split(",") if d.strip()])))
+    else:
+        main()

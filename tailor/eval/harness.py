@@ -359,6 +359,7 @@ def run_suite_sharded(ref: ModelRef, eval_dir: Path, device: str = "cpu", shards
         ex.shutdown(wait=True, cancel_futures=True)
     merged = merge_shards(results)
     merged.meta.update(seconds=round(time.perf_counter() - t0, 2), shards=shards, device=str(device),
+                       shard_seconds=[r.meta["seconds"] for r in results],
                        **{k: results[0].meta.get(k) for k in ("batch_size", "scorer", "batch_tokens")})
     _log_suite(merged, f"suite ({shards} shards)")
     return merged

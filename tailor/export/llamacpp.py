@@ -75,10 +75,16 @@ def _last_logits(llm: Any) -> np.ndarray:
     return np.ctypeslib.as_array(ptr, shape=(llm.n_vocab(),))
 
 
-def _log_softmax(x: np.ndarray) -> np.ndarray:
-    x = x.astype(np.float64)
-    x = x - x.max(-1, keepdims=True)
-    return x - np.log(np.exp(x).sum(-1, keepdims=True))
+def _nll(scores: np.ndarray, targets: Sequence[int]) -> np.ndarray:
+    """-log softmax(scores)[t, targets[t]] per row, float64 (T,), from float32 logits (T, V): torch's
+    cross-entropy, as tailor.eval.ppl scores the PyTorch side. Session 20's H200 run spent most of the phone's
+    166 s llama.cpp perplexity (500 documents) in a float64 numpy log-softmax over every (T, 49152) row, one
+    core; this one is float32, on torch's threads (benchmarks/llamacpp_nll.py)."""
+    import torch
+    import torch.nn.functional as F
+
+    x = torch.from_numpy(np.ascontiguousarray(scores, dtype=np.float32))
+    return F.cross_entropy(x, torch.as_tensor(np.asarray(targets), dtype=torch.long), reduction="none").double().numpy()
 
 
 def logits(path: Path, seq: Sequence[int], n_threads: int | None = None) -> np.ndarray:
@@ -99,8 +105,7 @@ def token_nlls(path: Path, seqs: Sequence[Sequence[int]], n_threads: int | None 
         for s in seqs:
             llm.reset()  # position 0 again; eval() drops the stale KV cells
             llm.eval(s)
-            logp = _log_softmax(llm.scores[: len(s) - 1])  # (T-1, V)
-            out.append(-logp[np.arange(len(s) - 1), s[1:]])
+            out.append(_nll(llm.scores[: len(s) - 1], s[1:]))  # logits (T-1, V) -> (T-1,)
     return out
 
 

@@ -28,7 +28,7 @@ from __future__ import annotations
 import tempfile
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -195,20 +195,58 @@ def _store(path: Path, rows: list[dict]) -> None:
     os.replace(tmp, path)
 
 
+def measured_once(path: Path, measure_rows: Callable[[], list[dict]],
+                  wait_s: float | None = None) -> tuple[list[dict], bool]:
+    """(rows, cached): the cache entry at `path`, or `measure_rows()` stored there. One process measures an entry
+    at a time (an flock beside it): the flow's early `--latency-only` job, a search's background child and the
+    search itself may all ask for it, and whoever comes later waits and reads it instead of timing the same
+    subnets again on a CPU the first one is timing on. The OS drops the lock when its holder dies.
+    wait_s: the longest wait for another holder (None: no limit); after it this process measures anyway (a hung
+    holder must not hang a search), and the entry is replaced whole (`_store`)."""
+    import fcntl
+    import json
+    import time
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "a+") as lock:
+        if wait_s is None:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        else:
+            end = time.monotonic() + wait_s
+            while True:
+                try:
+                    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() >= end:
+                        import logging
+
+                        logging.getLogger("tailor.search").warning(
+                            "%s: still being measured by another process after %.0f s: measuring here", path, wait_s)
+                        break
+                    time.sleep(0.2)
+        if path.is_file():
+            try:
+                return json.loads(path.read_text()), True
+            except ValueError:  # cut short by a power loss (_store replaces atomically, but a disk may not): again
+                pass
+        rows = measure_rows()
+        _store(path, rows)
+        return rows, False
+
+
 @torch.no_grad()
 def run(model, space: SearchSpace, fmt: str, tokenizer: Any, n: int, pool: list[SubnetConfig],
-        cache: Path | None = None, gguf_template: Path | None = None, per_type: bool = False) -> dict:
-    """Time `n` subnets spread over `pool` (and with `per_type`, one probe per type: `probes`) and fit."""
-    import json
-
+        cache: Path | None = None, gguf_template: Path | None = None, per_type: bool = False,
+        wait_s: float | None = None) -> dict:
+    """Time `n` subnets spread over `pool` (and with `per_type`, one probe per type: `probes`) and fit.
+    wait_s: the longest wait for another process measuring the same cache entry (`measured_once`)."""
     cfgs = timed_configs(space, fmt, n, pool, per_type)
-    path = cache_path(cache, fmt, cfgs) if cache else None
-    if path is not None and path.is_file():
-        rows, cached = json.loads(path.read_text()), True
+    if cache:
+        rows, cached = measured_once(cache_path(cache, fmt, cfgs),
+                                     lambda: measure(model, cfgs, fmt, tokenizer, gguf_template), wait_s)
     else:
         rows, cached = measure(model, cfgs, fmt, tokenizer, gguf_template), False
-        if path is not None:
-            _store(path, rows)
     out = calibrate([{k: v for k, v in r.items() if k != "predicted_ms_loo"} for r in rows], per_type)
     out["cached"] = cached
     return out
@@ -251,9 +289,9 @@ def _measure_into_cache(model_dir: str, tokenizer_dir: str, space: SearchSpace, 
     from tailor.models.base import load_model_dir
 
     cfgs = timed_configs(space, fmt, n, pool, per_type)
-    path = cache_path(Path(cache), fmt, cfgs)
-    if path.is_file():
-        return
-    model = load_model_dir(Path(model_dir))
-    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
-    _store(path, measure(model, cfgs, fmt, tok, Path(gguf_template) if gguf_template else None))
+
+    def measure_rows() -> list[dict]:  # loads the model only when the entry is missing
+        return measure(load_model_dir(Path(model_dir)), cfgs, fmt, AutoTokenizer.from_pretrained(tokenizer_dir),
+                       Path(gguf_template) if gguf_template else None)
+
+    measured_once(cache_path(Path(cache), fmt, cfgs), measure_rows)

@@ -1,6 +1,7 @@
 """The nightly flow starts the base model's evaluate suite right after calibrate, beside the training stages
-(`runner.base_eval: early`), and not at all with `in-stage`. A small DVC project with the real flow, params
-and DVC; the early command is a script that meets the supernet stage while both run."""
+(`runner.base_eval: early`), and not at all with `in-stage`; and the latency subnets' timing (`--latency-only`)
+for the devices whose search is to run. A small DVC project with the real flow, params and DVC; the early
+commands are a script that meets the supernet stage while they all run."""
 from __future__ import annotations
 
 import json
@@ -19,21 +20,23 @@ pytestmark = pytest.mark.integration
 # other, they never meet, and whoever came first records None
 MEET = '''import json, sys, time
 from pathlib import Path
-me, other = sys.argv[1], sys.argv[2]
+me, others = sys.argv[1], [o for o in sys.argv[2].split(",") if o]
 Path("sync").mkdir(exist_ok=True)
 Path(f"sync/{me}").touch()
-start, saw = time.time(), None
-while other and saw is None and time.time() - start < 120:
-    saw = other if Path(f"sync/{other}").exists() else None
+start, saw = time.time(), []
+while others and len(saw) < len(others) and time.time() - start < 120:
+    saw = [o for o in others if Path(f"sync/{o}").exists()]
     time.sleep(0.05)
 Path("out").mkdir(exist_ok=True)
-Path(f"out/{me}.json").write_text(json.dumps({"saw": saw}))
+Path(f"out/{me}.json").write_text(json.dumps({"saw": ",".join(saw) or None, "args": sys.argv[3:]}))
 '''
 DVC_YAML = {"stages": {
     "calibrate": {"cmd": "python meet.py calibrate ''", "deps": ["meet.py"], "outs": ["out/calibrate.json"]},
     "supernet": {"cmd": "python meet.py supernet {other}", "deps": ["out/calibrate.json"], "outs": ["out/supernet.json"]},
+    "search": {"foreach": "${devices}", "do": {"cmd": "python meet.py search${key} ''",
+                                               "deps": ["out/supernet.json"], "outs": ["out/search${key}.json"]}},
     "evaluate": {"foreach": "${devices}", "do": {"cmd": "python meet.py evaluate${key} ''",
-                                                 "deps": ["out/supernet.json"], "outs": ["out/evaluate${key}.json"]}}}}
+                                                 "deps": ["out/search${key}.json"], "outs": ["out/evaluate${key}.json"]}}}}
 
 
 def _project(tmp: Path, base_eval: str, kind: str) -> Path:
@@ -42,7 +45,7 @@ def _project(tmp: Path, base_eval: str, kind: str) -> Path:
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
     raw["runner"] = {"kind": kind, "workers": 2, "address": None, "base_eval": base_eval}
     (root / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
-    stages = json.loads(json.dumps(DVC_YAML).replace("{other}", "early" if base_eval == "early" else "''"))
+    stages = json.loads(json.dumps(DVC_YAML).replace("{other}", "early,latency" if base_eval == "early" else "latency"))
     (root / "dvc.yaml").write_text(yaml.safe_dump(stages, sort_keys=False))
     (root / "meet.py").write_text(MEET)
     exe = str(Path(sys.executable).parent / "dvc")
@@ -63,15 +66,19 @@ def test_the_base_suite_starts_after_calibrate_beside_the_supernet(tmp_path, mlf
     root = _project(tmp_path, base_eval, kind)
     monkeypatch.chdir(root)
     monkeypatch.setattr(nightly, "EARLY_BASE_EVAL", ["meet.py", "early", "supernet"])
+    monkeypatch.setattr(nightly, "EARLY_LATENCY", ["meet.py", "latency", "supernet"])
     if forced:  # the base model changed under its path: calibrate re-runs first, outside the stage loop
         monkeypatch.setattr(nightly, "base_model_changed", lambda root, source: True)
     nightly.for_params(root / "params.yaml")(root=str(root))
     supernet = json.loads((root / "out/supernet.json").read_text())
+    # they met: the early runs were going while the supernet stage ran (no timing threshold)
+    latency = json.loads((root / "out/latency.json").read_text())
+    assert latency["saw"] == "supernet" and latency["args"] == ["--devices", "phone,laptop"]
     if base_eval == "early":
-        # they met: the early run was going while the supernet stage ran (no timing threshold)
-        assert supernet["saw"] == "early"
+        assert supernet["saw"] == "early,latency"
         assert json.loads((root / "out/early.json").read_text())["saw"] == "supernet"
     else:
+        assert supernet["saw"] == "latency"
         assert not (root / "sync/early").exists()  # never started
 
 
@@ -87,8 +94,11 @@ def test_a_failing_flow_ends_the_early_child(tmp_path, mlflow_uri, monkeypatch, 
     monkeypatch.chdir(root)
     monkeypatch.setattr(nightly, "EARLY_BASE_EVAL", ["-c", "import os, time; open('early.pid', 'w').write(str(os.getpid()));"
                                                            " time.sleep(300)"])
+    monkeypatch.setattr(nightly, "EARLY_LATENCY", ["-c", "import os, time; open('latency.pid', 'w').write(str(os.getpid()));"
+                                                         " time.sleep(300)"])
     with pytest.raises(Exception, match="supernet"):
         nightly.for_params(root / "params.yaml")(root=str(root))
-    pid = int((root / "early.pid").read_text())
-    with pytest.raises(ProcessLookupError):  # ended and reaped by the flow, not left scoring for minutes
-        os.kill(pid, 0)
+    for name in ("early.pid", "latency.pid"):
+        pid = int((root / name).read_text())
+        with pytest.raises(ProcessLookupError):  # ended and reaped by the flow, not left working for minutes
+            os.kill(pid, 0)

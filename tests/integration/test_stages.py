@@ -146,7 +146,37 @@ def test_latency_child_fills_the_cache_the_search_reads(ws, tmp_path, monkeypatc
     assert sorted(pt["config_hash"] for pt in out["points"]) == sorted(want) and len(want) == 2
     bad = latency.Background(tmp_path / "no-model", base_dir(p.model.source), space, "onnx", 2, seeds(space),
                              tmp_path / "other")
-    assert bad.wait(300) == "exit 1" and not (tmp_path / "other").exists()
+    assert bad.wait(300) == "exit 1" and not list((tmp_path / "other").glob("*.json"))  # no entry, its lock only
+
+
+def test_the_early_latency_job_times_what_the_search_then_reads(ws, tmp_path, monkeypatch):
+    """`search --latency-only` (the flow's early job on a GPU machine: from the base model, before the supernet
+    has trained) leaves the very cache entry the search stage reads: the search times nothing. Without CUDA the
+    job does nothing."""
+    import torch
+
+    from steps import search
+    from tailor.search import latency
+
+    cache = tmp_path / "cache"
+    monkeypatch.setattr(search, "cache_dir", lambda: cache)
+    p = ws["params"]
+    p = p.model_copy(update={"search": p.search.model_copy(update={"strategies": ["mip"], "latency_configs": 2})})
+    if not torch.cuda.is_available():
+        assert search.latency_only(p, ["laptop"]).startswith("the supernet trains on the CPU") and not cache.exists()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    said = search.latency_only(p, ["laptop"])
+    assert said.startswith("latency subnets: laptop ") and "subnets timed" in said, said
+    # asked again (a nightly where nothing changed): the entry is there, the base model is not even loaded
+    load_base = search.load_base
+    monkeypatch.setattr(search, "load_base", lambda *a, **k: pytest.fail("loaded the base model"))
+    assert search.latency_only(p, ["laptop"]) == "latency subnets: laptop cached"
+    monkeypatch.setattr(search, "load_base", load_base)  # the search needs it (its teacher)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the search on the CPU: no background child
+    monkeypatch.setattr(latency, "measure", lambda *a, **k: pytest.fail("timed again"))
+    out = search.run(p, "laptop", ws["art"] / "supernet", ws["art"] / "calibrate", tmp_path / "search")
+    lat = out["metrics"]["latency_model"]
+    assert lat["cached"] and lat["background"] == "cached before the search" and len(out["latency_points"]) >= 2
 
 
 @pytest.mark.slow  # 36 s; tests/integration/test_dask_search.py proves the fan-out itself in `make test`
@@ -187,8 +217,14 @@ def test_finetune(ws):
 def test_evaluate(ws):
     from steps import evaluate
 
+    t0 = time.perf_counter()
     out = evaluate.run(ws["params"], "phone", ws["art"] / "finetune" / "phone", ws["art"] / "calibrate" / "eval")
+    wall = time.perf_counter() - t0
     ws["evaluate"] = out
+    # where the stage's time went: successive phases, and one suite (one shard) inside its phase
+    ph, suite = out["metrics"]["phase_seconds"], out["metrics"]["suite_seconds"]
+    assert list(ph) == ["base", "suite", "compare"] and sum(ph.values()) <= wall and min(ph.values()) >= 0
+    assert len(suite) == ws["params"].evaluate.shards == 1 and 0 < suite[0] <= ph["suite"]
     assert {"ppl", "ppl_base", "piqa", "piqa_base"} <= set(out["metrics"])
     # one row per bias type present, each with exactly the pairs of that type the eval set holds
     rows = [json.loads(x) for x in (ws["art"] / "calibrate" / "eval" / "crows_pairs.jsonl").read_text().splitlines()]
@@ -206,7 +242,9 @@ def test_evaluate(ws):
 
 
 @pytest.mark.parametrize("device", ["phone", "laptop"])
-def test_export(ws, device):
+def test_export(ws, device, monkeypatch):
+    import torch
+
     from steps import export, finetune, search
 
     art = ws["art"]
@@ -214,9 +252,12 @@ def test_export(ws, device):
         search.run(ws["params"], device, art / "supernet", art / "calibrate", art / "search" / device)
         finetune.run(ws["params"], device, art / "supernet", art / "search" / device, art / "calibrate",
                      art / "finetune" / device, ws["root"] / "ckpt-ft2")
+    asked = []  # the PyTorch reference runs where pick_device("auto") says (the GPU on a GPU machine)
+    monkeypatch.setattr(export, "pick_device", lambda name: asked.append(name) or torch.device("cpu"))
     t0 = time.perf_counter()
     out = export.run(ws["params"], device, art / "finetune" / device, art / "calibrate" / "eval", art / "export" / device)
     wall = time.perf_counter() - t0
+    assert asked == ["auto"] and out["metrics"]["torch_device"] == "cpu"
     ws[f"export_{device}"] = out
     m = out["metrics"]
     # where the stage's time goes: successive phases, so together no more than the call took
