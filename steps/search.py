@@ -38,10 +38,12 @@ def device_space(params: Params, device: str, model, meta: dict, by_importance: 
     prof = params.device(device)
     trained = meta["formats"].get(prof.format, [])
     bits = [b for b in trained if b in prof.choices]
-    if not bits:
+    untrained = [c for c in prof.choices if c not in trained]
+    if untrained:  # never a narrower search than the profile asks for, silently
         key = "allowed_types" if prof.allowed_types is not None else "allowed_bits"
-        raise ConfigError(f"devices.{device}.{key}: none of {list(prof.choices)} was trained by the supernet "
-                          f"on the {prof.format} grid (supernet.formats: {meta['formats']})")
+        raise ConfigError(f"devices.{device}.{key}: {untrained} not trained by the supernet on the {prof.format} grid "
+                          f"(it trained {meta['formats']}); the supernet stage does not depend on `devices`: re-run it "
+                          "(`dvc repro -f supernet`) after changing a device's choices")
     return SearchSpace.build(arch_of(model), bits, [prof.embed_bits], meta["min_ffn_frac"], meta["min_kv_groups"],
                              meta["max_drop_frac"], meta["drop_order"] if by_importance else None)
 

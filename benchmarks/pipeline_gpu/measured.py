@@ -25,10 +25,11 @@ TARGET_MIN = 20.0
 _STAMP = r"(?P<hms>\d\d:\d\d:\d\d)(?:\.\d+)?"
 _DONE = re.compile(_STAMP + r" \|.*? - (?P<target>[\w@.-]+): done in (?P<s>[\d.]+) s\s*$")
 _SKIP = re.compile(_STAMP + r" \|.*? - (?P<target>[\w@.-]+): unchanged, skipped\s*$")
-_EARLY = re.compile(_STAMP + r" \|.*? - base-eval \(early\): .*\((?P<s>[\d.]+) s\)\s*$")
+_EARLY = re.compile(_STAMP + r" \|.*? - (?P<target>base-eval|latency) \(early\): .*\((?P<s>[\d.]+) s\)\s*$")
 _ANY = re.compile(_STAMP + r" \|")
 # the flow's own verdicts; a traceback alone is not one (Dask's shutdown logs a harmless CommClosedError)
-_FAILED = re.compile(r"failed \(exit \d+\)|Flow run .* - Finished in state (Failed|Crashed)")
+# nor is an early side job's failure: the stages then did its work themselves
+_FAILED = re.compile(r"(?<!\(early\)) failed \(exit \d+\)|Flow run .* - Finished in state (Failed|Crashed)")
 _COMPLETED = re.compile(r"Flow run .* - Finished in state Completed\(\)")
 
 
@@ -48,22 +49,22 @@ def parse_log(text: str, start_hms: str) -> dict:
     the end of the last log line (s since start), and whether the flow reported a failure.
 
     start_s = end_s - seconds: the stage's own time ("done in" is measured around its `dvc repro`), ended at
-    the line's stamp (whole seconds: +-1 s). The base model's early evaluate suite is logged only when the
-    flow collects it at the end; it starts as calibrate ends (flows/nightly.py `EarlyBaseEval`)."""
-    stages, skipped, last, early = [], [], 0, None
+    the line's stamp (whole seconds: +-1 s). The early side jobs (the base model's evaluate suite, the latency
+    subnets' timing) are logged only when the flow collects them at the end; they start as calibrate ends
+    (flows/nightly.py `EarlyJob`)."""
+    stages, skipped, last, early = [], [], 0, {}
     for line in text.splitlines():
         if m := _DONE.search(line):
             end, s = since(m["hms"], start_hms), float(m["s"])
             stages.append({"target": m["target"], "start_s": round(max(0.0, end - s), 1), "end_s": end, "seconds": s})
         elif m := _EARLY.search(line):  # logged when the flow collects it, at the end: it started after calibrate
-            early = float(m["s"])
+            early[f"{m['target']} (early)"] = float(m["s"])
         elif m := _SKIP.search(line):
             skipped.append(m["target"])
         if m := _ANY.match(line):
             last = max(last, since(m["hms"], start_hms))
-    if early is not None:
-        at = next((s["end_s"] for s in stages if s["target"] == "calibrate"), 0)
-        stages.append({"target": "base-eval (early)", "start_s": float(at), "end_s": round(at + early, 1), "seconds": early})
+    at = next((s["end_s"] for s in stages if s["target"] == "calibrate"), 0)
+    stages += [{"target": t, "start_s": float(at), "end_s": round(at + e, 1), "seconds": e} for t, e in early.items()]
     return {"stages": stages, "skipped": skipped, "last_line_s": last, "failed": bool(_FAILED.search(text)),
             "flow_completed": bool(_COMPLETED.search(text))}
 

@@ -16,6 +16,7 @@ LOG = """\
 00:04:00.010 | INFO    | Task run 'search@phone' - search@phone: done in 50.0 s
 00:04:20.010 | INFO    | Task run 'search@laptop' - search@laptop: unchanged, skipped
 00:05:00.012 | INFO    | Flow run 'x' - base-eval (early): base suite scored (250.0 s)
+00:05:00.020 | INFO    | Flow run 'x' - latency (early): search --latency-only: latency subnets: phone 6 subnets timed (19.6 s) (94.0 s)
 00:05:30.997 | INFO    | Flow run 'x' - Finished in state Completed()
 """
 
@@ -27,6 +28,7 @@ def test_log_places_each_stage_where_it_ran_across_midnight():
     assert by["supernet"]["end_s"] == 202 and by["supernet"]["start_s"] == 52
     # logged at the end when collected; it started as calibrate ended
     assert by["base-eval (early)"] == {"target": "base-eval (early)", "start_s": 52.0, "end_s": 302.0, "seconds": 250.0}
+    assert by["latency (early)"] == {"target": "latency (early)", "start_s": 52.0, "end_s": 146.0, "seconds": 94.0}
     assert got["skipped"] == ["search@laptop"]
     assert got["last_line_s"] == 342 and not got["failed"]
 
@@ -36,6 +38,10 @@ def test_a_failed_stage_marks_the_log_failed():
     assert m.parse_log(bad, "23:59:48")["failed"]
     crashed = LOG.replace("Finished in state Completed()", "Finished in state Failed('x')")
     assert m.parse_log(crashed, "23:59:48")["failed"]
+    # an early side job's failure is a warning: the stages did its work, the flow went on
+    early = LOG + ("00:05:01.000 | WARNING | Flow run 'x' - latency (early) failed (exit 1): boom; "
+                   "the search stages timed their subnets themselves\n")
+    assert not m.parse_log(early, "23:59:48")["failed"]
     # Dask's shutdown logs a traceback of a closed connection in a run that completed
     assert not m.parse_log(LOG + "Traceback (most recent call last):\ndistributed.comm.core.CommClosedError\n",
                            "23:59:48")["failed"]

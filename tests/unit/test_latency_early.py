@@ -108,3 +108,19 @@ def test_the_latency_only_command_refuses_an_unknown_device_in_one_line(tmp_path
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr
     assert lines[0].startswith("tailor search: ") and "watch" in lines[0]
+
+
+def test_a_device_choice_the_supernet_did_not_train_is_refused_by_name(params):
+    """dvc.yaml's supernet does not depend on `devices`: a choice added after it trained must not vanish from the
+    search silently."""
+    from tailor.config import ConfigError
+
+    sp = params.supernet
+    meta = {"formats": params.supernet_formats(), "min_ffn_frac": sp.min_ffn_frac, "min_kv_groups": sp.min_kv_groups,
+            "max_drop_frac": sp.max_drop_frac, "drop_order": list(range(ARCH.n_layers))}
+    assert search.device_space(params, "phone", None, meta).arch == ARCH
+    fmt = params.device("phone").format
+    dropped = params.device("phone").choices[0]
+    stale = {**meta, "formats": {**meta["formats"], fmt: [c for c in meta["formats"][fmt] if c != dropped]}}
+    with pytest.raises(ConfigError, match=rf"devices\.phone\.allowed_\w+: \[{dropped!r}\] not trained"):
+        search.device_space(params, "phone", None, stale)
