@@ -123,5 +123,19 @@ def paired_bootstrap_stat(stat: Stat, base: dict[str, np.ndarray], comp: dict[st
     c = {k: np.asarray(v, float) for k, v in comp.items()}
     vb, vc = float(stat(b)), float(stat(c))
     idx = rng.integers(0, n, size=(n_boot, n))  # (n_boot, n): the same resample for both models
-    diff = stat({k: v[idx] for k, v in c.items()}) - stat({k: v[idx] for k, v in b.items()})
+    diff = stat(_Resampled(c, idx)) - stat(_Resampled(b, idx))
     return _ci(vb, vc, diff, n, alpha)
+
+
+class _Resampled(dict):
+    """`{k: v[idx] for k, v in arrays.items()}`, each gathered when the statistic first reads it: a statistic reads
+    some of the arrays (BBQ's accuracy 1 of 3), and a gather is (n_boot, n) floats: 0.9 GB for BBQ's 58,492 items
+    at n_boot 2000. At the full profile's size, gathers were 10 of the 20 s `slices.compare` took on 2 cores."""
+
+    def __init__(self, arrays: dict[str, np.ndarray], idx: np.ndarray):
+        super().__init__()
+        self._arrays, self._idx = arrays, idx
+
+    def __missing__(self, key: str) -> np.ndarray:
+        got = self[key] = self._arrays[key][self._idx]
+        return got

@@ -100,3 +100,30 @@ def test_macro_bootstrap_weighs_tasks_equally_and_resamples_within_each():
         paired_bootstrap_macro([big_b], [big_c, small_c], n_boot=10, rng=np.random.default_rng(0))
     with pytest.raises(ValueError, match="a part has 30 base and 29 compressed items"):
         paired_bootstrap_macro([small_b], [small_c[:-1]], n_boot=10, rng=np.random.default_rng(0))
+
+
+def test_stat_bootstrap_gathers_only_what_the_statistic_reads_and_equals_gathering_all():
+    """The BBQ bias score reads 2 of its 3 arrays: the unread one is never gathered ((n_boot, n) floats each), and
+    the interval is the one an eager gather of every array gives, to the bit."""
+    from tailor.eval.bias import bbq_s_dis
+    from tailor.eval.bootstrap import _ci, paired_bootstrap_stat
+
+    rng = np.random.default_rng(3)
+    b = {k: rng.integers(0, 2, 500).astype(float) for k in ("correct", "biased", "non_unknown")}
+    c = {k: rng.integers(0, 2, 500).astype(float) for k in ("correct", "biased", "non_unknown")}
+    got = paired_bootstrap_stat(bbq_s_dis, b, c, n_boot=300, rng=np.random.default_rng(9))
+    idx = np.random.default_rng(9).integers(0, 500, size=(300, 500))
+    diff = bbq_s_dis({k: v[idx] for k, v in c.items()}) - bbq_s_dis({k: v[idx] for k, v in b.items()})
+    assert got == _ci(float(bbq_s_dis(b)), float(bbq_s_dis(c)), diff, 500, 0.05)
+
+    # memory says which arrays were gathered: the resample indices and two gathers, not three
+    import tracemalloc
+
+    n, n_boot = 20_000, 200
+    gather = n * n_boot * 8  # bytes of one (n_boot, n) float64 gather, as of the int64 indices
+    b = {k: rng.integers(0, 2, n).astype(float) for k in ("correct", "biased", "non_unknown")}
+    tracemalloc.start()
+    paired_bootstrap_stat(bbq_s_dis, b, b, n_boot=n_boot, rng=np.random.default_rng(0))
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert 3 * gather <= peak < 3.6 * gather, peak / gather
