@@ -115,22 +115,20 @@ class EarlyJob:
     calibrate so that it runs beside supernet, search and finetune. A process, not a task: on Dask it would hold a
     worker that a device branch needs. It never fails the flow: the stage that reads what it leaves in a cache
     does the work itself when it finds nothing there (waiting on the cache's lock while this one still runs),
-    and reports a real error then. Subclasses name the command (`argv`) and what the stages do without it."""
+    and reports a real error then. `argv`: the interpreter's arguments; subclasses name their log line (TARGET)
+    and what the stages do without them (FALLBACK)."""
     TARGET = "early job"
     FALLBACK = "the stages did its work themselves"
     STOP_WAIT_S = 30  # after SIGTERM, before SIGKILL
 
-    def __init__(self, root: str, env: dict[str, str] | None = None):
+    def __init__(self, root: str, argv: list[str], env: dict[str, str] | None = None):
         self.t0 = time.perf_counter()
         self.out = tempfile.TemporaryFile()  # a file, not a pipe: nobody reads a pipe while it runs
-        self.proc = subprocess.Popen([sys.executable, *self.argv()], cwd=root, env=env or stage_env(None),
+        self.proc = subprocess.Popen([sys.executable, *argv], cwd=root, env=env or stage_env(None),
                                      stdout=self.out, stderr=subprocess.STDOUT, text=True)
         self.ended: float | None = None  # when it exited, stamped by a watcher: the flow collects it much later
         self.watcher = threading.Thread(target=self._watch, daemon=True)
         self.watcher.start()
-
-    def argv(self) -> list[str]:
-        raise NotImplementedError
 
     def _watch(self) -> None:
         self.proc.wait()
@@ -169,8 +167,8 @@ class EarlyBaseEval(EarlyJob):
     TARGET = "base-eval (early)"
     FALLBACK = "the evaluate stages scored the base themselves"
 
-    def argv(self) -> list[str]:
-        return EARLY_BASE_EVAL
+    def __init__(self, root: str):
+        super().__init__(root, EARLY_BASE_EVAL)
 
 
 class EarlyLatency(EarlyJob):
@@ -182,11 +180,7 @@ class EarlyLatency(EarlyJob):
     FALLBACK = "the search stages timed their subnets themselves"
 
     def __init__(self, root: str, devices: list[str]):
-        self.devices = devices
-        super().__init__(root, env=stage_env(None) | worker_env(4))
-
-    def argv(self) -> list[str]:
-        return [*EARLY_LATENCY, "--devices", ",".join(self.devices)]
+        super().__init__(root, [*EARLY_LATENCY, "--devices", ",".join(devices)], env=stage_env(None) | worker_env(4))
 
 
 def wants_early_base_eval(todo: list[str], base_eval: str) -> bool:
@@ -285,8 +279,8 @@ def nightly(devices: list[str] | None = None, root: str = ".") -> list[dict]:
             started.append(target)
             if wants_early_base_eval(todo, params.runner.base_eval):
                 early.append(EarlyBaseEval(str(rootp)))
-            if early_latency_devices(todo):
-                early.append(EarlyLatency(str(rootp), early_latency_devices(todo)))
+            if lat_devices := early_latency_devices(todo):
+                early.append(EarlyLatency(str(rootp), lat_devices))
 
         if "calibrate" in done:
             after("calibrate")

@@ -82,8 +82,7 @@ def latency_only(params: Params, devices: list[str]) -> str:
     for device, prof in profs.items():
         space = latency_space(params, device, shape)
         per_type = prof.allowed_types is not None
-        if latency.cache_path(cache_dir() / "latency", prof.format,
-                              latency.timed_configs(space, prof.format, n, seeds(space), per_type)).is_file():
+        if latency.is_cached(cache_dir() / "latency", space, prof.format, n, seeds(space), per_type):
             done.append(f"{device} cached")
             continue
         if model is None:
@@ -174,9 +173,9 @@ def run(params: Params, device: str, supernet_dir: Path, data_dir: Path, out_dir
     template = tokenizer_gguf(base_files) if prof.format == "gguf" and sp.latency_configs else None
     per_type = prof.allowed_types is not None  # a profile that names its types also learns each type's decode cost
     lat_space = latency_space(params, device, model, meta)
-    lat_cached = latency.cache_path(cache_dir() / "latency", prof.format,
-                                    latency.timed_configs(lat_space, prof.format, sp.latency_configs, seeds(lat_space),
-                                                          per_type)).is_file()  # the flow's early `latency_only`
+    # left by the flow's early `latency_only`
+    lat_cached = latency.is_cached(cache_dir() / "latency", lat_space, prof.format, sp.latency_configs, seeds(lat_space),
+                                   per_type)
     # on a GPU machine the latency subnets are exported and timed by a child on the CPU, beside the GPU work below
     lat_bg = (latency.Background(supernet_dir / "model", base_files, lat_space, prof.format,
                                  sp.latency_configs, seeds(lat_space), cache_dir() / "latency", template, per_type)

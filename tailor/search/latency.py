@@ -25,7 +25,10 @@ whose per-type costs (`type_cost_ns`, this host) then price the matrices in the 
 """
 from __future__ import annotations
 
+import fcntl
+import logging
 import tempfile
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Any, Callable
@@ -40,6 +43,8 @@ from tailor.elastic.supernet import arch_of, export_active
 from tailor.formats import backend
 from tailor.models.base import gguf_path
 from tailor.quant.formats import type_name
+
+log = logging.getLogger("tailor.search")
 
 
 def spread(space: SearchSpace, fmt: str, n: int, candidates: list[SubnetConfig]) -> list[SubnetConfig]:
@@ -203,28 +208,12 @@ def measured_once(path: Path, measure_rows: Callable[[], list[dict]],
     subnets again on a CPU the first one is timing on. The OS drops the lock when its holder dies.
     wait_s: the longest wait for another holder (None: no limit); after it this process measures anyway (a hung
     holder must not hang a search), and the entry is replaced whole (`_store`)."""
-    import fcntl
     import json
-    import time
 
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path.with_name(path.name + ".lock"), "a+") as lock:
-        if wait_s is None:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-        else:
-            end = time.monotonic() + wait_s
-            while True:
-                try:
-                    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except BlockingIOError:
-                    if time.monotonic() >= end:
-                        import logging
-
-                        logging.getLogger("tailor.search").warning(
-                            "%s: still being measured by another process after %.0f s: measuring here", path, wait_s)
-                        break
-                    time.sleep(0.2)
+        if not _flock(lock, wait_s):
+            log.warning("%s: still being measured by another process after %.0f s: measuring here", path, wait_s)
         if path.is_file():
             try:
                 return json.loads(path.read_text()), True
@@ -233,6 +222,27 @@ def measured_once(path: Path, measure_rows: Callable[[], list[dict]],
         rows = measure_rows()
         _store(path, rows)
         return rows, False
+
+
+def _flock(f: Any, wait_s: float | None) -> bool:
+    """An exclusive flock on `f`, waiting at most wait_s (None: as long as it takes); False if it timed out."""
+    if wait_s is None:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        return True
+    end = time.monotonic() + wait_s
+    while True:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if time.monotonic() >= end:
+                return False
+            time.sleep(0.2)
+
+
+def is_cached(cache: Path, space: SearchSpace, fmt: str, n: int, pool: list[SubnetConfig], per_type: bool) -> bool:
+    """Whether `run` would find its timings in `cache` (the same subnets, runtime and host)."""
+    return cache_path(cache, fmt, timed_configs(space, fmt, n, pool, per_type)).is_file()
 
 
 @torch.no_grad()
