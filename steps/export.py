@@ -17,6 +17,7 @@ from tailor.arch import BaseArch
 from tailor.devices import budget_bytes
 from tailor.elastic.supernet import subnet_of
 from tailor.eval.ppl import perplexity
+from tailor.export import runtime_threads
 from tailor.export.gguf_vocab import tokenizer_gguf
 from tailor.formats import backend
 from tailor.models.base import base_dir, load_model_dir, load_tokenizer
@@ -109,8 +110,10 @@ def run(params: Params, device: str, model_dir: Path, eval_dir: Path, out_dir: P
     generation = {"prompt": ex.prompt, "runtime": gen_runtime,
                   "torch": _torch_generate(model, tok, ex.prompt, ex.gen_tokens)}
     phase("torch_generate")
-    # torch's intra-op threads beside the phases: session 19's H200 run exported under Dask's one-thread pin
-    metrics.update(phase_seconds=phases, torch_threads=torch.get_num_threads(), torch_device=str(dev))
+    # torch's intra-op threads beside the phases: session 19's H200 run exported under Dask's one-thread pin;
+    # the runtime's threads (its perplexity and tokens_per_s ran on them): session 21's took all 16 cores
+    metrics.update(phase_seconds=phases, torch_threads=torch.get_num_threads(), torch_device=str(dev),
+                   runtime_threads=runtime_threads())
     return {"metrics": metrics, "generation": generation, "file": out_dir / name, "files": be.files(out_dir)}
 
 

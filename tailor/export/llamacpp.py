@@ -3,9 +3,9 @@
 Token ids go in directly (no BOS added, no llama.cpp tokenization) so the runtime sees exactly the
 sequences torch saw; perplexity uses the definition of `tailor.eval.ppl`.
 
-Threads default to os.cpu_count(), right for a dedicated device. On a CPU shared with other busy
-processes llama.cpp's spinning thread barriers collapse (measured here on 2 busy cores: 1 thread
-1,760 tokens/s, 2 threads 2.3 tokens/s for a tiny model), so callers on shared machines pass n_threads.
+Threads default to `tailor.export.runtime_threads()` (torch's thread count: the process's share of the
+cores). On a CPU shared with other busy processes llama.cpp's spinning thread barriers collapse (measured
+here on 2 busy cores: 1 thread 1,760 tokens/s, 2 threads 2.3 tokens/s for a tiny model).
 """
 from __future__ import annotations
 
@@ -13,12 +13,13 @@ import contextlib
 import ctypes
 import logging
 import math
-import os
 import time
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import numpy as np
+
+from tailor.export import runtime_threads
 
 log = logging.getLogger(__name__)
 log.addHandler(logging.NullHandler())  # quiet unless the application configures logging
@@ -54,7 +55,7 @@ def _llama(path: Path, n_ctx: int, logits_all: bool, n_threads: int | None) -> I
     if not path.is_file():
         raise FileNotFoundError(f"{path}: GGUF file not found")
     n_ctx = max(32, n_ctx)
-    n_threads = n_threads or os.cpu_count() or 1
+    n_threads = n_threads or runtime_threads()
     try:
         batch = min(n_ctx, 512)  # bounds the logits_all buffer (batch x vocab floats) for long inputs
         llm = Llama(model_path=str(path), n_ctx=n_ctx, n_batch=batch, n_ubatch=batch, logits_all=logits_all,
@@ -136,10 +137,30 @@ def generate(path: Path, tokenizer: Any, prompt: str, n_tokens: int, n_threads: 
     return tokenizer.decode(out)
 
 
-def seconds_per_token(path: Path, tokenizer: Any, n_tokens: int = 32) -> float:
-    """For the latency model: the fastest of three decode timings (other work on the machine only ever
-    slows a run down, so the minimum is the estimate least disturbed by it)."""
-    return min(1.0 / tokens_per_s(path, tokenizer, n_tokens=n_tokens // 2) for _ in range(3))
+def seconds_per_token(path: Path, tokenizer: Any, n_tokens: int = 32, n_threads: int | None = None) -> float:
+    """For the latency model: the fastest of `n_tokens` one-token decode steps after a short prompt, each
+    timed alone by llama.cpp's own counter (llama_perf_context, reset before the step). Other work on the
+    machine only ever slows a step down, so the minimum is the estimate least disturbed by it. Per step, not
+    per run: on session 21's H200 run one subnet's three 16-step runs all averaged 2.2 s a token beside the
+    supernet (its neighbours 6-12 ms), and the phone's fit missed by 4,800% (reports/search/phone/latency.csv)."""
+    import llama_cpp
+
+    ids = tokenizer.encode("The history of the city begins")
+    steps = []
+    with _llama(path, len(ids) + n_tokens + 1, logits_all=False, n_threads=n_threads) as llm:
+        llm.reset()
+        llm.eval(ids)
+        tok = int(np.argmax(_last_logits(llm)))
+        for _ in range(n_tokens):
+            llama_cpp.llama_perf_context_reset(llm.ctx)
+            t = time.perf_counter()
+            llm.eval([tok])
+            wall = time.perf_counter() - t
+            perf = llama_cpp.llama_perf_context(llm.ctx)
+            # the counter when it counted this one step (a build without counters: Python's clock)
+            steps.append(perf.t_eval_ms / 1000.0 if perf.n_eval == 1 and perf.t_eval_ms > 0 else wall)
+            tok = int(np.argmax(_last_logits(llm)))
+    return min(steps)
 
 
 def tokens_per_s(path: Path, tokenizer: Any, n_tokens: int = 64, n_threads: int | None = None) -> float:

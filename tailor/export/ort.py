@@ -6,7 +6,6 @@ session look like a torch model), so torch and runtime numbers share one definit
 """
 from __future__ import annotations
 
-import os
 import time
 from functools import lru_cache
 from pathlib import Path
@@ -18,14 +17,15 @@ import onnxruntime as ort
 import torch
 
 from tailor.eval import ppl
+from tailor.export import runtime_threads
 
 SPEED_PROMPT = "The history of the city begins"
 
 
 @lru_cache(maxsize=4)
-def _cached_session(path: str, mtime_ns: int, size: int) -> ort.InferenceSession:
+def _cached_session(path: str, mtime_ns: int, size: int, threads: int) -> ort.InferenceSession:
     so = ort.SessionOptions()
-    so.intra_op_num_threads = os.cpu_count() or 1
+    so.intra_op_num_threads = threads  # the process's share of the cores (runtime_threads), not all of them
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     try:
         return ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
@@ -34,12 +34,13 @@ def _cached_session(path: str, mtime_ns: int, size: int) -> ort.InferenceSession
 
 
 def session(path: Path) -> ort.InferenceSession:
-    """One session per file version (path, mtime, size): re-exporting to the same path reloads."""
+    """One session per file version (path, mtime, size) and thread count (`tailor.export.runtime_threads()`,
+    read at each call): re-exporting to the same path reloads."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such ONNX file")
     st = path.stat()
-    return _cached_session(str(path.resolve()), st.st_mtime_ns, st.st_size)
+    return _cached_session(str(path.resolve()), st.st_mtime_ns, st.st_size, runtime_threads())
 
 
 def logits(sess: ort.InferenceSession, ids: Sequence[Sequence[int]]) -> np.ndarray:

@@ -165,16 +165,18 @@ def type_cost_s(lat: dict | None) -> dict[str, float] | None:
 
 
 def cache_key(fmt: str, cfgs: list[SubnetConfig]) -> str:
-    """Decode time depends on the structure and bit-widths, the runtime and the machine, not on the
-    weight values: measurements are reused across supernets and budgets."""
+    """Decode time depends on the structure and bit-widths, the runtime, the machine and the threads the
+    runtime runs on (`tailor.export.runtime_threads`), not on the weight values: measurements are reused
+    across supernets and budgets."""
     import hashlib
     import json
     import os
     import platform
 
-    from tailor.export import runtime_versions
+    from tailor.export import runtime_threads, runtime_versions
     blob = json.dumps({"fmt": fmt, "cfgs": [c.hash for c in cfgs], "rt": runtime_versions(),
-                       "host": [platform.machine(), platform.processor(), os.cpu_count()]}, sort_keys=True)
+                       "host": [platform.machine(), platform.processor(), os.cpu_count()],
+                       "threads": runtime_threads()}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 

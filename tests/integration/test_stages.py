@@ -258,6 +258,7 @@ def test_export(ws, device, monkeypatch):
     out = export.run(ws["params"], device, art / "finetune" / device, art / "calibrate" / "eval", art / "export" / device)
     wall = time.perf_counter() - t0
     assert asked == ["auto"] and out["metrics"]["torch_device"] == "cpu"
+    assert out["metrics"]["runtime_threads"] == torch.get_num_threads()  # the runtime's share, reported
     ws[f"export_{device}"] = out
     m = out["metrics"]
     # where the stage's time goes: successive phases, so together no more than the call took
