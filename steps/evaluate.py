@@ -96,9 +96,11 @@ def run(params: Params, device: str, model_dir: Path, eval_dir: Path) -> dict:
     gates = check(metrics, slices, ev.gates)
     metrics["gates_passed"] = gates["passed"]
     metrics["gates_verdict"] = gates["verdict"]  # pass / fail / indicative (too few items to tell)
-    # each shard's scoring (lm-eval's requests and forwards) beside the suite's whole wall time: the rest is
-    # spawning, imports and model loads
-    metrics.update(phase_seconds=phases, suite_seconds=comp.meta.get("shard_seconds", [comp.meta.get("seconds")]))
+    # each shard's scoring (lm-eval's requests and forwards) beside the suite's whole wall time, and before it
+    # each shard's start (spawn and imports) and model load (with its CUDA context)
+    metrics.update(phase_seconds=phases, suite_seconds=comp.meta.get("shard_seconds", [comp.meta.get("seconds")]),
+                   shard_start_seconds=comp.meta.get("shard_start_seconds", []),
+                   shard_load_seconds=comp.meta.get("shard_load_seconds", []))
     return {"metrics": metrics, "slices": slices, "gates": gates}
 
 

@@ -105,7 +105,14 @@ def device_results(files: dict[str, bytes], devices: list[str], done: set[str]) 
         out[d] = {"bits_per_param": se.get("bits_per_param"), "kl_before": ft.get("kl_before"), "kl_after": ft.get("kl_after"),
                   "ppl": ev.get("ppl"), "ppl_base": ev.get("ppl_base"), "piqa": ev.get("piqa"),
                   "piqa_base": ev.get("piqa_base"), "gates_verdict": ev.get("gates_verdict"),
-                  "runtime_ppl": ex.get("runtime_ppl"), "file_bytes": ex.get("file_bytes")}
+                  "runtime_ppl": ex.get("runtime_ppl"), "file_bytes": ex.get("file_bytes"),
+                  "timings": {k: v for k, v in {  # where each stage's seconds went, by its own metrics
+                      "search": se.get("phase_seconds"), "finetune_train_s": ft.get("train_seconds"),
+                      "export": ex.get("phase_seconds"), "export_runtime_threads": ex.get("runtime_threads"),
+                      "evaluate": ev.get("phase_seconds"), "evaluate_shard_scoring_s": ev.get("suite_seconds"),
+                      "evaluate_shard_start_s": ev.get("shard_start_seconds"),
+                      "evaluate_shard_load_s": ev.get("shard_load_seconds"),
+                      "latency_mape": se.get("latency_mape")}.items() if v is not None}}
     return out
 
 

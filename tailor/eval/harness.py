@@ -314,13 +314,19 @@ def _exit_with(parent: int) -> None:
 
 
 def _suite_shard(ref: ModelRef, eval_dir: str, device: str, opts: dict[str, Any], k: int, n: int,
-                 parent: int) -> SuiteResult:
+                 parent: int, t_submit: float) -> SuiteResult:
+    t_start = time.time()  # wall clocks (one machine): the parent's submit time came from another process
     _exit_with(parent)
     logging.basicConfig(level=logging.INFO, format="%(message)s")  # a spawned process starts unconfigured
     # the caller's share of the cores, split between the shards (each would otherwise take all of it)
     opts = {**opts, "num_threads": opts.get("num_threads") or max(1, torch.get_num_threads() // n)}
     model, tok = ref.load(device)
-    return run_suite(model, tok, Path(eval_dir), device=device, shard=(k, n), **opts)
+    t_loaded = time.time()
+    result = run_suite(model, tok, Path(eval_dir), device=device, shard=(k, n), **opts)
+    # where a shard's time goes before it scores: session 21's H200 run spent ~70 s of a 250-270 s suite outside
+    # the shards' scoring (spawn and imports, then the model's load and CUDA context, 8 shards at once)
+    result.meta.update(start_seconds=round(t_start - t_submit, 2), load_seconds=round(t_loaded - t_start, 2))
+    return result
 
 
 def run_suite_sharded(ref: ModelRef, eval_dir: Path, device: str = "cpu", shards: int = 1,
@@ -344,7 +350,7 @@ def run_suite_sharded(ref: ModelRef, eval_dir: Path, device: str = "cpu", shards
     validate_eval_dir(Path(eval_dir), suite_parts(Path(eval_dir), opts.get("tasks")))  # once, before any spawn
     ex = ProcessPoolExecutor(shards, mp_context=multiprocessing.get_context("spawn"))
     try:
-        futures = [ex.submit(_suite_shard, ref, str(eval_dir), device, opts, k, shards, os.getpid())
+        futures = [ex.submit(_suite_shard, ref, str(eval_dir), device, opts, k, shards, os.getpid(), time.time())
                    for k in range(shards)]
         done, _ = wait(futures, return_when=FIRST_EXCEPTION)
         failed = [f for f in futures if f in done and f.exception() is not None]
@@ -360,6 +366,8 @@ def run_suite_sharded(ref: ModelRef, eval_dir: Path, device: str = "cpu", shards
     merged = merge_shards(results)
     merged.meta.update(seconds=round(time.perf_counter() - t0, 2), shards=shards, device=str(device),
                        shard_seconds=[r.meta["seconds"] for r in results],
+                       shard_start_seconds=[r.meta["start_seconds"] for r in results],
+                       shard_load_seconds=[r.meta["load_seconds"] for r in results],
                        **{k: results[0].meta.get(k) for k in ("batch_size", "scorer", "batch_tokens")})
     _log_suite(merged, f"suite ({shards} shards)")
     return merged

@@ -119,6 +119,10 @@ def test_sharded_suite_scores_what_one_process_scores(env, suite4):
     got = run_suite_sharded(ModelRef(n_layers=4), env, "cpu", shards=3, batch_size=8, num_threads=1)
     assert got.meta["shards"] == 3 and got.meta["n"] == suite4.meta["n"]
     assert len(got.meta["shard_seconds"]) == 3 and 0 < max(got.meta["shard_seconds"]) <= got.meta["seconds"]
+    # a shard's start (spawn, imports), its model load and its scoring happen one after another inside the suite
+    for start, load, score in zip(got.meta["shard_start_seconds"], got.meta["shard_load_seconds"],
+                                  got.meta["shard_seconds"], strict=True):
+        assert start > 0 and load > 0 and start + load + score <= got.meta["seconds"]
     assert [w.hash for w in got.wiki] == [w.hash for w in suite4.wiki]
     assert got.ppl() == pytest.approx(suite4.ppl(), rel=1e-5)
     for task in ("piqa", "crows"):

@@ -58,7 +58,8 @@ def test_gpu_load():
 def _files(rc: int = 0, t1: bool = True, log: str = LOG) -> dict:
     params = {"profile": "full", "devices": {"phone": {}, "laptop": {}}}
     f = {"t0": b"1000 23:59:48", "params.yaml": yaml.safe_dump(params).encode(), "tailor_run.log": log.encode(),
-         "rc": str(rc).encode(), "reports/search/phone/metrics.json": json.dumps({"bits_per_param": 4.2}).encode()}
+         "rc": str(rc).encode(), "reports/search/phone/metrics.json": json.dumps(
+             {"bits_per_param": 4.2, "phase_seconds": {"sensitivity": 30.2}, "latency_mape": 0.4}).encode()}
     f["reports/search/laptop/metrics.json"] = json.dumps({"bits_per_param": 5.0}).encode()  # search@laptop: skipped
     if t1:
         f["t1"] = b"2200 00:19:48"
@@ -72,6 +73,8 @@ def test_summary_marks_missing_stages_and_judges_the_target():
     assert not run["complete"] and not run["met"]  # stages never finished: not a measured total
     # search@phone finished in this log; metrics of a stage that did not (stale, from the working copy) are left out
     assert run["results"]["phone"]["bits_per_param"] == 4.2
+    # the stage's own account of its seconds comes along; what a stage did not report is left out, not None
+    assert run["results"]["phone"]["timings"] == {"search": {"sensitivity": 30.2}, "latency_mape": 0.4}
     assert m.summarize(_files(), "h200")["results"]["laptop"]["bits_per_param"] is None
 
 
