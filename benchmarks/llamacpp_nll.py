@@ -4,8 +4,10 @@ export: `--docs` documents of `--tokens` tokens over SmolLM2's 49,152-token voca
 
     python benchmarks/llamacpp_nll.py [--docs 40] [--tokens 400] [--threads 2] [--out reports/bench/llamacpp_nll.json]
 
-Why: session 20's H200 run spent most of export@phone's 166 s llama.cpp perplexity (500 documents) outside
-llama.cpp. Both sides score the same rows; the JSON holds seconds a document for each and their largest difference.
+Why: session 20 read export@phone's 166 s llama.cpp perplexity (500 documents) as mostly this log-softmax. It was
+not: the export's documents average 12.4 tokens, not 400, and the time was llama.cpp's 16 spinning threads
+(session 21, benchmarks/runtime_threads.py). Both sides score the same rows; the JSON holds seconds a document for
+each and their largest difference.
 """
 from __future__ import annotations
 
