@@ -82,7 +82,8 @@ def latency_only(params: Params, devices: list[str]) -> str:
     for device, prof in profs.items():
         space = latency_space(params, device, shape)
         per_type = prof.allowed_types is not None
-        if latency.is_cached(cache_dir() / "latency", space, prof.format, n, seeds(space), per_type):
+        if latency.is_cached(cache_dir() / "latency", space, prof.format, n, seeds(space), per_type,
+                             params.search.latency_threads):
             done.append(f"{device} cached")
             continue
         if model is None:
@@ -90,7 +91,7 @@ def latency_only(params: Params, devices: list[str]) -> str:
         template = tokenizer_gguf(base_dir(params.model.source)) if prof.format == "gguf" else None
         t0 = time.perf_counter()
         out = latency.run(model, space, prof.format, tok, n, seeds(space), cache_dir() / "latency",
-                          gguf_template=template, per_type=per_type)
+                          gguf_template=template, per_type=per_type, threads=params.search.latency_threads)
         what = "cached" if out["cached"] else f"{len(out['points'])} subnets timed"
         done.append(f"{device} {what} ({time.perf_counter() - t0:.1f} s)")
     return "latency subnets: " + ", ".join(done)
@@ -175,10 +176,11 @@ def run(params: Params, device: str, supernet_dir: Path, data_dir: Path, out_dir
     lat_space = latency_space(params, device, model, meta)
     # left by the flow's early `latency_only`
     lat_cached = latency.is_cached(cache_dir() / "latency", lat_space, prof.format, sp.latency_configs, seeds(lat_space),
-                                   per_type)
+                                   per_type, sp.latency_threads)
     # on a GPU machine the latency subnets are exported and timed by a child on the CPU, beside the GPU work below
     lat_bg = (latency.Background(supernet_dir / "model", base_files, lat_space, prof.format,
-                                 sp.latency_configs, seeds(lat_space), cache_dir() / "latency", template, per_type)
+                                 sp.latency_configs, seeds(lat_space), cache_dir() / "latency", template, per_type,
+                                 sp.latency_threads)
               if sp.latency_configs and torch.device(dev).type == "cuda" and not lat_cached else None)
     base, tok = load_base(params.model.source, params.model.n_layers, device=dev)
     val = load_shard(data_dir / "val.safetensors")[: sp.val_seqs]
@@ -199,7 +201,7 @@ def run(params: Params, device: str, supernet_dir: Path, data_dir: Path, out_dir
     # together at most LATENCY_WAIT_S
     lat_child = lat_bg.wait(LATENCY_WAIT_S) if lat_bg else ("cached before the search" if lat_cached else None)
     lat = (latency.run(model, lat_space, prof.format, tok, sp.latency_configs, seeds(lat_space), cache_dir() / "latency",
-                       gguf_template=template, per_type=per_type,
+                       gguf_template=template, per_type=per_type, threads=sp.latency_threads,
                        wait_s=max(0.0, LATENCY_WAIT_S - (time.perf_counter() - t_lat))) if sp.latency_configs else None)
     overhead = lat["layer_overhead_us"] / 1e6 if lat else None
     phases["latency"] = time.perf_counter() - t_lat

@@ -132,6 +132,10 @@ class SearchParams(Strict):
     gumbel_steps: int = Field(40, ge=1)
     latency_configs: int = Field(8, ge=0, description="subnets exported and timed in the real runtime to calibrate "
                                                        "the latency model (0 = skip)")
+    latency_threads: int = Field(4, gt=0, description="CPU threads the runtime times those subnets on: a fixed "
+                                                      "count, so timings do not depend on this host's cores or on "
+                                                      "the stages beside them, and the flow's early timing job and "
+                                                      "the search agree on the cache entry")
     fairness: FairnessParams = FairnessParams()
 
 

@@ -33,14 +33,14 @@ def _cached_session(path: str, mtime_ns: int, size: int, threads: int) -> ort.In
         raise RuntimeError(f"{path}: onnxruntime cannot load it ({e})") from None
 
 
-def session(path: Path) -> ort.InferenceSession:
-    """One session per file version (path, mtime, size) and thread count (`tailor.export.runtime_threads()`,
-    read at each call): re-exporting to the same path reloads."""
+def session(path: Path, threads: int | None = None) -> ort.InferenceSession:
+    """One session per file version (path, mtime, size) and thread count (`threads`, or
+    `tailor.export.runtime_threads()` read at each call): re-exporting to the same path reloads."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such ONNX file")
     st = path.stat()
-    return _cached_session(str(path.resolve()), st.st_mtime_ns, st.st_size, runtime_threads())
+    return _cached_session(str(path.resolve()), st.st_mtime_ns, st.st_size, threads or runtime_threads())
 
 
 def logits(sess: ort.InferenceSession, ids: Sequence[Sequence[int]]) -> np.ndarray:
@@ -98,11 +98,11 @@ def tokens_per_s(path: Path, tokenizer: Any, n_tokens: int = 32) -> float:
     return n_tokens / (time.perf_counter() - t)
 
 
-def seconds_per_token(path: Path, tokenizer: Any, n_tokens: int = 32) -> float:
+def seconds_per_token(path: Path, tokenizer: Any, n_tokens: int = 32, n_threads: int | None = None) -> float:
     """For the latency model: the fastest single-token forward. The export has no KV cache: one decode
     step is one forward of a single token, which streams every weight once just as a cached step does
     (attention over a short cache is negligible); the minimum is the timing least disturbed by other work."""
-    sess = session(path)
+    sess = session(path, n_threads)
     ids = np.array([[tokenizer.bos_token_id or 1]], dtype=np.int64)
     sess.run(["logits"], {"input_ids": ids})  # warm-up: allocation and weight prepacking
     times = []

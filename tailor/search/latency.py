@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import fcntl
 import logging
+import os
 import tempfile
 import time
 from collections import Counter
@@ -81,14 +82,29 @@ def type_weights(cfg: SubnetConfig, arch: BaseArch, fmt: str) -> dict[str, int]:
     return dict(sorted(out.items()))
 
 
-def seconds_per_token(path: Path, fmt: str, tokenizer: Any, n_tokens: int = 32) -> float:
-    """Seconds per decoded token of the file in its format's runtime (the backend's runner)."""
-    return backend(fmt).runner.seconds_per_token(path, tokenizer, n_tokens)
+def timing_threads(threads: int | None) -> int:
+    """The CPU threads a timing runs on: `threads` (`search.latency_threads`) capped at the cores this process may
+    use (more threads than cores stall at llama.cpp's spinning barriers), or with None the process's share
+    (`tailor.export.runtime_threads`)."""
+    from tailor.export import runtime_threads
+
+    if not threads:
+        return runtime_threads()
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(threads, cores))
+
+
+def seconds_per_token(path: Path, fmt: str, tokenizer: Any, n_tokens: int = 32, threads: int | None = None) -> float:
+    """Seconds per decoded token of the file in its format's runtime (the backend's runner), on
+    `timing_threads(threads)` CPU threads."""
+    return backend(fmt).runner.seconds_per_token(path, tokenizer, n_tokens, n_threads=timing_threads(threads))
 
 
 @torch.no_grad()
-def measure(model, cfgs: list[SubnetConfig], fmt: str, tokenizer: Any, gguf_template: Path | None = None) -> list[dict]:
-    """Export each subnet and time it in its runtime. `gguf_template`: the model's tokenizer GGUF."""
+def measure(model, cfgs: list[SubnetConfig], fmt: str, tokenizer: Any, gguf_template: Path | None = None,
+            threads: int | None = None) -> list[dict]:
+    """Export each subnet and time it in its runtime on `threads` threads. `gguf_template`: the model's tokenizer
+    GGUF."""
     be = backend(fmt)
     writer, name = be.writer, be.file_name
     arch_layers = model.config.num_hidden_layers
@@ -100,7 +116,7 @@ def measure(model, cfgs: list[SubnetConfig], fmt: str, tokenizer: Any, gguf_temp
             path = Path(d) / f"{k}-{name}"
             kw = {"template": gguf_template or gguf_path()} if be.needs_tokenizer_file else {}
             info = writer.export(small, tokenizer, path, **kw)
-            s = seconds_per_token(path, fmt, tokenizer)
+            s = seconds_per_token(path, fmt, tokenizer, threads=threads)
             rows.append({"config_hash": cfg.hash, "weight_bytes": int(info["weight_bytes"]), "layers": len(cfg.kept),
                          "measured_ms": s * 1e3, "of_layers": arch_layers})
             try:  # what the per-type model fits (a choice its format cannot name: the bytes model only)
@@ -164,19 +180,18 @@ def type_cost_s(lat: dict | None) -> dict[str, float] | None:
     return {t: ns / 1e9 for t, ns in lat["type_cost_ns"].items()}
 
 
-def cache_key(fmt: str, cfgs: list[SubnetConfig]) -> str:
+def cache_key(fmt: str, cfgs: list[SubnetConfig], threads: int | None = None) -> str:
     """Decode time depends on the structure and bit-widths, the runtime, the machine and the threads the
-    runtime runs on (`tailor.export.runtime_threads`), not on the weight values: measurements are reused
-    across supernets and budgets."""
+    runtime runs on (`timing_threads`), not on the weight values: measurements are reused across supernets
+    and budgets."""
     import hashlib
     import json
-    import os
     import platform
 
-    from tailor.export import runtime_threads, runtime_versions
+    from tailor.export import runtime_versions
     blob = json.dumps({"fmt": fmt, "cfgs": [c.hash for c in cfgs], "rt": runtime_versions(),
                        "host": [platform.machine(), platform.processor(), os.cpu_count()],
-                       "threads": runtime_threads()}, sort_keys=True)
+                       "threads": timing_threads(threads)}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
@@ -188,8 +203,8 @@ def timed_configs(space: SearchSpace, fmt: str, n: int, pool: list[SubnetConfig]
     return cfgs
 
 
-def cache_path(cache: Path, fmt: str, cfgs: list[SubnetConfig]) -> Path:
-    return Path(cache) / f"{cache_key(fmt, cfgs)}.json"
+def cache_path(cache: Path, fmt: str, cfgs: list[SubnetConfig], threads: int | None = None) -> Path:
+    return Path(cache) / f"{cache_key(fmt, cfgs, threads)}.json"
 
 
 def _store(path: Path, rows: list[dict]) -> None:
@@ -242,23 +257,25 @@ def _flock(f: Any, wait_s: float | None) -> bool:
             time.sleep(0.2)
 
 
-def is_cached(cache: Path, space: SearchSpace, fmt: str, n: int, pool: list[SubnetConfig], per_type: bool) -> bool:
-    """Whether `run` would find its timings in `cache` (the same subnets, runtime and host)."""
-    return cache_path(cache, fmt, timed_configs(space, fmt, n, pool, per_type)).is_file()
+def is_cached(cache: Path, space: SearchSpace, fmt: str, n: int, pool: list[SubnetConfig], per_type: bool,
+              threads: int | None = None) -> bool:
+    """Whether `run` would find its timings in `cache` (the same subnets, runtime, host and threads)."""
+    return cache_path(cache, fmt, timed_configs(space, fmt, n, pool, per_type), threads).is_file()
 
 
 @torch.no_grad()
 def run(model, space: SearchSpace, fmt: str, tokenizer: Any, n: int, pool: list[SubnetConfig],
         cache: Path | None = None, gguf_template: Path | None = None, per_type: bool = False,
-        wait_s: float | None = None) -> dict:
-    """Time `n` subnets spread over `pool` (and with `per_type`, one probe per type: `probes`) and fit.
+        wait_s: float | None = None, threads: int | None = None) -> dict:
+    """Time `n` subnets spread over `pool` (and with `per_type`, one probe per type: `probes`) on `threads` CPU
+    threads (None: `tailor.export.runtime_threads()`) and fit.
     wait_s: the longest wait for another process measuring the same cache entry (`measured_once`)."""
     cfgs = timed_configs(space, fmt, n, pool, per_type)
     if cache:
-        rows, cached = measured_once(cache_path(cache, fmt, cfgs),
-                                     lambda: measure(model, cfgs, fmt, tokenizer, gguf_template), wait_s)
+        rows, cached = measured_once(cache_path(cache, fmt, cfgs, threads),
+                                     lambda: measure(model, cfgs, fmt, tokenizer, gguf_template, threads), wait_s)
     else:
-        rows, cached = measure(model, cfgs, fmt, tokenizer, gguf_template), False
+        rows, cached = measure(model, cfgs, fmt, tokenizer, gguf_template, threads), False
     out = calibrate([{k: v for k, v in r.items() if k != "predicted_ms_loo"} for r in rows], per_type)
     out["cached"] = cached
     return out
@@ -275,13 +292,14 @@ class Background:
     Spawned, not forked: a fork of a process that holds a CUDA context is unsafe."""
 
     def __init__(self, model_dir: Path, tokenizer_dir: Path, space: SearchSpace, fmt: str, n: int,
-                 pool: list[SubnetConfig], cache: Path, gguf_template: Path | None = None, per_type: bool = False):
+                 pool: list[SubnetConfig], cache: Path, gguf_template: Path | None = None, per_type: bool = False,
+                 threads: int | None = None):
         import multiprocessing
 
         self.proc = multiprocessing.get_context("spawn").Process(
             target=_measure_into_cache, daemon=True,
             args=(str(model_dir), str(tokenizer_dir), space, fmt, n, pool, str(cache),
-                  str(gguf_template) if gguf_template else None, per_type))
+                  str(gguf_template) if gguf_template else None, per_type, threads))
         self.proc.start()
 
     def wait(self, timeout_s: float) -> str:
@@ -295,7 +313,8 @@ class Background:
 
 
 def _measure_into_cache(model_dir: str, tokenizer_dir: str, space: SearchSpace, fmt: str, n: int,
-                        pool: list[SubnetConfig], cache: str, gguf_template: str | None, per_type: bool) -> None:
+                        pool: list[SubnetConfig], cache: str, gguf_template: str | None, per_type: bool,
+                        threads: int | None = None) -> None:
     from transformers import AutoTokenizer
 
     from tailor.models.base import load_model_dir
@@ -304,6 +323,6 @@ def _measure_into_cache(model_dir: str, tokenizer_dir: str, space: SearchSpace, 
 
     def measure_rows() -> list[dict]:  # loads the model only when the entry is missing
         return measure(load_model_dir(Path(model_dir)), cfgs, fmt, AutoTokenizer.from_pretrained(tokenizer_dir),
-                       Path(gguf_template) if gguf_template else None)
+                       Path(gguf_template) if gguf_template else None, threads)
 
-    measured_once(cache_path(Path(cache), fmt, cfgs), measure_rows)
+    measured_once(cache_path(Path(cache), fmt, cfgs, threads), measure_rows)

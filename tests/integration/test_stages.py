@@ -137,10 +137,11 @@ def test_latency_child_fills_the_cache_the_search_reads(ws, tmp_path, monkeypatc
     model = load_model_dir(model_dir)
     space = device_space(p, "laptop", model, json.loads((ws["art"] / "supernet" / "space.json").read_text()))
     cache = tmp_path / "latency"
-    bg = latency.Background(model_dir, base_dir(p.model.source), space, "onnx", 2, seeds(space), cache)
+    # on 1 thread (search.latency_threads), which the child must key its entry by, not by its own torch threads
+    bg = latency.Background(model_dir, base_dir(p.model.source), space, "onnx", 2, seeds(space), cache, threads=1)
     assert bg.wait(300) == "ok"
     monkeypatch.setattr(latency, "measure", lambda *a, **k: pytest.fail("timed again"))
-    out = latency.run(model, space, "onnx", None, 2, seeds(space), cache)
+    out = latency.run(model, space, "onnx", None, 2, seeds(space), cache, threads=1)
     assert out["cached"]
     want = [c.hash for c in latency.timed_configs(space, "onnx", 2, seeds(space), False)]
     assert sorted(pt["config_hash"] for pt in out["points"]) == sorted(want) and len(want) == 2
@@ -161,12 +162,24 @@ def test_the_early_latency_job_times_what_the_search_then_reads(ws, tmp_path, mo
     cache = tmp_path / "cache"
     monkeypatch.setattr(search, "cache_dir", lambda: cache)
     p = ws["params"]
-    p = p.model_copy(update={"search": p.search.model_copy(update={"strategies": ["mip"], "latency_configs": 2})})
+    # search.latency_threads 1, this process's torch threads 2: the job and the search must both time (and key the
+    # entry) on the configured count, whatever thread share each process was given
+    p = p.model_copy(update={"search": p.search.model_copy(update={"strategies": ["mip"], "latency_configs": 2,
+                                                                   "latency_threads": 1})})
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    request = []
+    seconds_per_token = latency.seconds_per_token
+    monkeypatch.setattr(latency, "seconds_per_token", lambda *a, **k: request.append(k["threads"]) or seconds_per_token(*a, **k))
     if not torch.cuda.is_available():
         assert search.latency_only(p, ["laptop"]).startswith("the supernet trains on the CPU") and not cache.exists()
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    said = search.latency_only(p, ["laptop"])
+    try:
+        said = search.latency_only(p, ["laptop"])
+    finally:
+        torch.set_num_threads(threads)
     assert said.startswith("latency subnets: laptop ") and "subnets timed" in said, said
+    assert request and set(request) == {1}
     # asked again (a nightly where nothing changed): the entry is there, the base model is not even loaded
     load_base = search.load_base
     monkeypatch.setattr(search, "load_base", lambda *a, **k: pytest.fail("loaded the base model"))
@@ -174,7 +187,11 @@ def test_the_early_latency_job_times_what_the_search_then_reads(ws, tmp_path, mo
     monkeypatch.setattr(search, "load_base", load_base)  # the search needs it (its teacher)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the search on the CPU: no background child
     monkeypatch.setattr(latency, "measure", lambda *a, **k: pytest.fail("timed again"))
-    out = search.run(p, "laptop", ws["art"] / "supernet", ws["art"] / "calibrate", tmp_path / "search")
+    torch.set_num_threads(2)
+    try:
+        out = search.run(p, "laptop", ws["art"] / "supernet", ws["art"] / "calibrate", tmp_path / "search")
+    finally:
+        torch.set_num_threads(threads)
     lat = out["metrics"]["latency_model"]
     assert lat["cached"] and lat["background"] == "cached before the search" and len(out["latency_points"]) >= 2
 

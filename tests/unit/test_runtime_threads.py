@@ -63,17 +63,35 @@ def test_onnxruntime_session_takes_the_process_share(threads, tmp_path, monkeypa
     assert ort_rt.session(f) is first and made == [threads]  # one session per file and thread count
     torch.set_num_threads(1)
     assert ort_rt.session(f) is not first and made == [threads, 1]
+    ort_rt.session(f, 3)  # an explicit count (the latency timing's) wins
+    assert made == [threads, 1, 3]
     ort_rt._cached_session.cache_clear()
 
 
 def test_latency_cache_key_names_the_threads(threads):
     from tailor.search.latency import cache_key
 
-    key = cache_key("gguf", [])
+    key = cache_key("gguf", [])  # no count given: the process's share
     torch.set_num_threads(1)
     assert cache_key("gguf", []) != key  # timings on 1 thread are not timings on `threads`
     torch.set_num_threads(threads)
     assert cache_key("gguf", []) == key
+    # search.latency_threads: a fixed count, whatever torch's; capped at the cores, as the timing is
+    cores = len(os.sched_getaffinity(0))
+    assert cache_key("gguf", [], 1) == cache_key("gguf", [], 1) != cache_key("gguf", [], 2 if cores > 1 else None)
+    assert cache_key("gguf", [], cores + 5) == cache_key("gguf", [], cores)
+
+
+def test_latency_timing_runs_on_the_configured_threads_capped_at_the_cores(threads, monkeypatch):
+    from tailor.search import latency
+
+    asked = []
+    runner = types.SimpleNamespace(seconds_per_token=lambda path, tok, n, n_threads: asked.append(n_threads) or 0.01)
+    monkeypatch.setattr(latency, "backend", lambda fmt: types.SimpleNamespace(runner=runner))
+    cores = len(os.sched_getaffinity(0))
+    for want in (1, cores + 5, None):
+        latency.seconds_per_token("m", "gguf", None, threads=want)
+    assert asked == [1, cores, threads]  # None: the process's share (torch's threads)
 
 
 def test_llama_cpp_latency_is_the_fastest_single_step(monkeypatch):
