@@ -137,12 +137,10 @@ def generate(path: Path, tokenizer: Any, prompt: str, n_tokens: int, n_threads: 
     return tokenizer.decode(out)
 
 
-def seconds_per_token(path: Path, tokenizer: Any, n_tokens: int = 32, n_threads: int | None = None) -> float:
-    """For the latency model: the fastest of `n_tokens` one-token decode steps after a short prompt, each
-    timed alone by llama.cpp's own counter (llama_perf_context, reset before the step). Other work on the
-    machine only ever slows a step down, so the minimum is the estimate least disturbed by it. Per step, not
-    per run: on session 21's H200 run one subnet's three 16-step runs all averaged 2.2 s a token beside the
-    supernet (its neighbours 6-12 ms), and the phone's fit missed by 4,800% (reports/search/phone/latency.csv)."""
+def _step_seconds(path: Path, tokenizer: Any, n_tokens: int, n_threads: int | None) -> list[float]:
+    """Seconds of each of `n_tokens` one-token decode steps after a short prompt (the prompt not timed; no EOS
+    stop), each timed alone by llama.cpp's own counter (llama_perf_context, reset before the step: decode calls
+    only, not Python's loop); a build without counters: Python's clock around the call."""
     import llama_cpp
 
     ids = tokenizer.encode("The history of the city begins")
@@ -157,29 +155,19 @@ def seconds_per_token(path: Path, tokenizer: Any, n_tokens: int = 32, n_threads:
             llm.eval([tok])
             wall = time.perf_counter() - t
             perf = llama_cpp.llama_perf_context(llm.ctx)
-            # the counter when it counted this one step (a build without counters: Python's clock)
             steps.append(perf.t_eval_ms / 1000.0 if perf.n_eval == 1 and perf.t_eval_ms > 0 else wall)
             tok = int(np.argmax(_last_logits(llm)))
-    return min(steps)
+    return steps
+
+
+def seconds_per_token(path: Path, tokenizer: Any, n_tokens: int = 32, n_threads: int | None = None) -> float:
+    """For the latency model: the fastest of `n_tokens` decode steps (`_step_seconds`). Other work on the
+    machine only ever slows a step down, so the minimum is the estimate least disturbed by it. Per step, not
+    per run: on session 21's H200 run one subnet's three 16-step runs all averaged 2.2 s a token beside the
+    supernet (its neighbours 6-12 ms), and the phone's fit missed by 4,800% (reports/search/phone/latency.csv)."""
+    return min(_step_seconds(path, tokenizer, n_tokens, n_threads))
 
 
 def tokens_per_s(path: Path, tokenizer: Any, n_tokens: int = 64, n_threads: int | None = None) -> float:
-    """Decode speed: tokens per second of one-token steps after a short prompt (prompt not timed), as
-    llama.cpp's own counters time them (llama_perf_context: decode calls only, not Python's loop)."""
-    import llama_cpp
-
-    ids = tokenizer.encode("The history of the city begins")
-    with _llama(path, len(ids) + n_tokens + 1, logits_all=False, n_threads=n_threads) as llm:
-        llm.reset()
-        llm.eval(ids)
-        tok = int(np.argmax(_last_logits(llm)))
-        llama_cpp.llama_perf_context_reset(llm.ctx)
-        start = time.perf_counter()
-        for _ in range(n_tokens):  # no EOS stop: the timing must cover n_tokens steps
-            llm.eval([tok])
-            tok = int(np.argmax(_last_logits(llm)))
-        elapsed = time.perf_counter() - start
-        perf = llama_cpp.llama_perf_context(llm.ctx)
-    if perf.n_eval == n_tokens and perf.t_eval_ms > 0:
-        return 1000.0 * n_tokens / perf.t_eval_ms
-    return n_tokens / elapsed  # counters unavailable (e.g. a build without them): wall clock
+    """Decode speed: tokens per second over `n_tokens` one-token steps after a short prompt (`_step_seconds`)."""
+    return n_tokens / sum(_step_seconds(path, tokenizer, n_tokens, n_threads))
