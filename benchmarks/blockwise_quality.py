@@ -141,6 +141,27 @@ def state_sha(state: dict) -> str:
 
 
 # ---- here: the two carry folders -----------------------------------------------------------------------
+def llama_cpp_tar(out: Path) -> None:
+    """Write `out` (.tar.xz): this venv's x86-64 llama_cpp, its Python files and the four libraries it loads.
+
+    Any CPython on x86-64 Linux can import it (ctypes, no extension module); benchmarks/pipeline_gpu/pack.py
+    carries the same file."""
+    import llama_cpp
+
+    lc = Path(llama_cpp.__file__).parent
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(out, "w:xz") as tar:
+        for f in _LLAMA_PY:
+            tar.add(lc / f, f"llama_cpp/{f}")
+        for name, ver in _LLAMA_LIBS.items():
+            real = f"lib{name}.so.{ver}"
+            tar.add(lc / "lib" / real, f"llama_cpp/lib/{real}")
+            for alias in (f"lib{name}.so", f"lib{name}.so.0"):
+                info = tarfile.TarInfo(f"llama_cpp/lib/{alias}")
+                info.type, info.linkname = tarfile.SYMTYPE, real
+                tar.addfile(info)
+
+
 def pack(dest: Path, calib: Path, wheels: list[Path]) -> None:
     import torch
     import yaml
@@ -175,19 +196,7 @@ def pack(dest: Path, calib: Path, wheels: list[Path]) -> None:
     (dest / "a" / "whl").mkdir()
     for w in wheels:
         shutil.copyfile(w, dest / "a" / "whl" / w.name)
-    import llama_cpp  # the x86-64 build in this venv: its Python files and the four libraries it loads
-
-    lc = Path(llama_cpp.__file__).parent
-    with tarfile.open(dest / "a" / "llama_cpp.tar.xz", "w:xz") as tar:
-        for f in _LLAMA_PY:
-            tar.add(lc / f, f"llama_cpp/{f}")
-        for name, ver in _LLAMA_LIBS.items():
-            real = f"lib{name}.so.{ver}"
-            tar.add(lc / "lib" / real, f"llama_cpp/lib/{real}")
-            for alias in (f"lib{name}.so", f"lib{name}.so.0"):
-                info = tarfile.TarInfo(f"llama_cpp/lib/{alias}")
-                info.type, info.linkname = tarfile.SYMTYPE, real
-                tar.addfile(info)
+    llama_cpp_tar(dest / "a" / "llama_cpp.tar.xz")
     save_file(extra, str(dest / "b" / "extra.safetensors"))
     with tarfile.open(dest / "b" / "base.tar.xz", "w:xz") as tar:
         for f in BASE_FILES:

