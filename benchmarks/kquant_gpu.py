@@ -55,8 +55,10 @@ steps, `+sn` from the trained supernet's weights (saved as kq/supernet.safetenso
 with `--gen-seqs` sequences sampled from the base joining the corpus shard (drawn once a run, before any fine-tune
 starts, kq/generated.safetensors), `+data` on every corpus document left after val and calib (`pack-data` here
 builds it, calibrate.train_seqs: null, 7,365 sequences against the profile's 3,600, and packs it as .bwq/c/
-train_all.tar.xz, 3.9 MiB: carry it with .bwq/b and untar it into the search's data folder first). Each
-searched row records `kl_before_from` {base, supernet}: where a fine-tune would start. `--configs <search.json>`
+train_all.tar.xz, 3.9 MiB: carry it with .bwq/b and untar it into the search's data folder first). `+s<N>`
+(N 1-9) fine-tunes the same recipe on finetune.seed N: the spread across fine-tunes, which PIQA's 1,500 items
+need before a lever's 0.005 is read as its effect.
+Each searched row records `kl_before_from` {base, supernet}: where a fine-tune would start. `--configs <search.json>`
 fine-tunes an earlier search's subnets (no search); with a `+sn` row it trains the supernet first (--supernet-s)
 and records each subnet's `kl_before_from`, so `+sn` differs from its base-started row in the start alone.
 `--search-min-kv-groups N` holds every searched layer at N or more KV groups (the supernet still trains them all).
@@ -92,6 +94,7 @@ import gzip
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -130,7 +133,7 @@ def weight_budget(bpp: float, n_params: int = N_PARAMS, overhead: int = OVERHEAD
 
 
 def k_params(profile: str, ft_steps: int | None = None, kd_chunk: int = 0, ft_lr: float | None = None,
-             train_embeddings: bool = False):
+             train_embeddings: bool = False, ft_seed: int | None = None):
     """The full profile (or blockwise_quality's toy one) with the phone on the K-quant grid and the supernet
     trained on that grid only (the laptop's ONNX grid is not searched here)."""
     import yaml
@@ -149,6 +152,8 @@ def k_params(profile: str, ft_steps: int | None = None, kd_chunk: int = 0, ft_lr
         raw["profiles"][name]["finetune"]["lr"] = ft_lr
     if train_embeddings:  # issue 19's lever: QAT of the tied table too (a row variant "+emb")
         raw["finetune"]["train_embeddings"] = True  # a field the profiles leave at its default: the base section
+    if ft_seed is not None:  # a "+s<N>" row: the same fine-tune on another seed
+        raw["finetune"]["seed"] = ft_seed
     if kd_chunk:  # a 152k vocabulary: the KD loss in chunks of tokens, never [batch x seq, vocab] fp32 at once
         raw["supernet"]["kd_chunk"] = kd_chunk  # a field params.yaml leaves at its default: set in the base section
     return parse_params(raw, name)
@@ -170,12 +175,21 @@ VARIANTS = {"emb": "QAT trains the tied embedding too (finetune.train_embeddings
             "data": "the train split takes every corpus document left after val and calib (calibrate.train_seqs: null; "
                     "TRAIN_ALL, carried by pack-data) in place of the profile's 3,600 sequences",
             "gen": "--gen-seqs sequences sampled from the base (LLM-QAT's data-free KD, finetune.generated_seqs) join "
-                   "the corpus shard: fewer repeats of its 3,600 sequences (1000 x 32 draws ~ 8.9 epochs)"}
+                   "the corpus shard: fewer repeats of its 3,600 sequences (1000 x 32 draws ~ 8.9 epochs)",
+            "s<N>": "the fine-tune's seed is N (1-9; finetune.seed, 0 otherwise): the same recipe again, so that a "
+                    "row's spread across fine-tunes can be told from a lever's effect"}
+SEED_VARIANT = re.compile(r"s([1-9])")
 
 
 def variants_of(rid: str) -> list[str]:
     """The recipe variants of row id `rid` ("tailor-k@4.0+emb+2x" -> ["emb", "2x"])."""
     return rid.split("+")[1:]
+
+
+def seed_of(rid: str) -> int | None:
+    """The fine-tune seed a `+s<N>` variant of row id `rid` asks for, None without one."""
+    seeds = [int(m.group(1)) for v in variants_of(rid) if (m := SEED_VARIANT.fullmatch(v))]
+    return seeds[-1] if seeds else None
 
 
 def rows_plan(tiny: bool, ids: list[str] | None = None) -> list[dict]:
@@ -188,7 +202,9 @@ def rows_plan(tiny: bool, ids: list[str] | None = None) -> list[dict]:
         plan = []
         for full_id in ids:
             rid, variants = full_id.split("+")[0], variants_of(full_id)
-            bad = [v for v in variants if v not in VARIANTS]
+            bad = [v for v in variants if v not in VARIANTS and not SEED_VARIANT.fullmatch(v)]
+            if len([v for v in variants if SEED_VARIANT.fullmatch(v)]) > 1:
+                raise SystemExit(f"kquant_gpu: --rows {full_id}: more than one seed variant")
             if bad:
                 raise SystemExit(f"kquant_gpu: --rows {full_id}: unknown variant {'+'.join(bad)!r} "
                                  f"(known: {', '.join('+' + v for v in VARIANTS)})")
@@ -485,6 +501,7 @@ class Search:
             + (["--from-supernet", str(self.work / "supernet.safetensors")] if "sn" in variants_of(rid) else []) \
             + (["--generated", str(self.work / GENERATED)] if "gen" in variants_of(rid) else []) \
             + (["--train-file", TRAIN_ALL] if "data" in variants_of(rid) else []) \
+            + (["--seed", str(seed_of(rid))] if seed_of(rid) is not None else []) \
             + (["--lr", str(self.args.ft_lr)] if getattr(self.args, "ft_lr", None) else []) \
             + (["--eager"] if self.args.ft_eager else []) + (["--checkpointing"] if self.args.ft_checkpointing else [])
         k = len(self.jobs)
@@ -681,7 +698,7 @@ def finetune(args) -> None:
     if args.after:
         wait_for(args.after, args.row)
     t0 = time.time()
-    p = k_params(args.profile, args.steps, args.kd_chunk, args.lr, args.train_embeddings)
+    p = k_params(args.profile, args.steps, args.kd_chunk, args.lr, args.train_embeddings, args.seed)
     ft = p.finetune
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     rd = args.job / sg.slug(args.row)
@@ -1045,6 +1062,7 @@ def main() -> None:
     a.add_argument("--steps", type=int, default=None)
     a.add_argument("--lr", type=float, default=None)
     a.add_argument("--train-embeddings", action="store_true", help="QAT trains the tied embedding too (a +emb row)")
+    a.add_argument("--seed", type=int, default=None, help="finetune.seed instead of the profile's (a +s<N> row)")
     a.add_argument("--from-supernet", type=Path, default=None, help="start from these supernet weights (a +sn row)")
     a.add_argument("--generated", type=Path, default=None, help="teacher samples joining the shard (a +gen row)")
     a.add_argument("--train-file", default="train.safetensors", help=f"the train split in --data ({TRAIN_ALL}: a +data row)")

@@ -466,6 +466,24 @@ def test_row_variants_reuse_their_base_rows_subnet_and_change_only_the_recipe(tm
     assert k.finetune.train_embeddings and not kg.k_params("tiny").finetune.train_embeddings
 
 
+def test_a_seed_variant_fine_tunes_the_same_recipe_on_another_seed(tmp_path, monkeypatch):
+    """`+s2` is the row's recipe again on finetune.seed 2 (the spread across fine-tunes, issue 19): only
+    `--seed` differs from the row without it, and the fine-tune's params carry that seed; two seeds in one
+    id and `+s0` (the default's own seed) are refused by name."""
+    plan = kg.rows_plan(False, ["tailor-k@4.0", "tailor-k@4.0+emb+data+s2"])
+    assert plan[1]["variants"] == ["emb", "data", "s2"] and kg.seed_of(plan[1]["id"]) == 2
+    assert kg.seed_of("tailor-k@4.0+emb") is None
+    for bad, match in (("tailor-k@4.0+s1+s2", "more than one seed"), ("tailor-k@4.0+s0", "'s0'"),
+                       ("tailor-k@4.0+s12", "'s12'")):
+        with pytest.raises(SystemExit, match=match):
+            kg.rows_plan(False, [bad])
+    _, (plain, seeded) = _start_rows(tmp_path, monkeypatch, ("tailor-k@4.0+emb", "tailor-k@4.0+emb+s3"))
+    assert "--seed" not in plain and seeded[seeded.index("--seed") + 1] == "3"
+    rest = seeded[: seeded.index("--seed")] + seeded[seeded.index("--seed") + 2:]
+    assert [a.replace("+s3", "") for a in rest] == [a.replace("job0", "job1") for a in plain]
+    assert kg.k_params("tiny", ft_seed=3).finetune.seed == 3 and kg.k_params("tiny").finetune.seed == 0
+
+
 def test_finetune_picks_which_searched_rows_train_and_refuses_a_row_not_listed(tmp_path, monkeypatch):
     """`--finetune` trains a chosen few of the rows (a `+sn` variant without its plain base row); an id that
     is not a row stops the run before the base is even unpacked."""
